@@ -1,0 +1,220 @@
+//! The public HTTP API (DESIGN.md section 2). Handlers parse and validate requests, call the
+//! node, and map errors to statuses in one place ([`ApiError`]).
+
+use crate::ingest::{self, IngestError, Precision};
+use crate::model::MetricKey;
+use crate::node::{Node, NodeError, QueryOutcome, QueryRequest};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// An error answer: `{"error": "..."}` with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    fn bad(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        let status = match &e {
+            NodeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            NodeError::NotFound(_) => StatusCode::NOT_FOUND,
+            NodeError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            NodeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self { status, message: e.to_string() }
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::Invalid(m) => ApiError::bad(m),
+            IngestError::TooMany { max } => ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                message: format!("the batch has more than {max} points (shoal.write.max-batch-points)"),
+            },
+        }
+    }
+}
+
+fn body(node: &Node, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body is larger than {} bytes (shoal.http.max-body)", node.cfg.http_body_bytes_max)
+        } else {
+            format!("cannot read the request body: {rejection}")
+        };
+        ApiError { status, message }
+    })
+}
+
+pub fn router(node: Arc<Node>) -> Router {
+    let body_limit = node.cfg.http_body_bytes_max;
+    Router::new()
+        .route("/", get(index))
+        .route("/data", post(post_data))
+        .route("/write", post(post_write))
+        .route("/query", post(post_query))
+        .route("/commands/dbs", get(list_dbs))
+        .route("/commands/{db}/namespaces", get(list_namespaces))
+        .route("/commands/{db}/{ns}/metrics", get(list_metrics))
+        .route("/commands/{db}/{ns}/{metric}", get(describe_metric).delete(drop_metric))
+        .route("/status", get(status))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(prometheus))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(node.clone(), count_requests))
+        .with_state(node)
+}
+
+async fn count_requests(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    node.metrics.http_requests.fetch_add(1, Relaxed);
+    let response = next.run(req).await;
+    if response.status().is_client_error() {
+        node.metrics.http_client_errors.fetch_add(1, Relaxed);
+    } else if response.status().is_server_error() {
+        node.metrics.http_server_errors.fetch_add(1, Relaxed);
+    }
+    response
+}
+
+async fn post_data(State(node): State<Arc<Node>>, raw: Result<Bytes, BytesRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+    let raw = body(&node, raw)?;
+    let batch = ingest::parse_nsdb_json(&raw, node.env.clock.now_ms(), node.cfg.write_batch_points_max)?;
+    let points = node.ingest(batch).await?;
+    Ok(Json(serde_json::json!({ "points": points })))
+}
+
+async fn post_write(
+    State(node): State<Arc<Node>>,
+    Query(params): Query<HashMap<String, String>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let raw = body(&node, raw)?;
+    let param = |k: &str| params.get(k).ok_or_else(|| ApiError::bad(format!("query parameter {k:?} is required")));
+    let (db, namespace) = (param("db")?, param("namespace")?);
+    let precision = match params.get("precision") {
+        None => Precision::Ns,
+        Some(p) => Precision::parse(p).ok_or_else(|| ApiError::bad(format!("precision {p:?} is not one of ns, us, ms, s")))?,
+    };
+    let text = std::str::from_utf8(&raw).map_err(|e| ApiError::bad(format!("body is not UTF-8: {e}")))?;
+    let batch = ingest::parse_line_protocol(text, db, namespace, precision, node.env.clock.now_ms(), node.cfg.write_batch_points_max)?;
+    node.ingest(batch).await?;
+    // Influx clients expect 204 on success.
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn post_query(State(node): State<Arc<Node>>, raw: Result<Bytes, BytesRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+    let raw = body(&node, raw)?;
+    let req: QueryRequest = serde_json::from_slice(&raw).map_err(|e| ApiError::bad(format!("query body: {e}")))?;
+    match node.query(req).await? {
+        QueryOutcome::Records(records) => Ok(Json(crate::query::records_json(&records))),
+        QueryOutcome::Deleted(n) => Ok(Json(serde_json::json!({ "records": [], "deleted": n }))),
+    }
+}
+
+fn catalog_tree(node: &Node) -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
+    let mut tree: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    for key in node.catalog.metrics() {
+        tree.entry(key.db).or_default().entry(key.namespace).or_default().insert(key.metric);
+    }
+    tree
+}
+
+async fn list_dbs(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "dbs": catalog_tree(&node).keys().collect::<Vec<_>>() }))
+}
+
+async fn list_namespaces(State(node): State<Arc<Node>>, Path(db): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let tree = catalog_tree(&node);
+    let namespaces = tree.get(&db).ok_or_else(|| ApiError { status: StatusCode::NOT_FOUND, message: format!("db {db} does not exist") })?;
+    Ok(Json(serde_json::json!({ "db": db, "namespaces": namespaces.keys().collect::<Vec<_>>() })))
+}
+
+async fn list_metrics(State(node): State<Arc<Node>>, Path((db, ns)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
+    let tree = catalog_tree(&node);
+    let metrics = tree
+        .get(&db)
+        .and_then(|n| n.get(&ns))
+        .ok_or_else(|| ApiError { status: StatusCode::NOT_FOUND, message: format!("namespace {db}.{ns} does not exist") })?;
+    Ok(Json(serde_json::json!({ "db": db, "namespace": ns, "metrics": metrics })))
+}
+
+fn metric_key(db: &str, ns: &str, metric: &str) -> Result<MetricKey, ApiError> {
+    MetricKey::new(db, ns, metric).map_err(ApiError::bad)
+}
+
+async fn describe_metric(
+    State(node): State<Arc<Node>>,
+    Path((db, ns, metric)): Path<(String, String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let key = metric_key(&db, &ns, &metric)?;
+    let schema = node
+        .catalog
+        .schema(&key)
+        .ok_or_else(|| ApiError { status: StatusCode::NOT_FOUND, message: format!("metric {key} does not exist") })?;
+    let mut out = schema.to_json();
+    out["metric"] = metric.into();
+    Ok(Json(out))
+}
+
+async fn drop_metric(
+    State(node): State<Arc<Node>>,
+    Path((db, ns, metric)): Path<(String, String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let key = metric_key(&db, &ns, &metric)?;
+    node.drop_metric(&key).await?;
+    Ok(Json(serde_json::json!({ "dropped": key.to_string() })))
+}
+
+async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    Json(node.status())
+}
+
+async fn readyz(State(_node): State<Arc<Node>>) -> Response {
+    // A single node is ready as soon as it serves; the cluster gates come with membership.
+    (StatusCode::OK, Json(serde_json::json!({ "ready": true }))).into_response()
+}
+
+async fn prometheus(State(node): State<Arc<Node>>) -> Response {
+    let text = node.metrics.render(node.storage.shard_count());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn index(State(node): State<Arc<Node>>) -> Html<String> {
+    let status = node.status();
+    let rows: String = status
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| format!("<tr><th>{k}</th><td>{v}</td></tr>")).collect())
+        .unwrap_or_default();
+    Html(format!(
+        "<!doctype html><title>Shoal {id}</title><h1>Shoal node {id}</h1><table>{rows}</table>\
+         <p><a href=\"/status\">/status</a> · <a href=\"/metrics\">/metrics</a> · <a href=\"/commands/dbs\">/commands/dbs</a></p>",
+        id = node.cfg.node_id
+    ))
+}

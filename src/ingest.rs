@@ -1,0 +1,368 @@
+//! Turns request bodies into points: NSDb JSON (`POST /data`) and Influx line protocol
+//! (`POST /write`). Parsing is all-or-nothing: the first bad bit or line fails the whole batch
+//! with its index or line number, so a client never has to guess what was stored.
+
+use crate::model::{FieldValue, MetricKey, Num, Point};
+use std::collections::BTreeMap;
+
+/// Points grouped by metric, in arrival order.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub metrics: Vec<(MetricKey, Vec<Point>)>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.metrics.iter().map(|(_, p)| p.len()).sum()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn push(&mut self, key: MetricKey, point: Point) {
+        match self.metrics.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, points)) => points.push(point),
+            None => self.metrics.push((key, vec![point])),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the batch has more than {max} points")]
+    TooMany { max: usize },
+}
+
+fn invalid(msg: impl Into<String>) -> IngestError {
+    IngestError::Invalid(msg.into())
+}
+
+/// Parses an NSDb body: `{"db","namespace","metric","bit":{...}}` or with `"bits":[...]`.
+pub fn parse_nsdb_json(body: &[u8], now_ms: i64, points_max: usize) -> Result<Batch, IngestError> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| invalid(format!("body is not valid JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| invalid("body must be a JSON object"))?;
+    let text = |k: &str| -> Result<&str, IngestError> {
+        obj.get(k).and_then(|v| v.as_str()).ok_or_else(|| invalid(format!("field {k:?} is missing or not a string")))
+    };
+    let key = MetricKey::new(text("db")?, text("namespace")?, text("metric")?).map_err(invalid)?;
+    let bits: Vec<(String, &serde_json::Value)> = match (obj.get("bit"), obj.get("bits")) {
+        (Some(bit), None) => vec![("bit".into(), bit)],
+        (None, Some(serde_json::Value::Array(bits))) => {
+            if bits.len() > points_max {
+                return Err(IngestError::TooMany { max: points_max });
+            }
+            bits.iter().enumerate().map(|(i, b)| (format!("bits[{i}]"), b)).collect()
+        }
+        (None, Some(_)) => return Err(invalid("field \"bits\" must be an array")),
+        (Some(_), Some(_)) => return Err(invalid("give either \"bit\" or \"bits\", not both")),
+        (None, None) => return Err(invalid("field \"bit\" or \"bits\" is missing")),
+    };
+    let mut batch = Batch::default();
+    for (at, bit) in bits {
+        let point = parse_bit(bit, now_ms).map_err(|e| invalid(format!("{at}: {e}")))?;
+        batch.push(key.clone(), point);
+    }
+    Ok(batch)
+}
+
+fn parse_bit(bit: &serde_json::Value, now_ms: i64) -> Result<Point, String> {
+    let obj = bit.as_object().ok_or("must be an object")?;
+    if let Some(k) = obj.keys().find(|k| !["timestamp", "value", "dimensions", "tags"].contains(&k.as_str())) {
+        return Err(format!("unknown field {k:?} (expected timestamp, value, dimensions, tags)"));
+    }
+    let timestamp = match obj.get("timestamp") {
+        None | Some(serde_json::Value::Null) => now_ms,
+        Some(t) => t.as_i64().ok_or("timestamp must be an integer number of epoch milliseconds")?,
+    };
+    let value = match obj.get("value") {
+        Some(serde_json::Value::Number(n)) => json_num(n).ok_or("value is out of range")?,
+        _ => return Err("value is missing or not a number".into()),
+    };
+    let fields = |name: &str| -> Result<BTreeMap<String, FieldValue>, String> {
+        let mut out = BTreeMap::new();
+        match obj.get(name) {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Object(map)) => {
+                for (k, v) in map {
+                    let fv = match v {
+                        serde_json::Value::String(s) => FieldValue::Str(s.clone()),
+                        serde_json::Value::Number(n) => {
+                            json_num(n).ok_or_else(|| format!("{name}.{k} is out of range"))?.into()
+                        }
+                        _ => return Err(format!("{name}.{k} must be a string or a number")),
+                    };
+                    out.insert(k.clone(), fv);
+                }
+            }
+            Some(_) => return Err(format!("{name} must be an object")),
+        }
+        Ok(out)
+    };
+    let point = Point { timestamp, value, dimensions: fields("dimensions")?, tags: fields("tags")? };
+    point.validate()?;
+    Ok(point)
+}
+
+fn json_num(n: &serde_json::Number) -> Option<Num> {
+    if let Some(i) = n.as_i64() {
+        Some(Num::Int(i))
+    } else if n.is_u64() {
+        None
+    } else {
+        n.as_f64().filter(|f| f.is_finite()).map(Num::Dec)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Precision {
+    Ns,
+    Us,
+    Ms,
+    S,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ns" | "n" => Some(Self::Ns),
+            "us" | "u" => Some(Self::Us),
+            "ms" => Some(Self::Ms),
+            "s" => Some(Self::S),
+            _ => None,
+        }
+    }
+    fn to_ms(self, t: i64) -> Option<i64> {
+        match self {
+            Self::Ns => Some(t.div_euclid(1_000_000)),
+            Self::Us => Some(t.div_euclid(1_000)),
+            Self::Ms => Some(t),
+            Self::S => t.checked_mul(1000),
+        }
+    }
+}
+
+/// Parses Influx line protocol. The field `value` becomes the point's value; any other field
+/// `f` becomes a point of metric `<measurement>_<f>`, so every field is one NSDb metric.
+pub fn parse_line_protocol(
+    body: &str,
+    db: &str,
+    namespace: &str,
+    precision: Precision,
+    now_ms: i64,
+    points_max: usize,
+) -> Result<Batch, IngestError> {
+    crate::model::validate_name("db", db).map_err(invalid)?;
+    crate::model::validate_name("namespace", namespace).map_err(invalid)?;
+    let mut batch = Batch::default();
+    let mut points = 0usize;
+    for (idx, line) in body.lines().enumerate() {
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = |e: String| invalid(format!("line {}: {e}", idx + 1));
+        let parsed = parse_line(line).map_err(at)?;
+        let timestamp = match parsed.timestamp {
+            Some(t) => precision.to_ms(t).ok_or_else(|| at("timestamp out of range".into()))?,
+            None => now_ms,
+        };
+        let tags: BTreeMap<String, FieldValue> =
+            parsed.tags.into_iter().map(|(k, v)| (k, FieldValue::Str(v))).collect();
+        for (field, value) in parsed.fields {
+            let metric =
+                if field == "value" { parsed.measurement.clone() } else { format!("{}_{field}", parsed.measurement) };
+            let key = MetricKey::new(db, namespace, &metric).map_err(at)?;
+            let point = Point { timestamp, value, dimensions: BTreeMap::new(), tags: tags.clone() };
+            point.validate().map_err(at)?;
+            points += 1;
+            if points > points_max {
+                return Err(IngestError::TooMany { max: points_max });
+            }
+            batch.push(key, point);
+        }
+    }
+    Ok(batch)
+}
+
+struct Line {
+    measurement: String,
+    tags: Vec<(String, String)>,
+    fields: Vec<(String, Num)>,
+    timestamp: Option<i64>,
+}
+
+/// Splits `s` at the first unescaped, unquoted `sep`. Returns (before, after).
+fn split_unescaped<'a>(s: &'a str, seps: &[u8], track_quotes: bool) -> (&'a str, Option<&'a str>) {
+    let bytes = s.as_bytes();
+    let (mut i, mut in_quotes) = (0, false);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 1,
+            b'"' if track_quotes => in_quotes = !in_quotes,
+            b if !in_quotes && seps.contains(&b) => return (&s[..i], Some(&s[i + 1..])),
+            _ => {}
+        }
+        i += 1;
+    }
+    (s, None)
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some(n @ (',' | '=' | ' ' | '"' | '\\')) => out.push(n),
+                Some(n) => {
+                    out.push('\\');
+                    out.push(n);
+                }
+                None => out.push('\\'),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn parse_line(line: &str) -> Result<Line, String> {
+    // measurement[,tags] SP fields [SP timestamp]
+    let (series, rest) = split_unescaped(line, b" ", false);
+    let rest = rest.ok_or("missing fields (expected `measurement[,tag=v] field=v [timestamp]`)")?;
+    let (fields_part, ts_part) = split_unescaped(rest.trim_start(), b" ", true);
+    let mut parts = Vec::new();
+    let mut s = series;
+    loop {
+        let (head, tail) = split_unescaped(s, b",", false);
+        parts.push(head);
+        match tail {
+            Some(t) => s = t,
+            None => break,
+        }
+    }
+    let measurement = unescape(parts[0]);
+    crate::model::validate_name("measurement", &measurement)?;
+    let mut tags = Vec::new();
+    for tag in &parts[1..] {
+        let (k, v) = split_unescaped(tag, b"=", false);
+        let v = v.ok_or_else(|| format!("tag {tag:?} has no '='"))?;
+        let (k, v) = (unescape(k), unescape(v));
+        if v.is_empty() {
+            return Err(format!("tag {k:?} has an empty value"));
+        }
+        tags.push((k, v));
+    }
+    let mut fields = Vec::new();
+    let mut s = fields_part;
+    loop {
+        let (field, tail) = split_unescaped(s, b",", true);
+        let (k, v) = split_unescaped(field, b"=", true);
+        let v = v.ok_or_else(|| format!("field {field:?} has no '='"))?;
+        let k = unescape(k);
+        crate::model::validate_name("field", &k)?;
+        fields.push((k.clone(), parse_field_value(&k, v)?));
+        match tail {
+            Some(t) => s = t,
+            None => break,
+        }
+    }
+    let timestamp = match ts_part.map(str::trim) {
+        None | Some("") => None,
+        Some(t) => Some(t.parse::<i64>().map_err(|_| format!("timestamp {t:?} is not an integer"))?),
+    };
+    Ok(Line { measurement, tags, fields, timestamp })
+}
+
+fn parse_field_value(name: &str, v: &str) -> Result<Num, String> {
+    if v.starts_with('"') {
+        return Err(format!("field {name:?} is a string; only numeric fields are supported"));
+    }
+    if matches!(v, "t" | "T" | "true" | "True" | "TRUE" | "f" | "F" | "false" | "False" | "FALSE") {
+        return Err(format!("field {name:?} is a boolean; only numeric fields are supported"));
+    }
+    if let Some(int) = v.strip_suffix('i') {
+        return int.parse::<i64>().map(Num::Int).map_err(|_| format!("field {name:?}: {v:?} is not an integer"));
+    }
+    if let Some(uint) = v.strip_suffix('u') {
+        return uint
+            .parse::<u64>()
+            .ok()
+            .and_then(|u| i64::try_from(u).ok())
+            .map(Num::Int)
+            .ok_or_else(|| format!("field {name:?}: {v:?} is not an unsigned integer below 2^63"));
+    }
+    match v.parse::<f64>() {
+        Ok(f) if f.is_finite() => Ok(Num::Dec(f)),
+        _ => Err(format!("field {name:?}: {v:?} is not a number")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nsdb_single_and_batch() {
+        let b = parse_nsdb_json(
+            br#"{"db":"d","namespace":"n","metric":"m","bit":{"timestamp":5,"value":1.5,"dimensions":{"x":1},"tags":{"r":"eu"}}}"#,
+            0,
+            10,
+        )
+        .unwrap();
+        let (_, points) = &b.metrics[0];
+        assert_eq!(points[0].value, Num::Dec(1.5));
+        assert_eq!(points[0].dimensions["x"], FieldValue::Int(1));
+        let b = parse_nsdb_json(
+            br#"{"db":"d","namespace":"n","metric":"m","bits":[{"timestamp":1,"value":1},{"value":2}]}"#,
+            77,
+            10,
+        )
+        .unwrap();
+        assert_eq!(b.len(), 2);
+        assert_eq!(b.metrics[0].1[1].timestamp, 77);
+        let err = parse_nsdb_json(br#"{"db":"d","namespace":"n","metric":"m","bits":[{"value":1},{"value":"x"}]}"#, 0, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bits[1]"), "{err}");
+        assert!(matches!(
+            parse_nsdb_json(br#"{"db":"d","namespace":"n","metric":"m","bits":[{"value":1},{"value":2}]}"#, 0, 1),
+            Err(IngestError::TooMany { .. })
+        ));
+    }
+
+    #[test]
+    fn line_protocol_fields_tags_escapes() {
+        let body = "cpu,host=a\\ b,region=eu value=1i,usage=0.5 1000000000\n# comment\nmem value=2 3000000";
+        let b = parse_line_protocol(body, "d", "n", Precision::Ns, 0, 100).unwrap();
+        assert_eq!(b.metrics.len(), 3);
+        let (k, p) = &b.metrics[0];
+        assert_eq!(k.metric, "cpu");
+        assert_eq!(p[0].value, Num::Int(1));
+        assert_eq!(p[0].timestamp, 1000);
+        assert_eq!(p[0].tags["host"], FieldValue::Str("a b".into()));
+        assert_eq!(b.metrics[1].0.metric, "cpu_usage");
+        assert_eq!(b.metrics[2].1[0].timestamp, 3);
+        let b = parse_line_protocol("m value=1 5", "d", "n", Precision::S, 0, 100).unwrap();
+        assert_eq!(b.metrics[0].1[0].timestamp, 5000);
+    }
+
+    #[test]
+    fn line_protocol_errors_name_the_line() {
+        for (body, needle) in [
+            ("m value=1\nm value=abc", "line 2"),
+            ("m", "line 1: missing fields"),
+            ("m value=\"s\"", "string"),
+            ("m value=true", "boolean"),
+            ("m,t value=1", "no '='"),
+            ("m value=1 12x", "timestamp"),
+            ("9m value=1", "measurement"),
+        ] {
+            let err = parse_line_protocol(body, "d", "n", Precision::Ns, 0, 100).unwrap_err().to_string();
+            assert!(err.contains(needle), "{body:?}: {err}");
+        }
+    }
+}

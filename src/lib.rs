@@ -1,0 +1,33 @@
+//! Shoal: a masterless clustered time-series database. A single node is a cluster of one.
+//!
+//! Data flows through the modules in this order (each uses only those before it):
+//!
+//! ```text
+//! config ─▶ env (seams: clock, …) ─▶ model ─▶ ingest (NSDb JSON, line protocol)
+//!        ─▶ catalog (schemas) ─▶ storage (shard folders: WAL + segments)
+//!        ─▶ query (plan, per-shard partials, merge) ─▶ node (assembly) ─▶ api (HTTP)
+//! ```
+//!
+//! `node` is the one place that knows every concrete type; the binary (`main.rs`), the
+//! integration tests and the simulator build nodes through it.
+
+pub mod api;
+pub mod catalog;
+pub mod config;
+pub mod env;
+pub mod ingest;
+pub mod metrics;
+pub mod model;
+pub mod node;
+pub mod query;
+pub mod storage;
+
+/// Serves the HTTP API on `listener` until `shutdown` completes. The caller owns the listener
+/// so tests and the simulator can hand in their own (port 0, in-memory).
+pub async fn serve(
+    node: std::sync::Arc<node::Node>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, api::router(node)).with_graceful_shutdown(shutdown).await
+}

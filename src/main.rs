@@ -1,0 +1,155 @@
+//! The `shoal` command: `start` runs a node; the other subcommands are clients of a node's HTTP API.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "shoal", version, about = "Shoal: a masterless clustered time-series database")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct NodeArg {
+    /// The node to talk to.
+    #[arg(long, default_value = "http://127.0.0.1:9000", env = "SHOAL_NODE")]
+    node: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node. Without --config it runs a single-node cluster on the embedded defaults
+    /// (HTTP on 127.0.0.1:9000, data in ./shoal-data).
+    Start {
+        /// HOCON config file; keys it sets override the embedded defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override one key, e.g. --set shoal.http.port=9001 (repeatable; beats file and environment).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Run a query (NSDb SQL) and print the records as JSON.
+    Query {
+        #[command(flatten)]
+        node: NodeArg,
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        namespace: String,
+        /// The statement, e.g. "SELECT avg(value) FROM cpu GROUP BY region".
+        sql: String,
+    },
+    /// Insert Influx line protocol, from the arguments or, with none, from standard input.
+    Insert {
+        #[command(flatten)]
+        node: NodeArg,
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        namespace: String,
+        /// Timestamp unit of the lines: ns, us, ms or s.
+        #[arg(long, default_value = "ns")]
+        precision: String,
+        /// Lines such as `cpu,region=eu value=0.5 1700000000000000000`.
+        lines: Vec<String>,
+    },
+    /// Print a node's status.
+    Status {
+        #[command(flatten)]
+        node: NodeArg,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("shoal: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Start { config, sets } => start(config, sets).await,
+            Command::Query { node, db, namespace, sql } => {
+                let body = serde_json::json!({ "db": db, "namespace": namespace, "queryString": sql });
+                client(reqwest::Client::new().post(format!("{}/query", node.node)).json(&body)).await
+            }
+            Command::Insert { node, db, namespace, precision, lines } => {
+                let body = if lines.is_empty() {
+                    std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+                } else {
+                    lines.join("\n")
+                };
+                let url = reqwest::Url::parse_with_params(
+                    &format!("{}/write", node.node),
+                    &[("db", db), ("namespace", namespace), ("precision", precision)],
+                )
+                .context("--node must be a URL such as http://127.0.0.1:9000")?;
+                let req = reqwest::Client::new().post(url).body(body);
+                client(req).await
+            }
+            Command::Status { node } => client(reqwest::Client::new().get(format!("{}/status", node.node))).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sends a request and prints the answer; a non-2xx answer is an error naming the server's message.
+async fn client(req: reqwest::RequestBuilder) -> anyhow::Result<()> {
+    let resp = req.send().await.context("cannot reach the node (is it running? see --node)")?;
+    let status = resp.status();
+    let text = resp.text().await.context("reading the answer")?;
+    let pretty = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or(text);
+    if status.is_success() {
+        if !pretty.is_empty() {
+            println!("{pretty}");
+        }
+        Ok(())
+    } else {
+        anyhow::bail!("the node answered {status}: {pretty}")
+    }
+}
+
+async fn start(config: Option<PathBuf>, sets: Vec<String>) -> anyhow::Result<()> {
+    let cfg = shoal::config::Config::load(config.as_deref(), &sets)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    let addr_file = cfg.data_dir.join("http.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let listener = tokio::net::TcpListener::bind((cfg.http_host.as_str(), cfg.http_port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{} (shoal.http.host, shoal.http.port)", cfg.http_host, cfg.http_port))?;
+    let node = shoal::node::Node::open(cfg, shoal::env::Env::production()).await?;
+    let local = listener.local_addr()?;
+    // Tests and scripts that start a node on port 0 read its address from here.
+    shoal::storage::write_atomic(&addr_file, local.to_string().as_bytes())?;
+    tracing::info!(node = %node.cfg.node_id, http = %local, data_dir = %node.cfg.data_dir.display(), "shoal node started");
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    shoal::serve(node.clone(), listener, shutdown).await?;
+    if let Err(e) = node.storage.flush_all().await {
+        tracing::warn!(error = %e, "could not compact on shutdown; the WAL will be replayed on start");
+    }
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! Process counters exported at `GET /metrics` in the Prometheus text format. Plain atomics:
+//! a handful of counters does not need a metrics framework.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Upper bounds (seconds) of the WAL fsync latency histogram buckets.
+const FSYNC_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub http_requests: AtomicU64,
+    pub http_client_errors: AtomicU64,
+    pub http_server_errors: AtomicU64,
+    pub points_written: AtomicU64,
+    pub queries: AtomicU64,
+    pub wal_torn_bytes: AtomicU64,
+    pub segments_written: AtomicU64,
+    fsync_buckets: [AtomicU64; FSYNC_BUCKETS.len()],
+    fsync_count: AtomicU64,
+    fsync_micros_sum: AtomicU64,
+}
+
+impl Metrics {
+    pub fn observe_fsync(&self, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64();
+        for (bucket, bound) in self.fsync_buckets.iter().zip(FSYNC_BUCKETS) {
+            if secs <= bound {
+                bucket.fetch_add(1, Relaxed);
+            }
+        }
+        self.fsync_count.fetch_add(1, Relaxed);
+        self.fsync_micros_sum.fetch_add(elapsed.as_micros() as u64, Relaxed);
+    }
+
+    pub fn render(&self, shards: usize) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+        };
+        counter(&mut out, "shoal_http_requests_total", "HTTP requests served.", &self.http_requests);
+        counter(&mut out, "shoal_http_client_errors_total", "HTTP requests answered 4xx.", &self.http_client_errors);
+        counter(&mut out, "shoal_http_server_errors_total", "HTTP requests answered 5xx.", &self.http_server_errors);
+        counter(&mut out, "shoal_points_written_total", "Points made durable on this node.", &self.points_written);
+        counter(&mut out, "shoal_queries_total", "Queries executed.", &self.queries);
+        counter(&mut out, "shoal_wal_torn_bytes_total", "Bytes cut from WAL tails on recovery.", &self.wal_torn_bytes);
+        counter(&mut out, "shoal_segments_written_total", "Segments written by compaction.", &self.segments_written);
+        let _ = writeln!(out, "# HELP shoal_shards Shards held by this node.\n# TYPE shoal_shards gauge\nshoal_shards {shards}");
+        let name = "shoal_wal_fsync_seconds";
+        let _ = writeln!(out, "# HELP {name} WAL group-commit fsync latency.\n# TYPE {name} histogram");
+        for (bucket, bound) in self.fsync_buckets.iter().zip(FSYNC_BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Relaxed));
+        }
+        let count = self.fsync_count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.fsync_micros_sum.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+        out
+    }
+}

@@ -1,0 +1,478 @@
+//! Query execution as partial results plus a merge: each shard turns its batches into a
+//! [`Partial`]; partials from any number of shards (and, in a cluster, of nodes) merge
+//! exactly; [`finish`] orders, limits and shapes the records. A partial is plain serde data so a
+//! remote replica can send it back.
+
+use super::plan::{AggFn, Aggregate, CmpOp, Filter, Group, Order, Projection, SelectPlan};
+use crate::model::{FieldValue, Num, Point};
+use crate::storage::batch::{DictColumn, NULL_CODE, RowBatch};
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// A total order on field values: numbers by value (integers before equal decimals), then strings.
+pub fn cmp_values(a: &FieldValue, b: &FieldValue) -> Ordering {
+    use FieldValue::*;
+    match (a, b) {
+        (Str(x), Str(y)) => x.cmp(y),
+        (Str(_), _) => Ordering::Greater,
+        (_, Str(_)) => Ordering::Less,
+        (Int(x), Int(y)) => x.cmp(y),
+        _ => {
+            let (x, y) = (num(a), num(b));
+            x.total_cmp(&y).then_with(|| matches!(a, Dec(_)).cmp(&matches!(b, Dec(_))))
+        }
+    }
+}
+
+fn num(v: &FieldValue) -> f64 {
+    match v {
+        FieldValue::Int(i) => *i as f64,
+        FieldValue::Dec(d) => *d,
+        FieldValue::Str(_) => f64::NAN,
+    }
+}
+
+fn cmp_num(a: Num, b: Num) -> Ordering {
+    cmp_values(&a.into(), &b.into())
+}
+
+/// `FieldValue` with the total order above, usable as a map key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Key(pub FieldValue);
+impl PartialEq for Key {
+    fn eq(&self, o: &Self) -> bool {
+        cmp_values(&self.0, &o.0) == Ordering::Equal
+    }
+}
+impl Eq for Key {}
+impl PartialOrd for Key {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Key {
+    fn cmp(&self, o: &Self) -> Ordering {
+        cmp_values(&self.0, &o.0)
+    }
+}
+
+/// Compares a stored value with a literal the way SQL users expect: numbers numerically
+/// (an integer field against 2.5 works), strings by bytes, a number never equals a string.
+fn compare(stored: &FieldValue, op: CmpOp, lit: &FieldValue) -> bool {
+    let ord = match (stored, lit) {
+        (FieldValue::Str(a), FieldValue::Str(b)) => a.cmp(b),
+        (FieldValue::Str(_), _) | (_, FieldValue::Str(_)) => return op == CmpOp::NotEq,
+        (FieldValue::Int(a), FieldValue::Int(b)) => a.cmp(b),
+        (a, b) => num(a).total_cmp(&num(b)),
+    };
+    match op {
+        CmpOp::Eq => ord == Ordering::Equal,
+        CmpOp::NotEq => ord != Ordering::Equal,
+        CmpOp::Lt => ord == Ordering::Less,
+        CmpOp::LtEq => ord != Ordering::Greater,
+        CmpOp::Gt => ord == Ordering::Greater,
+        CmpOp::GtEq => ord != Ordering::Less,
+    }
+}
+
+/// SQL LIKE with `%` (any run) and `_` (one character).
+pub fn like(text: &str, pattern: &str) -> bool {
+    let (t, p): (Vec<char>, Vec<char>) = (text.chars().collect(), pattern.chars().collect());
+    let (mut ti, mut pi, mut star, mut mark) = (0usize, 0usize, None::<usize>, 0usize);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '_' || p[pi] == t[ti]) {
+            ti += 1;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == '%' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '%' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+fn matches_leaf(f: &Filter, v: Option<&FieldValue>) -> bool {
+    match f {
+        Filter::Cmp { op, value, .. } => v.is_some_and(|v| compare(v, *op, value)),
+        Filter::Like { pattern, negated, .. } => {
+            v.is_some_and(|v| matches!(v, FieldValue::Str(s) if like(s, pattern) != *negated))
+        }
+        Filter::In { values, negated, .. } => {
+            v.is_some_and(|v| values.iter().any(|l| compare(v, CmpOp::Eq, l)) != *negated)
+        }
+        Filter::IsNull { negated, .. } => v.is_none() == !*negated,
+        _ => unreachable!("only leaves"),
+    }
+}
+
+/// A filter bound to one batch: dictionary columns are pre-evaluated once per distinct value.
+enum Bound<'a> {
+    Const(bool),
+    Timestamp(&'a Filter),
+    Value(&'a Filter),
+    Dict { codes: &'a [u32], per_code: Vec<bool>, null: bool },
+    And(Box<Bound<'a>>, Box<Bound<'a>>),
+    Or(Box<Bound<'a>>, Box<Bound<'a>>),
+    Not(Box<Bound<'a>>),
+}
+
+fn field_of(f: &Filter) -> &str {
+    match f {
+        Filter::Cmp { field, .. } | Filter::Like { field, .. } | Filter::In { field, .. } | Filter::IsNull { field, .. } => field,
+        _ => "",
+    }
+}
+
+fn bind<'a>(f: &'a Filter, batch: &'a RowBatch) -> Bound<'a> {
+    match f {
+        Filter::And(a, b) => Bound::And(Box::new(bind(a, batch)), Box::new(bind(b, batch))),
+        Filter::Or(a, b) => Bound::Or(Box::new(bind(a, batch)), Box::new(bind(b, batch))),
+        Filter::Not(a) => Bound::Not(Box::new(bind(a, batch))),
+        leaf => match field_of(leaf) {
+            "timestamp" => Bound::Timestamp(leaf),
+            "value" => Bound::Value(leaf),
+            name => match batch.columns.get(name) {
+                None => Bound::Const(matches_leaf(leaf, None)),
+                Some(DictColumn { dict, codes, .. }) => Bound::Dict {
+                    codes,
+                    per_code: dict.iter().map(|v| matches_leaf(leaf, Some(v))).collect(),
+                    null: matches_leaf(leaf, None),
+                },
+            },
+        },
+    }
+}
+
+impl Bound<'_> {
+    fn eval(&self, batch: &RowBatch, row: usize) -> bool {
+        match self {
+            Bound::Const(b) => *b,
+            Bound::Timestamp(f) => matches_leaf(f, Some(&FieldValue::Int(batch.timestamps[row]))),
+            Bound::Value(f) => matches_leaf(f, Some(&batch.values[row].into())),
+            Bound::Dict { codes, per_code, null } => match codes[row] {
+                NULL_CODE => *null,
+                c => per_code[c as usize],
+            },
+            Bound::And(a, b) => a.eval(batch, row) && b.eval(batch, row),
+            Bound::Or(a, b) => a.eval(batch, row) || b.eval(batch, row),
+            Bound::Not(a) => !a.eval(batch, row),
+        }
+    }
+}
+
+/// Rows of `batch` that `filter` accepts and that fall in `[from, to)`.
+pub fn matching_rows(filter: Option<&Filter>, batch: &RowBatch, from: i64, to: i64) -> Vec<usize> {
+    let bound = filter.map(|f| bind(f, batch));
+    (0..batch.len())
+        .filter(|&r| {
+            let t = batch.timestamps[r];
+            t >= from && t < to && bound.as_ref().is_none_or(|b| b.eval(batch, r))
+        })
+        .collect()
+}
+
+/// Running state of one aggregate group. Integer sums stay exact.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AggState {
+    pub count: u64,
+    pub int_sum: i128,
+    pub dec_sum: f64,
+    pub any_dec: bool,
+    pub min: Option<Num>,
+    pub max: Option<Num>,
+    pub first: Option<(i64, Num)>,
+    pub last: Option<(i64, Num)>,
+    pub distinct: BTreeSet<Key>,
+}
+
+impl AggState {
+    fn add(&mut self, ts: i64, v: Num) {
+        self.count += 1;
+        match v {
+            Num::Int(i) => self.int_sum += i128::from(i),
+            Num::Dec(d) => {
+                self.dec_sum += d;
+                self.any_dec = true;
+            }
+        }
+        self.keep_extremes(Some(v), Some(v), Some((ts, v)), Some((ts, v)));
+    }
+
+    /// Folds candidate extremes in. Ties on the timestamp break by value, so first/last do not
+    /// depend on the order in which shards were scanned.
+    fn keep_extremes(&mut self, min: Option<Num>, max: Option<Num>, first: Option<(i64, Num)>, last: Option<(i64, Num)>) {
+        let earlier = |a: (i64, Num), b: (i64, Num)| a.0.cmp(&b.0).then_with(|| cmp_num(a.1, b.1));
+        if let Some(v) = min
+            && self.min.is_none_or(|m| cmp_num(v, m) == Ordering::Less)
+        {
+            self.min = Some(v);
+        }
+        if let Some(v) = max
+            && self.max.is_none_or(|m| cmp_num(v, m) == Ordering::Greater)
+        {
+            self.max = Some(v);
+        }
+        if let Some(f) = first
+            && self.first.is_none_or(|x| earlier(f, x) == Ordering::Less)
+        {
+            self.first = Some(f);
+        }
+        if let Some(l) = last
+            && self.last.is_none_or(|x| earlier(l, x) == Ordering::Greater)
+        {
+            self.last = Some(l);
+        }
+    }
+
+    pub fn merge(&mut self, o: AggState) {
+        self.count += o.count;
+        self.int_sum += o.int_sum;
+        self.dec_sum += o.dec_sum;
+        self.any_dec |= o.any_dec;
+        self.keep_extremes(o.min, o.max, o.first, o.last);
+        self.distinct.extend(o.distinct);
+    }
+
+    fn result(&self, agg: &Aggregate) -> Option<Num> {
+        match agg {
+            Aggregate::CountDistinct(_) => Some(Num::Int(self.distinct.len() as i64)),
+            Aggregate::Value(AggFn::Count) => Some(Num::Int(self.count as i64)),
+            Aggregate::Value(_) if self.count == 0 => None,
+            Aggregate::Value(AggFn::Sum) => Some(if self.any_dec {
+                Num::Dec(self.int_sum as f64 + self.dec_sum)
+            } else {
+                i64::try_from(self.int_sum).map_or(Num::Dec(self.int_sum as f64), Num::Int)
+            }),
+            Aggregate::Value(AggFn::Avg) => Some(Num::Dec((self.int_sum as f64 + self.dec_sum) / self.count as f64)),
+            Aggregate::Value(AggFn::Min) => self.min,
+            Aggregate::Value(AggFn::Max) => self.max,
+            Aggregate::Value(AggFn::First) => self.first.map(|f| f.1),
+            Aggregate::Value(AggFn::Last) => self.last.map(|l| l.1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum GroupKey {
+    All,
+    Tag(Key),
+    /// Lower bound of an interval bucket.
+    Bucket(i64),
+}
+
+/// What one shard (or a merge of shards) knows about a query's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Partial {
+    Rows(Vec<Point>),
+    Groups(BTreeMap<GroupKey, AggState>),
+}
+
+impl Partial {
+    pub fn empty(plan: &SelectPlan) -> Self {
+        match plan.projection {
+            Projection::Aggregate(_) => Partial::Groups(BTreeMap::new()),
+            _ => Partial::Rows(Vec::new()),
+        }
+    }
+
+    pub fn merge(&mut self, other: Partial) {
+        match (self, other) {
+            (Partial::Rows(a), Partial::Rows(b)) => a.extend(b),
+            (Partial::Groups(a), Partial::Groups(b)) => {
+                for (k, s) in b {
+                    a.entry(k).or_default().merge(s);
+                }
+            }
+            _ => unreachable!("partials of one plan have one shape"),
+        }
+    }
+
+    /// Keeps a raw-row partial small: sort and cut to the limit, which is exact because the
+    /// final merge sorts by the same key.
+    pub fn trim(&mut self, plan: &SelectPlan) {
+        if let (Partial::Rows(rows), Some(limit)) = (self, plan.limit) {
+            sort_records(rows, plan.order.as_ref());
+            rows.truncate(limit);
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            Partial::Rows(r) => r.len(),
+            Partial::Groups(g) => g.len(),
+        }
+    }
+}
+
+/// Adds the rows of `batch` in `[from, to)` that match the plan to `partial`.
+pub fn scan_batch(plan: &SelectPlan, batch: &RowBatch, from: i64, to: i64, partial: &mut Partial) {
+    let rows = matching_rows(plan.filter.as_ref(), batch, from, to);
+    if rows.is_empty() {
+        return;
+    }
+    match (partial, &plan.projection) {
+        (Partial::Rows(out), projection) => {
+            for r in rows {
+                let mut p = batch.point(r);
+                if let Projection::Fields(fields) = projection {
+                    p.dimensions.retain(|k, _| fields.contains(k));
+                    p.tags.retain(|k, _| fields.contains(k));
+                }
+                out.push(p);
+            }
+        }
+        (Partial::Groups(groups), Projection::Aggregate(agg)) => {
+            let distinct_col = match agg {
+                Aggregate::CountDistinct(f) => Some(f.as_str()),
+                _ => None,
+            };
+            let add = |state: &mut AggState, r: usize| match distinct_col {
+                None => state.add(batch.timestamps[r], batch.values[r]),
+                Some(field) => {
+                    let v = match field {
+                        "value" => Some(batch.values[r].into()),
+                        "timestamp" => Some(FieldValue::Int(batch.timestamps[r])),
+                        name => batch.columns.get(name).and_then(|c| c.get(r).cloned()),
+                    };
+                    if let Some(v) = v {
+                        state.distinct.insert(Key(v));
+                    }
+                }
+            };
+            match &plan.group {
+                None => {
+                    let state = groups.entry(GroupKey::All).or_default();
+                    rows.iter().for_each(|&r| add(state, r));
+                }
+                Some(Group::Tag(tag)) => {
+                    // Points without the tag belong to no group (as in NSDb).
+                    let Some(col) = batch.columns.get(tag) else { return };
+                    let mut per_code: HashMap<u32, AggState> = HashMap::new();
+                    for &r in &rows {
+                        let code = col.codes[r];
+                        if code != NULL_CODE {
+                            add(per_code.entry(code).or_default(), r);
+                        }
+                    }
+                    for (code, state) in per_code {
+                        groups.entry(GroupKey::Tag(Key(col.dict[code as usize].clone()))).or_default().merge(state);
+                    }
+                }
+                Some(Group::Interval(width)) => {
+                    let mut per_bucket: HashMap<i64, AggState> = HashMap::new();
+                    for &r in &rows {
+                        add(per_bucket.entry(batch.timestamps[r].div_euclid(*width) * width).or_default(), r);
+                    }
+                    for (lower, state) in per_bucket {
+                        groups.entry(GroupKey::Bucket(lower)).or_default().merge(state);
+                    }
+                }
+            }
+        }
+        (Partial::Groups(_), _) => unreachable!("groups only for aggregates"),
+    }
+}
+
+fn sort_records(rows: &mut [Point], order: Option<&Order>) {
+    let default = Order { field: "timestamp".into(), descending: false };
+    let order = order.unwrap_or(&default);
+    rows.sort_by(|a, b| {
+        let (x, y) = (a.field(&order.field), b.field(&order.field));
+        // Nulls last whatever the direction; then a full tie-break for a stable answer.
+        let primary = match (&x, &y) {
+            (None, None) => Ordering::Equal,
+            (None, Some(_)) => return Ordering::Greater,
+            (Some(_), None) => return Ordering::Less,
+            (Some(x), Some(y)) => cmp_values(x, y),
+        };
+        let primary = if order.descending { primary.reverse() } else { primary };
+        primary
+            .then_with(|| a.timestamp.cmp(&b.timestamp))
+            .then_with(|| cmp_num(a.value, b.value))
+            .then_with(|| format!("{:?}{:?}", a.tags, a.dimensions).cmp(&format!("{:?}{:?}", b.tags, b.dimensions)))
+    });
+}
+
+/// Turns a fully merged partial into NSDb-shaped records.
+pub fn finish(plan: &SelectPlan, partial: Partial) -> Vec<Point> {
+    let mut records = match partial {
+        Partial::Rows(rows) => rows,
+        Partial::Groups(groups) => {
+            let Projection::Aggregate(agg) = &plan.projection else { unreachable!("groups only for aggregates") };
+            let mut out = Vec::new();
+            if groups.is_empty() && plan.group.is_none() && matches!(agg, Aggregate::Value(AggFn::Count) | Aggregate::CountDistinct(_)) {
+                out.push(Point { timestamp: 0, value: Num::Int(0), dimensions: BTreeMap::new(), tags: BTreeMap::new() });
+            }
+            for (key, state) in groups {
+                let Some(value) = state.result(agg) else { continue };
+                let mut p = Point { timestamp: 0, value, dimensions: BTreeMap::new(), tags: BTreeMap::new() };
+                match (key, &plan.group) {
+                    (GroupKey::Tag(k), Some(Group::Tag(tag))) => {
+                        p.tags.insert(tag.clone(), k.0);
+                    }
+                    (GroupKey::Bucket(lower), Some(Group::Interval(w))) => {
+                        let upper = lower.saturating_add(*w);
+                        p.timestamp = upper;
+                        p.dimensions.insert("lowerBound".into(), FieldValue::Int(lower));
+                        p.dimensions.insert("upperBound".into(), FieldValue::Int(upper));
+                    }
+                    _ => {}
+                }
+                out.push(p);
+            }
+            out
+        }
+    };
+    sort_records(&mut records, plan.order.as_ref());
+    if let Some(limit) = plan.limit {
+        records.truncate(limit);
+    }
+    records
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn like_patterns() {
+        assert!(like("server-1", "server%"));
+        assert!(like("server-1", "%-_"));
+        assert!(!like("server-1", "%-__"));
+        assert!(like("", "%"));
+        assert!(!like("abc", "a_"));
+    }
+
+    #[test]
+    fn value_order_is_total() {
+        let mut v = vec![FieldValue::Str("a".into()), FieldValue::Dec(1.5), FieldValue::Int(2), FieldValue::Int(1)];
+        v.sort_by(cmp_values);
+        assert_eq!(v, vec![FieldValue::Int(1), FieldValue::Dec(1.5), FieldValue::Int(2), FieldValue::Str("a".into())]);
+    }
+
+    #[test]
+    fn agg_merge_equals_single_pass() {
+        let vals = [(5, Num::Int(3)), (1, Num::Dec(2.5)), (9, Num::Int(-4)), (1, Num::Int(7))];
+        let mut whole = AggState::default();
+        vals.iter().for_each(|&(t, v)| whole.add(t, v));
+        let (mut a, mut b) = (AggState::default(), AggState::default());
+        vals[..2].iter().for_each(|&(t, v)| a.add(t, v));
+        vals[2..].iter().for_each(|&(t, v)| b.add(t, v));
+        b.merge(a);
+        assert_eq!(b, whole);
+        assert_eq!(whole.first, Some((1, Num::Dec(2.5))));
+        assert_eq!(whole.result(&Aggregate::Value(AggFn::Sum)), Some(Num::Dec(8.5)));
+        assert_eq!(whole.result(&Aggregate::Value(AggFn::Min)), Some(Num::Int(-4)));
+    }
+}

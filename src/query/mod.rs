@@ -1,0 +1,114 @@
+//! The NSDb SQL dialect: `plan` parses statements; `exec` computes per-shard partial results
+//! and merges them. This module runs a query over the shards of this node; the cluster's read
+//! coordinator will run the same `exec` on each replica and merge the partials it receives.
+
+pub mod exec;
+pub mod plan;
+
+use crate::catalog::Catalog;
+use crate::model::{FieldValue, MetricKey, Point};
+use crate::storage::{Storage, StorageError};
+use exec::Partial;
+use plan::{Aggregate, Filter, Group, Projection, SelectPlan};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("metric {0} does not exist")]
+    UnknownMetric(String),
+    #[error("the query matches more than {max} records; narrow it or add LIMIT")]
+    TooLarge { max: usize },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Checks that every field the plan names exists in the metric's schema.
+pub fn validate_fields(catalog: &Catalog, key: &MetricKey, plan: &SelectPlan) -> Result<(), QueryError> {
+    let mut names = Vec::new();
+    if let Some(f) = &plan.filter {
+        f.fields(&mut names);
+    }
+    match &plan.projection {
+        Projection::Fields(fields) => names.extend(fields.iter().cloned()),
+        Projection::Aggregate(Aggregate::CountDistinct(f)) => names.push(f.clone()),
+        _ => {}
+    }
+    if let Some(Group::Tag(t)) = &plan.group {
+        if !matches!(catalog.field(key, t), Some((crate::model::FieldClass::Tag, _))) {
+            return Err(QueryError::Invalid(format!("GROUP BY {t}: {t} is not a tag of metric {}", key.metric)));
+        }
+    }
+    if let Some(o) = &plan.order {
+        let group_field = matches!(&plan.group, Some(Group::Tag(t)) if *t == o.field);
+        if !group_field {
+            names.push(o.field.clone());
+        }
+    }
+    for name in names {
+        if name != "timestamp" && name != "value" && catalog.field(key, &name).is_none() {
+            return Err(QueryError::Invalid(format!("field {name} does not exist in metric {}", key.metric)));
+        }
+    }
+    Ok(())
+}
+
+/// The time range a select must read: its filter's range intersected with the request's.
+pub fn time_range(filter: Option<&Filter>, from: Option<i64>, to: Option<i64>) -> (i64, i64) {
+    let (lo, hi) = filter.map_or((i64::MIN, i64::MAX), Filter::time_range);
+    (lo.max(from.unwrap_or(i64::MIN)), hi.min(to.map_or(i64::MAX, |t| t.saturating_add(1))))
+}
+
+/// Runs a select over this node's shards of `key`, returning its partial result.
+pub fn partial_local(storage: &Storage, key: &MetricKey, plan: &SelectPlan, range: (i64, i64), max: usize) -> Result<Partial, QueryError> {
+    let mut total = Partial::empty(plan);
+    let mut columns = Vec::new();
+    if let Some(f) = &plan.filter {
+        f.fields(&mut columns);
+    }
+    if let Some(Group::Tag(t)) = &plan.group {
+        columns.push(t.clone());
+    }
+    if let Projection::Aggregate(Aggregate::CountDistinct(f)) = &plan.projection {
+        columns.push(f.clone());
+    }
+    // Raw rows need every column; aggregates decode only what they read.
+    let columns = matches!(plan.projection, Projection::Aggregate(_)).then_some(columns);
+    for shard in storage.shards_of(key, range.0, range.1) {
+        let mut partial = Partial::empty(plan);
+        let mut too_large = false;
+        shard.scan(range.0, range.1, columns.as_deref(), &mut |batch| {
+            if too_large {
+                return;
+            }
+            exec::scan_batch(plan, batch, range.0, range.1, &mut partial);
+            partial.trim(plan);
+            too_large = partial.rows() > max;
+        })?;
+        if too_large {
+            return Err(QueryError::TooLarge { max });
+        }
+        total.merge(partial);
+        total.trim(plan);
+    }
+    Ok(total)
+}
+
+/// Shapes records for the HTTP answer.
+pub fn records_json(records: &[Point]) -> serde_json::Value {
+    let to_obj = |m: &std::collections::BTreeMap<String, FieldValue>| -> serde_json::Value {
+        m.iter().map(|(k, v)| (k.clone(), v.to_json())).collect::<serde_json::Map<_, _>>().into()
+    };
+    let records: Vec<_> = records
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "timestamp": p.timestamp,
+                "value": FieldValue::from(p.value).to_json(),
+                "dimensions": to_obj(&p.dimensions),
+                "tags": to_obj(&p.tags),
+            })
+        })
+        .collect();
+    serde_json::json!({ "records": records })
+}

@@ -1,0 +1,580 @@
+//! Parsing the NSDb SQL dialect into a plan, with `sqlparser` doing the SQL.
+//!
+//! NSDb's non-standard parts are rewritten on sqlparser's token stream before parsing, so every
+//! error still points at the user's own line and column:
+//! - `NOW` becomes the current time in epoch ms;
+//! - a number followed by a unit (`2h`, `30 s`, `1d`) becomes that many milliseconds, so
+//!   `NOW - 2h` is plain integer arithmetic, folded to a constant;
+//! - `GROUP BY INTERVAL <duration>` is cut out of the stream and kept as the plan's bucket width.
+
+use crate::model::{FieldValue, Num};
+use sqlparser::ast::{self, Expr, SelectItem, SetExpr, Spanned, Statement as SqlStatement};
+use sqlparser::dialect::GenericDialect;
+use sqlparser::keywords::Keyword;
+use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
+
+/// Longest accepted query text.
+pub const QUERY_BYTES_MAX: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Statement {
+    Select(SelectPlan),
+    Delete(DeletePlan),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SelectPlan {
+    pub metric: String,
+    pub projection: Projection,
+    pub filter: Option<Filter>,
+    pub group: Option<Group>,
+    pub order: Option<Order>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeletePlan {
+    pub metric: String,
+    pub filter: Option<Filter>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Projection {
+    All,
+    /// Named fields; `timestamp` and `value` always come back.
+    Fields(Vec<String>),
+    Aggregate(Aggregate),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggFn {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Avg,
+    First,
+    Last,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Aggregate {
+    /// An aggregate of the point value.
+    Value(AggFn),
+    /// `count(distinct field)`.
+    CountDistinct(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Group {
+    Tag(String),
+    /// Bucket width in milliseconds; buckets are `[k·w, (k+1)·w)`.
+    Interval(i64),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Order {
+    pub field: String,
+    pub descending: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    NotEq,
+    Lt,
+    LtEq,
+    Gt,
+    GtEq,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Filter {
+    Cmp { field: String, op: CmpOp, value: FieldValue },
+    Like { field: String, pattern: String, negated: bool },
+    In { field: String, values: Vec<FieldValue>, negated: bool },
+    IsNull { field: String, negated: bool },
+    And(Box<Filter>, Box<Filter>),
+    Or(Box<Filter>, Box<Filter>),
+    Not(Box<Filter>),
+}
+
+impl Filter {
+    pub fn fields(&self, out: &mut Vec<String>) {
+        match self {
+            Filter::Cmp { field, .. } | Filter::Like { field, .. } | Filter::In { field, .. } | Filter::IsNull { field, .. } => {
+                if !out.contains(field) {
+                    out.push(field.clone());
+                }
+            }
+            Filter::And(a, b) | Filter::Or(a, b) => {
+                a.fields(out);
+                b.fields(out);
+            }
+            Filter::Not(a) => a.fields(out),
+        }
+    }
+
+    /// A superset of the timestamps this filter can accept, as `[from, to)`.
+    pub fn time_range(&self) -> (i64, i64) {
+        const ALL: (i64, i64) = (i64::MIN, i64::MAX);
+        match self {
+            Filter::Cmp { field, op, value: FieldValue::Int(t) } if field == "timestamp" => {
+                let t = *t;
+                match op {
+                    CmpOp::Eq => (t, t.saturating_add(1)),
+                    CmpOp::Gt => (t.saturating_add(1), i64::MAX),
+                    CmpOp::GtEq => (t, i64::MAX),
+                    CmpOp::Lt => (i64::MIN, t),
+                    CmpOp::LtEq => (i64::MIN, t.saturating_add(1)),
+                    CmpOp::NotEq => ALL,
+                }
+            }
+            Filter::In { field, values, negated: false } if field == "timestamp" => {
+                let ts: Vec<i64> = values.iter().filter_map(|v| if let FieldValue::Int(t) = v { Some(*t) } else { None }).collect();
+                match (ts.iter().min(), ts.iter().max()) {
+                    (Some(&lo), Some(&hi)) if ts.len() == values.len() => (lo, hi.saturating_add(1)),
+                    _ => ALL,
+                }
+            }
+            Filter::And(a, b) => {
+                let (a, b) = (a.time_range(), b.time_range());
+                (a.0.max(b.0), a.1.min(b.1))
+            }
+            Filter::Or(a, b) => {
+                let (a, b) = (a.time_range(), b.time_range());
+                (a.0.min(b.0), a.1.max(b.1))
+            }
+            _ => ALL,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PlanError(pub String);
+
+fn at(span: sqlparser::tokenizer::Span) -> String {
+    if span.start.line == 0 { String::new() } else { format!(" at Line: {}, Column: {}", span.start.line, span.start.column) }
+}
+
+fn err<T>(msg: impl Into<String>, span: sqlparser::tokenizer::Span) -> Result<T, PlanError> {
+    Err(PlanError(format!("{}{}", msg.into(), at(span))))
+}
+
+fn unit_ms(word: &str) -> Option<i64> {
+    Some(match word.to_ascii_lowercase().as_str() {
+        "ms" => 1,
+        "s" | "sec" | "second" | "seconds" => 1_000,
+        "m" | "min" | "minute" | "minutes" => 60_000,
+        "h" | "hour" | "hours" => 3_600_000,
+        "d" | "day" | "days" => 86_400_000,
+        "w" | "week" | "weeks" => 604_800_000,
+        _ => return None,
+    })
+}
+
+/// Rewrites NSDb's extensions on the token stream; returns the tokens and a GROUP BY INTERVAL.
+fn rewrite_tokens(tokens: Vec<TokenWithSpan>, now_ms: i64) -> Result<(Vec<TokenWithSpan>, Option<i64>), PlanError> {
+    let mut out: Vec<TokenWithSpan> = Vec::with_capacity(tokens.len());
+    let mut iter = tokens.into_iter().filter(|t| !matches!(t.token, Token::Whitespace(_))).peekable();
+    while let Some(tok) = iter.next() {
+        match &tok.token {
+            Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("now") => {
+                out.push(TokenWithSpan::new(Token::Number(now_ms.to_string(), false), tok.span));
+            }
+            Token::Number(n, _) => {
+                let unit = match iter.peek() {
+                    Some(TokenWithSpan { token: Token::Word(w), .. }) if w.quote_style.is_none() => unit_ms(&w.value),
+                    _ => None,
+                };
+                match unit {
+                    Some(ms) => {
+                        let unit_tok = iter.next().expect("peeked");
+                        let count: i64 = n.parse().map_err(|_| {
+                            PlanError(format!("duration {n:?} must be a whole number{}", at(tok.span)))
+                        })?;
+                        let total = count.checked_mul(ms).ok_or_else(|| PlanError(format!("duration too large{}", at(tok.span))))?;
+                        let span = tok.span.union(&unit_tok.span);
+                        out.push(TokenWithSpan::new(Token::Number(total.to_string(), false), span));
+                    }
+                    None => out.push(tok),
+                }
+            }
+            _ => out.push(tok),
+        }
+    }
+    // GROUP BY INTERVAL <ms>: cut it out, remember the width.
+    let mut interval = None;
+    let is_kw = |t: &TokenWithSpan, k: Keyword| matches!(&t.token, Token::Word(w) if w.keyword == k);
+    if let Some(i) = (0..out.len().saturating_sub(2))
+        .find(|&i| is_kw(&out[i], Keyword::GROUP) && is_kw(&out[i + 1], Keyword::BY) && is_kw(&out[i + 2], Keyword::INTERVAL))
+    {
+        let span = out[i + 2].span;
+        match out.get(i + 3).map(|t| &t.token) {
+            Some(Token::Number(n, _)) => {
+                let ms: i64 = n.parse().map_err(|_| PlanError(format!("interval {n:?} is not a whole number{}", at(span))))?;
+                if ms <= 0 {
+                    return err("GROUP BY INTERVAL needs a positive duration", span);
+                }
+                interval = Some(ms);
+                out.drain(i..i + 4);
+            }
+            _ => return err("GROUP BY INTERVAL needs a duration such as 1h", span),
+        }
+    }
+    Ok((out, interval))
+}
+
+/// Parses one statement of the NSDb dialect.
+pub fn parse(sql: &str, now_ms: i64) -> Result<Statement, PlanError> {
+    if sql.len() > QUERY_BYTES_MAX {
+        return Err(PlanError(format!("the query is longer than {QUERY_BYTES_MAX} bytes")));
+    }
+    let dialect = GenericDialect {};
+    let tokens = Tokenizer::new(&dialect, sql).tokenize_with_location().map_err(|e| PlanError(e.to_string()))?;
+    let (tokens, interval) = rewrite_tokens(tokens, now_ms)?;
+    let mut parser = sqlparser::parser::Parser::new(&dialect).with_tokens_with_locations(tokens);
+    let statements = parser.parse_statements().map_err(|e| PlanError(e.to_string().replace("sql parser error: ", "")))?;
+    let [statement] = <[SqlStatement; 1]>::try_from(statements)
+        .map_err(|s| PlanError(format!("expected exactly one statement, got {}", s.len())))?;
+    match statement {
+        SqlStatement::Query(q) => plan_select(*q, interval).map(Statement::Select),
+        SqlStatement::Delete(d) => {
+            if interval.is_some() {
+                return Err(PlanError("DELETE does not take GROUP BY".into()));
+            }
+            plan_delete(d).map(Statement::Delete)
+        }
+        other => err("only SELECT and DELETE statements are supported", other.span()),
+    }
+}
+
+fn table_name(from: &[ast::TableWithJoins], span: sqlparser::tokenizer::Span) -> Result<String, PlanError> {
+    match from {
+        [ast::TableWithJoins { relation: ast::TableFactor::Table { name, .. }, joins }] if joins.is_empty() => {
+            match name.0.as_slice() {
+                [part] => Ok(part.as_ident().map(|i| i.value.clone()).unwrap_or_default()),
+                _ => err("FROM takes one metric name (db and namespace go in the request)", name.span()),
+            }
+        }
+        [] => err("FROM <metric> is missing", span),
+        _ => err("FROM takes exactly one metric (no joins)", span),
+    }
+}
+
+fn plan_delete(d: ast::Delete) -> Result<DeletePlan, PlanError> {
+    let from = match &d.from {
+        ast::FromTable::WithFromKeyword(f) | ast::FromTable::WithoutKeyword(f) => f,
+    };
+    let metric = table_name(from, d.delete_token.0.span)?;
+    let filter = d.selection.as_ref().map(plan_filter).transpose()?;
+    Ok(DeletePlan { metric, filter })
+}
+
+fn plan_select(q: ast::Query, interval: Option<i64>) -> Result<SelectPlan, PlanError> {
+    let query_span = q.span();
+    let select = match *q.body {
+        SetExpr::Select(s) => s,
+        other => return err("only a plain SELECT is supported", other.span()),
+    };
+    if select.distinct.is_some() {
+        return err("SELECT DISTINCT is not supported; use count(distinct field)", select.span());
+    }
+    if select.having.is_some() {
+        return err("HAVING is not supported", select.span());
+    }
+    let metric = table_name(&select.from, select.span())?;
+    let projection = plan_projection(&select.projection)?;
+    let filter = select.selection.as_ref().map(plan_filter).transpose()?;
+    let group = match (&select.group_by, interval) {
+        (ast::GroupByExpr::Expressions(exprs, _), None) if exprs.is_empty() => None,
+        (ast::GroupByExpr::Expressions(exprs, _), Some(ms)) if exprs.is_empty() => Some(Group::Interval(ms)),
+        (ast::GroupByExpr::Expressions(exprs, _), None) if exprs.len() == 1 => match &exprs[0] {
+            Expr::Identifier(id) => Some(Group::Tag(id.value.clone())),
+            other => return err("GROUP BY takes one tag name or INTERVAL <duration>", other.span()),
+        },
+        (g, _) => return err("GROUP BY takes one tag name or INTERVAL <duration>", g.span()),
+    };
+    if group.is_some() && !matches!(projection, Projection::Aggregate(_)) {
+        return err("GROUP BY needs an aggregate in SELECT, such as avg(value)", query_span);
+    }
+    let order = match &q.order_by {
+        None => None,
+        Some(ob) => match &ob.kind {
+            ast::OrderByKind::Expressions(exprs) if exprs.len() == 1 => {
+                let e = &exprs[0];
+                let field = match &e.expr {
+                    Expr::Identifier(id) => id.value.clone(),
+                    other => return err("ORDER BY takes one field name", other.span()),
+                };
+                let descending = matches!(e.options.sort, Some(ast::OrderBySort::Desc));
+                Some(Order { field, descending })
+            }
+            _ => return err("ORDER BY takes exactly one field name", query_span),
+        },
+    };
+    let limit = match &q.limit_clause {
+        None => None,
+        Some(ast::LimitClause::LimitOffset { limit: Some(Expr::Value(v)), offset: None, limit_by }) if limit_by.is_empty() => {
+            match &v.value {
+                ast::Value::Number(n, _) => Some(n.parse::<usize>().map_err(|_| PlanError(format!("LIMIT must be a whole number{}", at(v.span))))?),
+                _ => return err("LIMIT must be a whole number", v.span),
+            }
+        }
+        Some(other) => return err("only LIMIT <n> is supported (no OFFSET)", other.span()),
+    };
+    Ok(SelectPlan { metric, projection, filter, group, order, limit })
+}
+
+fn plan_projection(items: &[SelectItem]) -> Result<Projection, PlanError> {
+    let mut fields = Vec::new();
+    let mut aggregate = None;
+    for item in items {
+        let expr = match item {
+            SelectItem::Wildcard(_) if items.len() == 1 => return Ok(Projection::All),
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+            other => return err("SELECT takes *, field names or one aggregate", other.span()),
+        };
+        match expr {
+            Expr::Identifier(id) => fields.push(id.value.clone()),
+            Expr::Function(f) => {
+                if aggregate.is_some() {
+                    return err("only one aggregate per query is supported", f.span());
+                }
+                aggregate = Some(plan_aggregate(f)?);
+            }
+            other => return err("SELECT takes *, field names or one aggregate", other.span()),
+        }
+    }
+    match aggregate {
+        Some(_) if !fields.is_empty() => err("an aggregate cannot be selected together with fields", items[0].span()),
+        Some(a) => Ok(Projection::Aggregate(a)),
+        None => Ok(Projection::Fields(fields)),
+    }
+}
+
+fn plan_aggregate(f: &ast::Function) -> Result<Aggregate, PlanError> {
+    let name = f.name.to_string().to_ascii_lowercase();
+    let func = match name.as_str() {
+        "count" => AggFn::Count,
+        "sum" => AggFn::Sum,
+        "min" => AggFn::Min,
+        "max" => AggFn::Max,
+        "avg" => AggFn::Avg,
+        "first" => AggFn::First,
+        "last" => AggFn::Last,
+        _ => return err(format!("unknown aggregate {name}; supported: count sum min max avg first last"), f.span()),
+    };
+    let ast::FunctionArguments::List(list) = &f.args else {
+        return err(format!("{name} needs an argument, such as {name}(value)"), f.span());
+    };
+    let distinct = matches!(list.duplicate_treatment, Some(ast::DuplicateTreatment::Distinct));
+    let arg = match list.args.as_slice() {
+        [ast::FunctionArg::Unnamed(a)] => a,
+        _ => return err(format!("{name} takes exactly one argument"), f.span()),
+    };
+    let field = match arg {
+        ast::FunctionArgExpr::Wildcard => "*".to_string(),
+        ast::FunctionArgExpr::Expr(Expr::Identifier(id)) => id.value.clone(),
+        _ => return err(format!("{name} takes a field name or *"), f.span()),
+    };
+    if distinct {
+        if func != AggFn::Count || field == "*" {
+            return err("DISTINCT is only supported as count(distinct <field>)", f.span());
+        }
+        return Ok(Aggregate::CountDistinct(field));
+    }
+    if field == "*" && func != AggFn::Count {
+        return err(format!("{name}(*) is not supported; use {name}(value)"), f.span());
+    }
+    if field != "*" && field != "value" {
+        return err(format!("{name} aggregates the point value: write {name}(value)"), f.span());
+    }
+    Ok(Aggregate::Value(func))
+}
+
+fn literal(e: &Expr) -> Result<FieldValue, PlanError> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            ast::Value::Number(n, _) => {
+                if let Ok(i) = n.parse::<i64>() {
+                    Ok(FieldValue::Int(i))
+                } else {
+                    n.parse::<f64>().map(FieldValue::Dec).or_else(|_| err(format!("bad number {n}"), v.span))
+                }
+            }
+            ast::Value::SingleQuotedString(s) | ast::Value::DoubleQuotedString(s) => Ok(FieldValue::Str(s.clone())),
+            _ => err("expected a number or a 'string'", v.span),
+        },
+        Expr::UnaryOp { op: ast::UnaryOperator::Minus, expr } => match literal(expr)? {
+            FieldValue::Int(i) => Ok(FieldValue::Int(-i)),
+            FieldValue::Dec(d) => Ok(FieldValue::Dec(-d)),
+            FieldValue::Str(_) => err("cannot negate a string", e.span()),
+        },
+        Expr::UnaryOp { op: ast::UnaryOperator::Plus, expr } => literal(expr),
+        Expr::Nested(inner) => literal(inner),
+        Expr::BinaryOp { left, op, right } => {
+            let (l, r) = (literal(left)?, literal(right)?);
+            let folded = match (l, r) {
+                (FieldValue::Int(a), FieldValue::Int(b)) => match op {
+                    ast::BinaryOperator::Plus => a.checked_add(b).map(FieldValue::Int),
+                    ast::BinaryOperator::Minus => a.checked_sub(b).map(FieldValue::Int),
+                    ast::BinaryOperator::Multiply => a.checked_mul(b).map(FieldValue::Int),
+                    _ => None,
+                },
+                (a @ (FieldValue::Int(_) | FieldValue::Dec(_)), b @ (FieldValue::Int(_) | FieldValue::Dec(_))) => {
+                    let (a, b) = (num_f64(&a), num_f64(&b));
+                    match op {
+                        ast::BinaryOperator::Plus => Some(FieldValue::Dec(a + b)),
+                        ast::BinaryOperator::Minus => Some(FieldValue::Dec(a - b)),
+                        ast::BinaryOperator::Multiply => Some(FieldValue::Dec(a * b)),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            folded.map_or_else(|| err("only + - * of numbers (and NOW - 1h) are supported in values", e.span()), Ok)
+        }
+        _ => err("expected a literal value", e.span()),
+    }
+}
+
+fn num_f64(v: &FieldValue) -> f64 {
+    match v {
+        FieldValue::Int(i) => *i as f64,
+        FieldValue::Dec(d) => *d,
+        FieldValue::Str(_) => f64::NAN,
+    }
+}
+
+fn field_name(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Identifier(id) => Some(id.value.clone()),
+        Expr::Nested(inner) => field_name(inner),
+        _ => None,
+    }
+}
+
+fn plan_filter(e: &Expr) -> Result<Filter, PlanError> {
+    use ast::BinaryOperator as B;
+    match e {
+        Expr::Nested(inner) => plan_filter(inner),
+        Expr::BinaryOp { left, op: B::And, right } => Ok(Filter::And(Box::new(plan_filter(left)?), Box::new(plan_filter(right)?))),
+        Expr::BinaryOp { left, op: B::Or, right } => Ok(Filter::Or(Box::new(plan_filter(left)?), Box::new(plan_filter(right)?))),
+        Expr::UnaryOp { op: ast::UnaryOperator::Not, expr } => Ok(Filter::Not(Box::new(plan_filter(expr)?))),
+        Expr::BinaryOp { left, op, right } => {
+            let cmp = match op {
+                B::Eq => CmpOp::Eq,
+                B::NotEq => CmpOp::NotEq,
+                B::Lt => CmpOp::Lt,
+                B::LtEq => CmpOp::LtEq,
+                B::Gt => CmpOp::Gt,
+                B::GtEq => CmpOp::GtEq,
+                _ => return err(format!("operator {op} is not supported in WHERE"), e.span()),
+            };
+            match (field_name(left), field_name(right)) {
+                (Some(field), None) => Ok(Filter::Cmp { field, op: cmp, value: literal(right)? }),
+                (None, Some(field)) => {
+                    let flipped = match cmp {
+                        CmpOp::Lt => CmpOp::Gt,
+                        CmpOp::LtEq => CmpOp::GtEq,
+                        CmpOp::Gt => CmpOp::Lt,
+                        CmpOp::GtEq => CmpOp::LtEq,
+                        other => other,
+                    };
+                    Ok(Filter::Cmp { field, op: flipped, value: literal(left)? })
+                }
+                _ => err("a comparison needs a field on one side and a value on the other", e.span()),
+            }
+        }
+        Expr::Like { negated, expr, pattern, escape_char: None, any: false } => {
+            let field = field_name(expr).ok_or_else(|| PlanError(format!("LIKE needs a field on the left{}", at(expr.span()))))?;
+            match literal(pattern)? {
+                FieldValue::Str(pattern) => Ok(Filter::Like { field, pattern, negated: *negated }),
+                _ => err("LIKE needs a 'string' pattern", pattern.span()),
+            }
+        }
+        Expr::In { expr, target: ast::InTarget::List(list), negated, .. } => {
+            let field = field_name(expr).ok_or_else(|| PlanError(format!("IN needs a field on the left{}", at(expr.span()))))?;
+            let values = list.iter().map(literal).collect::<Result<Vec<_>, _>>()?;
+            Ok(Filter::In { field, values, negated: *negated })
+        }
+        Expr::IsNull(inner) | Expr::IsNotNull(inner) => {
+            let field = field_name(inner).ok_or_else(|| PlanError(format!("IS NULL needs a field{}", at(inner.span()))))?;
+            Ok(Filter::IsNull { field, negated: matches!(e, Expr::IsNotNull(_)) })
+        }
+        Expr::Between { expr, negated, low, high } => {
+            let field = field_name(expr).ok_or_else(|| PlanError(format!("BETWEEN needs a field{}", at(expr.span()))))?;
+            let range = Filter::And(
+                Box::new(Filter::Cmp { field: field.clone(), op: CmpOp::GtEq, value: literal(low)? }),
+                Box::new(Filter::Cmp { field, op: CmpOp::LtEq, value: literal(high)? }),
+            );
+            Ok(if *negated { Filter::Not(Box::new(range)) } else { range })
+        }
+        _ => err("unsupported condition in WHERE", e.span()),
+    }
+}
+
+/// Used by tests and by the executor to compare a literal against an integer timestamp.
+pub fn as_num(v: &FieldValue) -> Option<Num> {
+    match v {
+        FieldValue::Int(i) => Some(Num::Int(*i)),
+        FieldValue::Dec(d) => Some(Num::Dec(*d)),
+        FieldValue::Str(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn select(sql: &str) -> SelectPlan {
+        match parse(sql, 10_000_000).unwrap() {
+            Statement::Select(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn nsdb_extensions() {
+        let p = select("select avg(value) from cpu where timestamp > now - 2h and region = 'eu' group by interval 30 m");
+        assert_eq!(p.group, Some(Group::Interval(1_800_000)));
+        assert_eq!(p.projection, Projection::Aggregate(Aggregate::Value(AggFn::Avg)));
+        assert_eq!(p.filter.unwrap().time_range(), (10_000_000 - 7_200_000 + 1, i64::MAX));
+        let p = select("SELECT count(distinct host) FROM cpu GROUP BY region ORDER BY value DESC LIMIT 3");
+        assert_eq!(p.projection, Projection::Aggregate(Aggregate::CountDistinct("host".into())));
+        assert_eq!(p.group, Some(Group::Tag("region".into())));
+        assert_eq!(p.order, Some(Order { field: "value".into(), descending: true }));
+        assert_eq!(p.limit, Some(3));
+        let p = select("select * from m where 5 < value or host like 'a%' and not x is null");
+        assert!(matches!(p.filter, Some(Filter::Or(..))));
+    }
+
+    #[test]
+    fn errors_point_at_the_problem() {
+        for (sql, needle) in [
+            ("select * form m", "Line: 1, Column"),
+            ("select avg(value) from m group by interval", "duration"),
+            ("select median(value) from m", "Line: 1, Column: 8"),
+            ("select value from m group by region", "aggregate"),
+            ("select * from a, b", "one metric"),
+            ("drop table m", "only SELECT and DELETE"),
+            ("select * from m where value + 1 > 2", "field on one side"),
+        ] {
+            let e = parse(sql, 0).unwrap_err().0;
+            assert!(e.contains(needle), "{sql}: {e}");
+        }
+    }
+
+    #[test]
+    fn delete_with_filter() {
+        match parse("DELETE FROM m WHERE timestamp < 100", 0).unwrap() {
+            Statement::Delete(d) => {
+                assert_eq!(d.metric, "m");
+                assert_eq!(d.filter.unwrap().time_range(), (i64::MIN, 100));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! One shard: a metric's points in one time bucket `[start, end)`, in one folder.
+//!
+//! A single writer task per shard owns the WAL. It takes every append waiting in its queue,
+//! writes them as one group, fsyncs once and only then makes the points visible and answers the
+//! callers (group commit). The same task compacts the in-memory points into segments, merges
+//! segments and applies deletes, so those never race with appends.
+//!
+//! Folder: `MANIFEST` (live segments and the first WAL to replay), `wal-<seq>.log`,
+//! `seg-<seq>.seg`. Files not named by the manifest are leftovers of a crash and are removed.
+
+use super::batch::{RowBatch, RowBatchBuilder};
+use super::segment::{Segment, segment_path, write_segment};
+use super::wal::{WalWriter, encode_record, list_wal_seqs, replay, wal_path};
+use super::{StorageConfig, StorageError, fsync_dir};
+use crate::metrics::Metrics;
+use crate::model::{MetricKey, Point};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use tokio::sync::{mpsc, oneshot};
+
+/// Appends waiting beyond this many make callers wait (backpressure), bounding memory.
+const QUEUE_DEPTH: usize = 1024;
+/// Most appends one group commit takes, bounding one write's size.
+const GROUP_APPENDS_MAX: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ShardId {
+    pub metric: MetricKey,
+    pub start: i64,
+}
+
+impl std::fmt::Display for ShardId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.metric, self.start)
+    }
+}
+
+pub fn shard_dir(root: &Path, id: &ShardId) -> PathBuf {
+    root.join(&id.metric.db).join(&id.metric.namespace).join(&id.metric.metric).join(id.start.to_string())
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Manifest {
+    segments: Vec<u64>,
+    wal_from: u64,
+}
+
+impl Manifest {
+    fn read(dir: &Path) -> Result<Self, StorageError> {
+        let path = dir.join("MANIFEST");
+        match std::fs::read(&path) {
+            Ok(bytes) if bytes.len() >= 4 => {
+                let (body, crc) = bytes.split_at(bytes.len() - 4);
+                if crc32fast::hash(body).to_le_bytes() != crc {
+                    return Err(StorageError::Corrupt(format!("{} fails its checksum", path.display())));
+                }
+                postcard::from_bytes(body).map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display())))
+            }
+            Ok(_) => Err(StorageError::Corrupt(format!("{} is truncated", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn write(&self, dir: &Path) -> Result<(), StorageError> {
+        let mut bytes = postcard::to_stdvec(self).expect("manifest encodes");
+        bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+        super::write_atomic(&dir.join("MANIFEST"), &bytes)
+    }
+}
+
+#[derive(Default)]
+struct ShardState {
+    memtable: RowBatchBuilder,
+    /// When the oldest point in the memtable arrived (for flushing idle shards).
+    memtable_since: Option<tokio::time::Instant>,
+    /// A memtable being written to a segment: still visible to scans until the segment is.
+    frozen: Option<Arc<RowBatch>>,
+    segments: Vec<Arc<Segment>>,
+}
+
+enum Command {
+    Append { points: Vec<Point>, done: oneshot::Sender<Result<(), StorageError>> },
+    Flush { done: oneshot::Sender<Result<(), StorageError>> },
+    Delete { keep: KeepRow, done: oneshot::Sender<Result<u64, StorageError>> },
+    Close { done: oneshot::Sender<()> },
+}
+
+/// Decides which rows of a batch a delete keeps (`true` = keep), one flag per row.
+pub type KeepRow = Box<dyn Fn(&RowBatch) -> Vec<bool> + Send + Sync>;
+
+pub struct Shard {
+    pub id: ShardId,
+    pub end: i64,
+    pub dir: PathBuf,
+    state: RwLock<ShardState>,
+    tx: mpsc::Sender<Command>,
+}
+
+struct Writer {
+    shard: Arc<Shard>,
+    wal: Option<WalWriter>,
+    next_seq: u64,
+    cfg: StorageConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl Shard {
+    /// Opens (or creates) the shard folder, replays its WAL and starts its writer task.
+    pub async fn open(
+        root: &Path,
+        id: ShardId,
+        interval_ms: i64,
+        cfg: StorageConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, StorageError> {
+        let dir = shard_dir(root, &id);
+        let dir2 = dir.clone();
+        let metrics2 = metrics.clone();
+        let (state, next_seq) = tokio::task::spawn_blocking(move || recover(&dir2, &metrics2))
+            .await
+            .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let end = id.start.saturating_add(interval_ms);
+        let shard = Arc::new(Shard { id, end, dir: dir.clone(), state: RwLock::new(state), tx });
+        let wal_dir = dir.clone();
+        let wal = tokio::task::spawn_blocking(move || WalWriter::create(&wal_dir, next_seq))
+            .await
+            .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
+        let writer = Writer { shard: shard.clone(), wal: Some(wal), next_seq: next_seq + 1, cfg, metrics };
+        tokio::spawn(writer.run(rx));
+        Ok(shard)
+    }
+
+    /// Makes `points` durable; returns once they are fsynced and visible to scans.
+    pub async fn append(&self, points: Vec<Point>) -> Result<(), StorageError> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Command::Append { points, done }).await.map_err(|_| StorageError::Closed)?;
+        rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    pub async fn flush(&self) -> Result<(), StorageError> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Command::Flush { done }).await.map_err(|_| StorageError::Closed)?;
+        rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Removes the points for which `keep` says false; returns how many were removed.
+    pub async fn delete(&self, keep: KeepRow) -> Result<u64, StorageError> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Command::Delete { keep, done }).await.map_err(|_| StorageError::Closed)?;
+        rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    pub async fn close(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Command::Close { done }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    pub fn points(&self) -> u64 {
+        let st = self.state.read().expect("shard lock");
+        st.memtable.batch.len() as u64
+            + st.frozen.as_ref().map_or(0, |f| f.len() as u64)
+            + st.segments.iter().map(|s| s.points()).sum::<u64>()
+    }
+
+    /// True when the shard has in-memory points older than `age`.
+    pub fn needs_flush(&self, now: tokio::time::Instant, age: std::time::Duration) -> bool {
+        let st = self.state.read().expect("shard lock");
+        st.memtable_since.is_some_and(|since| now.duration_since(since) >= age)
+    }
+
+    /// Calls `f` with every batch that may hold points in `[from, to)`. `columns` limits which
+    /// dimension/tag columns segments decode (`None` = all); in-memory batches carry all.
+    pub fn scan(
+        &self,
+        from: i64,
+        to: i64,
+        columns: Option<&[String]>,
+        f: &mut dyn FnMut(&RowBatch),
+    ) -> Result<(), StorageError> {
+        let segments = {
+            let st = self.state.read().expect("shard lock");
+            if !st.memtable.batch.is_empty() {
+                f(&st.memtable.batch);
+            }
+            if let Some(frozen) = &st.frozen {
+                f(frozen);
+            }
+            st.segments.clone()
+        };
+        for seg in segments {
+            for meta in seg.blocks.iter().filter(|b| b.max_ts >= from && b.min_ts < to) {
+                f(&seg.read_block(meta, columns)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the manifest, opens its segments, removes crash leftovers and replays the WAL.
+fn recover(dir: &Path, metrics: &Metrics) -> Result<(ShardState, u64), StorageError> {
+    std::fs::create_dir_all(dir)?;
+    if let Some(parent) = dir.parent() {
+        fsync_dir(parent)?;
+    }
+    let manifest = Manifest::read(dir)?;
+    let mut state = ShardState::default();
+    let mut max_seq = manifest.wal_from;
+    for &seq in &manifest.segments {
+        state.segments.push(Arc::new(Segment::open(&segment_path(dir, seq), seq)?));
+        max_seq = max_seq.max(seq);
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().to_string();
+        let stray_segment = name
+            .strip_prefix("seg-")
+            .and_then(|s| s.strip_suffix(".seg"))
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_some_and(|seq| !manifest.segments.contains(&seq));
+        if stray_segment || name.ends_with(".tmp") {
+            std::fs::remove_file(dir.join(&name))?;
+        }
+    }
+    for seq in list_wal_seqs(dir)? {
+        max_seq = max_seq.max(seq);
+        let path = wal_path(dir, seq);
+        if seq < manifest.wal_from {
+            std::fs::remove_file(&path)?;
+            continue;
+        }
+        let r = replay(&path)?;
+        if r.torn_bytes > 0 {
+            tracing::warn!(wal = %path.display(), torn_bytes = r.torn_bytes, "dropped a torn WAL tail");
+            metrics.wal_torn_bytes.fetch_add(r.torn_bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+        for points in r.batches {
+            for p in &points {
+                state.memtable.push(p);
+            }
+        }
+    }
+    if !state.memtable.batch.is_empty() {
+        state.memtable_since = Some(tokio::time::Instant::now());
+    }
+    Ok((state, max_seq + 1))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| StorageError::Io(std::io::Error::other(e)))?
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut pending: Option<Command> = None;
+        loop {
+            let cmd = match pending.take() {
+                Some(c) => c,
+                None => match rx.recv().await {
+                    Some(c) => c,
+                    None => return,
+                },
+            };
+            match cmd {
+                Command::Append { points, done } => {
+                    let mut group = vec![(points, done)];
+                    while group.len() < GROUP_APPENDS_MAX {
+                        match rx.try_recv() {
+                            Ok(Command::Append { points, done }) => group.push((points, done)),
+                            Ok(other) => {
+                                pending = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit(group).await;
+                }
+                Command::Flush { done } => {
+                    let _ = done.send(self.flush().await);
+                }
+                Command::Delete { keep, done } => {
+                    let _ = done.send(self.delete(keep).await);
+                }
+                Command::Close { done } => {
+                    let _ = done.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn commit(&mut self, group: Vec<(Vec<Point>, oneshot::Sender<Result<(), StorageError>>)>) {
+        let mut bytes = Vec::new();
+        for (points, _) in &group {
+            encode_record(points, &mut bytes);
+        }
+        let mut wal = self.wal.take().expect("writer owns the WAL");
+        let started = tokio::time::Instant::now();
+        let (wal, res) = match tokio::task::spawn_blocking(move || {
+            let r = wal.append_durable(&bytes);
+            (wal, r)
+        })
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                // The blocking task panicked: the WAL handle is gone; fail this group and all later ones.
+                for (_, done) in group {
+                    let _ = done.send(Err(StorageError::Io(std::io::Error::other(e.to_string()))));
+                }
+                return;
+            }
+        };
+        self.metrics.observe_fsync(started.elapsed());
+        self.wal = Some(wal);
+        if let Err(e) = res {
+            tracing::error!(shard = %self.shard.id, error = %e, "WAL append failed");
+            for (_, done) in group {
+                let _ = done.send(Err(StorageError::Io(std::io::Error::new(e.kind(), e.to_string()))));
+            }
+            return;
+        }
+        let memtable_len = {
+            let mut st = self.shard.state.write().expect("shard lock");
+            for (points, _) in &group {
+                for p in points {
+                    st.memtable.push(p);
+                }
+            }
+            if st.memtable_since.is_none() {
+                st.memtable_since = Some(tokio::time::Instant::now());
+            }
+            st.memtable.batch.len()
+        };
+        let written: usize = group.iter().map(|(p, _)| p.len()).sum();
+        self.metrics.points_written.fetch_add(written as u64, std::sync::atomic::Ordering::Relaxed);
+        for (_, done) in group {
+            let _ = done.send(Ok(()));
+        }
+        if memtable_len >= self.cfg.memtable_points_max
+            && let Err(e) = self.flush().await
+        {
+            tracing::error!(shard = %self.shard.id, error = %e, "compaction failed; points stay in the WAL");
+        }
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq - 1
+    }
+
+    /// Writes the memtable to a new segment and starts a new WAL.
+    async fn flush(&mut self) -> Result<(), StorageError> {
+        let frozen = {
+            let mut st = self.shard.state.write().expect("shard lock");
+            if st.memtable.batch.is_empty() {
+                return Ok(());
+            }
+            let frozen = Arc::new(std::mem::take(&mut st.memtable).finish());
+            st.memtable_since = None;
+            st.frozen = Some(frozen.clone());
+            frozen
+        };
+        let (wal_seq, seg_seq) = (self.take_seq(), self.take_seq());
+        let dir = self.shard.dir.clone();
+        let new_wal = blocking(move || Ok(WalWriter::create(&dir, wal_seq)?)).await;
+        let new_wal = match new_wal {
+            Ok(w) => w,
+            Err(e) => {
+                self.unfreeze();
+                return Err(e);
+            }
+        };
+        let old_wal = self.wal.replace(new_wal).map(|w| w.seq);
+        let segments: Vec<u64> = {
+            let st = self.shard.state.read().expect("shard lock");
+            st.segments.iter().map(|s| s.seq).chain([seg_seq]).collect()
+        };
+        let dir = self.shard.dir.clone();
+        let written = blocking(move || {
+            let path = segment_path(&dir, seg_seq);
+            write_segment(&path, &frozen)?;
+            fsync_dir(&dir)?;
+            let seg = Segment::open(&path, seg_seq)?;
+            Manifest { segments, wal_from: wal_seq }.write(&dir)?;
+            Ok(seg)
+        })
+        .await;
+        let seg = match written {
+            Ok(seg) => seg,
+            Err(e) => {
+                // The points are still in the older WAL, which is kept: keep them visible too.
+                self.unfreeze();
+                return Err(e);
+            }
+        };
+        {
+            let mut st = self.shard.state.write().expect("shard lock");
+            st.segments.push(Arc::new(seg));
+            st.frozen = None;
+        }
+        self.metrics.segments_written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(old) = old_wal {
+            let dir = self.shard.dir.clone();
+            blocking(move || {
+                for seq in list_wal_seqs(&dir)?.into_iter().filter(|&s| s <= old) {
+                    std::fs::remove_file(wal_path(&dir, seq))?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        let too_many = self.shard.state.read().expect("shard lock").segments.len() > self.cfg.segments_max;
+        if too_many {
+            self.rewrite(None).await?;
+        }
+        Ok(())
+    }
+
+    /// Puts a frozen memtable back after a failed flush; its points are still in the old WAL.
+    fn unfreeze(&self) {
+        let mut st = self.shard.state.write().expect("shard lock");
+        if let Some(frozen) = st.frozen.take() {
+            let mut restored = RowBatchBuilder::default();
+            restored.extend_from(&frozen);
+            restored.extend_from(&st.memtable.batch);
+            st.memtable = restored;
+            st.memtable_since.get_or_insert_with(tokio::time::Instant::now);
+        }
+    }
+
+    async fn delete(&mut self, keep: KeepRow) -> Result<u64, StorageError> {
+        self.flush().await?;
+        self.rewrite(Some(keep)).await
+    }
+
+    /// Replaces all segments by one, keeping the rows `keep` accepts (all when `None`).
+    /// Returns how many rows were dropped.
+    async fn rewrite(&mut self, keep: Option<KeepRow>) -> Result<u64, StorageError> {
+        let old: Vec<Arc<Segment>> = self.shard.state.read().expect("shard lock").segments.clone();
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let seg_seq = self.take_seq();
+        let wal_from = self.wal.as_ref().expect("writer owns the WAL").seq;
+        let dir = self.shard.dir.clone();
+        let old2 = old.clone();
+        let result = blocking(move || {
+            let mut merged = RowBatchBuilder::default();
+            let mut dropped = 0u64;
+            for seg in &old2 {
+                for meta in &seg.blocks {
+                    let batch = seg.read_block(meta, None)?;
+                    let mask = keep.as_ref().map(|k| k(&batch));
+                    for row in 0..batch.len() {
+                        if mask.as_ref().is_none_or(|m| m[row]) {
+                            merged.push(&batch.point(row));
+                        } else {
+                            dropped += 1;
+                        }
+                    }
+                }
+            }
+            if keep.is_some() && dropped == 0 {
+                return Ok((None, 0));
+            }
+            let merged = merged.finish();
+            let seg = if merged.is_empty() {
+                None
+            } else {
+                let path = segment_path(&dir, seg_seq);
+                write_segment(&path, &merged)?;
+                fsync_dir(&dir)?;
+                Some(Segment::open(&path, seg_seq)?)
+            };
+            Manifest { segments: seg.iter().map(|s| s.seq).collect(), wal_from }.write(&dir)?;
+            Ok((Some(seg), dropped))
+        })
+        .await?;
+        let (replacement, dropped) = result;
+        let Some(replacement) = replacement else { return Ok(0) };
+        {
+            let mut st = self.shard.state.write().expect("shard lock");
+            st.segments = replacement.into_iter().map(Arc::new).collect();
+        }
+        for seg in old {
+            // Open readers keep their file handle; unlinking is safe under a running scan.
+            let _ = std::fs::remove_file(&seg.path);
+        }
+        Ok(dropped)
+    }
+}
