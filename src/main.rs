@@ -128,7 +128,11 @@ async fn start(config: Option<PathBuf>, sets: Vec<String>) -> anyhow::Result<()>
     let cfg = shoal::config::Config::load(config.as_deref(), &sets)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
     let addr_file = cfg.data_dir.join("http.addr");
     let _ = std::fs::remove_file(&addr_file);
     let listener = tokio::net::TcpListener::bind((cfg.http_host.as_str(), cfg.http_port))

@@ -1,0 +1,139 @@
+//! Test harness: real `shoal` processes on 127.0.0.1 with port 0, driven over HTTP.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_shoal");
+
+/// Polls `cond` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct TestNode {
+    pub data_dir: PathBuf,
+    pub sets: Vec<String>,
+    pub addr: String,
+    child: Option<Child>,
+    http: reqwest::blocking::Client,
+}
+
+impl TestNode {
+    /// Starts a node whose data lives in `data_dir`, with extra `--set` overrides.
+    pub fn start(data_dir: &Path, sets: &[&str]) -> Self {
+        let mut node = TestNode {
+            data_dir: data_dir.to_path_buf(),
+            sets: sets.iter().map(|s| s.to_string()).collect(),
+            addr: String::new(),
+            child: None,
+            http: reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let addr_file = self.data_dir.join("http.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let mut cmd = Command::new(BIN);
+        cmd.arg("start")
+            .arg("--set")
+            .arg(format!("shoal.data-dir={}", self.data_dir.display()))
+            .args(["--set", "shoal.http.port=0", "--set", "shoal.node.id=test1", "--set", "shoal.gossip.port=0"]);
+        for s in &self.sets {
+            cmd.arg("--set").arg(s);
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.with_extension("log")).unwrap();
+        cmd.stdout(Stdio::from(log.try_clone().unwrap())).stderr(Stdio::from(log)).env("RUST_LOG", "info");
+        let mut child = cmd.spawn().expect("spawn shoal");
+        self.addr = wait_until(Duration::from_secs(30), "the node to write http.addr", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("shoal exited early with {status}; log: {}", self.log());
+            }
+            std::fs::read_to_string(&addr_file).ok().filter(|s| !s.is_empty())
+        });
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = c.id().to_string();
+            Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+            let status = wait_until(Duration::from_secs(30), "the node to exit", || c.try_wait().unwrap());
+            assert!(status.success(), "clean stop failed: {status}; log: {}", self.log());
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+
+    pub fn post(&self, path: &str, body: impl Into<reqwest::blocking::Body>) -> (u16, serde_json::Value) {
+        let resp = self.http.post(self.url(path)).body(body).send().expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+
+    pub fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let resp = self.http.get(self.url(path)).send().expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+
+    pub fn delete(&self, path: &str) -> (u16, serde_json::Value) {
+        let resp = self.http.delete(self.url(path)).send().expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Runs `sql` and returns its records, panicking on an error answer.
+    pub fn query(&self, db: &str, ns: &str, sql: &str) -> Vec<serde_json::Value> {
+        let body = serde_json::json!({"db": db, "namespace": ns, "queryString": sql}).to_string();
+        let (status, v) = self.post("/query", body);
+        assert_eq!(status, 200, "{sql}: {v}");
+        v["records"].as_array().unwrap().clone()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
