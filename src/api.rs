@@ -103,7 +103,10 @@ async fn count_requests(State(node): State<Arc<Node>>, req: Request, next: Next)
     response
 }
 
-async fn post_data(State(node): State<Arc<Node>>, raw: Result<Bytes, BytesRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn post_data(
+    State(node): State<Arc<Node>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let raw = body(&node, raw)?;
     let batch = ingest::parse_nsdb_json(&raw, node.env.clock.now_ms(), node.cfg.write_batch_points_max)?;
     let points = node.ingest(batch).await?;
@@ -120,16 +123,28 @@ async fn post_write(
     let (db, namespace) = (param("db")?, param("namespace")?);
     let precision = match params.get("precision") {
         None => Precision::Ns,
-        Some(p) => Precision::parse(p).ok_or_else(|| ApiError::bad(format!("precision {p:?} is not one of ns, us, ms, s")))?,
+        Some(p) => {
+            Precision::parse(p).ok_or_else(|| ApiError::bad(format!("precision {p:?} is not one of ns, us, ms, s")))?
+        }
     };
     let text = std::str::from_utf8(&raw).map_err(|e| ApiError::bad(format!("body is not UTF-8: {e}")))?;
-    let batch = ingest::parse_line_protocol(text, db, namespace, precision, node.env.clock.now_ms(), node.cfg.write_batch_points_max)?;
+    let batch = ingest::parse_line_protocol(
+        text,
+        db,
+        namespace,
+        precision,
+        node.env.clock.now_ms(),
+        node.cfg.write_batch_points_max,
+    )?;
     node.ingest(batch).await?;
     // Influx clients expect 204 on success.
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn post_query(State(node): State<Arc<Node>>, raw: Result<Bytes, BytesRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn post_query(
+    State(node): State<Arc<Node>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let raw = body(&node, raw)?;
     let req: QueryRequest = serde_json::from_slice(&raw).map_err(|e| ApiError::bad(format!("query body: {e}")))?;
     match node.query(req).await? {
@@ -150,18 +165,26 @@ async fn list_dbs(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "dbs": catalog_tree(&node).keys().collect::<Vec<_>>() }))
 }
 
-async fn list_namespaces(State(node): State<Arc<Node>>, Path(db): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list_namespaces(
+    State(node): State<Arc<Node>>,
+    Path(db): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let tree = catalog_tree(&node);
-    let namespaces = tree.get(&db).ok_or_else(|| ApiError { status: StatusCode::NOT_FOUND, message: format!("db {db} does not exist") })?;
+    let namespaces = tree
+        .get(&db)
+        .ok_or_else(|| ApiError { status: StatusCode::NOT_FOUND, message: format!("db {db} does not exist") })?;
     Ok(Json(serde_json::json!({ "db": db, "namespaces": namespaces.keys().collect::<Vec<_>>() })))
 }
 
-async fn list_metrics(State(node): State<Arc<Node>>, Path((db, ns)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list_metrics(
+    State(node): State<Arc<Node>>,
+    Path((db, ns)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let tree = catalog_tree(&node);
-    let metrics = tree
-        .get(&db)
-        .and_then(|n| n.get(&ns))
-        .ok_or_else(|| ApiError { status: StatusCode::NOT_FOUND, message: format!("namespace {db}.{ns} does not exist") })?;
+    let metrics = tree.get(&db).and_then(|n| n.get(&ns)).ok_or_else(|| ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!("namespace {db}.{ns} does not exist"),
+    })?;
     Ok(Json(serde_json::json!({ "db": db, "namespace": ns, "metrics": metrics })))
 }
 

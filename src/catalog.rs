@@ -125,7 +125,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = MetricKey::new("d", "n", "m").unwrap();
         let cat = Catalog::open(dir.path()).unwrap();
-        let mut a = Point { timestamp: 1, value: Num::Int(1), dimensions: Default::default(), tags: Default::default() };
+        let mut a =
+            Point { timestamp: 1, value: Num::Int(1), dimensions: Default::default(), tags: Default::default() };
         a.tags.insert("region".into(), FieldValue::Str("eu".into()));
         let mut b = a.clone();
         b.tags.insert("region".into(), FieldValue::Int(1));

@@ -324,9 +324,10 @@ mod tests {
         .unwrap();
         assert_eq!(b.len(), 2);
         assert_eq!(b.metrics[0].1[1].timestamp, 77);
-        let err = parse_nsdb_json(br#"{"db":"d","namespace":"n","metric":"m","bits":[{"value":1},{"value":"x"}]}"#, 0, 10)
-            .unwrap_err()
-            .to_string();
+        let err =
+            parse_nsdb_json(br#"{"db":"d","namespace":"n","metric":"m","bits":[{"value":1},{"value":"x"}]}"#, 0, 10)
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("bits[1]"), "{err}");
         assert!(matches!(
             parse_nsdb_json(br#"{"db":"d","namespace":"n","metric":"m","bits":[{"value":1},{"value":2}]}"#, 0, 1),

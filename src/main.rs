@@ -135,16 +135,17 @@ async fn start(config: Option<PathBuf>, sets: Vec<String>) -> anyhow::Result<()>
         .init();
     let addr_file = cfg.data_dir.join("http.addr");
     let _ = std::fs::remove_file(&addr_file);
-    let listener = tokio::net::TcpListener::bind((cfg.http_host.as_str(), cfg.http_port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{} (shoal.http.host, shoal.http.port)", cfg.http_host, cfg.http_port))?;
+    let listener = tokio::net::TcpListener::bind((cfg.http_host.as_str(), cfg.http_port)).await.with_context(|| {
+        format!("cannot listen on {}:{} (shoal.http.host, shoal.http.port)", cfg.http_host, cfg.http_port)
+    })?;
     let node = shoal::node::Node::open(cfg, shoal::env::Env::production()).await?;
     let local = listener.local_addr()?;
     // Tests and scripts that start a node on port 0 read its address from here.
     shoal::storage::write_atomic(&addr_file, local.to_string().as_bytes())?;
     tracing::info!(node = %node.cfg.node_id, http = %local, data_dir = %node.cfg.data_dir.display(), "shoal node started");
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -45,7 +45,10 @@ impl Metrics {
         counter(&mut out, "shoal_queries_total", "Queries executed.", &self.queries);
         counter(&mut out, "shoal_wal_torn_bytes_total", "Bytes cut from WAL tails on recovery.", &self.wal_torn_bytes);
         counter(&mut out, "shoal_segments_written_total", "Segments written by compaction.", &self.segments_written);
-        let _ = writeln!(out, "# HELP shoal_shards Shards held by this node.\n# TYPE shoal_shards gauge\nshoal_shards {shards}");
+        let _ = writeln!(
+            out,
+            "# HELP shoal_shards Shards held by this node.\n# TYPE shoal_shards gauge\nshoal_shards {shards}"
+        );
         let name = "shoal_wal_fsync_seconds";
         let _ = writeln!(out, "# HELP {name} WAL group-commit fsync latency.\n# TYPE {name} histogram");
         for (bucket, bound) in self.fsync_buckets.iter().zip(FSYNC_BUCKETS) {

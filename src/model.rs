@@ -211,9 +211,7 @@ impl Schema {
                         ));
                     }
                     if known_ty != ty {
-                        return Err(format!(
-                            "field {name:?} has type {known_ty} in the schema but was sent as {ty}"
-                        ));
+                        return Err(format!("field {name:?} has type {known_ty} in the schema but was sent as {ty}"));
                     }
                 }
             }

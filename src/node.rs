@@ -153,7 +153,8 @@ impl Node {
 
     pub async fn query(&self, req: QueryRequest) -> Result<QueryOutcome, NodeError> {
         self.metrics.queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let statement = plan::parse(&req.query_string, self.env.clock.now_ms()).map_err(|e| NodeError::BadRequest(e.0))?;
+        let statement =
+            plan::parse(&req.query_string, self.env.clock.now_ms()).map_err(|e| NodeError::BadRequest(e.0))?;
         let metric = match &statement {
             plan::Statement::Select(s) => &s.metric,
             plan::Statement::Delete(d) => &d.metric,

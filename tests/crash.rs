@@ -2,6 +2,8 @@
 //! node is killed without warning while requests are in flight, and after a restart every
 //! acknowledged point is there, with no point that was never sent.
 
+#![allow(clippy::disallowed_methods)] // tests read the real clock
+
 mod common;
 use common::{TestNode, wait_until};
 use std::collections::BTreeSet;
@@ -35,7 +37,8 @@ fn kill_9_mid_ingest_loses_no_acknowledged_point() {
                         break;
                     }
                     // Unique timestamps per point; spread over several one-hour shards.
-                    let ts: Vec<i64> = (0..BATCH_POINTS).map(|i| ((b * BATCH_POINTS + i) * WRITERS + w) * 1000).collect();
+                    let ts: Vec<i64> =
+                        (0..BATCH_POINTS).map(|i| ((b * BATCH_POINTS + i) * WRITERS + w) * 1000).collect();
                     let body: String = ts.iter().map(|t| format!("load,writer=w{w} value={t}i {t}\n")).collect();
                     match http.post(&url).body(body).send() {
                         Ok(r) if r.status().as_u16() == 204 => acked.lock().unwrap().extend(ts),
@@ -45,7 +48,9 @@ fn kill_9_mid_ingest_loses_no_acknowledged_point() {
             })
         })
         .collect();
-    wait_until(Duration::from_secs(60), "enough acknowledged points", || (acked.lock().unwrap().len() >= 20_000).then_some(()));
+    wait_until(Duration::from_secs(60), "enough acknowledged points", || {
+        (acked.lock().unwrap().len() >= 20_000).then_some(())
+    });
     node.kill9();
     stop.store(true, Ordering::SeqCst);
     for w in writers {
@@ -64,5 +69,10 @@ fn kill_9_mid_ingest_loses_no_acknowledged_point() {
         let w = (t / 1000) % WRITERS;
         assert_eq!(r["tags"]["writer"], format!("w{w}"));
     }
-    println!("acknowledged {}, stored {} (in-flight at the kill: {})", acked.len(), stored.len(), stored.len() - acked.len());
+    println!(
+        "acknowledged {}, stored {} (in-flight at the kill: {})",
+        acked.len(),
+        stored.len(),
+        stored.len() - acked.len()
+    );
 }

@@ -2,6 +2,8 @@
 //! against answers computed here independently, the same answers after a restart, and a table
 //! of bad inputs each answered with the right status and a message naming the problem.
 
+#![allow(clippy::disallowed_methods)] // tests read the real clock
+
 mod common;
 use common::TestNode;
 use serde_json::{Value, json};
@@ -53,7 +55,8 @@ fn load(node: &TestNode, points: &[P]) {
         assert_eq!(v["points"], chunk.len());
     }
     for chunk in without.chunks(400) {
-        let body: String = chunk.iter().map(|p| format!("cpu,region={} value={}i {}\n", p.region, p.value, p.ts)).collect();
+        let body: String =
+            chunk.iter().map(|p| format!("cpu,region={} value={}i {}\n", p.region, p.value, p.ts)).collect();
         let (status, v) = node.post(&format!("/write?db={DB}&namespace={NS}&precision=ms"), body);
         assert_eq!(status, 204, "{v}");
     }
@@ -173,7 +176,10 @@ fn check_queries(node: &TestNode, points: &[P]) -> Vec<Vec<Value>> {
         ("region IN ('eu', 'ap')".into(), Box::new(|p: &P| p.region != "us")),
         ("region NOT IN ('eu')".into(), Box::new(|p: &P| p.region != "eu")),
         ("host IS NULL".into(), Box::new(|p: &P| p.host.is_none())),
-        ("host IS NOT NULL AND (value < 0 OR region = 'ap')".into(), Box::new(|p: &P| p.host.is_some() && (p.value < 0 || p.region == "ap"))),
+        (
+            "host IS NOT NULL AND (value < 0 OR region = 'ap')".into(),
+            Box::new(|p: &P| p.host.is_some() && (p.value < 0 || p.region == "ap")),
+        ),
         ("value BETWEEN -10 AND 10".into(), Box::new(|p: &P| (-10..=10).contains(&p.value))),
     ];
     for (cond, pred) in &cases {
@@ -278,7 +284,8 @@ fn wall_ms() -> i64 {
 #[test]
 fn bad_inputs_get_clear_errors_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let node = TestNode::start(&dir.path().join("n1"), &["shoal.http.max-body=64KiB", "shoal.write.max-batch-points=1000"]);
+    let node =
+        TestNode::start(&dir.path().join("n1"), &["shoal.http.max-body=64KiB", "shoal.write.max-batch-points=1000"]);
     let ok = json!({"db": DB, "namespace": NS, "metric": "m", "bit": {"timestamp": 1, "value": 1, "tags": {"region": "eu"}}});
     assert_eq!(node.post("/data", ok.to_string()).0, 200);
 
@@ -287,15 +294,45 @@ fn bad_inputs_get_clear_errors_and_change_nothing() {
     let cases: Vec<(&str, String, String, u16, &str)> = vec![
         ("malformed JSON", "/data".into(), "{\"db\": ".into(), 400, "not valid JSON"),
         ("missing bit", "/data".into(), json!({"db": DB, "namespace": NS, "metric": "m"}).to_string(), 400, "\"bit\""),
-        ("bad value", "/data".into(), json!({"db": DB, "namespace": NS, "metric": "m", "bits": [{"value": 1}, {"value": "x"}]}).to_string(), 400, "bits[1]"),
-        ("bad metric name", "/data".into(), json!({"db": DB, "namespace": NS, "metric": "9m", "bit": {"value": 1}}).to_string(), 400, "metric name"),
-        ("type conflict", "/data".into(), json!({"db": DB, "namespace": NS, "metric": "m", "bit": {"value": 1.5}}).to_string(), 400, "field \"value\" has type INT"),
-        ("tag type conflict", "/data".into(), json!({"db": DB, "namespace": NS, "metric": "m", "bit": {"value": 1, "tags": {"region": 3}}}).to_string(), 400, "region"),
+        (
+            "bad value",
+            "/data".into(),
+            json!({"db": DB, "namespace": NS, "metric": "m", "bits": [{"value": 1}, {"value": "x"}]}).to_string(),
+            400,
+            "bits[1]",
+        ),
+        (
+            "bad metric name",
+            "/data".into(),
+            json!({"db": DB, "namespace": NS, "metric": "9m", "bit": {"value": 1}}).to_string(),
+            400,
+            "metric name",
+        ),
+        (
+            "type conflict",
+            "/data".into(),
+            json!({"db": DB, "namespace": NS, "metric": "m", "bit": {"value": 1.5}}).to_string(),
+            400,
+            "field \"value\" has type INT",
+        ),
+        (
+            "tag type conflict",
+            "/data".into(),
+            json!({"db": DB, "namespace": NS, "metric": "m", "bit": {"value": 1, "tags": {"region": 3}}}).to_string(),
+            400,
+            "region",
+        ),
         ("bad line", format!("/write?db={DB}&namespace={NS}"), "m value=1i\nm value=oops".into(), 400, "line 2"),
         ("line type conflict", format!("/write?db={DB}&namespace={NS}"), "m value=2.5".into(), 400, "DECIMAL"),
         ("missing db", format!("/write?namespace={NS}"), "m value=1i".into(), 400, "\"db\""),
         ("bad precision", format!("/write?db={DB}&namespace={NS}&precision=h"), "m value=1i".into(), 400, "precision"),
-        ("too many points", "/data".into(), json!({"db": DB, "namespace": NS, "metric": "m", "bits": many_bits}).to_string(), 413, "1000"),
+        (
+            "too many points",
+            "/data".into(),
+            json!({"db": DB, "namespace": NS, "metric": "m", "bits": many_bits}).to_string(),
+            413,
+            "1000",
+        ),
         ("oversized body", format!("/write?db={DB}&namespace={NS}"), "m value=1i 1\n".repeat(8000), 413, "max-body"),
         ("bad SQL", "/query".into(), q("SELECT * FORM m"), 400, "Line: 1, Column"),
         ("unknown aggregate", "/query".into(), q("SELECT median(value) FROM m"), 400, "median"),
@@ -352,9 +389,23 @@ fn cli_insert_query_status() {
     let url = format!("http://{}", node.addr);
     let run = |args: &[&str]| {
         let out = std::process::Command::new(common::BIN).args(args).args(["--node", &url]).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
-    let (ok, _, err) = run(&["insert", "--db", DB, "--namespace", NS, "--precision", "ms", "load,host=a value=2i 1000", "load,host=b value=4i 2000"]);
+    let (ok, _, err) = run(&[
+        "insert",
+        "--db",
+        DB,
+        "--namespace",
+        NS,
+        "--precision",
+        "ms",
+        "load,host=a value=2i 1000",
+        "load,host=b value=4i 2000",
+    ]);
     assert!(ok, "{err}");
     let (ok, out, err) = run(&["query", "--db", DB, "--namespace", NS, "SELECT sum(value) FROM load"]);
     assert!(ok, "{err}");

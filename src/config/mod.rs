@@ -295,7 +295,8 @@ impl Reader<'_> {
         if !id_ok {
             return Err(ConfigError::Value {
                 key: "shoal.node.id".into(),
-                expected: "1 to 64 letters, digits, '-', '_' or '.' (set it when the host name is not like that)".into(),
+                expected: "1 to 64 letters, digits, '-', '_' or '.' (set it when the host name is not like that)"
+                    .into(),
                 got: format!("{node_id:?}"),
             });
         }
@@ -414,7 +415,8 @@ mod tests {
         assert_eq!(c.shard_interval_ms, 3_600_000);
         let c = load(file, &[("SHOAL_GOSSIP_PORT", "7400")], &["shoal.gossip.port=7500", "shoal.node.id=x"]).unwrap();
         assert_eq!(c.gossip_port, 7500);
-        let c = load("", &[], &["shoal.cluster.seeds=[\"127.0.0.1:7281\", \"b:1\"]", "shoal.data-dir=/tmp/x y"]).unwrap();
+        let c =
+            load("", &[], &["shoal.cluster.seeds=[\"127.0.0.1:7281\", \"b:1\"]", "shoal.data-dir=/tmp/x y"]).unwrap();
         assert_eq!(c.seeds, vec!["127.0.0.1:7281", "b:1"]);
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x y"));
     }
@@ -447,5 +449,24 @@ mod tests {
         assert_eq!(Consistency::Quorum.required(2), 2);
         assert_eq!(Consistency::One.required(3), 1);
         assert_eq!(Consistency::All.required(3), 3);
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    /// The commented examples under config/ must stay loadable.
+    #[test]
+    fn example_configs_load() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let cfg = super::Config::from_layers(&text, &Default::default(), &[])
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(!cfg.node_id.is_empty());
+            seen += 1;
+        }
+        assert!(seen >= 4);
     }
 }

@@ -111,7 +111,7 @@ fn matches_leaf(f: &Filter, v: Option<&FieldValue>) -> bool {
         Filter::In { values, negated, .. } => {
             v.is_some_and(|v| values.iter().any(|l| compare(v, CmpOp::Eq, l)) != *negated)
         }
-        Filter::IsNull { negated, .. } => v.is_none() == !*negated,
+        Filter::IsNull { negated, .. } => v.is_none() != *negated,
         _ => unreachable!("only leaves"),
     }
 }
@@ -129,7 +129,10 @@ enum Bound<'a> {
 
 fn field_of(f: &Filter) -> &str {
     match f {
-        Filter::Cmp { field, .. } | Filter::Like { field, .. } | Filter::In { field, .. } | Filter::IsNull { field, .. } => field,
+        Filter::Cmp { field, .. }
+        | Filter::Like { field, .. }
+        | Filter::In { field, .. }
+        | Filter::IsNull { field, .. } => field,
         _ => "",
     }
 }
@@ -211,7 +214,13 @@ impl AggState {
 
     /// Folds candidate extremes in. Ties on the timestamp break by value, so first/last do not
     /// depend on the order in which shards were scanned.
-    fn keep_extremes(&mut self, min: Option<Num>, max: Option<Num>, first: Option<(i64, Num)>, last: Option<(i64, Num)>) {
+    fn keep_extremes(
+        &mut self,
+        min: Option<Num>,
+        max: Option<Num>,
+        first: Option<(i64, Num)>,
+        last: Option<(i64, Num)>,
+    ) {
         let earlier = |a: (i64, Num), b: (i64, Num)| a.0.cmp(&b.0).then_with(|| cmp_num(a.1, b.1));
         if let Some(v) = min
             && self.min.is_none_or(|m| cmp_num(v, m) == Ordering::Less)
@@ -357,7 +366,9 @@ pub fn scan_batch(plan: &SelectPlan, batch: &RowBatch, from: i64, to: i64, parti
                 }
                 Some(Group::Tag(tag)) => {
                     // Points without the tag belong to no group (as in NSDb).
-                    let Some(col) = batch.columns.get(tag) else { return };
+                    let Some(col) = batch.columns.get(tag) else {
+                        return;
+                    };
                     let mut per_code: HashMap<u32, AggState> = HashMap::new();
                     for &r in &rows {
                         let code = col.codes[r];
@@ -411,11 +422,21 @@ pub fn finish(plan: &SelectPlan, partial: Partial) -> Vec<Point> {
         Partial::Groups(groups) => {
             let Projection::Aggregate(agg) = &plan.projection else { unreachable!("groups only for aggregates") };
             let mut out = Vec::new();
-            if groups.is_empty() && plan.group.is_none() && matches!(agg, Aggregate::Value(AggFn::Count) | Aggregate::CountDistinct(_)) {
-                out.push(Point { timestamp: 0, value: Num::Int(0), dimensions: BTreeMap::new(), tags: BTreeMap::new() });
+            if groups.is_empty()
+                && plan.group.is_none()
+                && matches!(agg, Aggregate::Value(AggFn::Count) | Aggregate::CountDistinct(_))
+            {
+                out.push(Point {
+                    timestamp: 0,
+                    value: Num::Int(0),
+                    dimensions: BTreeMap::new(),
+                    tags: BTreeMap::new(),
+                });
             }
             for (key, state) in groups {
-                let Some(value) = state.result(agg) else { continue };
+                let Some(value) = state.result(agg) else {
+                    continue;
+                };
                 let mut p = Point { timestamp: 0, value, dimensions: BTreeMap::new(), tags: BTreeMap::new() };
                 match (key, &plan.group) {
                     (GroupKey::Tag(k), Some(Group::Tag(tag))) => {

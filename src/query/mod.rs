@@ -34,10 +34,10 @@ pub fn validate_fields(catalog: &Catalog, key: &MetricKey, plan: &SelectPlan) ->
         Projection::Aggregate(Aggregate::CountDistinct(f)) => names.push(f.clone()),
         _ => {}
     }
-    if let Some(Group::Tag(t)) = &plan.group {
-        if !matches!(catalog.field(key, t), Some((crate::model::FieldClass::Tag, _))) {
-            return Err(QueryError::Invalid(format!("GROUP BY {t}: {t} is not a tag of metric {}", key.metric)));
-        }
+    if let Some(Group::Tag(t)) = &plan.group
+        && !matches!(catalog.field(key, t), Some((crate::model::FieldClass::Tag, _)))
+    {
+        return Err(QueryError::Invalid(format!("GROUP BY {t}: {t} is not a tag of metric {}", key.metric)));
     }
     if let Some(o) = &plan.order {
         let group_field = matches!(&plan.group, Some(Group::Tag(t)) if *t == o.field);
@@ -60,7 +60,13 @@ pub fn time_range(filter: Option<&Filter>, from: Option<i64>, to: Option<i64>) -
 }
 
 /// Runs a select over this node's shards of `key`, returning its partial result.
-pub fn partial_local(storage: &Storage, key: &MetricKey, plan: &SelectPlan, range: (i64, i64), max: usize) -> Result<Partial, QueryError> {
+pub fn partial_local(
+    storage: &Storage,
+    key: &MetricKey,
+    plan: &SelectPlan,
+    range: (i64, i64),
+    max: usize,
+) -> Result<Partial, QueryError> {
     let mut total = Partial::empty(plan);
     let mut columns = Vec::new();
     if let Some(f) = &plan.filter {

@@ -102,7 +102,10 @@ pub enum Filter {
 impl Filter {
     pub fn fields(&self, out: &mut Vec<String>) {
         match self {
-            Filter::Cmp { field, .. } | Filter::Like { field, .. } | Filter::In { field, .. } | Filter::IsNull { field, .. } => {
+            Filter::Cmp { field, .. }
+            | Filter::Like { field, .. }
+            | Filter::In { field, .. }
+            | Filter::IsNull { field, .. } => {
                 if !out.contains(field) {
                     out.push(field.clone());
                 }
@@ -131,7 +134,8 @@ impl Filter {
                 }
             }
             Filter::In { field, values, negated: false } if field == "timestamp" => {
-                let ts: Vec<i64> = values.iter().filter_map(|v| if let FieldValue::Int(t) = v { Some(*t) } else { None }).collect();
+                let ts: Vec<i64> =
+                    values.iter().filter_map(|v| if let FieldValue::Int(t) = v { Some(*t) } else { None }).collect();
                 match (ts.iter().min(), ts.iter().max()) {
                     (Some(&lo), Some(&hi)) if ts.len() == values.len() => (lo, hi.saturating_add(1)),
                     _ => ALL,
@@ -155,7 +159,11 @@ impl Filter {
 pub struct PlanError(pub String);
 
 fn at(span: sqlparser::tokenizer::Span) -> String {
-    if span.start.line == 0 { String::new() } else { format!(" at Line: {}, Column: {}", span.start.line, span.start.column) }
+    if span.start.line == 0 {
+        String::new()
+    } else {
+        format!(" at Line: {}, Column: {}", span.start.line, span.start.column)
+    }
 }
 
 fn err<T>(msg: impl Into<String>, span: sqlparser::tokenizer::Span) -> Result<T, PlanError> {
@@ -191,10 +199,12 @@ fn rewrite_tokens(tokens: Vec<TokenWithSpan>, now_ms: i64) -> Result<(Vec<TokenW
                 match unit {
                     Some(ms) => {
                         let unit_tok = iter.next().expect("peeked");
-                        let count: i64 = n.parse().map_err(|_| {
-                            PlanError(format!("duration {n:?} must be a whole number{}", at(tok.span)))
-                        })?;
-                        let total = count.checked_mul(ms).ok_or_else(|| PlanError(format!("duration too large{}", at(tok.span))))?;
+                        let count: i64 = n
+                            .parse()
+                            .map_err(|_| PlanError(format!("duration {n:?} must be a whole number{}", at(tok.span))))?;
+                        let total = count
+                            .checked_mul(ms)
+                            .ok_or_else(|| PlanError(format!("duration too large{}", at(tok.span))))?;
                         let span = tok.span.union(&unit_tok.span);
                         out.push(TokenWithSpan::new(Token::Number(total.to_string(), false), span));
                     }
@@ -207,13 +217,14 @@ fn rewrite_tokens(tokens: Vec<TokenWithSpan>, now_ms: i64) -> Result<(Vec<TokenW
     // GROUP BY INTERVAL <ms>: cut it out, remember the width.
     let mut interval = None;
     let is_kw = |t: &TokenWithSpan, k: Keyword| matches!(&t.token, Token::Word(w) if w.keyword == k);
-    if let Some(i) = (0..out.len().saturating_sub(2))
-        .find(|&i| is_kw(&out[i], Keyword::GROUP) && is_kw(&out[i + 1], Keyword::BY) && is_kw(&out[i + 2], Keyword::INTERVAL))
-    {
+    if let Some(i) = (0..out.len().saturating_sub(2)).find(|&i| {
+        is_kw(&out[i], Keyword::GROUP) && is_kw(&out[i + 1], Keyword::BY) && is_kw(&out[i + 2], Keyword::INTERVAL)
+    }) {
         let span = out[i + 2].span;
         match out.get(i + 3).map(|t| &t.token) {
             Some(Token::Number(n, _)) => {
-                let ms: i64 = n.parse().map_err(|_| PlanError(format!("interval {n:?} is not a whole number{}", at(span))))?;
+                let ms: i64 =
+                    n.parse().map_err(|_| PlanError(format!("interval {n:?} is not a whole number{}", at(span))))?;
                 if ms <= 0 {
                     return err("GROUP BY INTERVAL needs a positive duration", span);
                 }
@@ -235,7 +246,8 @@ pub fn parse(sql: &str, now_ms: i64) -> Result<Statement, PlanError> {
     let tokens = Tokenizer::new(&dialect, sql).tokenize_with_location().map_err(|e| PlanError(e.to_string()))?;
     let (tokens, interval) = rewrite_tokens(tokens, now_ms)?;
     let mut parser = sqlparser::parser::Parser::new(&dialect).with_tokens_with_locations(tokens);
-    let statements = parser.parse_statements().map_err(|e| PlanError(e.to_string().replace("sql parser error: ", "")))?;
+    let statements =
+        parser.parse_statements().map_err(|e| PlanError(e.to_string().replace("sql parser error: ", "")))?;
     let [statement] = <[SqlStatement; 1]>::try_from(statements)
         .map_err(|s| PlanError(format!("expected exactly one statement, got {}", s.len())))?;
     match statement {
@@ -292,9 +304,13 @@ fn plan_select(q: ast::Query, interval: Option<i64>) -> Result<SelectPlan, PlanE
         (ast::GroupByExpr::Expressions(exprs, _), Some(ms)) if exprs.is_empty() => Some(Group::Interval(ms)),
         (ast::GroupByExpr::Expressions(exprs, _), None) if exprs.len() == 1 => match &exprs[0] {
             Expr::Identifier(id) => Some(Group::Tag(id.value.clone())),
-            other => return err("GROUP BY takes one tag name or INTERVAL <duration>", other.span()),
+            other => {
+                return err("GROUP BY takes one tag name or INTERVAL <duration>", other.span());
+            }
         },
-        (g, _) => return err("GROUP BY takes one tag name or INTERVAL <duration>", g.span()),
+        (g, _) => {
+            return err("GROUP BY takes one tag name or INTERVAL <duration>", g.span());
+        }
     };
     if group.is_some() && !matches!(projection, Projection::Aggregate(_)) {
         return err("GROUP BY needs an aggregate in SELECT, such as avg(value)", query_span);
@@ -316,9 +332,13 @@ fn plan_select(q: ast::Query, interval: Option<i64>) -> Result<SelectPlan, PlanE
     };
     let limit = match &q.limit_clause {
         None => None,
-        Some(ast::LimitClause::LimitOffset { limit: Some(Expr::Value(v)), offset: None, limit_by }) if limit_by.is_empty() => {
+        Some(ast::LimitClause::LimitOffset { limit: Some(Expr::Value(v)), offset: None, limit_by })
+            if limit_by.is_empty() =>
+        {
             match &v.value {
-                ast::Value::Number(n, _) => Some(n.parse::<usize>().map_err(|_| PlanError(format!("LIMIT must be a whole number{}", at(v.span))))?),
+                ast::Value::Number(n, _) => Some(
+                    n.parse::<usize>().map_err(|_| PlanError(format!("LIMIT must be a whole number{}", at(v.span))))?,
+                ),
                 _ => return err("LIMIT must be a whole number", v.span),
             }
         }
@@ -364,7 +384,9 @@ fn plan_aggregate(f: &ast::Function) -> Result<Aggregate, PlanError> {
         "avg" => AggFn::Avg,
         "first" => AggFn::First,
         "last" => AggFn::Last,
-        _ => return err(format!("unknown aggregate {name}; supported: count sum min max avg first last"), f.span()),
+        _ => {
+            return err(format!("unknown aggregate {name}; supported: count sum min max avg first last"), f.span());
+        }
     };
     let ast::FunctionArguments::List(list) = &f.args else {
         return err(format!("{name} needs an argument, such as {name}(value)"), f.span());
@@ -460,8 +482,12 @@ fn plan_filter(e: &Expr) -> Result<Filter, PlanError> {
     use ast::BinaryOperator as B;
     match e {
         Expr::Nested(inner) => plan_filter(inner),
-        Expr::BinaryOp { left, op: B::And, right } => Ok(Filter::And(Box::new(plan_filter(left)?), Box::new(plan_filter(right)?))),
-        Expr::BinaryOp { left, op: B::Or, right } => Ok(Filter::Or(Box::new(plan_filter(left)?), Box::new(plan_filter(right)?))),
+        Expr::BinaryOp { left, op: B::And, right } => {
+            Ok(Filter::And(Box::new(plan_filter(left)?), Box::new(plan_filter(right)?)))
+        }
+        Expr::BinaryOp { left, op: B::Or, right } => {
+            Ok(Filter::Or(Box::new(plan_filter(left)?), Box::new(plan_filter(right)?)))
+        }
         Expr::UnaryOp { op: ast::UnaryOperator::Not, expr } => Ok(Filter::Not(Box::new(plan_filter(expr)?))),
         Expr::BinaryOp { left, op, right } => {
             let cmp = match op {
@@ -489,23 +515,27 @@ fn plan_filter(e: &Expr) -> Result<Filter, PlanError> {
             }
         }
         Expr::Like { negated, expr, pattern, escape_char: None, any: false } => {
-            let field = field_name(expr).ok_or_else(|| PlanError(format!("LIKE needs a field on the left{}", at(expr.span()))))?;
+            let field = field_name(expr)
+                .ok_or_else(|| PlanError(format!("LIKE needs a field on the left{}", at(expr.span()))))?;
             match literal(pattern)? {
                 FieldValue::Str(pattern) => Ok(Filter::Like { field, pattern, negated: *negated }),
                 _ => err("LIKE needs a 'string' pattern", pattern.span()),
             }
         }
         Expr::In { expr, target: ast::InTarget::List(list), negated, .. } => {
-            let field = field_name(expr).ok_or_else(|| PlanError(format!("IN needs a field on the left{}", at(expr.span()))))?;
+            let field = field_name(expr)
+                .ok_or_else(|| PlanError(format!("IN needs a field on the left{}", at(expr.span()))))?;
             let values = list.iter().map(literal).collect::<Result<Vec<_>, _>>()?;
             Ok(Filter::In { field, values, negated: *negated })
         }
         Expr::IsNull(inner) | Expr::IsNotNull(inner) => {
-            let field = field_name(inner).ok_or_else(|| PlanError(format!("IS NULL needs a field{}", at(inner.span()))))?;
+            let field =
+                field_name(inner).ok_or_else(|| PlanError(format!("IS NULL needs a field{}", at(inner.span()))))?;
             Ok(Filter::IsNull { field, negated: matches!(e, Expr::IsNotNull(_)) })
         }
         Expr::Between { expr, negated, low, high } => {
-            let field = field_name(expr).ok_or_else(|| PlanError(format!("BETWEEN needs a field{}", at(expr.span()))))?;
+            let field =
+                field_name(expr).ok_or_else(|| PlanError(format!("BETWEEN needs a field{}", at(expr.span()))))?;
             let range = Filter::And(
                 Box::new(Filter::Cmp { field: field.clone(), op: CmpOp::GtEq, value: literal(low)? }),
                 Box::new(Filter::Cmp { field, op: CmpOp::LtEq, value: literal(high)? }),
@@ -538,7 +568,8 @@ mod tests {
 
     #[test]
     fn nsdb_extensions() {
-        let p = select("select avg(value) from cpu where timestamp > now - 2h and region = 'eu' group by interval 30 m");
+        let p =
+            select("select avg(value) from cpu where timestamp > now - 2h and region = 'eu' group by interval 30 m");
         assert_eq!(p.group, Some(Group::Interval(1_800_000)));
         assert_eq!(p.projection, Projection::Aggregate(Aggregate::Value(AggFn::Avg)));
         assert_eq!(p.filter.unwrap().time_range(), (10_000_000 - 7_200_000 + 1, i64::MAX));

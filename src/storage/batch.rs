@@ -66,10 +66,7 @@ impl RowBatch {
         for (name, col) in &self.columns {
             let codes: Vec<u32> = rows.iter().map(|&r| col.codes[r]).collect();
             if codes.iter().any(|&c| c != NULL_CODE) {
-                out.columns.insert(
-                    name.clone(),
-                    DictColumn { class: col.class, dict: col.dict.clone(), codes },
-                );
+                out.columns.insert(name.clone(), DictColumn { class: col.class, dict: col.dict.clone(), codes });
             }
         }
         out

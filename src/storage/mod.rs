@@ -93,7 +93,8 @@ impl Storage {
         if let Some(s) = self.shards.get(&id) {
             return Ok(s.clone());
         }
-        let shard = Shard::open(&self.root, id.clone(), self.cfg.shard_interval_ms, self.cfg, self.metrics.clone()).await?;
+        let shard =
+            Shard::open(&self.root, id.clone(), self.cfg.shard_interval_ms, self.cfg, self.metrics.clone()).await?;
         self.shards.insert(id, shard.clone());
         Ok(shard)
     }
@@ -140,7 +141,8 @@ impl Storage {
     /// Removes every shard of `metric` from disk.
     pub async fn drop_metric(&self, metric: &MetricKey) -> Result<(), StorageError> {
         let _guard = self.opening.lock().await;
-        let ids: Vec<ShardId> = self.shards.iter().filter(|e| &e.key().metric == metric).map(|e| e.key().clone()).collect();
+        let ids: Vec<ShardId> =
+            self.shards.iter().filter(|e| &e.key().metric == metric).map(|e| e.key().clone()).collect();
         for id in ids {
             if let Some((_, shard)) = self.shards.remove(&id) {
                 shard.close().await;
@@ -199,7 +201,9 @@ fn discover_shards(root: &Path) -> Result<Vec<ShardId>, StorageError> {
                 for (start, _) in subdirs(&m_dir)? {
                     match start.parse::<i64>() {
                         Ok(start) => ids.push(ShardId { metric: key.clone(), start }),
-                        Err(_) => tracing::warn!(dir = %m_dir.display(), %start, "ignoring a folder that is not a shard"),
+                        Err(_) => {
+                            tracing::warn!(dir = %m_dir.display(), %start, "ignoring a folder that is not a shard")
+                        }
                     }
                 }
             }

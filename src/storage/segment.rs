@@ -129,7 +129,13 @@ fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock {
             codes: pco_compress(&codes),
         });
     }
-    EncodedBlock { timestamps: pco_compress(&timestamps), value_kinds, ints: pco_compress(&ints), decs: pco_compress(&decs), fields }
+    EncodedBlock {
+        timestamps: pco_compress(&timestamps),
+        value_kinds,
+        ints: pco_compress(&ints),
+        decs: pco_compress(&decs),
+        fields,
+    }
 }
 
 /// Writes `batch` (any order) as a new segment at `path`, fsynced. Returns the blocks written.
@@ -221,7 +227,9 @@ impl Segment {
         let p = self.path.display().to_string();
         let corrupt = |what: String| SegmentError::Corrupt { path: p.clone(), what };
         let mut bytes = vec![0u8; meta.len as usize];
-        self.file.read_exact_at(&mut bytes, meta.offset).map_err(|source| SegmentError::Io { path: p.clone(), source })?;
+        self.file
+            .read_exact_at(&mut bytes, meta.offset)
+            .map_err(|source| SegmentError::Io { path: p.clone(), source })?;
         if crc32fast::hash(&bytes) != meta.crc {
             return Err(corrupt(format!("block at {} fails its checksum", meta.offset)));
         }
@@ -251,7 +259,9 @@ impl Segment {
             let dict_bytes = zstd::decode_all(&f.dict[..]).map_err(|e| corrupt(e.to_string()))?;
             let dict: Vec<FieldValue> = postcard::from_bytes(&dict_bytes).map_err(|e| corrupt(e.to_string()))?;
             let codes: Vec<u32> = pco_decompress(&f.codes).map_err(corrupt)?;
-            if codes.len() != batch.len() || codes.iter().any(|&c| c != super::batch::NULL_CODE && c as usize >= dict.len()) {
+            if codes.len() != batch.len()
+                || codes.iter().any(|&c| c != super::batch::NULL_CODE && c as usize >= dict.len())
+            {
                 return Err(corrupt(format!("column {} is inconsistent", f.name)));
             }
             batch.columns.insert(f.name, DictColumn { class: Some(f.class), dict, codes });

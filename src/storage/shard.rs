@@ -80,6 +80,9 @@ struct ShardState {
     segments: Vec<Arc<Segment>>,
 }
 
+/// Where the writer sends a command's outcome.
+type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
+
 enum Command {
     Append { points: Vec<Point>, done: oneshot::Sender<Result<(), StorageError>> },
     Flush { done: oneshot::Sender<Result<(), StorageError>> },
@@ -295,7 +298,7 @@ impl Writer {
         }
     }
 
-    async fn commit(&mut self, group: Vec<(Vec<Point>, oneshot::Sender<Result<(), StorageError>>)>) {
+    async fn commit(&mut self, group: Vec<(Vec<Point>, Reply<()>)>) {
         let mut bytes = Vec::new();
         for (points, _) in &group {
             encode_record(points, &mut bytes);
@@ -484,7 +487,9 @@ impl Writer {
         })
         .await?;
         let (replacement, dropped) = result;
-        let Some(replacement) = replacement else { return Ok(0) };
+        let Some(replacement) = replacement else {
+            return Ok(0);
+        };
         {
             let mut st = self.shard.state.write().expect("shard lock");
             st.segments = replacement.into_iter().map(Arc::new).collect();

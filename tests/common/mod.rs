@@ -1,5 +1,6 @@
 //! Test harness: real `shoal` processes on 127.0.0.1 with port 0, driven over HTTP.
 #![allow(dead_code)]
+#![allow(clippy::disallowed_methods)] // tests read the real clock
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -45,14 +46,19 @@ impl TestNode {
         let addr_file = self.data_dir.join("http.addr");
         let _ = std::fs::remove_file(&addr_file);
         let mut cmd = Command::new(BIN);
-        cmd.arg("start")
-            .arg("--set")
-            .arg(format!("shoal.data-dir={}", self.data_dir.display()))
-            .args(["--set", "shoal.http.port=0", "--set", "shoal.node.id=test1", "--set", "shoal.gossip.port=0"]);
+        cmd.arg("start").arg("--set").arg(format!("shoal.data-dir={}", self.data_dir.display())).args([
+            "--set",
+            "shoal.http.port=0",
+            "--set",
+            "shoal.node.id=test1",
+            "--set",
+            "shoal.gossip.port=0",
+        ]);
         for s in &self.sets {
             cmd.arg("--set").arg(s);
         }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.with_extension("log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.with_extension("log")).unwrap();
         cmd.stdout(Stdio::from(log.try_clone().unwrap())).stderr(Stdio::from(log)).env("RUST_LOG", "info");
         let mut child = cmd.spawn().expect("spawn shoal");
         self.addr = wait_until(Duration::from_secs(30), "the node to write http.addr", || {
