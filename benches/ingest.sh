@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Ingest and query benchmark: the same Influx line-protocol stream (1000-line batches, 400
+# series, 2 fields) into Shoal, VictoriaMetrics and InfluxDB 1.x, one after the other on this
+# machine, with wrk (1 thread, 4 connections). Prints lines/s, Shoal's ratio to each, bytes on
+# disk per point after compaction, and the latency of an avg-by-region query over the loaded
+# points (10M per field with the default BENCH_REQUESTS=10000).
+#
+#   bash benches/ingest.sh            # run by hand, not in CI; installs what it needs (root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REQUESTS=${BENCH_REQUESTS:-10000}
+WORK=$(mktemp -d /tmp/shoal-bench.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v victoria-metrics >/dev/null || need+=(victoria-metrics)
+command -v influxd >/dev/null || need+=(influxdb)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release --quiet
+SHOAL=./target/release/shoal
+
+# Timestamps: 10M lines / 400 series = 25,000 s of data, ending well before now.
+BASE_S=$(( $(date +%s) - 30000 ))
+export BENCH_BASE_S=$BASE_S BENCH_REQUESTS=$REQUESTS
+LINES=$(( REQUESTS * 1000 ))
+
+wait_http() { for _ in $(seq 1 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; return 1; }
+
+run_wrk() { # url_path host:port -> prints lines/s
+  BENCH_PATH="$1" wrk -t1 -c4 -d600s --timeout 30s -s benches/lineproto.lua "http://$2" | tee "$WORK/wrk.out" >&2
+  awk '/^RESULT/ { split($2,a,"="); split($3,b,"="); split($4,c,"=");
+        if (c[2] > 0) { print "ERRORS" } else { printf "%.0f\n", a[2]*1000/(b[2]/1e6) } }' "$WORK/wrk.out"
+}
+
+du_bytes() { du -sb "$1" | cut -f1; }
+
+time_query() { # command... -> seconds of the best of 3
+  local best=999
+  for _ in 1 2 3; do
+    local s e; s=$(date +%s.%N); "$@" > "$WORK/q.out"; e=$(date +%s.%N)
+    best=$(echo "$e - $s" | bc -l | awk -v b="$best" '{ print ($1 < b) ? $1 : b }')
+  done
+  echo "$best"
+}
+
+echo "== Shoal (fsync before every acknowledgement)" >&2
+mkdir -p "$WORK/shoal"
+$SHOAL start --set shoal.data-dir="$WORK/shoal" --set shoal.http.port=0 --set shoal.node.id=bench \
+  --set shoal.log-level=warn > "$WORK/shoal.log" 2>&1 &
+SHOAL_PID=$!
+for _ in $(seq 1 100); do [ -s "$WORK/shoal/http.addr" ] && break; sleep 0.1; done
+SH=$(cat "$WORK/shoal/http.addr")
+wait_http "http://$SH/livez"
+SHOAL_RATE=$(run_wrk "/write?db=bench&namespace=bench" "$SH")
+SHOAL_Q=$(time_query curl -sf -XPOST "http://$SH/query" \
+  -d '{"db":"bench","namespace":"bench","queryString":"SELECT avg(value) FROM cpu_usage GROUP BY region"}')
+head -c 300 "$WORK/q.out" >&2; echo >&2
+kill -TERM $SHOAL_PID; wait $SHOAL_PID || true   # a clean stop compacts everything into segments
+SHOAL_BPP=$(echo "$(du_bytes "$WORK/shoal/shards") / ($LINES * 2)" | bc -l)
+
+echo "== VictoriaMetrics $(victoria-metrics -version 2>&1 | head -1)" >&2
+victoria-metrics -storageDataPath="$WORK/vm" -httpListenAddr=127.0.0.1:18428 -retentionPeriod=10y \
+  -loggerLevel=ERROR > "$WORK/vm.log" 2>&1 &
+VM_PID=$!
+wait_http "http://127.0.0.1:18428/health"
+VM_RATE=$(run_wrk "/write" "127.0.0.1:18428")
+curl -sf "http://127.0.0.1:18428/internal/force_flush" > /dev/null
+END=$(( BASE_S + LINES / 400 + 1 ))
+VM_QUERY="sum by (region) (sum_over_time(cpu_usage[1d])) / sum by (region) (count_over_time(cpu_usage[1d]))"
+VM_Q=$(time_query curl -sf "http://127.0.0.1:18428/api/v1/query" --data-urlencode "query=$VM_QUERY" -d "time=$END")
+head -c 300 "$WORK/q.out" >&2; echo >&2
+curl -sf "http://127.0.0.1:18428/internal/force_merge" > /dev/null || true
+sleep 5
+kill -TERM $VM_PID; wait $VM_PID || true
+VM_BPP=$(echo "$(du_bytes "$WORK/vm") / ($LINES * 2)" | bc -l)
+
+echo "== InfluxDB $(influxd version 2>&1 | head -1) (default WAL fsync)" >&2
+cat > "$WORK/influx.conf" <<CONF
+reporting-disabled = true
+bind-address = "127.0.0.1:18088"
+[meta]
+  dir = "$WORK/influx/meta"
+[data]
+  dir = "$WORK/influx/data"
+  wal-dir = "$WORK/influx/wal"
+  cache-snapshot-write-cold-duration = "2s"
+  compact-full-write-cold-duration = "5s"
+  max-values-per-tag = 0
+[http]
+  bind-address = "127.0.0.1:18086"
+  log-enabled = false
+CONF
+influxd -config "$WORK/influx.conf" > "$WORK/influx.log" 2>&1 &
+INFLUX_PID=$!
+wait_http "http://127.0.0.1:18086/ping"
+curl -sf -XPOST "http://127.0.0.1:18086/query" --data-urlencode "q=CREATE DATABASE bench" > /dev/null
+INFLUX_RATE=$(run_wrk "/write?db=bench" "127.0.0.1:18086")
+INFLUX_Q=$(time_query curl -sf -G "http://127.0.0.1:18086/query" --data-urlencode "db=bench" \
+  --data-urlencode "q=SELECT mean(usage) FROM cpu GROUP BY region")
+head -c 300 "$WORK/q.out" >&2; echo >&2
+sleep 15   # let the cache snapshot and full compaction run
+kill -TERM $INFLUX_PID; wait $INFLUX_PID || true
+INFLUX_BPP=$(echo "$(du_bytes "$WORK/influx/data") / ($LINES * 2)" | bc -l)
+
+echo
+echo "Ingest: $LINES lines (x2 fields = $((LINES * 2)) points), wrk -t1 -c4, 1000-line bodies, $(nproc) cores"
+printf "%-16s %12s %14s %16s\n" system lines/s bytes/point "avg-by-region(s)"
+printf "%-16s %12s %14.2f %16.3f\n" shoal "$SHOAL_RATE" "$SHOAL_BPP" "$SHOAL_Q"
+printf "%-16s %12s %14.2f %16.3f\n" victoria-metrics "$VM_RATE" "$VM_BPP" "$VM_Q"
+printf "%-16s %12s %14.2f %16.3f\n" influxdb "$INFLUX_RATE" "$INFLUX_BPP" "$INFLUX_Q"
+echo "shoal / victoria-metrics ingest: $(echo "$SHOAL_RATE / $VM_RATE" | bc -l | xargs printf %.2f)"
+echo "shoal / influxdb ingest:         $(echo "$SHOAL_RATE / $INFLUX_RATE" | bc -l | xargs printf %.2f)"
