@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Ingest and query benchmark: the same Influx line-protocol stream (1000-line batches, 400
 # series, 2 fields) into Shoal, VictoriaMetrics and InfluxDB 1.x, one after the other on this
-# machine, with wrk (1 thread, 4 connections). Prints lines/s, Shoal's ratio to each, bytes on
-# disk per point after compaction, and the latency of an avg-by-region query over the loaded
-# points (10M per field with the default BENCH_REQUESTS=10000).
+# machine, with wrk (1 thread, 4 connections). For each: lines/s over a timed run
+# (BENCH_SECONDS), then the load is topped up to exactly BENCH_LINES lines (10M: 10M points per
+# field metric), then bytes on disk per point after compaction and the best-of-3 latency of an
+# avg-by-region query over those points. Prints Shoal's ratio to each.
 #
 #   bash benches/ingest.sh            # run by hand, not in CI; installs what it needs (root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REQUESTS=${BENCH_REQUESTS:-10000}
+SECONDS_TIMED=${BENCH_SECONDS:-20}
+LINES=${BENCH_LINES:-10000000}
 WORK=$(mktemp -d /tmp/shoal-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
@@ -23,17 +25,28 @@ fi
 cargo build --release --quiet
 SHOAL=./target/release/shoal
 
-# Timestamps: 10M lines / 400 series = 25,000 s of data, ending well before now.
-BASE_S=$(( $(date +%s) - 30000 ))
-export BENCH_BASE_S=$BASE_S BENCH_REQUESTS=$REQUESTS
-LINES=$(( REQUESTS * 1000 ))
+# Timestamps: 1 s per 400 lines, so 10M lines span 25,000 s; start far enough back that the
+# timed run plus the top-up end before now.
+BASE_S=$(( $(date +%s) - 2 * LINES / 400 - 3600 ))
 
 wait_http() { for _ in $(seq 1 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; return 1; }
 
-run_wrk() { # url_path host:port -> prints lines/s
-  BENCH_PATH="$1" wrk -t1 -c4 -d600s --timeout 30s -s benches/lineproto.lua "http://$2" | tee "$WORK/wrk.out" >&2
-  awk '/^RESULT/ { split($2,a,"="); split($3,b,"="); split($4,c,"=");
-        if (c[2] > 0) { print "ERRORS" } else { printf "%.0f\n", a[2]*1000/(b[2]/1e6) } }' "$WORK/wrk.out"
+run_wrk() { # url_path host:port -> prints lines/s of a timed run, then tops up to $LINES lines
+  BENCH_BASE_S=$BASE_S BENCH_PATH="$1" wrk -t1 -c4 -d"${SECONDS_TIMED}s" --timeout 30s \
+    -s benches/lineproto.lua "http://$2" | tee "$WORK/wrk.out" >&2
+  local reqs dur bad
+  read -r reqs dur bad < <(awk '/^RESULT/ { split($2,a,"="); split($3,b,"="); split($4,c,"="); print a[2], b[2], c[2] }' "$WORK/wrk.out")
+  [ "$bad" = 0 ] || { echo "ERRORS"; return; }
+  awk -v r="$reqs" -v d="$dur" 'BEGIN { printf "%.0f\n", r * 1000 / (d / 1e6) }'
+  local rest=$(( LINES / 1000 - reqs ))
+  if [ "$rest" -gt 0 ]; then
+    # Continue the stream where the timed run stopped; wrk stops sending at exactly $rest.
+    local secs=$(( rest * 1000 * 3 / (reqs * 1000 / (dur / 1000000) + 1) + 10 ))
+    BENCH_BASE_S=$(( BASE_S + reqs * 1000 / 400 + 1 )) BENCH_REQUESTS=$rest BENCH_PATH="$1" \
+      wrk -t1 -c4 -d"${secs}s" --timeout 30s -s benches/lineproto.lua "http://$2" > "$WORK/wrk2.out" 2>&1
+    grep RESULT "$WORK/wrk2.out" >&2
+  fi
+  LOADED_LINES=$(( reqs * 1000 > LINES ? reqs * 1000 : LINES ))
 }
 
 du_bytes() { du -sb "$1" | cut -f1; }
@@ -55,28 +68,28 @@ SHOAL_PID=$!
 for _ in $(seq 1 100); do [ -s "$WORK/shoal/http.addr" ] && break; sleep 0.1; done
 SH=$(cat "$WORK/shoal/http.addr")
 wait_http "http://$SH/livez"
-SHOAL_RATE=$(run_wrk "/write?db=bench&namespace=bench" "$SH")
+run_wrk "/write?db=bench&namespace=bench" "$SH" > "$WORK/rate"; SHOAL_RATE=$(head -1 "$WORK/rate")
 SHOAL_Q=$(time_query curl -sf -XPOST "http://$SH/query" \
   -d '{"db":"bench","namespace":"bench","queryString":"SELECT avg(value) FROM cpu_usage GROUP BY region"}')
 head -c 300 "$WORK/q.out" >&2; echo >&2
 kill -TERM $SHOAL_PID; wait $SHOAL_PID || true   # a clean stop compacts everything into segments
-SHOAL_BPP=$(echo "$(du_bytes "$WORK/shoal/shards") / ($LINES * 2)" | bc -l)
+SHOAL_BPP=$(echo "$(du_bytes "$WORK/shoal/shards") / ($LOADED_LINES * 2)" | bc -l)
 
 echo "== VictoriaMetrics $(victoria-metrics -version 2>&1 | head -1)" >&2
 victoria-metrics -storageDataPath="$WORK/vm" -httpListenAddr=127.0.0.1:18428 -retentionPeriod=10y \
   -loggerLevel=ERROR > "$WORK/vm.log" 2>&1 &
 VM_PID=$!
 wait_http "http://127.0.0.1:18428/health"
-VM_RATE=$(run_wrk "/write" "127.0.0.1:18428")
+run_wrk "/write" "127.0.0.1:18428" > "$WORK/rate"; VM_RATE=$(head -1 "$WORK/rate")
 curl -sf "http://127.0.0.1:18428/internal/force_flush" > /dev/null
-END=$(( BASE_S + LINES / 400 + 1 ))
-VM_QUERY="sum by (region) (sum_over_time(cpu_usage[1d])) / sum by (region) (count_over_time(cpu_usage[1d]))"
+END=$(( BASE_S + 2 * LINES / 400 + 10 ))
+VM_QUERY="sum by (region) (sum_over_time(cpu_usage[10d])) / sum by (region) (count_over_time(cpu_usage[10d]))"
 VM_Q=$(time_query curl -sf "http://127.0.0.1:18428/api/v1/query" --data-urlencode "query=$VM_QUERY" -d "time=$END")
 head -c 300 "$WORK/q.out" >&2; echo >&2
 curl -sf "http://127.0.0.1:18428/internal/force_merge" > /dev/null || true
 sleep 5
 kill -TERM $VM_PID; wait $VM_PID || true
-VM_BPP=$(echo "$(du_bytes "$WORK/vm") / ($LINES * 2)" | bc -l)
+VM_BPP=$(echo "$(du_bytes "$WORK/vm") / ($LOADED_LINES * 2)" | bc -l)
 
 echo "== InfluxDB $(influxd version 2>&1 | head -1) (default WAL fsync)" >&2
 cat > "$WORK/influx.conf" <<CONF
@@ -98,16 +111,16 @@ influxd -config "$WORK/influx.conf" > "$WORK/influx.log" 2>&1 &
 INFLUX_PID=$!
 wait_http "http://127.0.0.1:18086/ping"
 curl -sf -XPOST "http://127.0.0.1:18086/query" --data-urlencode "q=CREATE DATABASE bench" > /dev/null
-INFLUX_RATE=$(run_wrk "/write?db=bench" "127.0.0.1:18086")
+run_wrk "/write?db=bench" "127.0.0.1:18086" > "$WORK/rate"; INFLUX_RATE=$(head -1 "$WORK/rate")
 INFLUX_Q=$(time_query curl -sf -G "http://127.0.0.1:18086/query" --data-urlencode "db=bench" \
   --data-urlencode "q=SELECT mean(usage) FROM cpu GROUP BY region")
 head -c 300 "$WORK/q.out" >&2; echo >&2
 sleep 15   # let the cache snapshot and full compaction run
 kill -TERM $INFLUX_PID; wait $INFLUX_PID || true
-INFLUX_BPP=$(echo "$(du_bytes "$WORK/influx/data") / ($LINES * 2)" | bc -l)
+INFLUX_BPP=$(echo "$(du_bytes "$WORK/influx/data") / ($LOADED_LINES * 2)" | bc -l)
 
 echo
-echo "Ingest: $LINES lines (x2 fields = $((LINES * 2)) points), wrk -t1 -c4, 1000-line bodies, $(nproc) cores"
+echo "Ingest: timed ${SECONDS_TIMED}s runs, wrk -t1 -c4, 1000-line bodies, 400 series, 2 fields, $(nproc) cores; queries and bytes/point over $LOADED_LINES lines (x2 fields)"
 printf "%-16s %12s %14s %16s\n" system lines/s bytes/point "avg-by-region(s)"
 printf "%-16s %12s %14.2f %16.3f\n" shoal "$SHOAL_RATE" "$SHOAL_BPP" "$SHOAL_Q"
 printf "%-16s %12s %14.2f %16.3f\n" victoria-metrics "$VM_RATE" "$VM_BPP" "$VM_Q"

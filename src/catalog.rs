@@ -2,7 +2,8 @@
 //! On a single node it is a plain map written atomically; the cluster issue makes the same
 //! interface a CRDT synced by anti-entropy, so callers do not change.
 
-use crate::model::{FieldClass, FieldType, MetricKey, Point, Schema};
+use crate::model::batch::RowBatch;
+use crate::model::{FieldClass, FieldType, MetricKey, Schema};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
@@ -57,35 +58,45 @@ impl Catalog {
         self.schemas.read().expect("catalog lock").get(key).cloned()
     }
 
-    /// Checks every point against the schema and extends it with new fields, all or nothing.
-    pub fn admit(&self, key: &MetricKey, points: &[Point]) -> Result<(), CatalogError> {
-        let conflict = |message: String| CatalogError::Conflict { metric: key.to_string(), message };
-        let mut schema = self.schema(key).unwrap_or_default();
-        let mut changed = false;
-        for p in points {
-            let new_fields = schema.check(p).map_err(conflict)?;
-            for (name, class, ty) in new_fields {
-                schema.fields.insert(name, (class, ty));
-                changed = true;
+    /// Checks every point of a batch against the schemas and extends them with new fields,
+    /// all or nothing across all the batch's metrics.
+    pub fn admit(&self, batch: &[(MetricKey, RowBatch)]) -> Result<(), CatalogError> {
+        let mut additions: Vec<(&MetricKey, Vec<(String, FieldClass, FieldType)>)> = Vec::new();
+        {
+            let schemas = self.schemas.read().expect("catalog lock");
+            let empty = Schema::default();
+            for (key, rows) in batch {
+                let known = schemas.get(key).unwrap_or(&empty);
+                let added = known
+                    .check_batch(rows)
+                    .map_err(|message| CatalogError::Conflict { metric: key.to_string(), message })?;
+                if !added.is_empty() {
+                    additions.push((key, added));
+                }
             }
         }
-        if !changed {
+        if additions.is_empty() {
             return Ok(());
         }
         let _persist = self.persist.lock().expect("catalog persist lock");
         let mut all = self.schemas.read().expect("catalog lock").clone();
-        // Merge with what another writer may have added since we read it, re-checking conflicts.
-        let current = all.entry(key.clone()).or_default();
-        for (name, (class, ty)) in schema.fields {
-            match current.fields.get(&name) {
-                Some(&(c, t)) if (c, t) != (class, ty) => {
-                    return Err(conflict(format!(
-                        "field {name:?} is a {c} of type {t} in the schema but was sent as a {class} of type {ty}"
-                    )));
-                }
-                Some(_) => {}
-                None => {
-                    current.fields.insert(name, (class, ty));
+        for (key, added) in additions {
+            // Another writer may have added the same fields since we looked: re-check.
+            let current = all.entry(key.clone()).or_default();
+            for (name, class, ty) in added {
+                match current.fields.get(&name) {
+                    Some(&(c, t)) if (c, t) != (class, ty) => {
+                        return Err(CatalogError::Conflict {
+                            metric: key.to_string(),
+                            message: format!(
+                                "field {name:?} is a {c} of type {t} in the schema but was sent as a {class} of type {ty}"
+                            ),
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        current.fields.insert(name, (class, ty));
+                    }
                 }
             }
         }
@@ -118,7 +129,7 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{FieldValue, Num};
+    use crate::model::{FieldValue, Num, Point};
 
     #[test]
     fn admit_is_all_or_nothing_and_persists() {
@@ -131,9 +142,13 @@ mod tests {
         let mut b = a.clone();
         b.tags.insert("region".into(), FieldValue::Int(1));
         b.dimensions.insert("host".into(), FieldValue::Str("h".into()));
-        assert!(cat.admit(&key, &[a.clone(), b]).is_err());
-        assert!(cat.schema(&key).is_none(), "a rejected batch leaves no schema behind");
-        cat.admit(&key, &[a]).unwrap();
+        let other = MetricKey::new("d", "n", "other").unwrap();
+        let rows = |p: &[Point]| RowBatch::from_points(p).unwrap();
+        let batch = vec![(other.clone(), rows(&[a.clone()])), (key.clone(), rows(&[a.clone(), b]))];
+        let err = cat.admit(&batch).unwrap_err().to_string();
+        assert!(err.contains("region") && err.contains("one batch"), "{err}");
+        assert!(cat.schema(&key).is_none() && cat.schema(&other).is_none(), "a rejected batch changes no schema");
+        cat.admit(&[(key.clone(), rows(&[a]))]).unwrap();
         drop(cat);
         let cat = Catalog::open(dir.path()).unwrap();
         assert_eq!(cat.field(&key, "region"), Some((FieldClass::Tag, FieldType::Str)));

@@ -1,28 +1,26 @@
-//! Turns request bodies into points: NSDb JSON (`POST /data`) and Influx line protocol
-//! (`POST /write`). Parsing is all-or-nothing: the first bad bit or line fails the whole batch
-//! with its index or line number, so a client never has to guess what was stored.
+//! Turns request bodies into columnar batches: NSDb JSON (`POST /data`) and Influx line
+//! protocol (`POST /write`). Parsing is all-or-nothing: the first bad bit or line fails the
+//! whole batch with its index or line number, so a client never has to guess what was stored.
+//! Lines are parsed into borrowed slices and appended straight to a [`RowBatchBuilder`]; no
+//! point object is built per line.
 
-use crate::model::{FieldValue, MetricKey, Num, Point};
-use std::collections::BTreeMap;
+use crate::model::batch::{FieldRef, RowBatch, RowBatchBuilder};
+use crate::model::{FieldClass, FieldValue, MetricKey, Num};
+use std::borrow::Cow;
+use std::collections::HashMap;
 
-/// Points grouped by metric, in arrival order.
+/// Points grouped by metric, each metric's points as one columnar batch.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub metrics: Vec<(MetricKey, Vec<Point>)>,
+    pub metrics: Vec<(MetricKey, RowBatch)>,
 }
 
 impl Batch {
     pub fn len(&self) -> usize {
-        self.metrics.iter().map(|(_, p)| p.len()).sum()
+        self.metrics.iter().map(|(_, b)| b.len()).sum()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-    fn push(&mut self, key: MetricKey, point: Point) {
-        match self.metrics.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, points)) => points.push(point),
-            None => self.metrics.push((key, vec![point])),
-        }
     }
 }
 
@@ -59,15 +57,14 @@ pub fn parse_nsdb_json(body: &[u8], now_ms: i64, points_max: usize) -> Result<Ba
         (Some(_), Some(_)) => return Err(invalid("give either \"bit\" or \"bits\", not both")),
         (None, None) => return Err(invalid("field \"bit\" or \"bits\" is missing")),
     };
-    let mut batch = Batch::default();
+    let mut builder = RowBatchBuilder::default();
     for (at, bit) in bits {
-        let point = parse_bit(bit, now_ms).map_err(|e| invalid(format!("{at}: {e}")))?;
-        batch.push(key.clone(), point);
+        push_bit(&mut builder, bit, now_ms).map_err(|e| invalid(format!("{at}: {e}")))?;
     }
-    Ok(batch)
+    Ok(Batch { metrics: vec![(key, builder.finish())] })
 }
 
-fn parse_bit(bit: &serde_json::Value, now_ms: i64) -> Result<Point, String> {
+fn push_bit(builder: &mut RowBatchBuilder, bit: &serde_json::Value, now_ms: i64) -> Result<(), String> {
     let obj = bit.as_object().ok_or("must be an object")?;
     if let Some(k) = obj.keys().find(|k| !["timestamp", "value", "dimensions", "tags"].contains(&k.as_str())) {
         return Err(format!("unknown field {k:?} (expected timestamp, value, dimensions, tags)"));
@@ -80,8 +77,8 @@ fn parse_bit(bit: &serde_json::Value, now_ms: i64) -> Result<Point, String> {
         Some(serde_json::Value::Number(n)) => json_num(n).ok_or("value is out of range")?,
         _ => return Err("value is missing or not a number".into()),
     };
-    let fields = |name: &str| -> Result<BTreeMap<String, FieldValue>, String> {
-        let mut out = BTreeMap::new();
+    let mut fields: Vec<(&str, FieldClass, FieldValue)> = Vec::new();
+    for (name, class) in [("dimensions", FieldClass::Dimension), ("tags", FieldClass::Tag)] {
         match obj.get(name) {
             None | Some(serde_json::Value::Null) => {}
             Some(serde_json::Value::Object(map)) => {
@@ -93,16 +90,14 @@ fn parse_bit(bit: &serde_json::Value, now_ms: i64) -> Result<Point, String> {
                         }
                         _ => return Err(format!("{name}.{k} must be a string or a number")),
                     };
-                    out.insert(k.clone(), fv);
+                    fields.push((k, class, fv));
                 }
             }
             Some(_) => return Err(format!("{name} must be an object")),
         }
-        Ok(out)
-    };
-    let point = Point { timestamp, value, dimensions: fields("dimensions")?, tags: fields("tags")? };
-    point.validate()?;
-    Ok(point)
+    }
+    let refs: Vec<(&str, FieldClass, FieldRef)> = fields.iter().map(|(n, c, v)| (*n, *c, v.into())).collect();
+    builder.push_row(timestamp, value, &refs)
 }
 
 fn json_num(n: &serde_json::Number) -> Option<Num> {
@@ -155,7 +150,9 @@ pub fn parse_line_protocol(
 ) -> Result<Batch, IngestError> {
     crate::model::validate_name("db", db).map_err(invalid)?;
     crate::model::validate_name("namespace", namespace).map_err(invalid)?;
-    let mut batch = Batch::default();
+    let mut metrics: Vec<(MetricKey, RowBatchBuilder)> = Vec::new();
+    // measurement → [(field, index into `metrics`)]: finds a line's metrics without allocating.
+    let mut lookup: HashMap<String, Vec<(String, usize)>> = HashMap::new();
     let mut points = 0usize;
     for (idx, line) in body.lines().enumerate() {
         let line = line.trim_start();
@@ -168,28 +165,42 @@ pub fn parse_line_protocol(
             Some(t) => precision.to_ms(t).ok_or_else(|| at("timestamp out of range".into()))?,
             None => now_ms,
         };
-        let tags: BTreeMap<String, FieldValue> =
-            parsed.tags.into_iter().map(|(k, v)| (k, FieldValue::Str(v))).collect();
-        for (field, value) in parsed.fields {
-            let metric =
-                if field == "value" { parsed.measurement.clone() } else { format!("{}_{field}", parsed.measurement) };
-            let key = MetricKey::new(db, namespace, &metric).map_err(at)?;
-            let point = Point { timestamp, value, dimensions: BTreeMap::new(), tags: tags.clone() };
-            point.validate().map_err(at)?;
+        let tag_refs: Vec<(&str, FieldClass, FieldRef)> =
+            parsed.tags.iter().map(|(k, v)| (k.as_ref(), FieldClass::Tag, FieldRef::Str(v.as_ref()))).collect();
+        for (field, value) in &parsed.fields {
+            let known = lookup
+                .get(parsed.measurement.as_ref())
+                .and_then(|fields| fields.iter().find(|(f, _)| f == field.as_ref()))
+                .map(|(_, i)| *i);
+            let i = match known {
+                Some(i) => i,
+                None => {
+                    let metric = if field.as_ref() == "value" {
+                        parsed.measurement.to_string()
+                    } else {
+                        format!("{}_{field}", parsed.measurement)
+                    };
+                    let key = MetricKey::new(db, namespace, &metric).map_err(at)?;
+                    metrics.push((key, RowBatchBuilder::default()));
+                    let i = metrics.len() - 1;
+                    lookup.entry(parsed.measurement.to_string()).or_default().push((field.to_string(), i));
+                    i
+                }
+            };
+            metrics[i].1.push_row(timestamp, *value, &tag_refs).map_err(at)?;
             points += 1;
             if points > points_max {
                 return Err(IngestError::TooMany { max: points_max });
             }
-            batch.push(key, point);
         }
     }
-    Ok(batch)
+    Ok(Batch { metrics: metrics.into_iter().map(|(k, b)| (k, b.finish())).collect() })
 }
 
-struct Line {
-    measurement: String,
-    tags: Vec<(String, String)>,
-    fields: Vec<(String, Num)>,
+struct Line<'a> {
+    measurement: Cow<'a, str>,
+    tags: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    fields: Vec<(Cow<'a, str>, Num)>,
     timestamp: Option<i64>,
 }
 
@@ -209,7 +220,11 @@ fn split_unescaped<'a>(s: &'a str, seps: &[u8], track_quotes: bool) -> (&'a str,
     (s, None)
 }
 
-fn unescape(s: &str) -> String {
+/// Removes line-protocol escapes; borrows when there is nothing to remove (the usual case).
+fn unescape(s: &str) -> Cow<'_, str> {
+    if !s.contains('\\') {
+        return Cow::Borrowed(s);
+    }
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
@@ -226,28 +241,20 @@ fn unescape(s: &str) -> String {
             out.push(c);
         }
     }
-    out
+    Cow::Owned(out)
 }
 
-fn parse_line(line: &str) -> Result<Line, String> {
+fn parse_line(line: &str) -> Result<Line<'_>, String> {
     // measurement[,tags] SP fields [SP timestamp]
     let (series, rest) = split_unescaped(line, b" ", false);
     let rest = rest.ok_or("missing fields (expected `measurement[,tag=v] field=v [timestamp]`)")?;
     let (fields_part, ts_part) = split_unescaped(rest.trim_start(), b" ", true);
-    let mut parts = Vec::new();
-    let mut s = series;
-    loop {
-        let (head, tail) = split_unescaped(s, b",", false);
-        parts.push(head);
-        match tail {
-            Some(t) => s = t,
-            None => break,
-        }
-    }
-    let measurement = unescape(parts[0]);
+    let (measurement, mut tags_part) = split_unescaped(series, b",", false);
+    let measurement = unescape(measurement);
     crate::model::validate_name("measurement", &measurement)?;
     let mut tags = Vec::new();
-    for tag in &parts[1..] {
+    while let Some(s) = tags_part {
+        let (tag, tail) = split_unescaped(s, b",", false);
         let (k, v) = split_unescaped(tag, b"=", false);
         let v = v.ok_or_else(|| format!("tag {tag:?} has no '='"))?;
         let (k, v) = (unescape(k), unescape(v));
@@ -255,6 +262,7 @@ fn parse_line(line: &str) -> Result<Line, String> {
             return Err(format!("tag {k:?} has an empty value"));
         }
         tags.push((k, v));
+        tags_part = tail;
     }
     let mut fields = Vec::new();
     let mut s = fields_part;
@@ -263,8 +271,8 @@ fn parse_line(line: &str) -> Result<Line, String> {
         let (k, v) = split_unescaped(field, b"=", true);
         let v = v.ok_or_else(|| format!("field {field:?} has no '='"))?;
         let k = unescape(k);
-        crate::model::validate_name("field", &k)?;
-        fields.push((k.clone(), parse_field_value(&k, v)?));
+        let value = parse_field_value(&k, v)?;
+        fields.push((k, value));
         match tail {
             Some(t) => s = t,
             None => break,
@@ -314,8 +322,8 @@ mod tests {
         )
         .unwrap();
         let (_, points) = &b.metrics[0];
-        assert_eq!(points[0].value, Num::Dec(1.5));
-        assert_eq!(points[0].dimensions["x"], FieldValue::Int(1));
+        assert_eq!(points.point(0).value, Num::Dec(1.5));
+        assert_eq!(points.point(0).dimensions["x"], FieldValue::Int(1));
         let b = parse_nsdb_json(
             br#"{"db":"d","namespace":"n","metric":"m","bits":[{"timestamp":1,"value":1},{"value":2}]}"#,
             77,
@@ -323,7 +331,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(b.len(), 2);
-        assert_eq!(b.metrics[0].1[1].timestamp, 77);
+        assert_eq!(b.metrics[0].1.timestamps[1], 77);
         let err =
             parse_nsdb_json(br#"{"db":"d","namespace":"n","metric":"m","bits":[{"value":1},{"value":"x"}]}"#, 0, 10)
                 .unwrap_err()
@@ -342,13 +350,14 @@ mod tests {
         assert_eq!(b.metrics.len(), 3);
         let (k, p) = &b.metrics[0];
         assert_eq!(k.metric, "cpu");
-        assert_eq!(p[0].value, Num::Int(1));
-        assert_eq!(p[0].timestamp, 1000);
-        assert_eq!(p[0].tags["host"], FieldValue::Str("a b".into()));
+        let p = p.point(0);
+        assert_eq!(p.value, Num::Int(1));
+        assert_eq!(p.timestamp, 1000);
+        assert_eq!(p.tags["host"], FieldValue::Str("a b".into()));
         assert_eq!(b.metrics[1].0.metric, "cpu_usage");
-        assert_eq!(b.metrics[2].1[0].timestamp, 3);
+        assert_eq!(b.metrics[2].1.timestamps[0], 3);
         let b = parse_line_protocol("m value=1 5", "d", "n", Precision::S, 0, 100).unwrap();
-        assert_eq!(b.metrics[0].1[0].timestamp, 5000);
+        assert_eq!(b.metrics[0].1.timestamps[0], 5000);
     }
 
     #[test]

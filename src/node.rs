@@ -126,16 +126,7 @@ impl Node {
                 self.cfg.write_batch_points_max
             )));
         }
-        for (key, points) in &batch.metrics {
-            if let Some(schema) = self.catalog.schema(key) {
-                for p in points {
-                    schema.check(p).map_err(|m| NodeError::BadRequest(format!("metric {key}: {m}")))?;
-                }
-            }
-        }
-        for (key, points) in &batch.metrics {
-            self.catalog.admit(key, points)?;
-        }
+        self.catalog.admit(&batch.metrics)?;
         let total = batch.len();
         let writes: Vec<_> = batch
             .metrics

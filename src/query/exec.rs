@@ -4,8 +4,8 @@
 //! remote replica can send it back.
 
 use super::plan::{AggFn, Aggregate, CmpOp, Filter, Group, Order, Projection, SelectPlan};
+use crate::model::batch::{DictColumn, NULL_CODE, RowBatch};
 use crate::model::{FieldValue, Num, Point};
-use crate::storage::batch::{DictColumn, NULL_CODE, RowBatch};
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -2,13 +2,13 @@
 //! its own write-ahead log and immutable segments (see `shard.rs`). This layer knows nothing of
 //! schemas, placement or queries: it stores points and hands batches to a scan callback.
 
-pub mod batch;
 pub mod segment;
 pub mod shard;
 pub mod wal;
 
 use crate::metrics::Metrics;
-use crate::model::{MetricKey, Point};
+use crate::model::MetricKey;
+use crate::model::batch::RowBatch;
 use dashmap::DashMap;
 pub use shard::{KeepRow, Shard, ShardId};
 use std::collections::BTreeMap;
@@ -99,16 +99,21 @@ impl Storage {
         Ok(shard)
     }
 
-    /// Splits `points` by shard and makes them durable; returns when every shard has fsynced.
-    pub async fn write(&self, metric: &MetricKey, points: Vec<Point>) -> Result<(), StorageError> {
-        let mut by_shard: BTreeMap<i64, Vec<Point>> = BTreeMap::new();
-        for p in points {
-            by_shard.entry(self.shard_start(p.timestamp)).or_default().push(p);
+    /// Splits `batch` by shard and makes it durable; returns when every shard has fsynced.
+    pub async fn write(&self, metric: &MetricKey, batch: RowBatch) -> Result<(), StorageError> {
+        let mut rows_by_shard: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+        for (row, &ts) in batch.timestamps.iter().enumerate() {
+            rows_by_shard.entry(self.shard_start(ts)).or_default().push(row);
         }
-        let mut appends = Vec::with_capacity(by_shard.len());
-        for (start, points) in by_shard {
+        let single = rows_by_shard.len() == 1;
+        let mut appends = Vec::with_capacity(rows_by_shard.len());
+        let mut whole = Some(batch);
+        for (start, rows) in rows_by_shard {
+            // The common case, a batch inside one shard, is handed over without a copy.
+            let part =
+                if single { whole.take().expect("one shard") } else { whole.as_ref().expect("kept").select(&rows) };
             let shard = self.shard(ShardId { metric: metric.clone(), start }).await?;
-            appends.push(tokio::spawn(async move { shard.append(points).await }));
+            appends.push(tokio::spawn(async move { shard.append(part).await }));
         }
         for a in appends {
             a.await.map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
@@ -215,7 +220,7 @@ fn discover_shards(root: &Path) -> Result<Vec<ShardId>, StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Num;
+    use crate::model::{Num, Point};
 
     fn cfg(memtable_points_max: usize) -> StorageConfig {
         StorageConfig {
@@ -247,7 +252,7 @@ mod tests {
         let storage = Storage::open(dir.path(), cfg(50), metrics.clone()).await.unwrap();
         // 10 appends of 30 points over 3 shards: crosses the memtable limit and the merge limit.
         for round in 0..10 {
-            let points = (0..30)
+            let points: Vec<Point> = (0..30)
                 .map(|i| Point {
                     timestamp: (round * 30 + i) * 10 - 500,
                     value: Num::Int(1),
@@ -255,7 +260,7 @@ mod tests {
                     tags: Default::default(),
                 })
                 .collect();
-            storage.write(&key, points).await.unwrap();
+            storage.write(&key, RowBatch::from_points(&points).unwrap()).await.unwrap();
         }
         assert_eq!(count(&storage, &key), (300, 300));
         assert_eq!(storage.shard_count(), 4, "timestamps -500..2500 span 4 one-second shards");

@@ -7,7 +7,7 @@
 //! File: `MAGIC | block* | footer | footer_len u32 | footer_crc u32 | END_MAGIC`, every block
 //! checked by its own crc32 on read. A mismatch is an error, never silently read.
 
-use super::batch::{DictColumn, RowBatch, RowBatchBuilder};
+use crate::model::batch::{DictColumn, NULL_CODE, RowBatch, RowBatchBuilder};
 use crate::model::{FieldClass, FieldValue, Num};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -108,7 +108,7 @@ fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock {
         let mut codes = Vec::with_capacity(rows.len());
         for &r in rows {
             let c = col.codes[r];
-            if c == super::batch::NULL_CODE {
+            if c == NULL_CODE {
                 codes.push(c);
                 continue;
             }
@@ -259,9 +259,7 @@ impl Segment {
             let dict_bytes = zstd::decode_all(&f.dict[..]).map_err(|e| corrupt(e.to_string()))?;
             let dict: Vec<FieldValue> = postcard::from_bytes(&dict_bytes).map_err(|e| corrupt(e.to_string()))?;
             let codes: Vec<u32> = pco_decompress(&f.codes).map_err(corrupt)?;
-            if codes.len() != batch.len()
-                || codes.iter().any(|&c| c != super::batch::NULL_CODE && c as usize >= dict.len())
-            {
+            if codes.len() != batch.len() || codes.iter().any(|&c| c != NULL_CODE && c as usize >= dict.len()) {
                 return Err(corrupt(format!("column {} is inconsistent", f.name)));
             }
             batch.columns.insert(f.name, DictColumn { class: Some(f.class), dict, codes });
@@ -273,7 +271,7 @@ impl Segment {
     pub fn read_all(&self) -> Result<RowBatch, SegmentError> {
         let mut builder = RowBatchBuilder::default();
         for meta in &self.blocks {
-            builder.extend_from(&self.read_block(meta, None)?);
+            builder.extend_from(&self.read_block(meta, None)?, None);
         }
         Ok(builder.finish())
     }
@@ -300,7 +298,7 @@ mod tests {
             if i % 2 == 0 {
                 p.dimensions.insert("host".into(), FieldValue::Int(i as i64 % 7));
             }
-            b.push(&p);
+            b.push(&p).unwrap();
         }
         let batch = b.finish();
         let path = segment_path(dir.path(), 1);

@@ -8,12 +8,12 @@
 //! Folder: `MANIFEST` (live segments and the first WAL to replay), `wal-<seq>.log`,
 //! `seg-<seq>.seg`. Files not named by the manifest are leftovers of a crash and are removed.
 
-use super::batch::{RowBatch, RowBatchBuilder};
 use super::segment::{Segment, segment_path, write_segment};
 use super::wal::{WalWriter, encode_record, list_wal_seqs, replay, wal_path};
 use super::{StorageConfig, StorageError, fsync_dir};
 use crate::metrics::Metrics;
-use crate::model::{MetricKey, Point};
+use crate::model::MetricKey;
+use crate::model::batch::{RowBatch, RowBatchBuilder};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -84,9 +84,9 @@ struct ShardState {
 type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
 
 enum Command {
-    Append { points: Vec<Point>, done: oneshot::Sender<Result<(), StorageError>> },
-    Flush { done: oneshot::Sender<Result<(), StorageError>> },
-    Delete { keep: KeepRow, done: oneshot::Sender<Result<u64, StorageError>> },
+    Append { batch: RowBatch, done: Reply<()> },
+    Flush { done: Reply<()> },
+    Delete { keep: KeepRow, done: Reply<u64> },
     Close { done: oneshot::Sender<()> },
 }
 
@@ -137,9 +137,9 @@ impl Shard {
     }
 
     /// Makes `points` durable; returns once they are fsynced and visible to scans.
-    pub async fn append(&self, points: Vec<Point>) -> Result<(), StorageError> {
+    pub async fn append(&self, batch: RowBatch) -> Result<(), StorageError> {
         let (done, rx) = oneshot::channel();
-        self.tx.send(Command::Append { points, done }).await.map_err(|_| StorageError::Closed)?;
+        self.tx.send(Command::Append { batch, done }).await.map_err(|_| StorageError::Closed)?;
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
@@ -240,10 +240,8 @@ fn recover(dir: &Path, metrics: &Metrics) -> Result<(ShardState, u64), StorageEr
             tracing::warn!(wal = %path.display(), torn_bytes = r.torn_bytes, "dropped a torn WAL tail");
             metrics.wal_torn_bytes.fetch_add(r.torn_bytes, std::sync::atomic::Ordering::Relaxed);
         }
-        for points in r.batches {
-            for p in &points {
-                state.memtable.push(p);
-            }
+        for batch in r.batches {
+            state.memtable.extend_from(&batch, None);
         }
     }
     if !state.memtable.batch.is_empty() {
@@ -270,11 +268,11 @@ impl Writer {
                 },
             };
             match cmd {
-                Command::Append { points, done } => {
-                    let mut group = vec![(points, done)];
+                Command::Append { batch, done } => {
+                    let mut group = vec![(batch, done)];
                     while group.len() < GROUP_APPENDS_MAX {
                         match rx.try_recv() {
-                            Ok(Command::Append { points, done }) => group.push((points, done)),
+                            Ok(Command::Append { batch, done }) => group.push((batch, done)),
                             Ok(other) => {
                                 pending = Some(other);
                                 break;
@@ -298,10 +296,10 @@ impl Writer {
         }
     }
 
-    async fn commit(&mut self, group: Vec<(Vec<Point>, Reply<()>)>) {
+    async fn commit(&mut self, group: Vec<(RowBatch, Reply<()>)>) {
         let mut bytes = Vec::new();
-        for (points, _) in &group {
-            encode_record(points, &mut bytes);
+        for (batch, _) in &group {
+            encode_record(batch, &mut bytes);
         }
         let mut wal = self.wal.take().expect("writer owns the WAL");
         let started = tokio::time::Instant::now();
@@ -331,10 +329,8 @@ impl Writer {
         }
         let memtable_len = {
             let mut st = self.shard.state.write().expect("shard lock");
-            for (points, _) in &group {
-                for p in points {
-                    st.memtable.push(p);
-                }
+            for (batch, _) in &group {
+                st.memtable.extend_from(batch, None);
             }
             if st.memtable_since.is_none() {
                 st.memtable_since = Some(tokio::time::Instant::now());
@@ -431,8 +427,8 @@ impl Writer {
         let mut st = self.shard.state.write().expect("shard lock");
         if let Some(frozen) = st.frozen.take() {
             let mut restored = RowBatchBuilder::default();
-            restored.extend_from(&frozen);
-            restored.extend_from(&st.memtable.batch);
+            restored.extend_from(&frozen, None);
+            restored.extend_from(&st.memtable.batch, None);
             st.memtable = restored;
             st.memtable_since.get_or_insert_with(tokio::time::Instant::now);
         }
@@ -461,13 +457,10 @@ impl Writer {
                 for meta in &seg.blocks {
                     let batch = seg.read_block(meta, None)?;
                     let mask = keep.as_ref().map(|k| k(&batch));
-                    for row in 0..batch.len() {
-                        if mask.as_ref().is_none_or(|m| m[row]) {
-                            merged.push(&batch.point(row));
-                        } else {
-                            dropped += 1;
-                        }
+                    if let Some(m) = &mask {
+                        dropped += m.iter().filter(|keep| !**keep).count() as u64;
                     }
+                    merged.extend_from(&batch, mask.as_deref());
                 }
             }
             if keep.is_some() && dropped == 0 {

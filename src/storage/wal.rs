@@ -1,10 +1,10 @@
 //! Write-ahead log of one shard. A record is `[len: u32 LE][crc32 of payload: u32 LE][payload]`,
-//! the payload a postcard-encoded `Vec<Point>` (one ingest request's points for this shard).
+//! the payload a postcard-encoded [`RowBatch`] (one ingest request's points for this shard).
 //! Appends are batched by the shard's writer (group commit) and made durable with one
 //! `fdatasync` per batch. Replay stops at the first record that is short or fails its checksum
 //! and truncates the file there: that is a torn tail from a crash, never an acknowledged write.
 
-use crate::model::Point;
+use crate::model::batch::RowBatch;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -31,8 +31,8 @@ pub fn list_wal_seqs(dir: &Path) -> std::io::Result<Vec<u64>> {
     Ok(seqs)
 }
 
-pub fn encode_record(points: &[Point], out: &mut Vec<u8>) {
-    let payload = postcard::to_stdvec(points).expect("points always encode");
+pub fn encode_record(batch: &RowBatch, out: &mut Vec<u8>) {
+    let payload = postcard::to_stdvec(batch).expect("batches always encode");
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
@@ -60,7 +60,7 @@ impl WalWriter {
 /// What replaying one WAL file found.
 #[derive(Debug, Default)]
 pub struct Replay {
-    pub batches: Vec<Vec<Point>>,
+    pub batches: Vec<RowBatch>,
     /// Bytes cut from the end because they did not form a whole, valid record.
     pub torn_bytes: u64,
 }
@@ -82,9 +82,9 @@ pub fn replay(path: &Path) -> std::io::Result<Replay> {
         if crc32fast::hash(payload) != crc {
             break;
         }
-        match postcard::from_bytes::<Vec<Point>>(payload) {
-            Ok(points) => replay.batches.push(points),
-            Err(_) => break,
+        match postcard::from_bytes::<RowBatch>(payload) {
+            Ok(batch) if batch.validate().is_ok() => replay.batches.push(batch),
+            _ => break,
         }
         pos = start + len;
     }
@@ -100,10 +100,19 @@ pub fn replay(path: &Path) -> std::io::Result<Replay> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Num;
+    use crate::model::{Num, Point};
 
-    fn point(ts: i64) -> Point {
-        Point { timestamp: ts, value: Num::Int(ts), dimensions: Default::default(), tags: Default::default() }
+    fn points(ts: &[i64]) -> RowBatch {
+        let points: Vec<Point> = ts
+            .iter()
+            .map(|&t| Point {
+                timestamp: t,
+                value: Num::Int(t),
+                dimensions: Default::default(),
+                tags: Default::default(),
+            })
+            .collect();
+        RowBatch::from_points(&points).unwrap()
     }
 
     #[test]
@@ -111,16 +120,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = WalWriter::create(dir.path(), 1).unwrap();
         let mut buf = Vec::new();
-        encode_record(&[point(1), point(2)], &mut buf);
-        encode_record(&[point(3)], &mut buf);
+        encode_record(&points(&[1, 2]), &mut buf);
+        encode_record(&points(&[3]), &mut buf);
         w.append_durable(&buf).unwrap();
         // A torn third record: header and half the payload.
         let mut torn = Vec::new();
-        encode_record(&[point(4)], &mut torn);
+        encode_record(&points(&[4]), &mut torn);
         w.append_durable(&torn[..torn.len() - 2]).unwrap();
         let r = replay(&wal_path(dir.path(), 1)).unwrap();
         assert_eq!(r.batches.len(), 2);
-        assert_eq!(r.batches[1], vec![point(3)]);
+        assert_eq!(r.batches[1], points(&[3]));
         assert_eq!(r.torn_bytes, torn.len() as u64 - 2);
         // The file was truncated, so a second replay finds nothing torn.
         let r = replay(&wal_path(dir.path(), 1)).unwrap();
@@ -132,9 +141,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = WalWriter::create(dir.path(), 7).unwrap();
         let mut buf = Vec::new();
-        encode_record(&[point(1)], &mut buf);
+        encode_record(&points(&[1]), &mut buf);
         let first = buf.len();
-        encode_record(&[point(2)], &mut buf);
+        encode_record(&points(&[2]), &mut buf);
         let last = buf.len() - 1;
         buf[last] ^= 0xff;
         w.append_durable(&buf).unwrap();

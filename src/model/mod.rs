@@ -1,6 +1,9 @@
 //! The NSDb data model: db › namespace › metric, and points with a timestamp, a numeric value,
 //! dimensions and tags. Everything here is plain data plus validation; no I/O.
 
+pub mod batch;
+
+use batch::RowBatch;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -157,35 +160,6 @@ impl Point {
             _ => self.tags.get(name).or_else(|| self.dimensions.get(name)).cloned(),
         }
     }
-
-    pub fn validate(&self) -> Result<(), String> {
-        if let Num::Dec(d) = self.value
-            && !d.is_finite()
-        {
-            return Err(format!("value {d} is not a finite number"));
-        }
-        for (class, fields) in [(FieldClass::Dimension, &self.dimensions), (FieldClass::Tag, &self.tags)] {
-            for (name, v) in fields {
-                validate_name(&class.to_string(), name)?;
-                if name == "value" || name == "timestamp" {
-                    return Err(format!("{class} name {name:?} is reserved"));
-                }
-                match v {
-                    FieldValue::Dec(d) if !d.is_finite() => {
-                        return Err(format!("{class} {name:?} value {d} is not a finite number"));
-                    }
-                    FieldValue::Str(s) if s.len() > STRING_VALUE_LEN_MAX => {
-                        return Err(format!("{class} {name:?} is longer than {STRING_VALUE_LEN_MAX} bytes"));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        if let Some(name) = self.dimensions.keys().find(|n| self.tags.contains_key(*n)) {
-            return Err(format!("field {name:?} is sent both as a dimension and as a tag"));
-        }
-        Ok(())
-    }
 }
 
 /// A metric's schema: the union of fields seen, each with one class and one type forever.
@@ -195,25 +169,47 @@ pub struct Schema {
 }
 
 impl Schema {
-    /// The fields of `point` that this schema does not have yet, or the first contradiction.
-    pub fn check(&self, point: &Point) -> Result<Vec<(String, FieldClass, FieldType)>, String> {
-        let mut new_fields = Vec::new();
-        let value = [("value".to_string(), FieldClass::Value, point.value.field_type())];
-        let dims = point.dimensions.iter().map(|(n, v)| (n.clone(), FieldClass::Dimension, v.field_type()));
-        let tags = point.tags.iter().map(|(n, v)| (n.clone(), FieldClass::Tag, v.field_type()));
-        for (name, class, ty) in value.into_iter().chain(dims).chain(tags) {
-            match self.fields.get(&name) {
-                None => new_fields.push((name, class, ty)),
-                Some(&(known_class, known_ty)) => {
-                    if known_class != class {
-                        return Err(format!(
-                            "field {name:?} is a {known_class} in the schema but was sent as a {class}"
-                        ));
-                    }
-                    if known_ty != ty {
-                        return Err(format!("field {name:?} has type {known_ty} in the schema but was sent as {ty}"));
-                    }
+    /// The fields of `batch` that this schema does not have yet, or the first contradiction
+    /// (with the schema, or between points of the batch). Costs one pass over the values and
+    /// one per distinct dimension/tag value, not one per point.
+    pub fn check_batch(&self, batch: &RowBatch) -> Result<Vec<(String, FieldClass, FieldType)>, String> {
+        let mut new_fields: Vec<(String, FieldClass, FieldType)> = Vec::new();
+        let mut check = |name: &str, class: FieldClass, ty: FieldType| -> Result<(), String> {
+            match self.fields.get(name) {
+                Some(&(known_class, _)) if known_class != class => {
+                    Err(format!("field {name:?} is a {known_class} in the schema but was sent as a {class}"))
                 }
+                Some(&(_, known_ty)) if known_ty != ty => {
+                    Err(format!("field {name:?} has type {known_ty} in the schema but was sent as {ty}"))
+                }
+                Some(_) => Ok(()),
+                None => match new_fields.iter().find(|(n, _, _)| n == name) {
+                    Some((_, c, t)) if (*c, *t) != (class, ty) => Err(format!(
+                        "field {name:?} is sent both as a {c} of type {t} and as a {class} of type {ty} in one batch"
+                    )),
+                    Some(_) => Ok(()),
+                    None => {
+                        new_fields.push((name.to_string(), class, ty));
+                        Ok(())
+                    }
+                },
+            }
+        };
+        let has_int = batch.values.iter().any(|v| matches!(v, Num::Int(_)));
+        let has_dec = batch.values.iter().any(|v| matches!(v, Num::Dec(_)));
+        if has_int {
+            check("value", FieldClass::Value, FieldType::Int)?;
+        }
+        if has_dec {
+            check("value", FieldClass::Value, FieldType::Dec)?;
+        }
+        for (name, col) in &batch.columns {
+            let class = col.class.unwrap_or(FieldClass::Dimension);
+            let mut types: Vec<FieldType> = col.dict.iter().map(FieldValue::field_type).collect();
+            types.sort();
+            types.dedup();
+            for ty in types {
+                check(name, class, ty)?;
             }
         }
         Ok(new_fields)
@@ -250,17 +246,24 @@ mod tests {
         let mut schema = Schema::default();
         schema.fields.insert("value".into(), (FieldClass::Value, FieldType::Int));
         schema.fields.insert("region".into(), (FieldClass::Tag, FieldType::Str));
-        let mut p = Point { timestamp: 1, value: Num::Int(1), dimensions: BTreeMap::new(), tags: BTreeMap::new() };
-        p.tags.insert("region".into(), FieldValue::Int(3));
-        let err = schema.check(&p).unwrap_err();
+        let point = |value: Num, dims: &[(&str, FieldValue)], tags: &[(&str, FieldValue)]| Point {
+            timestamp: 1,
+            value,
+            dimensions: dims.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            tags: tags.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        };
+        let check = |points: &[Point]| schema.check_batch(&RowBatch::from_points(points).unwrap());
+        let err = check(&[point(Num::Int(1), &[], &[("region", FieldValue::Int(3))])]).unwrap_err();
         assert!(err.contains("region") && err.contains("VARCHAR") && err.contains("INT"), "{err}");
-        p.tags.clear();
-        p.dimensions.insert("region".into(), FieldValue::Str("eu".into()));
-        assert!(schema.check(&p).unwrap_err().contains("dimension"));
-        p.dimensions.clear();
-        p.dimensions.insert("host".into(), FieldValue::Str("a".into()));
-        assert_eq!(schema.check(&p).unwrap().len(), 1);
-        p.value = Num::Dec(1.5);
-        assert!(schema.check(&p).unwrap_err().contains("value"));
+        let err = check(&[point(Num::Int(1), &[("region", FieldValue::Str("eu".into()))], &[])]).unwrap_err();
+        assert!(err.contains("dimension"), "{err}");
+        let ok = check(&[point(Num::Int(1), &[("host", FieldValue::Str("a".into()))], &[])]).unwrap();
+        assert_eq!(ok, vec![("host".to_string(), FieldClass::Dimension, FieldType::Str)]);
+        assert!(check(&[point(Num::Dec(1.5), &[], &[])]).unwrap_err().contains("value"));
+        let mixed = [
+            point(Num::Int(1), &[("cpu", FieldValue::Int(1))], &[]),
+            point(Num::Int(1), &[("cpu", FieldValue::Dec(0.5))], &[]),
+        ];
+        assert!(check(&mixed).unwrap_err().contains("one batch"));
     }
 }

@@ -1,0 +1,334 @@
+//! `RowBatch`: the columnar, dictionary-encoded form of points. Ingest parses straight into it,
+//! the WAL logs it, the memtable appends it, segments are cut from it and queries scan it: one
+//! shape from the request body to the query, so the hot path never builds a point per row.
+
+use crate::model::{FieldClass, FieldValue, Num, Point, STRING_VALUE_LEN_MAX, validate_name};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Marks a row with no value in a field column.
+pub const NULL_CODE: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DictColumn {
+    pub class: Option<FieldClass>,
+    /// Distinct values; `codes` index into it.
+    pub dict: Vec<FieldValue>,
+    pub codes: Vec<u32>,
+}
+
+impl DictColumn {
+    pub fn get(&self, row: usize) -> Option<&FieldValue> {
+        match self.codes.get(row) {
+            Some(&c) if c != NULL_CODE => self.dict.get(c as usize),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RowBatch {
+    pub timestamps: Vec<i64>,
+    pub values: Vec<Num>,
+    /// Dimension and tag columns by name (a name is either a dimension or a tag).
+    pub columns: BTreeMap<String, DictColumn>,
+}
+
+impl RowBatch {
+    pub fn len(&self) -> usize {
+        self.timestamps.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.timestamps.is_empty()
+    }
+
+    /// Rebuilds one row as a point (for raw query results).
+    pub fn point(&self, row: usize) -> Point {
+        let mut dimensions = BTreeMap::new();
+        let mut tags = BTreeMap::new();
+        for (name, col) in &self.columns {
+            if let Some(v) = col.get(row) {
+                match col.class {
+                    Some(FieldClass::Tag) => tags.insert(name.clone(), v.clone()),
+                    _ => dimensions.insert(name.clone(), v.clone()),
+                };
+            }
+        }
+        Point { timestamp: self.timestamps[row], value: self.values[row], dimensions, tags }
+    }
+
+    pub fn from_points<'a>(points: impl IntoIterator<Item = &'a Point>) -> Result<RowBatch, String> {
+        let mut b = RowBatchBuilder::default();
+        for p in points {
+            b.push(p)?;
+        }
+        Ok(b.finish())
+    }
+
+    /// The given rows, in that order, as a new batch.
+    pub fn select(&self, rows: &[usize]) -> RowBatch {
+        let mut out = RowBatch {
+            timestamps: rows.iter().map(|&r| self.timestamps[r]).collect(),
+            values: rows.iter().map(|&r| self.values[r]).collect(),
+            columns: BTreeMap::new(),
+        };
+        for (name, col) in &self.columns {
+            let codes: Vec<u32> = rows.iter().map(|&r| col.codes[r]).collect();
+            if codes.iter().any(|&c| c != NULL_CODE) {
+                out.columns.insert(name.clone(), DictColumn { class: col.class, dict: col.dict.clone(), codes });
+            }
+        }
+        out
+    }
+
+    /// Checks the invariants a batch from an untrusted source must keep: aligned columns,
+    /// codes inside their dictionary, known classes.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.values.len() != self.timestamps.len() {
+            return Err("values and timestamps differ in length".into());
+        }
+        for (name, col) in &self.columns {
+            if col.codes.len() != self.len() || col.class.is_none() {
+                return Err(format!("column {name} is malformed"));
+            }
+            if col.codes.iter().any(|&c| c != NULL_CODE && c as usize >= col.dict.len()) {
+                return Err(format!("column {name} has a code outside its dictionary"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A field value borrowed from the request being parsed.
+#[derive(Debug, Clone, Copy)]
+pub enum FieldRef<'a> {
+    Str(&'a str),
+    Int(i64),
+    Dec(f64),
+}
+
+impl FieldRef<'_> {
+    fn to_owned_value(self) -> FieldValue {
+        match self {
+            FieldRef::Str(s) => FieldValue::Str(s.to_string()),
+            FieldRef::Int(i) => FieldValue::Int(i),
+            FieldRef::Dec(d) => FieldValue::Dec(d),
+        }
+    }
+}
+
+impl<'a> From<&'a FieldValue> for FieldRef<'a> {
+    fn from(v: &'a FieldValue) -> Self {
+        match v {
+            FieldValue::Str(s) => FieldRef::Str(s),
+            FieldValue::Int(i) => FieldRef::Int(*i),
+            FieldValue::Dec(d) => FieldRef::Dec(*d),
+        }
+    }
+}
+
+/// Dictionary lookup for one column, by value type (f64 by its bits). Lookups by `&str` do
+/// not allocate, which matters on the ingest path.
+#[derive(Debug, Default)]
+struct ColumnIndex {
+    strs: FastMap<String, u32>,
+    ints: FastMap<i64, u32>,
+    decs: FastMap<u64, u32>,
+}
+
+impl ColumnIndex {
+    fn code(&mut self, dict: &mut Vec<FieldValue>, value: FieldRef) -> u32 {
+        let next = dict.len() as u32;
+        let code = match value {
+            FieldRef::Str(s) => match self.strs.get(s) {
+                Some(&c) => return c,
+                None => *self.strs.entry(s.to_string()).or_insert(next),
+            },
+            FieldRef::Int(i) => *self.ints.entry(i).or_insert(next),
+            FieldRef::Dec(d) => *self.decs.entry(d.to_bits()).or_insert(next),
+        };
+        if code == next {
+            dict.push(value.to_owned_value());
+        }
+        code
+    }
+}
+
+/// Appends rows to a `RowBatch`, keeping one dictionary per column.
+#[derive(Debug, Default)]
+pub struct RowBatchBuilder {
+    pub batch: RowBatch,
+    index: FastMap<String, ColumnIndex>,
+}
+
+impl RowBatchBuilder {
+    /// Appends one row, validating what a client could get wrong: names, the class of a name
+    /// (dimension or tag), string lengths, finite numbers.
+    pub fn push_row(
+        &mut self,
+        timestamp: i64,
+        value: Num,
+        fields: &[(&str, FieldClass, FieldRef)],
+    ) -> Result<(), String> {
+        if let Num::Dec(d) = value
+            && !d.is_finite()
+        {
+            return Err(format!("value {d} is not a finite number"));
+        }
+        for &(name, class, v) in fields {
+            match v {
+                FieldRef::Dec(d) if !d.is_finite() => {
+                    return Err(format!("{class} {name:?} value {d} is not a finite number"));
+                }
+                FieldRef::Str(s) if s.len() > STRING_VALUE_LEN_MAX => {
+                    return Err(format!("{class} {name:?} is longer than {STRING_VALUE_LEN_MAX} bytes"));
+                }
+                _ => {}
+            }
+            match self.batch.columns.get(name) {
+                Some(col) if col.class != Some(class) => {
+                    let known = col.class.map_or("field".to_string(), |c| c.to_string());
+                    return Err(format!("field {name:?} is sent both as a {known} and as a {class}"));
+                }
+                Some(_) => {}
+                None => {
+                    validate_name(&class.to_string(), name)?;
+                    if name == "value" || name == "timestamp" {
+                        return Err(format!("{class} name {name:?} is reserved"));
+                    }
+                }
+            }
+        }
+        let row = self.batch.len();
+        for (i, &(name, _, _)) in fields.iter().enumerate() {
+            if fields[..i].iter().any(|(n, _, _)| *n == name) {
+                return Err(format!("field {name:?} appears twice in one point"));
+            }
+        }
+        self.batch.timestamps.push(timestamp);
+        self.batch.values.push(value);
+        for &(name, class, v) in fields {
+            let (index, col) = self.column(name, class, row);
+            let code = index.code(&mut col.dict, v);
+            col.codes.push(code);
+        }
+        self.pad_nulls(row + 1);
+        Ok(())
+    }
+
+    pub fn push(&mut self, point: &Point) -> Result<(), String> {
+        let fields: Vec<(&str, FieldClass, FieldRef)> = point
+            .dimensions
+            .iter()
+            .map(|(n, v)| (n.as_str(), FieldClass::Dimension, v.into()))
+            .chain(point.tags.iter().map(|(n, v)| (n.as_str(), FieldClass::Tag, v.into())))
+            .collect();
+        self.push_row(point.timestamp, point.value, &fields)
+    }
+
+    fn column(&mut self, name: &str, class: FieldClass, rows: usize) -> (&mut ColumnIndex, &mut DictColumn) {
+        if !self.index.contains_key(name) {
+            self.index.insert(name.to_string(), ColumnIndex::default());
+            let col = DictColumn { class: Some(class), dict: Vec::new(), codes: vec![NULL_CODE; rows] };
+            self.batch.columns.insert(name.to_string(), col);
+        }
+        let index = self.index.get_mut(name).expect("inserted above");
+        let col = self.batch.columns.get_mut(name).expect("inserted with its index");
+        (index, col)
+    }
+
+    /// Columns a row had no value for get nulls, keeping every column `rows` long.
+    fn pad_nulls(&mut self, rows: usize) {
+        for col in self.batch.columns.values_mut() {
+            if col.codes.len() < rows {
+                col.codes.resize(rows, NULL_CODE);
+            }
+        }
+    }
+
+    /// Appends the rows of `batch` that `keep` selects (all when `None`), re-coding each column
+    /// against this builder's dictionaries: the cost is per distinct value plus a copy per row.
+    pub fn extend_from(&mut self, batch: &RowBatch, keep: Option<&[bool]>) {
+        let selected = |r: usize| keep.is_none_or(|k| k[r]);
+        let start = self.batch.len();
+        for r in (0..batch.len()).filter(|&r| selected(r)) {
+            self.batch.timestamps.push(batch.timestamps[r]);
+            self.batch.values.push(batch.values[r]);
+        }
+        for (name, src) in &batch.columns {
+            let class = src.class.unwrap_or(FieldClass::Dimension);
+            let (index, col) = self.column(name, class, start);
+            let remap: Vec<u32> = src.dict.iter().map(|v| index.code(&mut col.dict, v.into())).collect();
+            for r in (0..batch.len()).filter(|&r| selected(r)) {
+                let c = src.codes[r];
+                col.codes.push(if c == NULL_CODE { NULL_CODE } else { remap[c as usize] });
+            }
+        }
+        self.pad_nulls(self.batch.len());
+    }
+
+    pub fn finish(self) -> RowBatch {
+        self.batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_keeps_columns_aligned_and_roundtrips_points() {
+        let mut b = RowBatchBuilder::default();
+        let mut p1 = Point { timestamp: 1, value: Num::Int(1), dimensions: BTreeMap::new(), tags: BTreeMap::new() };
+        p1.tags.insert("region".into(), FieldValue::Str("eu".into()));
+        let mut p2 = p1.clone();
+        p2.timestamp = 2;
+        p2.tags.clear();
+        p2.dimensions.insert("cpu".into(), FieldValue::Dec(0.5));
+        let mut p3 = p1.clone();
+        p3.timestamp = 3;
+        for p in [&p1, &p2, &p3] {
+            b.push(p).unwrap();
+        }
+        let batch = b.finish();
+        assert_eq!(batch.columns["region"].codes, vec![0, NULL_CODE, 0]);
+        assert_eq!(batch.columns["cpu"].codes, vec![NULL_CODE, 0, NULL_CODE]);
+        assert_eq!(batch.point(0), p1);
+        assert_eq!(batch.point(1), p2);
+        assert_eq!(batch.point(2), p3);
+        let sel = batch.select(&[2, 0]);
+        assert_eq!(sel.point(0), p3);
+        assert!(!sel.columns.contains_key("cpu"));
+        batch.validate().unwrap();
+
+        // Re-coding into another builder with its own dictionaries keeps every row.
+        let mut other = RowBatchBuilder::default();
+        let mut p0 = p1.clone();
+        p0.tags.insert("region".into(), FieldValue::Str("us".into()));
+        other.push(&p0).unwrap();
+        other.extend_from(&batch, Some(&[true, true, false]));
+        let merged = other.finish();
+        assert_eq!(merged.len(), 3);
+        assert_eq!((merged.point(0), merged.point(1), merged.point(2)), (p0, p1, p2));
+    }
+
+    #[test]
+    fn push_row_rejects_what_a_client_gets_wrong() {
+        let mut b = RowBatchBuilder::default();
+        b.push_row(1, Num::Int(1), &[("region", FieldClass::Tag, FieldRef::Str("eu"))]).unwrap();
+        let cases: Vec<(Vec<(&str, FieldClass, FieldRef)>, &str)> = vec![
+            (vec![("region", FieldClass::Dimension, FieldRef::Str("eu"))], "both as a tag and as a dimension"),
+            (vec![("9x", FieldClass::Tag, FieldRef::Int(1))], "name"),
+            (vec![("value", FieldClass::Tag, FieldRef::Int(1))], "reserved"),
+            (vec![("d", FieldClass::Dimension, FieldRef::Dec(f64::NAN))], "finite"),
+            (vec![("a", FieldClass::Tag, FieldRef::Int(1)), ("a", FieldClass::Tag, FieldRef::Int(2))], "twice"),
+        ];
+        for (fields, needle) in cases {
+            let err = b.push_row(2, Num::Int(1), &fields).unwrap_err();
+            assert!(err.contains(needle), "{err}");
+        }
+        assert_eq!(b.finish().len(), 1, "rejected rows leave no trace");
+    }
+}
