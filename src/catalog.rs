@@ -3,7 +3,7 @@
 //! interface a CRDT synced by anti-entropy, so callers do not change.
 
 use crate::model::batch::RowBatch;
-use crate::model::{FieldClass, FieldType, MetricKey, Schema};
+use crate::model::{FieldClass, FieldType, MetricKey, NewField, Schema};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
@@ -61,7 +61,7 @@ impl Catalog {
     /// Checks every point of a batch against the schemas and extends them with new fields,
     /// all or nothing across all the batch's metrics.
     pub fn admit(&self, batch: &[(MetricKey, RowBatch)]) -> Result<(), CatalogError> {
-        let mut additions: Vec<(&MetricKey, Vec<(String, FieldClass, FieldType)>)> = Vec::new();
+        let mut additions: Vec<(&MetricKey, Vec<NewField>)> = Vec::new();
         {
             let schemas = self.schemas.read().expect("catalog lock");
             let empty = Schema::default();

@@ -4,7 +4,7 @@
 //! Lines are parsed into borrowed slices and appended straight to a [`RowBatchBuilder`]; no
 //! point object is built per line.
 
-use crate::model::batch::{FieldRef, RowBatch, RowBatchBuilder};
+use crate::model::batch::{FieldEntry, FieldRef, RowBatch, RowBatchBuilder};
 use crate::model::{FieldClass, FieldValue, MetricKey, Num};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -96,7 +96,7 @@ fn push_bit(builder: &mut RowBatchBuilder, bit: &serde_json::Value, now_ms: i64)
             Some(_) => return Err(format!("{name} must be an object")),
         }
     }
-    let refs: Vec<(&str, FieldClass, FieldRef)> = fields.iter().map(|(n, c, v)| (*n, *c, v.into())).collect();
+    let refs: Vec<FieldEntry> = fields.iter().map(|(n, c, v)| (*n, *c, v.into())).collect();
     builder.push_row(timestamp, value, &refs)
 }
 
@@ -165,7 +165,7 @@ pub fn parse_line_protocol(
             Some(t) => precision.to_ms(t).ok_or_else(|| at("timestamp out of range".into()))?,
             None => now_ms,
         };
-        let tag_refs: Vec<(&str, FieldClass, FieldRef)> =
+        let tag_refs: Vec<FieldEntry> =
             parsed.tags.iter().map(|(k, v)| (k.as_ref(), FieldClass::Tag, FieldRef::Str(v.as_ref()))).collect();
         for (field, value) in &parsed.fields {
             let known = lookup

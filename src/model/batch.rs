@@ -101,6 +101,9 @@ impl RowBatch {
     }
 }
 
+/// One dimension or tag of a row being appended.
+pub type FieldEntry<'a> = (&'a str, FieldClass, FieldRef<'a>);
+
 /// A field value borrowed from the request being parsed.
 #[derive(Debug, Clone, Copy)]
 pub enum FieldRef<'a> {
@@ -219,7 +222,7 @@ impl RowBatchBuilder {
     }
 
     pub fn push(&mut self, point: &Point) -> Result<(), String> {
-        let fields: Vec<(&str, FieldClass, FieldRef)> = point
+        let fields: Vec<FieldEntry> = point
             .dimensions
             .iter()
             .map(|(n, v)| (n.as_str(), FieldClass::Dimension, v.into()))
@@ -318,7 +321,7 @@ mod tests {
     fn push_row_rejects_what_a_client_gets_wrong() {
         let mut b = RowBatchBuilder::default();
         b.push_row(1, Num::Int(1), &[("region", FieldClass::Tag, FieldRef::Str("eu"))]).unwrap();
-        let cases: Vec<(Vec<(&str, FieldClass, FieldRef)>, &str)> = vec![
+        let cases: Vec<(Vec<FieldEntry>, &str)> = vec![
             (vec![("region", FieldClass::Dimension, FieldRef::Str("eu"))], "both as a tag and as a dimension"),
             (vec![("9x", FieldClass::Tag, FieldRef::Int(1))], "name"),
             (vec![("value", FieldClass::Tag, FieldRef::Int(1))], "reserved"),

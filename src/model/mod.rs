@@ -162,6 +162,9 @@ impl Point {
     }
 }
 
+/// A field a batch adds to a schema: name, class, type.
+pub type NewField = (String, FieldClass, FieldType);
+
 /// A metric's schema: the union of fields seen, each with one class and one type forever.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Schema {
@@ -172,8 +175,8 @@ impl Schema {
     /// The fields of `batch` that this schema does not have yet, or the first contradiction
     /// (with the schema, or between points of the batch). Costs one pass over the values and
     /// one per distinct dimension/tag value, not one per point.
-    pub fn check_batch(&self, batch: &RowBatch) -> Result<Vec<(String, FieldClass, FieldType)>, String> {
-        let mut new_fields: Vec<(String, FieldClass, FieldType)> = Vec::new();
+    pub fn check_batch(&self, batch: &RowBatch) -> Result<Vec<NewField>, String> {
+        let mut new_fields: Vec<NewField> = Vec::new();
         let mut check = |name: &str, class: FieldClass, ty: FieldType| -> Result<(), String> {
             match self.fields.get(name) {
                 Some(&(known_class, _)) if known_class != class => {
