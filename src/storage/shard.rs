@@ -105,6 +105,8 @@ struct Writer {
     shard: Arc<Shard>,
     wal: Option<WalWriter>,
     next_seq: u64,
+    /// The compaction running in the background, if any (at most one per shard).
+    compacting: Option<tokio::task::JoinHandle<Result<(), StorageError>>>,
     cfg: StorageConfig,
     metrics: Arc<Metrics>,
 }
@@ -131,7 +133,8 @@ impl Shard {
         let wal = tokio::task::spawn_blocking(move || WalWriter::create(&wal_dir, next_seq))
             .await
             .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
-        let writer = Writer { shard: shard.clone(), wal: Some(wal), next_seq: next_seq + 1, cfg, metrics };
+        let writer =
+            Writer { shard: shard.clone(), wal: Some(wal), next_seq: next_seq + 1, compacting: None, cfg, metrics };
         tokio::spawn(writer.run(rx));
         Ok(shard)
     }
@@ -283,12 +286,15 @@ impl Writer {
                     self.commit(group).await;
                 }
                 Command::Flush { done } => {
-                    let _ = done.send(self.flush().await);
+                    let _ = done.send(self.flush(true).await);
                 }
                 Command::Delete { keep, done } => {
                     let _ = done.send(self.delete(keep).await);
                 }
                 Command::Close { done } => {
+                    if let Some(running) = self.compacting.take() {
+                        let _ = running.await;
+                    }
                     let _ = done.send(());
                     return;
                 }
@@ -343,7 +349,7 @@ impl Writer {
             let _ = done.send(Ok(()));
         }
         if memtable_len >= self.cfg.memtable_points_max
-            && let Err(e) = self.flush().await
+            && let Err(e) = self.flush(false).await
         {
             tracing::error!(shard = %self.shard.id, error = %e, "compaction failed; points stay in the WAL");
         }
@@ -354,8 +360,19 @@ impl Writer {
         self.next_seq - 1
     }
 
-    /// Writes the memtable to a new segment and starts a new WAL.
-    async fn flush(&mut self) -> Result<(), StorageError> {
+    /// Moves the memtable into a new segment. With `wait` false (the ingest path) the segment is
+    /// written in the background while appends go on into a fresh memtable and WAL; only one
+    /// compaction runs at a time, and a memtable twice over its limit waits for it
+    /// (backpressure). With `wait` true (flush, delete, shutdown) it returns once all is on disk.
+    async fn flush(&mut self, wait: bool) -> Result<(), StorageError> {
+        if let Some(running) = self.compacting.take() {
+            let memtable_len = self.shard.state.read().expect("shard lock").memtable.batch.len();
+            if !wait && !running.is_finished() && memtable_len < 2 * self.cfg.memtable_points_max {
+                self.compacting = Some(running);
+                return Ok(());
+            }
+            running.await.map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
+        }
         let frozen = {
             let mut st = self.shard.state.write().expect("shard lock");
             if st.memtable.batch.is_empty() {
@@ -366,46 +383,102 @@ impl Writer {
             st.frozen = Some(frozen.clone());
             frozen
         };
-        let (wal_seq, seg_seq) = (self.take_seq(), self.take_seq());
+        let (wal_seq, seg_seq, merge_seq) = (self.take_seq(), self.take_seq(), self.take_seq());
         let dir = self.shard.dir.clone();
-        let new_wal = blocking(move || Ok(WalWriter::create(&dir, wal_seq)?)).await;
-        let new_wal = match new_wal {
+        let new_wal = match blocking(move || Ok(WalWriter::create(&dir, wal_seq)?)).await {
             Ok(w) => w,
             Err(e) => {
-                self.unfreeze();
+                unfreeze(&self.shard);
                 return Err(e);
             }
         };
         let old_wal = self.wal.replace(new_wal).map(|w| w.seq);
+        let job = Compaction {
+            shard: self.shard.clone(),
+            frozen,
+            seg_seq,
+            merge_seq,
+            wal_from: wal_seq,
+            old_wal,
+            segments_max: self.cfg.segments_max,
+            metrics: self.metrics.clone(),
+        };
+        let running = tokio::spawn(job.run());
+        if wait {
+            running.await.map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
+        } else {
+            self.compacting = Some(running);
+        }
+        Ok(())
+    }
+
+    async fn delete(&mut self, keep: KeepRow) -> Result<u64, StorageError> {
+        self.flush(true).await?;
+        let wal_from = self.wal.as_ref().expect("writer owns the WAL").seq;
+        let seg_seq = self.take_seq();
+        rewrite(&self.shard, seg_seq, wal_from, Some(keep)).await
+    }
+}
+
+/// Puts a frozen memtable back after a failed compaction; its points are still in the old WAL.
+fn unfreeze(shard: &Shard) {
+    let mut st = shard.state.write().expect("shard lock");
+    if let Some(frozen) = st.frozen.take() {
+        let mut restored = RowBatchBuilder::default();
+        restored.extend_from(&frozen, None);
+        restored.extend_from(&st.memtable.batch, None);
+        st.memtable = restored;
+        st.memtable_since.get_or_insert_with(tokio::time::Instant::now);
+    }
+}
+
+/// One memtable on its way to a segment.
+struct Compaction {
+    shard: Arc<Shard>,
+    frozen: Arc<RowBatch>,
+    seg_seq: u64,
+    /// Sequence number for the merged segment, if the segment count calls for a merge.
+    merge_seq: u64,
+    /// The first WAL not covered by segments once this compaction is done.
+    wal_from: u64,
+    old_wal: Option<u64>,
+    segments_max: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Compaction {
+    async fn run(self) -> Result<(), StorageError> {
+        let result = self.write().await;
+        if let Err(e) = &result {
+            tracing::error!(shard = %self.shard.id, error = %e, "compaction failed; points stay in the WAL");
+            unfreeze(&self.shard);
+        }
+        result
+    }
+
+    async fn write(&self) -> Result<(), StorageError> {
         let segments: Vec<u64> = {
             let st = self.shard.state.read().expect("shard lock");
-            st.segments.iter().map(|s| s.seq).chain([seg_seq]).collect()
+            st.segments.iter().map(|s| s.seq).chain([self.seg_seq]).collect()
         };
-        let dir = self.shard.dir.clone();
-        let written = blocking(move || {
+        let (dir, frozen, seg_seq, wal_from) =
+            (self.shard.dir.clone(), self.frozen.clone(), self.seg_seq, self.wal_from);
+        let seg = blocking(move || {
             let path = segment_path(&dir, seg_seq);
             write_segment(&path, &frozen)?;
             fsync_dir(&dir)?;
             let seg = Segment::open(&path, seg_seq)?;
-            Manifest { segments, wal_from: wal_seq }.write(&dir)?;
+            Manifest { segments, wal_from }.write(&dir)?;
             Ok(seg)
         })
-        .await;
-        let seg = match written {
-            Ok(seg) => seg,
-            Err(e) => {
-                // The points are still in the older WAL, which is kept: keep them visible too.
-                self.unfreeze();
-                return Err(e);
-            }
-        };
+        .await?;
         {
             let mut st = self.shard.state.write().expect("shard lock");
             st.segments.push(Arc::new(seg));
             st.frozen = None;
         }
         self.metrics.segments_written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(old) = old_wal {
+        if let Some(old) = self.old_wal {
             let dir = self.shard.dir.clone();
             blocking(move || {
                 for seq in list_wal_seqs(&dir)?.into_iter().filter(|&s| s <= old) {
@@ -415,82 +488,61 @@ impl Writer {
             })
             .await?;
         }
-        let too_many = self.shard.state.read().expect("shard lock").segments.len() > self.cfg.segments_max;
+        let too_many = self.shard.state.read().expect("shard lock").segments.len() > self.segments_max;
         if too_many {
-            self.rewrite(None).await?;
+            rewrite(&self.shard, self.merge_seq, self.wal_from, None).await?;
         }
         Ok(())
     }
+}
 
-    /// Puts a frozen memtable back after a failed flush; its points are still in the old WAL.
-    fn unfreeze(&self) {
-        let mut st = self.shard.state.write().expect("shard lock");
-        if let Some(frozen) = st.frozen.take() {
-            let mut restored = RowBatchBuilder::default();
-            restored.extend_from(&frozen, None);
-            restored.extend_from(&st.memtable.batch, None);
-            st.memtable = restored;
-            st.memtable_since.get_or_insert_with(tokio::time::Instant::now);
-        }
+/// Replaces all segments of `shard` by one (`seg_seq`), keeping the rows `keep` accepts (all
+/// when `None`). Returns how many rows were dropped. Callers make sure no other compaction of
+/// the shard runs meanwhile.
+async fn rewrite(shard: &Arc<Shard>, seg_seq: u64, wal_from: u64, keep: Option<KeepRow>) -> Result<u64, StorageError> {
+    let old: Vec<Arc<Segment>> = shard.state.read().expect("shard lock").segments.clone();
+    if old.is_empty() {
+        return Ok(0);
     }
-
-    async fn delete(&mut self, keep: KeepRow) -> Result<u64, StorageError> {
-        self.flush().await?;
-        self.rewrite(Some(keep)).await
-    }
-
-    /// Replaces all segments by one, keeping the rows `keep` accepts (all when `None`).
-    /// Returns how many rows were dropped.
-    async fn rewrite(&mut self, keep: Option<KeepRow>) -> Result<u64, StorageError> {
-        let old: Vec<Arc<Segment>> = self.shard.state.read().expect("shard lock").segments.clone();
-        if old.is_empty() {
-            return Ok(0);
-        }
-        let seg_seq = self.take_seq();
-        let wal_from = self.wal.as_ref().expect("writer owns the WAL").seq;
-        let dir = self.shard.dir.clone();
-        let old2 = old.clone();
-        let result = blocking(move || {
-            let mut merged = RowBatchBuilder::default();
-            let mut dropped = 0u64;
-            for seg in &old2 {
-                for meta in &seg.blocks {
-                    let batch = seg.read_block(meta, None)?;
-                    let mask = keep.as_ref().map(|k| k(&batch));
-                    if let Some(m) = &mask {
-                        dropped += m.iter().filter(|keep| !**keep).count() as u64;
-                    }
-                    merged.extend_from(&batch, mask.as_deref());
+    let dir = shard.dir.clone();
+    let old2 = old.clone();
+    let (replacement, dropped) = blocking(move || {
+        let mut merged = RowBatchBuilder::default();
+        let mut dropped = 0u64;
+        for seg in &old2 {
+            for meta in &seg.blocks {
+                let batch = seg.read_block(meta, None)?;
+                let mask = keep.as_ref().map(|k| k(&batch));
+                if let Some(m) = &mask {
+                    dropped += m.iter().filter(|keep| !**keep).count() as u64;
                 }
+                merged.extend_from(&batch, mask.as_deref());
             }
-            if keep.is_some() && dropped == 0 {
-                return Ok((None, 0));
-            }
-            let merged = merged.finish();
-            let seg = if merged.is_empty() {
-                None
-            } else {
-                let path = segment_path(&dir, seg_seq);
-                write_segment(&path, &merged)?;
-                fsync_dir(&dir)?;
-                Some(Segment::open(&path, seg_seq)?)
-            };
-            Manifest { segments: seg.iter().map(|s| s.seq).collect(), wal_from }.write(&dir)?;
-            Ok((Some(seg), dropped))
-        })
-        .await?;
-        let (replacement, dropped) = result;
-        let Some(replacement) = replacement else {
-            return Ok(0);
+        }
+        if keep.is_some() && dropped == 0 {
+            return Ok((None, 0));
+        }
+        let merged = merged.finish();
+        let seg = if merged.is_empty() {
+            None
+        } else {
+            let path = segment_path(&dir, seg_seq);
+            write_segment(&path, &merged)?;
+            fsync_dir(&dir)?;
+            Some(Segment::open(&path, seg_seq)?)
         };
-        {
-            let mut st = self.shard.state.write().expect("shard lock");
-            st.segments = replacement.into_iter().map(Arc::new).collect();
-        }
-        for seg in old {
-            // Open readers keep their file handle; unlinking is safe under a running scan.
-            let _ = std::fs::remove_file(&seg.path);
-        }
-        Ok(dropped)
+        Manifest { segments: seg.iter().map(|s| s.seq).collect(), wal_from }.write(&dir)?;
+        Ok((Some(seg), dropped))
+    })
+    .await?;
+    let Some(replacement) = replacement else { return Ok(0) };
+    {
+        let mut st = shard.state.write().expect("shard lock");
+        st.segments = replacement.into_iter().map(Arc::new).collect();
     }
+    for seg in old {
+        // Open readers keep their file handle; unlinking is safe under a running scan.
+        let _ = std::fs::remove_file(&seg.path);
+    }
+    Ok(dropped)
 }
