@@ -128,16 +128,9 @@ impl Node {
         }
         self.catalog.admit(&batch.metrics)?;
         let total = batch.len();
-        let writes: Vec<_> = batch
-            .metrics
-            .into_iter()
-            .map(|(key, points)| {
-                let storage = self.storage.clone();
-                tokio::spawn(async move { storage.write(&key, points).await })
-            })
-            .collect();
-        for w in writes {
-            w.await.map_err(|e| NodeError::Internal(e.to_string()))??;
+        let writes = batch.metrics.into_iter().map(|(key, rows)| async move { self.storage.write(&key, rows).await });
+        for result in futures_util::future::join_all(writes).await {
+            result?;
         }
         Ok(total)
     }

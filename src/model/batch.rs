@@ -134,8 +134,9 @@ impl<'a> From<&'a FieldValue> for FieldRef<'a> {
 
 /// Dictionary lookup for one column, by value type (f64 by its bits). Lookups by `&str` do
 /// not allocate, which matters on the ingest path.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ColumnIndex {
+    class: FieldClass,
     strs: FastMap<String, u32>,
     ints: FastMap<i64, u32>,
     decs: FastMap<u64, u32>,
@@ -190,10 +191,9 @@ impl RowBatchBuilder {
                 }
                 _ => {}
             }
-            match self.batch.columns.get(name) {
-                Some(col) if col.class != Some(class) => {
-                    let known = col.class.map_or("field".to_string(), |c| c.to_string());
-                    return Err(format!("field {name:?} is sent both as a {known} and as a {class}"));
+            match self.index.get(name) {
+                Some(col) if col.class != class => {
+                    return Err(format!("field {name:?} is sent both as a {} and as a {class}", col.class));
                 }
                 Some(_) => {}
                 None => {
@@ -233,7 +233,9 @@ impl RowBatchBuilder {
 
     fn column(&mut self, name: &str, class: FieldClass, rows: usize) -> (&mut ColumnIndex, &mut DictColumn) {
         if !self.index.contains_key(name) {
-            self.index.insert(name.to_string(), ColumnIndex::default());
+            let index =
+                ColumnIndex { class, strs: FastMap::default(), ints: FastMap::default(), decs: FastMap::default() };
+            self.index.insert(name.to_string(), index);
             let col = DictColumn { class: Some(class), dict: Vec::new(), codes: vec![NULL_CODE; rows] };
             self.batch.columns.insert(name.to_string(), col);
         }

@@ -105,18 +105,19 @@ impl Storage {
         for (row, &ts) in batch.timestamps.iter().enumerate() {
             rows_by_shard.entry(self.shard_start(ts)).or_default().push(row);
         }
-        let single = rows_by_shard.len() == 1;
-        let mut appends = Vec::with_capacity(rows_by_shard.len());
-        let mut whole = Some(batch);
-        for (start, rows) in rows_by_shard {
+        if rows_by_shard.len() == 1 {
             // The common case, a batch inside one shard, is handed over without a copy.
-            let part =
-                if single { whole.take().expect("one shard") } else { whole.as_ref().expect("kept").select(&rows) };
-            let shard = self.shard(ShardId { metric: metric.clone(), start }).await?;
-            appends.push(tokio::spawn(async move { shard.append(part).await }));
+            let start = *rows_by_shard.keys().next().expect("one shard");
+            return self.shard(ShardId { metric: metric.clone(), start }).await?.append(batch).await;
         }
-        for a in appends {
-            a.await.map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
+        let mut appends = Vec::with_capacity(rows_by_shard.len());
+        for (start, rows) in rows_by_shard {
+            let shard = self.shard(ShardId { metric: metric.clone(), start }).await?;
+            let part = batch.select(&rows);
+            appends.push(async move { shard.append(part).await });
+        }
+        for result in futures_util::future::join_all(appends).await {
+            result?;
         }
         Ok(())
     }
