@@ -84,6 +84,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/commands/{db}/{ns}/metrics", get(list_metrics))
         .route("/commands/{db}/{ns}/{metric}", get(describe_metric).delete(drop_metric))
         .route("/status", get(status))
+        .route("/cluster/members", get(cluster_members))
+        .route("/cluster/leave", post(cluster_leave))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
@@ -215,13 +217,55 @@ async fn drop_metric(
     Ok(Json(serde_json::json!({ "dropped": key.to_string() })))
 }
 
-async fn status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
-    Json(node.status())
+/// This node's status, or with `?node=<id>` another member's, fetched through this node.
+async fn status(
+    State(node): State<Arc<Node>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(target) = params.get("node").filter(|id| **id != node.cfg.node_id) else {
+        let mut status = node.status();
+        status["members"] = serde_json::to_value(node.members().await).unwrap_or_default();
+        return Ok(Json(status));
+    };
+    let members = node.members().await;
+    let member = members.iter().find(|m| m.id == *target).ok_or_else(|| ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!("no member {target} in this node's view"),
+    })?;
+    let unavailable = |message: String| ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message };
+    let addr =
+        member.http_addr.as_ref().ok_or_else(|| unavailable(format!("member {target} has no HTTP address yet")))?;
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|e| unavailable(e.to_string()))?;
+    let resp = client
+        .get(format!("http://{addr}/status"))
+        .send()
+        .await
+        .map_err(|e| unavailable(format!("member {target} at {addr} did not answer: {e}")))?;
+    let value = resp.json().await.map_err(|e| unavailable(format!("member {target} answered badly: {e}")))?;
+    Ok(Json(value))
 }
 
-async fn readyz(State(_node): State<Arc<Node>>) -> Response {
-    // A single node is ready as soon as it serves; the cluster gates come with membership.
-    (StatusCode::OK, Json(serde_json::json!({ "ready": true }))).into_response()
+async fn cluster_members(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "members": node.members().await }))
+}
+
+/// Starts a graceful leave; the node exits once its peers had time to hear it.
+async fn cluster_leave(State(node): State<Arc<Node>>) -> Response {
+    let leaving = node.clone();
+    tokio::spawn(async move {
+        leaving.leave().await;
+        leaving.request_stop();
+    });
+    (StatusCode::ACCEPTED, Json(serde_json::json!({ "leaving": node.cfg.node_id }))).into_response()
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    let readiness = node.readiness();
+    let status = if readiness.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(readiness)).into_response()
 }
 
 async fn prometheus(State(node): State<Arc<Node>>) -> Response {
@@ -229,11 +273,17 @@ async fn prometheus(State(node): State<Arc<Node>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
+fn escape_html(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
 async fn index(State(node): State<Arc<Node>>) -> Html<String> {
     let status = node.status();
     let rows: String = status
         .as_object()
-        .map(|o| o.iter().map(|(k, v)| format!("<tr><th>{k}</th><td>{v}</td></tr>")).collect())
+        .map(|o| {
+            o.iter().map(|(k, v)| format!("<tr><th>{k}</th><td>{}</td></tr>", escape_html(&v.to_string()))).collect()
+        })
         .unwrap_or_default();
     Html(format!(
         "<!doctype html><title>Shoal {id}</title><h1>Shoal node {id}</h1><table>{rows}</table>\

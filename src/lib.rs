@@ -16,6 +16,7 @@ pub mod catalog;
 pub mod config;
 pub mod env;
 pub mod ingest;
+pub mod membership;
 pub mod metrics;
 pub mod model;
 pub mod node;

@@ -124,6 +124,19 @@ async fn client(req: reqwest::RequestBuilder) -> anyhow::Result<()> {
     }
 }
 
+/// The UDP address to gossip on. chitchat binds the socket itself, so port 0 is resolved here
+/// by letting the OS pick a free port and handing that number on.
+async fn gossip_listen_addr(cfg: &shoal::config::Config) -> anyhow::Result<std::net::SocketAddr> {
+    let context = || {
+        format!(
+            "cannot listen for gossip on {}:{}/UDP (shoal.gossip.host, shoal.gossip.port)",
+            cfg.gossip_host, cfg.gossip_port
+        )
+    };
+    let probe = std::net::UdpSocket::bind((cfg.gossip_host.as_str(), cfg.gossip_port)).with_context(context)?;
+    Ok(probe.local_addr()?)
+}
+
 async fn start(config: Option<PathBuf>, sets: Vec<String>) -> anyhow::Result<()> {
     let cfg = shoal::config::Config::load(config.as_deref(), &sets)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -138,17 +151,36 @@ async fn start(config: Option<PathBuf>, sets: Vec<String>) -> anyhow::Result<()>
     let listener = tokio::net::TcpListener::bind((cfg.http_host.as_str(), cfg.http_port)).await.with_context(|| {
         format!("cannot listen on {}:{} (shoal.http.host, shoal.http.port)", cfg.http_host, cfg.http_port)
     })?;
-    let node = shoal::node::Node::open(cfg, shoal::env::Env::production()).await?;
     let local = listener.local_addr()?;
-    // Tests and scripts that start a node on port 0 read its address from here.
+    let gossip_listen = gossip_listen_addr(&cfg).await?;
+    let gossip_advertise =
+        match &cfg.gossip_advertise {
+            Some(a) => tokio::net::lookup_host(a.as_str()).await.ok().and_then(|mut addrs| addrs.next()).with_context(
+                || format!("config key shoal.gossip.advertise: cannot resolve {a:?} (expected host:port)"),
+            )?,
+            None if gossip_listen.ip().is_unspecified() => {
+                anyhow::bail!(
+                    "config key shoal.gossip.advertise: required when shoal.gossip.host is {}",
+                    gossip_listen.ip()
+                )
+            }
+            None => gossip_listen,
+        };
+    let transport = chitchat::transport::UdpTransport;
+    let io = shoal::node::NodeIo { http_addr: local, gossip_listen, gossip_advertise, gossip_transport: &transport };
+    let node = shoal::node::Node::open(cfg, shoal::env::Env::production(), io).await?;
+    // Tests and scripts that start a node on port 0 read its addresses from here.
+    shoal::storage::write_atomic(&node.cfg.data_dir.join("gossip.addr"), gossip_advertise.to_string().as_bytes())?;
     shoal::storage::write_atomic(&addr_file, local.to_string().as_bytes())?;
-    tracing::info!(node = %node.cfg.node_id, http = %local, data_dir = %node.cfg.data_dir.display(), "shoal node started");
-    let shutdown = async {
+    tracing::info!(node = %node.cfg.node_id, http = %local, gossip = %gossip_advertise, data_dir = %node.cfg.data_dir.display(), "shoal node started");
+    let stopping = node.clone();
+    let shutdown = async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => stopping.leave().await,
+            _ = term.recv() => stopping.leave().await,
+            _ = stopping.stopped() => {}
         }
         tracing::info!("shutting down");
     };

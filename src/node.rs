@@ -5,6 +5,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::Config;
 use crate::env::Env;
 use crate::ingest::Batch;
+use crate::membership::{KEY_HTTP_ADDR, KEY_READINESS, KEY_ROLES, Member, Membership, MembershipConfig};
 use crate::metrics::Metrics;
 use crate::model::{MetricKey, Point};
 use crate::query::{self, QueryError, plan};
@@ -75,17 +76,42 @@ pub enum QueryOutcome {
     Deleted(u64),
 }
 
+/// The addresses and transport a node runs on; the binary binds real sockets, tests and the
+/// simulator hand in their own.
+pub struct NodeIo<'a> {
+    pub http_addr: std::net::SocketAddr,
+    pub gossip_listen: std::net::SocketAddr,
+    pub gossip_advertise: std::net::SocketAddr,
+    pub gossip_transport: &'a dyn chitchat::transport::Transport,
+}
+
+/// Whether this node accepts writes, recomputed every gossip interval from the membership view.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Why writes are refused, when they are.
+    pub reason: Option<String>,
+    pub live_members: usize,
+    pub bootstrapped: bool,
+}
+
 pub struct Node {
     pub cfg: Config,
     pub env: Env,
     pub metrics: Arc<Metrics>,
+    pub membership: Arc<Membership>,
     pub catalog: Arc<Catalog>,
     pub storage: Arc<Storage>,
     pub started_ms: i64,
+    pub http_addr: std::net::SocketAddr,
+    readiness: std::sync::RwLock<Readiness>,
+    leaving: std::sync::atomic::AtomicBool,
+    /// Flips to true when the node has been asked to stop (`shoal leave`).
+    stop_tx: tokio::sync::watch::Sender<bool>,
 }
 
 impl Node {
-    pub async fn open(cfg: Config, env: Env) -> anyhow::Result<Arc<Self>> {
+    pub async fn open(cfg: Config, env: Env, io: NodeIo<'_>) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", cfg.data_dir.display()))?;
         let metrics = Arc::new(Metrics::default());
@@ -98,12 +124,140 @@ impl Node {
         };
         let storage = Storage::open(&cfg.data_dir, storage_cfg, metrics.clone()).await?;
         let started_ms = env.clock.now_ms();
-        let node = Arc::new(Self { cfg, env, metrics, catalog, storage, started_ms });
+        let bootstrapped = cfg.data_dir.join("bootstrapped").exists() || cfg.bootstrap_expect <= 1;
+        let roles: Vec<&str> = cfg
+            .roles
+            .iter()
+            .map(|r| match r {
+                crate::config::Role::Storage => "storage",
+                crate::config::Role::Query => "query",
+            })
+            .collect();
+        let keys = vec![
+            (KEY_HTTP_ADDR.to_string(), io.http_addr.to_string()),
+            (KEY_ROLES.to_string(), roles.join(",")),
+            (KEY_READINESS.to_string(), if bootstrapped { "ready" } else { "joining" }.to_string()),
+        ];
+        let membership_cfg = MembershipConfig {
+            node_id: cfg.node_id.clone(),
+            // A restart is a new generation: the start time, so it grows across restarts.
+            generation: started_ms as u64,
+            cluster_id: cfg.cluster_id.clone(),
+            listen_addr: io.gossip_listen,
+            advertise_addr: io.gossip_advertise,
+            gossip_interval: cfg.gossip_interval,
+            phi_threshold: cfg.phi_threshold,
+            dead_node_grace: cfg.dead_node_grace,
+            seeds: cfg.seeds.clone(),
+        };
+        let membership = Membership::start(membership_cfg, io.gossip_transport, keys).await?;
+        membership.spawn_observer();
+        let readiness = Readiness { ready: false, reason: Some("starting".into()), live_members: 1, bootstrapped };
+        let node = Arc::new(Self {
+            cfg,
+            env,
+            metrics,
+            membership,
+            catalog,
+            storage,
+            started_ms,
+            http_addr: io.http_addr,
+            readiness: std::sync::RwLock::new(readiness),
+            leaving: Default::default(),
+            stop_tx: tokio::sync::watch::channel(false).0,
+        });
+        node.update_readiness().await;
         node.spawn_background();
         Ok(node)
     }
 
+    /// Applies the write gates to the current membership view (DESIGN.md section 3):
+    /// `bootstrap-expect` for a new cluster, `required-contact-point-nr` against partitions.
+    async fn update_readiness(&self) {
+        let members = self.membership.members().await;
+        let seen = members.len();
+        let live = members
+            .iter()
+            .filter(|m| matches!(m.state, crate::membership::Liveness::Alive | crate::membership::Liveness::Suspect))
+            .count();
+        let mut bootstrapped = self.readiness.read().expect("readiness lock").bootstrapped;
+        if !bootstrapped && seen >= self.cfg.bootstrap_expect {
+            bootstrapped = true;
+            // Remembered, so a restarted node of a formed cluster does not wait again.
+            if let Err(e) = crate::storage::write_atomic(&self.cfg.data_dir.join("bootstrapped"), b"1") {
+                tracing::warn!(error = %e, "cannot record that the cluster is bootstrapped");
+            }
+            if !self.leaving.load(std::sync::atomic::Ordering::SeqCst) {
+                self.membership.set(KEY_READINESS, "ready").await;
+            }
+            tracing::info!(members = seen, "cluster bootstrapped: accepting writes");
+        }
+        let reason = if self.membership.is_deaf() {
+            Some("the gossip task has stopped: this node cannot hear the cluster".to_string())
+        } else if self.leaving.load(std::sync::atomic::Ordering::SeqCst) {
+            Some("this node is leaving the cluster".to_string())
+        } else if !bootstrapped {
+            Some(format!(
+                "the cluster is not formed yet: {seen} of {} expected members seen, {} missing (shoal.cluster.bootstrap-expect)",
+                self.cfg.bootstrap_expect,
+                self.cfg.bootstrap_expect - seen
+            ))
+        } else if live < self.cfg.required_contact_point_nr {
+            Some(format!(
+                "this node sees {live} live members but needs {} (shoal.cluster.required-contact-point-nr); reads are still served",
+                self.cfg.required_contact_point_nr
+            ))
+        } else {
+            None
+        };
+        *self.readiness.write().expect("readiness lock") =
+            Readiness { ready: reason.is_none(), reason, live_members: live, bootstrapped };
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.read().expect("readiness lock").clone()
+    }
+
+    pub async fn members(&self) -> Vec<Member> {
+        self.membership.members().await
+    }
+
+    /// Leaves the cluster gracefully: announces `leaving`, gives the news a few gossip rounds
+    /// to spread, then stops gossiping so that peers see this node as `left`, not dead.
+    pub async fn leave(&self) {
+        if self.leaving.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        tracing::info!("leaving the cluster");
+        self.membership.set(KEY_READINESS, "leaving").await;
+        self.update_readiness().await;
+        let spread = (self.cfg.gossip_interval * 10).max(std::time::Duration::from_millis(500));
+        tokio::time::sleep(spread).await;
+        self.membership.shutdown().await;
+    }
+
+    /// Asks the process to stop (after a leave); `main` waits on [`Node::stopped`].
+    pub fn request_stop(&self) {
+        let _ = self.stop_tx.send(true);
+    }
+
+    pub async fn stopped(&self) {
+        let mut rx = self.stop_tx.subscribe();
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+
     fn spawn_background(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let period = self.cfg.gossip_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(node) = weak.upgrade() else { return };
+                node.update_readiness().await;
+            }
+        });
         let weak = Arc::downgrade(self);
         let period = (self.cfg.flush_interval / 4).max(std::time::Duration::from_millis(100));
         tokio::spawn(async move {
@@ -118,7 +272,16 @@ impl Node {
     }
 
     /// Admits a whole batch into the schema (all or nothing), then makes it durable.
+    /// Refuses a write (ingest, delete, drop) with 503 while the node is not ready for writes.
+    fn write_gate(&self) -> Result<(), NodeError> {
+        match self.readiness().reason {
+            Some(reason) => Err(NodeError::Unavailable(format!("writes are refused: {reason}"))),
+            None => Ok(()),
+        }
+    }
+
     pub async fn ingest(&self, batch: Batch) -> Result<usize, NodeError> {
+        self.write_gate()?;
         if batch.len() > self.cfg.write_batch_points_max {
             return Err(NodeError::TooLarge(format!(
                 "the batch has {} points; at most {} are accepted per request (shoal.write.max-batch-points)",
@@ -167,6 +330,7 @@ impl Node {
                 Ok(QueryOutcome::Records(records))
             }
             plan::Statement::Delete(plan) => {
+                self.write_gate()?;
                 let probe = plan::SelectPlan {
                     metric: plan.metric.clone(),
                     projection: plan::Projection::All,
@@ -197,6 +361,7 @@ impl Node {
     }
 
     pub async fn drop_metric(&self, key: &MetricKey) -> Result<(), NodeError> {
+        self.write_gate()?;
         if !self.catalog.drop_metric(key)? {
             return Err(NodeError::NotFound(format!("metric {key} does not exist")));
         }
@@ -210,7 +375,11 @@ impl Node {
             "node_id": self.cfg.node_id,
             "cluster_id": self.cfg.cluster_id,
             "version": env!("CARGO_PKG_VERSION"),
-            "state": "ready",
+            "state": if self.readiness().ready { "ready" } else { "not ready" },
+            "readiness": self.readiness(),
+            "http_addr": self.http_addr.to_string(),
+            "gossip_addr": self.membership.config().advertise_addr.to_string(),
+            "generation": self.membership.config().generation,
             "uptime_ms": self.env.clock.now_ms() - self.started_ms,
             "data_dir": self.cfg.data_dir.display().to_string(),
             "metrics": self.catalog.metrics().len(),
