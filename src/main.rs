@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -56,8 +57,24 @@ enum Command {
         /// Lines such as `cpu,region=eu value=0.5 1700000000000000000`.
         lines: Vec<String>,
     },
-    /// Print a node's status.
+    /// Print a node's status (or, with --member, another member's status through that node).
     Status {
+        #[command(flatten)]
+        node: NodeArg,
+        /// The id of another member to ask about.
+        #[arg(long)]
+        member: Option<String>,
+    },
+    /// Print the cluster's members as the node sees them, one line each (like `nodetool status`).
+    Members {
+        #[command(flatten)]
+        node: NodeArg,
+        /// Print the JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the node leave the cluster gracefully and exit; waits until it has.
+    Leave {
         #[command(flatten)]
         node: NodeArg,
     },
@@ -93,7 +110,15 @@ fn main() -> ExitCode {
                 let req = reqwest::Client::new().post(url).body(body);
                 client(req).await
             }
-            Command::Status { node } => client(reqwest::Client::new().get(format!("{}/status", node.node))).await,
+            Command::Status { node, member } => {
+                let mut url = reqwest::Url::parse(&format!("{}/status", node.node)).context("--node must be a URL")?;
+                if let Some(m) = member {
+                    url.query_pairs_mut().append_pair("node", &m);
+                }
+                client(reqwest::Client::new().get(url)).await
+            }
+            Command::Members { node, json } => members(&node.node, json).await,
+            Command::Leave { node } => leave(&node.node).await,
         }
     });
     match result {
@@ -116,12 +141,67 @@ async fn client(req: reqwest::RequestBuilder) -> anyhow::Result<()> {
         .unwrap_or(text);
     if status.is_success() {
         if !pretty.is_empty() {
-            println!("{pretty}");
+            // A closed pipe (`shoal status | head`) is not an error worth a panic.
+            let _ = writeln!(std::io::stdout(), "{pretty}");
         }
         Ok(())
     } else {
         anyhow::bail!("the node answered {status}: {pretty}")
     }
+}
+
+async fn members(node: &str, json: bool) -> anyhow::Result<()> {
+    let resp = reqwest::get(format!("{node}/cluster/members")).await.context("cannot reach the node (see --node)")?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.context("reading the answer")?;
+    anyhow::ensure!(status.is_success(), "the node answered {status}: {body}");
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    println!(
+        "{:<1} {:<16} {:<8} {:<9} {:<21} {:<21} {:>9} {:>5}  {}",
+        "", "ID", "STATE", "READINESS", "HTTP", "GOSSIP", "HB AGE ms", "PHI", "ROLES"
+    );
+    for m in body["members"].as_array().into_iter().flatten() {
+        let marker = if m["is_self"].as_bool() == Some(true) { "*" } else { "" };
+        let phi = m["phi"].as_f64().map_or("-".to_string(), |p| format!("{p:.1}"));
+        let roles: Vec<String> = m["roles"].as_array().into_iter().flatten().map(text).collect();
+        println!(
+            "{:<1} {:<16} {:<8} {:<9} {:<21} {:<21} {:>9} {:>5}  {}",
+            marker,
+            text(&m["id"]),
+            text(&m["state"]),
+            text(&m["readiness"]),
+            text(&m["http_addr"]),
+            text(&m["gossip_addr"]),
+            text(&m["heartbeat_age_ms"]),
+            phi,
+            roles.join(",")
+        );
+    }
+    Ok(())
+}
+
+async fn leave(node: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build()?;
+    let resp = http.post(format!("{node}/cluster/leave")).send().await.context("cannot reach the node (see --node)")?;
+    anyhow::ensure!(resp.status().is_success(), "the node answered {}", resp.status());
+    eprintln!("leaving: announced to the cluster, waiting for the node to exit");
+    // The node stops answering once it has left; the wait is bounded.
+    for _ in 0..600 {
+        if http.get(format!("{node}/livez")).send().await.is_err() {
+            eprintln!("left");
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the node is still running after 60 s")
 }
 
 /// The UDP address to gossip on. chitchat binds the socket itself, so port 0 is resolved here

@@ -74,6 +74,36 @@ impl TestNode {
         std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
     }
 
+    pub fn gossip_addr(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("gossip.addr")).unwrap()
+    }
+
+    /// This node's member list as (id, state, generation), sorted by id.
+    pub fn members(&self) -> Vec<(String, String, u64)> {
+        let (status, v) = self.get("/cluster/members");
+        assert_eq!(status, 200, "{v}");
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (m["id"].as_str().unwrap().to_string(), m["state"].as_str().unwrap().to_string(), m["generation"].as_u64().unwrap())
+            })
+            .collect()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Waits for the process to exit by itself (after `shoal leave`).
+    pub fn wait_exit(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let status = wait_until(Duration::from_secs(30), "the node to exit", || c.try_wait().unwrap());
+            assert!(status.success(), "exit after leave failed: {status}; log: {}", self.log());
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
