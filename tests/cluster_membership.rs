@@ -10,7 +10,8 @@ use std::time::Duration;
 const CONVERGE: Duration = Duration::from_secs(30);
 
 fn node(dir: &std::path::Path, id: &str, seeds: &[String], extra: &[&str]) -> TestNode {
-    let seeds = format!("shoal.cluster.seeds=[{}]", seeds.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(","));
+    let seeds =
+        format!("shoal.cluster.seeds=[{}]", seeds.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(","));
     let id = format!("shoal.node.id={id}");
     let mut sets = vec![id.as_str(), seeds.as_str()];
     sets.extend_from_slice(extra);
@@ -56,10 +57,7 @@ fn five_nodes_converge_detect_failure_restart_and_leave() {
     }
 
     // Graceful leave: `left`, not `dead`, everywhere.
-    let out = std::process::Command::new(common::BIN)
-        .args(["leave", "--node", &nodes[3].url("")])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(common::BIN).args(["leave", "--node", &nodes[3].url("")]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     nodes[3].wait_exit();
     let n4_left = [("n1", "alive"), ("n2", "alive"), ("n3", "alive"), ("n4", "left"), ("n5", "alive")];

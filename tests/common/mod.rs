@@ -87,7 +87,11 @@ impl TestNode {
             .unwrap()
             .iter()
             .map(|m| {
-                (m["id"].as_str().unwrap().to_string(), m["state"].as_str().unwrap().to_string(), m["generation"].as_u64().unwrap())
+                (
+                    m["id"].as_str().unwrap().to_string(),
+                    m["state"].as_str().unwrap().to_string(),
+                    m["generation"].as_u64().unwrap(),
+                )
             })
             .collect()
     }
