@@ -164,9 +164,10 @@ async fn members(node: &str, json: bool) -> anyhow::Result<()> {
         serde_json::Value::Null => "-".to_string(),
         other => other.to_string(),
     };
+    let header = ["", "ID", "STATE", "READINESS", "HTTP", "GOSSIP", "HB AGE ms", "PHI", "ROLES"];
     println!(
         "{:<1} {:<16} {:<8} {:<9} {:<21} {:<21} {:>9} {:>5}  {}",
-        "", "ID", "STATE", "READINESS", "HTTP", "GOSSIP", "HB AGE ms", "PHI", "ROLES"
+        header[0], header[1], header[2], header[3], header[4], header[5], header[6], header[7], header[8]
     );
     for m in body["members"].as_array().into_iter().flatten() {
         let marker = if m["is_self"].as_bool() == Some(true) { "*" } else { "" };
