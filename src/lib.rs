@@ -14,6 +14,7 @@
 pub mod api;
 pub mod catalog;
 pub mod config;
+pub mod discovery;
 pub mod env;
 pub mod ingest;
 pub mod membership;

@@ -152,6 +152,26 @@ impl Node {
         };
         let membership = Membership::start(membership_cfg, io.gossip_transport, keys).await?;
         membership.spawn_observer();
+        if let Some(name) = cfg.discovery_name.clone().or_else(|| cfg.discovery_service.clone()) {
+            let dns_server = match &cfg.discovery_dns_server {
+                Some(s) => Some(s.parse().map_err(|_| {
+                    anyhow::anyhow!("config key shoal.cluster.discovery.dns-server: expected ip:port, got {s:?}")
+                })?),
+                None => None,
+            };
+            let name = if cfg.discovery_mode == crate::config::DiscoveryMode::DnsSrv {
+                cfg.discovery_service.clone().unwrap_or(name)
+            } else {
+                name
+            };
+            let discovery = crate::discovery::DiscoveryConfig {
+                mode: cfg.discovery_mode,
+                name,
+                dns_server,
+                gossip_port: io.gossip_advertise.port(),
+            };
+            crate::discovery::spawn(&membership, discovery);
+        }
         let readiness = Readiness { ready: false, reason: Some("starting".into()), live_members: 1, bootstrapped };
         let node = Arc::new(Self {
             cfg,
