@@ -86,6 +86,12 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/status", get(status))
         .route("/cluster/members", get(cluster_members))
         .route("/cluster/leave", post(cluster_leave))
+        .route(
+            "/internal/v1/catalog",
+            get(internal_catalog_get)
+                .post(internal_catalog_push)
+                .layer(DefaultBodyLimit::max(crate::catalog::STATE_BYTES_MAX)),
+        )
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
@@ -246,6 +252,38 @@ async fn status(
         .map_err(|e| unavailable(format!("member {target} at {addr} did not answer: {e}")))?;
     let value = resp.json().await.map_err(|e| unavailable(format!("member {target} answered badly: {e}")))?;
     Ok(Json(value))
+}
+
+/// Internal requests must carry our cluster id: a node of another cluster gets 403.
+fn check_cluster(node: &Node, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    match headers.get(crate::node::CLUSTER_HEADER).and_then(|v| v.to_str().ok()) {
+        Some(id) if id == node.cfg.cluster_id => Ok(()),
+        other => Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: format!("internal request for cluster {other:?}; this node belongs to {:?}", node.cfg.cluster_id),
+        }),
+    }
+}
+
+async fn internal_catalog_get(
+    State(node): State<Arc<Node>>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    check_cluster(&node, &headers)?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], node.catalog.state_bytes()).into_response())
+}
+
+async fn internal_catalog_push(
+    State(node): State<Arc<Node>>,
+    headers: axum::http::HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    check_cluster(&node, &headers)?;
+    let raw = body(&node, raw)?;
+    let state =
+        crate::catalog::CatalogState::from_bytes(&raw).map_err(|e| ApiError::bad(format!("catalog state: {e}")))?;
+    node.catalog.merge(state).map_err(|e| ApiError::from(NodeError::from(e)))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn cluster_members(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {

@@ -1,12 +1,133 @@
-//! The catalog: every metric's schema, held in memory and persisted in the data dir.
-//! On a single node it is a plain map written atomically; the cluster issue makes the same
-//! interface a CRDT synced by anti-entropy, so callers do not change.
+//! The catalog: metric schemas and shard placement, held whole by every node as state-based
+//! CRDTs (`crdts` 7.3.2) so that any node can change them without coordination; anti-entropy
+//! (in `node`) exchanges whole states, and merging is commutative, associative and idempotent,
+//! so loss, duplication and reordering of messages are harmless.
+//!
+//! - schemas: `Map<MetricKey, Map<field, MVReg<(class, type)>>>`. Concurrent first writes of
+//!   one field with different types leave sibling values in its register; every node resolves
+//!   them by the same rule, the most general one: class `tag` > `dimension` > `value`, then type
+//!   VARCHAR > DECIMAL > INT. Points already stored under the losing type keep their stored
+//!   values and stay readable (queries compare numbers numerically whatever their type).
+//! - placement: `Map<ShardId, Orswot<node id>>`. Concurrent placements of one shard merge into
+//!   their union: over-replication is possible, under-replication is not.
+//!
+//! Actor ids are node ids (stable across restarts), never generations. The state is persisted
+//! atomically after every change and reloaded on start.
 
 use crate::model::batch::RowBatch;
-use crate::model::{FieldClass, FieldType, MetricKey, NewField, Schema};
-use std::collections::BTreeMap;
+use crate::model::{FieldClass, FieldType, MetricKey, NewField, Schema, ShardId};
+use crdts::{CmRDT, CvRDT, MVReg, Map, Orswot};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
+
+pub type NodeId = String;
+type FieldDef = (FieldClass, FieldType);
+type Fields = Map<String, MVReg<FieldDef, NodeId>, NodeId>;
+
+/// Largest catalog state accepted from a peer or from disk.
+pub const STATE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogState {
+    schemas: Map<MetricKey, Fields, NodeId>,
+    placement: Map<ShardId, Orswot<NodeId, NodeId>, NodeId>,
+}
+
+/// The deterministic resolution of a field's concurrent definitions.
+fn resolve(defs: &[FieldDef]) -> Option<FieldDef> {
+    defs.iter().copied().max()
+}
+
+impl CatalogState {
+    pub fn merge(&mut self, other: CatalogState) {
+        self.schemas.merge(other.schemas);
+        self.placement.merge(other.placement);
+    }
+
+    pub fn add_field(&mut self, actor: &NodeId, key: &MetricKey, name: &str, def: FieldDef) {
+        let ctx = self.schemas.read_ctx().derive_add_ctx(actor.clone());
+        let op = self.schemas.update(key.clone(), ctx, |fields, ctx| {
+            fields.update(name.to_string(), ctx, |reg, ctx| reg.write(def, ctx))
+        });
+        self.schemas.apply(op);
+    }
+
+    pub fn remove_metric(&mut self, key: &MetricKey) {
+        let ctx = self.schemas.get(key).derive_rm_ctx();
+        let op = self.schemas.rm(key.clone(), ctx);
+        self.schemas.apply(op);
+    }
+
+    pub fn add_replicas(&mut self, actor: &NodeId, shard: &ShardId, nodes: &[NodeId]) {
+        let ctx = self.placement.read_ctx().derive_add_ctx(actor.clone());
+        let op = self.placement.update(shard.clone(), ctx, |set, ctx| set.add_all(nodes.iter().cloned(), ctx));
+        self.placement.apply(op);
+    }
+
+    pub fn remove_replica(&mut self, shard: &ShardId, node: &NodeId) {
+        if let Some(set) = self.placement.get(shard).val {
+            let ctx = set.contains(node).derive_rm_ctx();
+            let op = set.rm(node.clone(), ctx);
+            let add = self.placement.read_ctx().derive_add_ctx(node.clone());
+            let op = self.placement.update(shard.clone(), add, |_, _| op);
+            self.placement.apply(op);
+        }
+    }
+
+    /// Every schema, with concurrent definitions resolved.
+    pub fn schemas(&self) -> BTreeMap<MetricKey, Schema> {
+        let mut out = BTreeMap::new();
+        for entry in self.schemas.iter() {
+            let (key, fields) = entry.val;
+            let mut schema = Schema::default();
+            for f in fields.iter() {
+                let (name, reg) = f.val;
+                if let Some(def) = resolve(&reg.read().val) {
+                    schema.fields.insert(name.clone(), def);
+                }
+            }
+            out.insert(key.clone(), schema);
+        }
+        out
+    }
+
+    pub fn placement(&self) -> BTreeMap<ShardId, BTreeSet<NodeId>> {
+        self.placement.iter().map(|e| (e.val.0.clone(), e.val.1.read().val.into_iter().collect())).collect()
+    }
+
+    /// A hash of the content (not the clocks: removes do not advance them), equal on nodes
+    /// that hold the same schemas, sibling definitions and placements.
+    pub fn digest(&self) -> u64 {
+        let mut schemas: BTreeMap<&MetricKey, BTreeMap<&String, Vec<FieldDef>>> = BTreeMap::new();
+        for entry in self.schemas.iter() {
+            let (key, fields) = entry.val;
+            let map = schemas.entry(key).or_default();
+            for f in fields.iter() {
+                let (name, reg) = f.val;
+                let mut defs = reg.read().val;
+                defs.sort();
+                map.insert(name, defs);
+            }
+        }
+        let bytes = postcard::to_stdvec(&(schemas, self.placement())).expect("content encodes");
+        // FNV-1a: stable across processes and versions, unlike std's hasher.
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("catalog state encodes")
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() > STATE_BYTES_MAX {
+            return Err(format!("catalog state larger than {STATE_BYTES_MAX} bytes"));
+        }
+        postcard::from_bytes(bytes).map_err(|e| e.to_string())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -15,20 +136,29 @@ pub enum CatalogError {
     Conflict { metric: String, message: String },
     #[error("catalog file {path}: {message}")]
     Storage { path: String, message: String },
+    /// The catalog file was lost: writing before a sync could reuse CRDT dots.
+    #[error("the catalog has not been synced from a peer since it was lost; retry shortly")]
+    NotSynced,
 }
 
 pub struct Catalog {
+    actor: NodeId,
     path: PathBuf,
+    state: Mutex<CatalogState>,
+    /// Resolved schemas, rebuilt after every change: the read path never touches the CRDT.
     schemas: RwLock<BTreeMap<MetricKey, Schema>>,
-    /// Serializes read-modify-persist cycles; readers only take `schemas`.
-    persist: Mutex<()>,
+    digest: std::sync::atomic::AtomicU64,
+    synced: AtomicBool,
 }
 
 impl Catalog {
-    pub fn open(data_dir: &Path) -> Result<Self, CatalogError> {
+    /// Loads the catalog of `data_dir`. `lost_means_unsynced`: when the file is missing but the
+    /// node was part of a formed cluster before, refuse local changes until a peer's state
+    /// has been merged, so that this actor's CRDT dots are not reused.
+    pub fn open(data_dir: &Path, actor: &str, lost_means_unsynced: bool) -> Result<Self, CatalogError> {
         let path = data_dir.join("catalog.bin");
         let err = |message: String| CatalogError::Storage { path: path.display().to_string(), message };
-        let schemas = match std::fs::read(&path) {
+        let (state, synced) = match std::fs::read(&path) {
             Ok(bytes) => {
                 if bytes.len() < 4 {
                     return Err(err("truncated".into()));
@@ -37,21 +167,61 @@ impl Catalog {
                 if crc32fast::hash(body).to_le_bytes() != crc {
                     return Err(err("fails its checksum".into()));
                 }
-                let list: Vec<(MetricKey, Schema)> = postcard::from_bytes(body).map_err(|e| err(e.to_string()))?;
-                list.into_iter().collect()
+                (CatalogState::from_bytes(body).map_err(err)?, true)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (CatalogState::default(), !lost_means_unsynced),
             Err(e) => return Err(err(e.to_string())),
         };
-        Ok(Self { path, schemas: RwLock::new(schemas), persist: Mutex::new(()) })
+        let catalog = Self {
+            actor: actor.to_string(),
+            path,
+            schemas: RwLock::new(state.schemas()),
+            digest: state.digest().into(),
+            state: Mutex::new(state),
+            synced: AtomicBool::new(synced),
+        };
+        Ok(catalog)
     }
 
-    fn save(&self, schemas: &BTreeMap<MetricKey, Schema>) -> Result<(), CatalogError> {
-        let list: Vec<(&MetricKey, &Schema)> = schemas.iter().collect();
-        let mut bytes = postcard::to_stdvec(&list).expect("schemas encode");
+    /// Persists `state` and refreshes the read views. Called with the state lock held.
+    fn commit(&self, state: &CatalogState) -> Result<(), CatalogError> {
+        let mut bytes = state.to_bytes();
         bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
         crate::storage::write_atomic(&self.path, &bytes)
-            .map_err(|e| CatalogError::Storage { path: self.path.display().to_string(), message: e.to_string() })
+            .map_err(|e| CatalogError::Storage { path: self.path.display().to_string(), message: e.to_string() })?;
+        *self.schemas.write().expect("catalog lock") = state.schemas();
+        self.digest.store(state.digest(), Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub fn digest(&self) -> u64 {
+        self.digest.load(Ordering::SeqCst)
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+
+    /// Marks the catalog usable without a peer (a cluster of one has nobody to sync from).
+    pub fn mark_synced(&self) {
+        self.synced.store(true, Ordering::SeqCst);
+    }
+
+    pub fn state_bytes(&self) -> Vec<u8> {
+        self.state.lock().expect("catalog lock").to_bytes()
+    }
+
+    /// Merges a peer's state; returns whether anything changed here.
+    pub fn merge(&self, other: CatalogState) -> Result<bool, CatalogError> {
+        let mut state = self.state.lock().expect("catalog lock");
+        let before = state.digest();
+        state.merge(other);
+        let changed = state.digest() != before;
+        if changed {
+            self.commit(&state)?;
+        }
+        self.mark_synced();
+        Ok(changed)
     }
 
     pub fn schema(&self, key: &MetricKey) -> Option<Schema> {
@@ -78,51 +248,65 @@ impl Catalog {
         if additions.is_empty() {
             return Ok(());
         }
-        let _persist = self.persist.lock().expect("catalog persist lock");
-        let mut all = self.schemas.read().expect("catalog lock").clone();
-        for (key, added) in additions {
-            // Another writer may have added the same fields since we looked: re-check.
-            let current = all.entry(key.clone()).or_default();
+        if !self.is_synced() {
+            return Err(CatalogError::NotSynced);
+        }
+        let mut state = self.state.lock().expect("catalog lock");
+        // Another writer (or a merge) may have defined the same fields since we looked.
+        let current = state.schemas();
+        for (key, added) in &additions {
             for (name, class, ty) in added {
-                match current.fields.get(&name) {
-                    Some(&(c, t)) if (c, t) != (class, ty) => {
-                        return Err(CatalogError::Conflict {
-                            metric: key.to_string(),
-                            message: format!(
-                                "field {name:?} is a {c} of type {t} in the schema but was sent as a {class} of type {ty}"
-                            ),
-                        });
-                    }
-                    Some(_) => {}
-                    None => {
-                        current.fields.insert(name, (class, ty));
-                    }
+                if let Some(&(c, t)) = current.get(*key).and_then(|s| s.fields.get(name))
+                    && (c, t) != (*class, *ty)
+                {
+                    return Err(CatalogError::Conflict {
+                        metric: key.to_string(),
+                        message: format!(
+                            "field {name:?} is a {c} of type {t} in the schema but was sent as a {class} of type {ty}"
+                        ),
+                    });
                 }
             }
         }
-        self.save(&all)?;
-        *self.schemas.write().expect("catalog lock") = all;
-        Ok(())
+        for (key, added) in additions {
+            for (name, class, ty) in added {
+                state.add_field(&self.actor, key, &name, (class, ty));
+            }
+        }
+        self.commit(&state)
     }
 
     pub fn drop_metric(&self, key: &MetricKey) -> Result<bool, CatalogError> {
-        let _persist = self.persist.lock().expect("catalog persist lock");
-        let mut all = self.schemas.read().expect("catalog lock").clone();
-        let existed = all.remove(key).is_some();
-        if existed {
-            self.save(&all)?;
-            *self.schemas.write().expect("catalog lock") = all;
+        if !self.is_synced() {
+            return Err(CatalogError::NotSynced);
         }
-        Ok(existed)
+        let mut state = self.state.lock().expect("catalog lock");
+        if !state.schemas().contains_key(key) {
+            return Ok(false);
+        }
+        state.remove_metric(key);
+        self.commit(&state)?;
+        Ok(true)
     }
 
     pub fn metrics(&self) -> Vec<MetricKey> {
         self.schemas.read().expect("catalog lock").keys().cloned().collect()
     }
 
-    /// Field types of a metric, for the query planner.
+    /// Field class and type of a metric, for the query planner.
     pub fn field(&self, key: &MetricKey, name: &str) -> Option<(FieldClass, FieldType)> {
         self.schemas.read().expect("catalog lock").get(key).and_then(|s| s.fields.get(name).copied())
+    }
+
+    pub fn placement(&self) -> BTreeMap<ShardId, BTreeSet<NodeId>> {
+        self.state.lock().expect("catalog lock").placement()
+    }
+
+    /// Records replicas of a shard (merged as a union with any concurrent placement).
+    pub fn add_replicas(&self, shard: &ShardId, nodes: &[NodeId]) -> Result<(), CatalogError> {
+        let mut state = self.state.lock().expect("catalog lock");
+        state.add_replicas(&self.actor, shard, nodes);
+        self.commit(&state)
     }
 }
 
@@ -130,12 +314,13 @@ impl Catalog {
 mod tests {
     use super::*;
     use crate::model::{FieldValue, Num, Point};
+    use proptest::prelude::*;
 
     #[test]
     fn admit_is_all_or_nothing_and_persists() {
         let dir = tempfile::tempdir().unwrap();
         let key = MetricKey::new("d", "n", "m").unwrap();
-        let cat = Catalog::open(dir.path()).unwrap();
+        let cat = Catalog::open(dir.path(), "a", false).unwrap();
         let mut a =
             Point { timestamp: 1, value: Num::Int(1), dimensions: Default::default(), tags: Default::default() };
         a.tags.insert("region".into(), FieldValue::Str("eu".into()));
@@ -149,10 +334,133 @@ mod tests {
         assert!(err.contains("region") && err.contains("one batch"), "{err}");
         assert!(cat.schema(&key).is_none() && cat.schema(&other).is_none(), "a rejected batch changes no schema");
         cat.admit(&[(key.clone(), rows(&[a]))]).unwrap();
+        let shard = ShardId { metric: key.clone(), start: 0 };
+        cat.add_replicas(&shard, &["a".into(), "b".into()]).unwrap();
         drop(cat);
-        let cat = Catalog::open(dir.path()).unwrap();
+        let cat = Catalog::open(dir.path(), "a", false).unwrap();
         assert_eq!(cat.field(&key, "region"), Some((FieldClass::Tag, FieldType::Str)));
+        assert_eq!(cat.placement()[&shard].len(), 2);
         assert!(cat.drop_metric(&key).unwrap());
         assert!(cat.metrics().is_empty());
+    }
+
+    #[test]
+    fn lost_catalog_refuses_changes_until_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(dir.path(), "a", true).unwrap();
+        let key = MetricKey::new("d", "n", "m").unwrap();
+        let p = Point { timestamp: 1, value: Num::Int(1), dimensions: Default::default(), tags: Default::default() };
+        let batch = [(key, RowBatch::from_points(&[p]).unwrap())];
+        assert!(matches!(cat.admit(&batch), Err(CatalogError::NotSynced)));
+        cat.merge(CatalogState::default()).unwrap();
+        cat.admit(&batch).unwrap();
+    }
+
+    #[test]
+    fn concurrent_conflicting_definitions_resolve_the_same_everywhere() {
+        let key = MetricKey::new("d", "n", "m").unwrap();
+        let (mut a, mut b) = (CatalogState::default(), CatalogState::default());
+        a.add_field(&"a".into(), &key, "x", (FieldClass::Dimension, FieldType::Int));
+        b.add_field(&"b".into(), &key, "x", (FieldClass::Dimension, FieldType::Str));
+        let (mut ab, mut ba) = (a.clone(), b.clone());
+        ab.merge(b);
+        ba.merge(a);
+        assert_eq!(ab.schemas(), ba.schemas());
+        assert_eq!(ab.schemas()[&key].fields["x"], (FieldClass::Dimension, FieldType::Str));
+        assert_eq!(ab.digest(), ba.digest());
+    }
+
+    /// Operations a node may apply locally.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Field { metric: u8, field: u8, ty: u8 },
+        Drop { metric: u8 },
+        Place { metric: u8, start: u8, node: u8 },
+        Unplace { metric: u8, start: u8, node: u8 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..3u8, 0..3u8, 0..3u8).prop_map(|(metric, field, ty)| Op::Field { metric, field, ty }),
+            (0..3u8).prop_map(|metric| Op::Drop { metric }),
+            (0..3u8, 0..3u8, 0..4u8).prop_map(|(metric, start, node)| Op::Place { metric, start, node }),
+            (0..3u8, 0..3u8, 0..4u8).prop_map(|(metric, start, node)| Op::Unplace { metric, start, node }),
+        ]
+    }
+
+    fn apply(state: &mut CatalogState, actor: &NodeId, op: &Op) {
+        let metric = |m: u8| MetricKey::new("d", "n", &format!("m{m}")).unwrap();
+        let shard = |m: u8, s: u8| ShardId { metric: metric(m), start: i64::from(s) * 1000 };
+        let types = [FieldType::Int, FieldType::Dec, FieldType::Str];
+        match op {
+            Op::Field { metric: m, field, ty } => {
+                state.add_field(actor, &metric(*m), &format!("f{field}"), (FieldClass::Tag, types[*ty as usize]))
+            }
+            Op::Drop { metric: m } => state.remove_metric(&metric(*m)),
+            Op::Place { metric: m, start, node } => {
+                state.add_replicas(actor, &shard(*m, *start), &[format!("n{node}")])
+            }
+            Op::Unplace { metric: m, start, node } => state.remove_replica(&shard(*m, *start), &format!("n{node}")),
+        }
+    }
+
+    /// Three replicas apply random operations; returns their states.
+    fn replicas(ops: &[(u8, Op)]) -> Vec<CatalogState> {
+        let mut states = vec![CatalogState::default(); 3];
+        for (who, op) in ops {
+            let who = *who as usize % 3;
+            apply(&mut states[who], &format!("n{who}"), op);
+        }
+        states
+    }
+
+    fn merged(mut a: CatalogState, b: CatalogState) -> CatalogState {
+        a.merge(b);
+        a
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn merge_is_commutative_associative_idempotent(ops in prop::collection::vec((0..3u8, op()), 0..30)) {
+            let s = replicas(&ops);
+            let (a, b, c) = (s[0].clone(), s[1].clone(), s[2].clone());
+            prop_assert_eq!(merged(a.clone(), b.clone()).digest(), merged(b.clone(), a.clone()).digest());
+            prop_assert_eq!(merged(a.clone(), b.clone()).schemas(), merged(b.clone(), a.clone()).schemas());
+            let left = merged(merged(a.clone(), b.clone()), c.clone());
+            let right = merged(a.clone(), merged(b.clone(), c.clone()));
+            prop_assert_eq!(left.digest(), right.digest());
+            prop_assert_eq!(merged(a.clone(), a.clone()), a.clone());
+        }
+
+        #[test]
+        fn exchanges_in_any_order_with_drops_and_duplicates_converge(
+            ops in prop::collection::vec((0..3u8, op()), 0..30),
+            sends in prop::collection::vec((0..3usize, 0..3usize, any::<bool>()), 0..40),
+        ) {
+            let mut s = replicas(&ops);
+            // Random pushes, some dropped (false), duplicates and reorderings included.
+            for (from, to, delivered) in sends {
+                if delivered && from != to {
+                    let msg = s[from].clone();
+                    s[to].merge(msg);
+                }
+            }
+            // Then the network heals: a full round in each direction.
+            for _ in 0..2 {
+                for from in 0..3 {
+                    for to in 0..3 {
+                        if from != to {
+                            let msg = s[from].clone();
+                            s[to].merge(msg);
+                        }
+                    }
+                }
+            }
+            prop_assert_eq!(&s[0], &s[1]);
+            prop_assert_eq!(&s[1], &s[2]);
+            prop_assert_eq!(s[0].digest(), s[2].digest());
+        }
     }
 }

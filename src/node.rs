@@ -5,7 +5,9 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::Config;
 use crate::env::Env;
 use crate::ingest::Batch;
-use crate::membership::{KEY_HTTP_ADDR, KEY_READINESS, KEY_ROLES, Member, Membership, MembershipConfig};
+use crate::membership::{
+    KEY_CATALOG_DIGEST, KEY_HTTP_ADDR, KEY_READINESS, KEY_ROLES, Liveness, Member, Membership, MembershipConfig,
+};
 use crate::metrics::Metrics;
 use crate::model::{MetricKey, Point};
 use crate::query::{self, QueryError, plan};
@@ -32,6 +34,7 @@ impl From<CatalogError> for NodeError {
         match e {
             CatalogError::Conflict { .. } => NodeError::BadRequest(e.to_string()),
             CatalogError::Storage { .. } => NodeError::Internal(e.to_string()),
+            CatalogError::NotSynced => NodeError::Unavailable(e.to_string()),
         }
     }
 }
@@ -108,14 +111,25 @@ pub struct Node {
     leaving: std::sync::atomic::AtomicBool,
     /// Flips to true when the node has been asked to stop (`shoal leave`).
     stop_tx: tokio::sync::watch::Sender<bool>,
+    /// Client for the internal API of peers (anti-entropy now; replication later).
+    peers: reqwest::Client,
 }
+
+/// Header carrying the cluster id on internal requests; other ids are refused.
+pub const CLUSTER_HEADER: &str = "x-shoal-cluster";
+/// Anti-entropy also pulls from one live peer this often when all digests agree.
+const CATALOG_PULL_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// After a change, the new state is pushed to at most this many peers (gossip does the rest).
+const CATALOG_PUSH_FANOUT: usize = 3;
 
 impl Node {
     pub async fn open(cfg: Config, env: Env, io: NodeIo<'_>) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", cfg.data_dir.display()))?;
         let metrics = Arc::new(Metrics::default());
-        let catalog = Arc::new(Catalog::open(&cfg.data_dir)?);
+        // A node that was part of a formed cluster but lost its catalog file must sync first.
+        let was_in_cluster = cfg.data_dir.join("bootstrapped").exists();
+        let catalog = Arc::new(Catalog::open(&cfg.data_dir, &cfg.node_id, was_in_cluster)?);
         let storage_cfg = StorageConfig {
             shard_interval_ms: cfg.shard_interval_ms,
             memtable_points_max: cfg.memtable_points_max,
@@ -185,6 +199,10 @@ impl Node {
             readiness: std::sync::RwLock::new(readiness),
             leaving: Default::default(),
             stop_tx: tokio::sync::watch::channel(false).0,
+            peers: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(5))
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot build the peer client: {e}"))?,
         });
         node.update_readiness().await;
         node.spawn_background();
@@ -234,6 +252,76 @@ impl Node {
             Readiness { ready: reason.is_none(), reason, live_members: live, bootstrapped };
     }
 
+    /// One round of catalog anti-entropy: publish our digest; pull from a peer whose digest
+    /// differs (or, now and then, from any live peer); push a changed state to a few peers.
+    async fn catalog_anti_entropy(
+        &self,
+        round: usize,
+        pushed_digest: &mut Option<u64>,
+        last_pull: &mut tokio::time::Instant,
+    ) {
+        let digest = self.catalog.digest();
+        let digest_text = format!("{digest:016x}");
+        let members = self.membership.members().await;
+        if members.iter().find(|m| m.is_self).and_then(|m| m.catalog_digest.as_deref()) != Some(digest_text.as_str()) {
+            self.membership.set(KEY_CATALOG_DIGEST, &digest_text).await;
+        }
+        let peers: Vec<&Member> =
+            members.iter().filter(|m| !m.is_self && m.state == Liveness::Alive && m.http_addr.is_some()).collect();
+        if peers.is_empty() {
+            return;
+        }
+        let differing: Vec<&&Member> =
+            peers.iter().filter(|m| m.catalog_digest.as_deref().is_some_and(|d| d != digest_text)).collect();
+        let pull_from = if !differing.is_empty() {
+            Some(differing[round % differing.len()].http_addr.clone())
+        } else if last_pull.elapsed() >= CATALOG_PULL_EVERY {
+            Some(peers[round % peers.len()].http_addr.clone())
+        } else {
+            None
+        };
+        if let Some(Some(addr)) = pull_from {
+            *last_pull = tokio::time::Instant::now();
+            if let Err(e) = self.pull_catalog(&addr).await {
+                tracing::debug!(peer = %addr, error = %e, "catalog pull failed");
+            }
+        }
+        let digest = self.catalog.digest();
+        if *pushed_digest != Some(digest) {
+            *pushed_digest = Some(digest);
+            let state = self.catalog.state_bytes();
+            for m in peers.iter().cycle().skip(round % peers.len()).take(CATALOG_PUSH_FANOUT.min(peers.len())) {
+                let Some(addr) = &m.http_addr else { continue };
+                let sent = self
+                    .peers
+                    .post(format!("http://{addr}/internal/v1/catalog"))
+                    .header(CLUSTER_HEADER, &self.cfg.cluster_id)
+                    .body(state.clone())
+                    .send()
+                    .await;
+                if let Err(e) = sent {
+                    tracing::debug!(peer = %addr, error = %e, "catalog push failed");
+                }
+            }
+        }
+    }
+
+    async fn pull_catalog(&self, addr: &str) -> anyhow::Result<()> {
+        let resp = self
+            .peers
+            .get(format!("http://{addr}/internal/v1/catalog"))
+            .header(CLUSTER_HEADER, &self.cfg.cluster_id)
+            .send()
+            .await?;
+        anyhow::ensure!(resp.status().is_success(), "peer answered {}", resp.status());
+        let bytes = resp.bytes().await?;
+        let state = crate::catalog::CatalogState::from_bytes(&bytes).map_err(|e| anyhow::anyhow!(e))?;
+        if self.catalog.merge(state)? {
+            tracing::debug!(peer = %addr, "catalog updated from a peer");
+        }
+        Ok(())
+    }
+
     pub fn readiness(&self) -> Readiness {
         self.readiness.read().expect("readiness lock").clone()
     }
@@ -267,6 +355,19 @@ impl Node {
     }
 
     fn spawn_background(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let period = self.cfg.gossip_interval.max(std::time::Duration::from_millis(200));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let (mut round, mut pushed_digest, mut last_pull) = (0usize, None, tokio::time::Instant::now());
+            loop {
+                tick.tick().await;
+                let Some(node) = weak.upgrade() else { return };
+                round += 1;
+                node.catalog_anti_entropy(round, &mut pushed_digest, &mut last_pull).await;
+            }
+        });
         let weak = Arc::downgrade(self);
         let period = self.cfg.gossip_interval;
         tokio::spawn(async move {

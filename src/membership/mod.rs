@@ -19,6 +19,7 @@ use tokio::time::Instant;
 pub const KEY_HTTP_ADDR: &str = "http_addr";
 pub const KEY_ROLES: &str = "roles";
 pub const KEY_READINESS: &str = "state";
+pub const KEY_CATALOG_DIGEST: &str = "catalog_digest";
 
 /// Heartbeat intervals longer than this are left out of the detector's statistics (a paused
 /// process should not teach the detector that long silences are normal).
@@ -61,6 +62,8 @@ pub struct Member {
     /// What the member says of itself: joining, ready or leaving.
     pub readiness: String,
     pub heartbeat_age_ms: Option<u64>,
+    /// Hash of the member's catalog content; differs from ours → anti-entropy pulls.
+    pub catalog_digest: Option<String>,
     /// Time since the last heartbeat over the mean heartbeat interval (chitchat's phi).
     pub phi: Option<f64>,
     pub is_self: bool,
@@ -125,6 +128,7 @@ pub fn view(s: &Snapshot) -> Vec<Member> {
                 state,
                 readiness,
                 heartbeat_age_ms: if is_self { Some(0) } else { age.map(|a| a.as_millis() as u64) },
+                catalog_digest: keys.get(KEY_CATALOG_DIGEST).cloned(),
                 phi: if is_self { Some(0.0) } else { phi },
                 is_self,
             }

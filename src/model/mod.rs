@@ -52,6 +52,19 @@ impl fmt::Display for MetricKey {
     }
 }
 
+/// A shard: one metric's points in one time bucket `[start, start + sharding interval)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ShardId {
+    pub metric: MetricKey,
+    pub start: i64,
+}
+
+impl fmt::Display for ShardId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.metric, self.start)
+    }
+}
+
 /// A number as sent: NSDb keeps integers and decimals apart.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Num {

@@ -12,7 +12,7 @@ use super::segment::{Segment, segment_path, write_segment};
 use super::wal::{WalWriter, encode_record, list_wal_seqs, replay, wal_path};
 use super::{StorageConfig, StorageError, fsync_dir};
 use crate::metrics::Metrics;
-use crate::model::MetricKey;
+pub use crate::model::ShardId;
 use crate::model::batch::{RowBatch, RowBatchBuilder};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -23,18 +23,6 @@ use tokio::sync::{mpsc, oneshot};
 const QUEUE_DEPTH: usize = 1024;
 /// Most appends one group commit takes, bounding one write's size.
 const GROUP_APPENDS_MAX: usize = 256;
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct ShardId {
-    pub metric: MetricKey,
-    pub start: i64,
-}
-
-impl std::fmt::Display for ShardId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}", self.metric, self.start)
-    }
-}
 
 pub fn shard_dir(root: &Path, id: &ShardId) -> PathBuf {
     root.join(&id.metric.db).join(&id.metric.namespace).join(&id.metric.metric).join(id.start.to_string())
