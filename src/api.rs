@@ -86,6 +86,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/status", get(status))
         .route("/cluster/members", get(cluster_members))
         .route("/cluster/leave", post(cluster_leave))
+        .route("/cluster/shards", get(cluster_shards))
         .route(
             "/internal/v1/catalog",
             get(internal_catalog_get)
@@ -284,6 +285,35 @@ async fn internal_catalog_push(
         crate::catalog::CatalogState::from_bytes(&raw).map_err(|e| ApiError::bad(format!("catalog state: {e}")))?;
     node.catalog.merge(state).map_err(|e| ApiError::from(NodeError::from(e)))?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Shard placement from the catalog, with each replica's state in this node's view.
+async fn cluster_shards(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    let members = node.members().await;
+    let state = |id: &str| {
+        members.iter().find(|m| m.id == id).map_or("unknown".to_string(), |m| {
+            serde_json::to_value(m.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+        })
+    };
+    let interval = node.shard_interval_ms();
+    let shards: Vec<serde_json::Value> = node
+        .catalog
+        .placement()
+        .into_iter()
+        .map(|(shard, replicas)| {
+            let replicas: Vec<serde_json::Value> =
+                replicas.iter().map(|id| serde_json::json!({"id": id, "state": state(id)})).collect();
+            serde_json::json!({
+                "db": shard.metric.db,
+                "namespace": shard.metric.namespace,
+                "metric": shard.metric.metric,
+                "start": shard.start,
+                "end": shard.start.saturating_add(interval),
+                "replicas": replicas,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "shards": shards }))
 }
 
 async fn cluster_members(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {

@@ -302,6 +302,10 @@ impl Catalog {
         self.state.lock().expect("catalog lock").placement()
     }
 
+    pub fn has_placement(&self, shard: &ShardId) -> bool {
+        self.state.lock().expect("catalog lock").placement.get(shard).val.is_some()
+    }
+
     /// Records replicas of a shard (merged as a union with any concurrent placement).
     pub fn add_replicas(&self, shard: &ShardId, nodes: &[NodeId]) -> Result<(), CatalogError> {
         let mut state = self.state.lock().expect("catalog lock");

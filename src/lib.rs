@@ -12,6 +12,7 @@
 //! integration tests and the simulator build nodes through it.
 
 pub mod api;
+pub mod capacity;
 pub mod catalog;
 pub mod config;
 pub mod discovery;
@@ -21,6 +22,7 @@ pub mod membership;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod placement;
 pub mod query;
 pub mod storage;
 

@@ -164,17 +164,24 @@ async fn members(node: &str, json: bool) -> anyhow::Result<()> {
         serde_json::Value::Null => "-".to_string(),
         other => other.to_string(),
     };
-    let header = ["", "ID", "STATE", "READINESS", "HTTP", "GOSSIP", "HB AGE ms", "PHI", "ROLES"];
+    let header = ["", "ID", "STATE", "READINESS", "HTTP", "GOSSIP", "HB AGE ms", "PHI", "FREE h/l/c/d", "ROLES"];
     println!(
-        "{:<1} {:<16} {:<8} {:<9} {:<21} {:<21} {:>9} {:>5}  {}",
-        header[0], header[1], header[2], header[3], header[4], header[5], header[6], header[7], header[8]
+        "{:<1} {:<16} {:<8} {:<9} {:<21} {:<21} {:>9} {:>5}  {:<19} {}",
+        header[0], header[1], header[2], header[3], header[4], header[5], header[6], header[7], header[8], header[9]
     );
     for m in body["members"].as_array().into_iter().flatten() {
         let marker = if m["is_self"].as_bool() == Some(true) { "*" } else { "" };
         let phi = m["phi"].as_f64().map_or("-".to_string(), |p| format!("{p:.1}"));
         let roles: Vec<String> = m["roles"].as_array().into_iter().flatten().map(text).collect();
+        let cap = &m["capacity"];
+        let capacity = if cap.is_null() {
+            "-".to_string()
+        } else {
+            let f = |k: &str| cap[k].as_f64().map_or("-".to_string(), |v| format!("{v:.2}"));
+            format!("{}/{}/{}/{}", f("heap"), f("load"), f("cpu"), f("disk"))
+        };
         println!(
-            "{:<1} {:<16} {:<8} {:<9} {:<21} {:<21} {:>9} {:>5}  {}",
+            "{:<1} {:<16} {:<8} {:<9} {:<21} {:<21} {:>9} {:>5}  {:<19} {}",
             marker,
             text(&m["id"]),
             text(&m["state"]),
@@ -183,6 +190,7 @@ async fn members(node: &str, json: bool) -> anyhow::Result<()> {
             text(&m["gossip_addr"]),
             text(&m["heartbeat_age_ms"]),
             phi,
+            capacity,
             roles.join(",")
         );
     }
@@ -248,7 +256,14 @@ async fn start(config: Option<PathBuf>, sets: Vec<String>) -> anyhow::Result<()>
             None => gossip_listen,
         };
     let transport = chitchat::transport::UdpTransport;
-    let io = shoal::node::NodeIo { http_addr: local, gossip_listen, gossip_advertise, gossip_transport: &transport };
+    let capacity_probe = Box::new(shoal::capacity::SysinfoProbe::new(&cfg.data_dir));
+    let io = shoal::node::NodeIo {
+        http_addr: local,
+        gossip_listen,
+        gossip_advertise,
+        gossip_transport: &transport,
+        capacity_probe,
+    };
     let node = shoal::node::Node::open(cfg, shoal::env::Env::production(), io).await?;
     // Tests and scripts that start a node on port 0 read its addresses from here.
     shoal::storage::write_atomic(&node.cfg.data_dir.join("gossip.addr"), gossip_advertise.to_string().as_bytes())?;

@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::env::Env;
 use crate::ingest::Batch;
 use crate::membership::{
-    KEY_CATALOG_DIGEST, KEY_HTTP_ADDR, KEY_READINESS, KEY_ROLES, Liveness, Member, Membership, MembershipConfig,
+    KEY_CAPACITY, KEY_CATALOG_DIGEST, KEY_HTTP_ADDR, KEY_READINESS, KEY_ROLES, Member, Membership, MembershipConfig,
 };
 use crate::metrics::Metrics;
 use crate::model::{MetricKey, Point};
@@ -86,6 +86,7 @@ pub struct NodeIo<'a> {
     pub gossip_listen: std::net::SocketAddr,
     pub gossip_advertise: std::net::SocketAddr,
     pub gossip_transport: &'a dyn chitchat::transport::Transport,
+    pub capacity_probe: Box<dyn crate::capacity::CapacityProbe>,
 }
 
 /// Whether this node accepts writes, recomputed every gossip interval from the membership view.
@@ -147,7 +148,10 @@ impl Node {
                 crate::config::Role::Query => "query",
             })
             .collect();
+        let mut probe = io.capacity_probe;
+        let capacity = probe.sample();
         let keys = vec![
+            (KEY_CAPACITY.to_string(), capacity.to_gossip()),
             (KEY_HTTP_ADDR.to_string(), io.http_addr.to_string()),
             (KEY_ROLES.to_string(), roles.join(",")),
             (KEY_READINESS.to_string(), if bootstrapped { "ready" } else { "joining" }.to_string()),
@@ -206,6 +210,7 @@ impl Node {
         });
         node.update_readiness().await;
         node.spawn_background();
+        node.spawn_capacity_probe(probe);
         Ok(node)
     }
 
@@ -214,10 +219,7 @@ impl Node {
     async fn update_readiness(&self) {
         let members = self.membership.members().await;
         let seen = members.len();
-        let live = members
-            .iter()
-            .filter(|m| matches!(m.state, crate::membership::Liveness::Alive | crate::membership::Liveness::Suspect))
-            .count();
+        let live = members.iter().filter(|m| m.is_live()).count();
         let mut bootstrapped = self.readiness.read().expect("readiness lock").bootstrapped;
         if !bootstrapped && seen >= self.cfg.bootstrap_expect {
             bootstrapped = true;
@@ -267,7 +269,7 @@ impl Node {
             self.membership.set(KEY_CATALOG_DIGEST, &digest_text).await;
         }
         let peers: Vec<&Member> =
-            members.iter().filter(|m| !m.is_self && m.state == Liveness::Alive && m.http_addr.is_some()).collect();
+            members.iter().filter(|m| !m.is_self && m.is_live() && m.http_addr.is_some()).collect();
         if peers.is_empty() {
             return;
         }
@@ -354,6 +356,82 @@ impl Node {
         let _ = rx.wait_for(|stop| *stop).await;
     }
 
+    /// Measures free capacity every `shoal.cluster.capacity-interval` and publishes it.
+    fn spawn_capacity_probe(self: &Arc<Self>, probe: Box<dyn crate::capacity::CapacityProbe>) {
+        let weak = Arc::downgrade(self);
+        let period = self.cfg.capacity_interval;
+        tokio::spawn(async move {
+            let mut probe = Some(probe);
+            let mut tick = tokio::time::interval(period);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(mut p) = probe.take() else { return };
+                let Ok((p, capacity)) = tokio::task::spawn_blocking(move || {
+                    let c = p.sample();
+                    (p, c)
+                })
+                .await
+                else {
+                    return;
+                };
+                probe = Some(p);
+                let Some(node) = weak.upgrade() else { return };
+                node.membership.set(KEY_CAPACITY, &capacity.to_gossip()).await;
+            }
+        });
+    }
+
+    /// Records replicas for the shards of `batch` that have none yet, chosen by the capacity
+    /// selector among the live storage members. Concurrent choices by other nodes merge into a
+    /// union in the catalog.
+    async fn place_new_shards(&self, batch: &Batch) -> Result<(), NodeError> {
+        let interval = self.cfg.shard_interval_ms;
+        let mut new_shards = Vec::new();
+        for (key, rows) in &batch.metrics {
+            let mut starts: Vec<i64> = rows.timestamps.iter().map(|t| t.div_euclid(interval) * interval).collect();
+            starts.sort_unstable();
+            starts.dedup();
+            for start in starts {
+                let shard = crate::model::ShardId { metric: key.clone(), start };
+                if !self.catalog.has_placement(&shard) {
+                    new_shards.push(shard);
+                }
+            }
+        }
+        if new_shards.is_empty() {
+            return Ok(());
+        }
+        let candidates: Vec<crate::placement::Candidate> = self
+            .membership
+            .members()
+            .await
+            .into_iter()
+            .filter(Member::is_live)
+            .map(|m| crate::placement::Candidate {
+                storage: m.roles.iter().any(|r| r == "storage"),
+                id: m.id,
+                capacity: m.capacity,
+            })
+            .collect();
+        for shard in new_shards {
+            let replicas = crate::placement::place(
+                &shard,
+                &candidates,
+                self.cfg.metrics_selector,
+                self.cfg.replication_factor,
+                &Default::default(),
+            )
+            .map_err(|e| NodeError::Unavailable(format!("cannot place shard {shard}: {e}")))?;
+            self.catalog.add_replicas(&shard, &replicas)?;
+        }
+        Ok(())
+    }
+
+    pub fn shard_interval_ms(&self) -> i64 {
+        self.cfg.shard_interval_ms
+    }
+
     fn spawn_background(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         let period = self.cfg.gossip_interval.max(std::time::Duration::from_millis(200));
@@ -411,6 +489,7 @@ impl Node {
             )));
         }
         self.catalog.admit(&batch.metrics)?;
+        self.place_new_shards(&batch).await?;
         let total = batch.len();
         let writes = batch.metrics.into_iter().map(|(key, rows)| async move { self.storage.write(&key, rows).await });
         for result in futures_util::future::join_all(writes).await {

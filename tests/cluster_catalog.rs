@@ -92,3 +92,43 @@ fn catalog_spreads_persists_and_fills_empty_nodes() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 403);
 }
+
+#[test]
+fn placement_uses_storage_nodes_only_and_refuses_too_few() {
+    let dir = tempfile::tempdir().unwrap();
+    let rf2 = "shoal.cluster.replication-factor=2";
+    let s1 = TestNode::start(&dir.path().join("s1"), &["shoal.node.id=s1", rf2]);
+    let seed = format!("shoal.cluster.seeds=[\"{}\"]", s1.gossip_addr());
+    let s2 = TestNode::start(&dir.path().join("s2"), &["shoal.node.id=s2", rf2, &seed]);
+    let q = TestNode::start(&dir.path().join("q"), &["shoal.node.id=q", rf2, &seed, "shoal.cluster.roles=[\"query\"]"]);
+    for n in [&s1, &s2, &q] {
+        wait_until(Duration::from_secs(30), "3 members with capacity", || {
+            let (_, v) = n.get("/cluster/members");
+            let members = v["members"].as_array().unwrap().clone();
+            (members.len() == 3 && members.iter().all(|m| m["capacity"]["mix"].is_number())).then_some(())
+        });
+    }
+    // Ten shards, written through the query-only node.
+    let lines: String = (0..10).map(|d| format!("load value={d}i {}\n", d * 86_400_000)).collect();
+    let (status, v) = q.post("/write?db=db&namespace=ns&precision=ms", lines);
+    assert_eq!(status, 204, "{v}");
+    for n in [&s1, &s2, &q] {
+        let shards = wait_until(Duration::from_secs(30), "placements on every node", || {
+            let shards = n.get("/cluster/shards").1["shards"].as_array().unwrap().clone();
+            (shards.len() == 10).then_some(shards)
+        });
+        for s in shards {
+            let ids: Vec<&str> = s["replicas"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+            assert_eq!(ids, ["s1", "s2"], "exactly RF replicas, never the query-only node: {s}");
+            assert_eq!(s["end"].as_i64().unwrap() - s["start"].as_i64().unwrap(), 86_400_000);
+        }
+    }
+    // RF 3 with two storage nodes: a new shard cannot be placed, and the answer says why.
+    let rf3 = "shoal.cluster.replication-factor=3";
+    let s3 =
+        TestNode::start(&dir.path().join("s3"), &["shoal.node.id=s3", rf3, &seed, "shoal.cluster.roles=[\"query\"]"]);
+    wait_until(Duration::from_secs(30), "s3 to see 4 members", || (s3.members().len() == 4).then_some(()));
+    let (status, v) = s3.post("/write?db=db&namespace=ns&precision=ms", "load value=1i 999999999999");
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("replication factor 3 needs 3 live storage nodes but only 2"), "{v}");
+}

@@ -39,6 +39,7 @@ const KEYS: &[(&str, &str)] = &[
     ("shoal.cluster.metrics-selector", "one of heap, load, cpu, disk, mix"),
     ("shoal.cluster.roles", "a non-empty list of \"storage\" and/or \"query\""),
     ("shoal.cluster.replica-replace-after", "a duration such as 10m"),
+    ("shoal.cluster.capacity-interval", "a duration of at least 100ms, such as 5s"),
     ("shoal.sharding.interval", "a duration of at least 1s, such as 1d"),
     ("shoal.write.consistency", "one of one, quorum, all"),
     ("shoal.write.max-batch-points", "an integer >= 1"),
@@ -122,6 +123,7 @@ pub struct Config {
     pub metrics_selector: Selector,
     pub roles: Vec<Role>,
     pub replica_replace_after: Duration,
+    pub capacity_interval: Duration,
     pub shard_interval_ms: i64,
     pub write_consistency: Consistency,
     pub write_batch_points_max: usize,
@@ -372,6 +374,10 @@ impl Reader<'_> {
             )?,
             roles,
             replica_replace_after: self.duration("shoal.cluster.replica-replace-after")?,
+            capacity_interval: match self.duration("shoal.cluster.capacity-interval")? {
+                d if d >= Duration::from_millis(100) => d,
+                _ => return Err(self.err("shoal.cluster.capacity-interval")),
+            },
             shard_interval_ms: shard_interval.as_millis().min(i64::MAX as u128) as i64,
             write_consistency: self.choice(
                 "shoal.write.consistency",

@@ -20,6 +20,7 @@ pub const KEY_HTTP_ADDR: &str = "http_addr";
 pub const KEY_ROLES: &str = "roles";
 pub const KEY_READINESS: &str = "state";
 pub const KEY_CATALOG_DIGEST: &str = "catalog_digest";
+pub const KEY_CAPACITY: &str = "capacity";
 
 /// Heartbeat intervals longer than this are left out of the detector's statistics (a paused
 /// process should not teach the detector that long silences are normal).
@@ -64,9 +65,18 @@ pub struct Member {
     pub heartbeat_age_ms: Option<u64>,
     /// Hash of the member's catalog content; differs from ours → anti-entropy pulls.
     pub catalog_digest: Option<String>,
+    /// Free capacity as the member last published it.
+    pub capacity: Option<crate::capacity::Capacity>,
     /// Time since the last heartbeat over the mean heartbeat interval (chitchat's phi).
     pub phi: Option<f64>,
     pub is_self: bool,
+}
+
+impl Member {
+    /// Alive or suspect: the failure detector has not judged it dead.
+    pub fn is_live(&self) -> bool {
+        matches!(self.state, Liveness::Alive | Liveness::Suspect)
+    }
 }
 
 /// What [`view`] needs from chitchat, copied out under its lock.
@@ -129,6 +139,7 @@ pub fn view(s: &Snapshot) -> Vec<Member> {
                 readiness,
                 heartbeat_age_ms: if is_self { Some(0) } else { age.map(|a| a.as_millis() as u64) },
                 catalog_digest: keys.get(KEY_CATALOG_DIGEST).cloned(),
+                capacity: keys.get(KEY_CAPACITY).and_then(|c| crate::capacity::Capacity::from_gossip(c)),
                 phi: if is_self { Some(0.0) } else { phi },
                 is_self,
             }
