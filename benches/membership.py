@@ -66,16 +66,17 @@ def shoal_run(n, work, idle_s=0):
     converge = time.time() - t0
     if idle_s:
         # Every node's view, twice a second: any member not alive is a false report.
-        false_reports, polls, end = 0, 0, time.time() + idle_s
+        dead, suspect, polls, end = 0, 0, 0, time.time() + idle_s
         while time.time() < end:
             for i in range(n):
                 view = members(i)
                 polls += 1
-                false_reports += sum(1 for st in view.values() if st != "alive")
+                dead += sum(1 for st in view.values() if st in ("dead", "left"))
+                suspect += sum(1 for st in view.values() if st == "suspect")
             time.sleep(0.5)
         for p in procs:
             p.kill(); p.wait()
-        return false_reports, polls
+        return (dead, suspect), polls
     rate = count_bytes([int(g.rsplit(":", 1)[1]) for g in gossip])
     victim = n - 1
     procs[victim].send_signal(signal.SIGKILL); procs[victim].wait()
@@ -123,8 +124,9 @@ def main():
     if sys.argv[1:2] == ["--idle"]:
         seconds = int(sys.argv[2])
         with tempfile.TemporaryDirectory() as work:
-            false_reports, polls = shoal_run(10, work, idle_s=seconds)
-        print(f"idle run: 10 shoal nodes, {seconds} s, {polls} member-list polls, {false_reports} non-alive reports")
+            (dead, suspect), polls = shoal_run(10, work, idle_s=seconds)
+        print(f"idle run: 10 shoal nodes, {seconds} s, {polls} member-list polls: "
+              f"{dead} dead reports, {suspect} suspect observations")
         return
     sizes = [int(a) for a in sys.argv[1:]] or [10, 30]
     print(f"{'system':8} {'N':>3} {'converge s':>11} {'detect s':>9} {'gossip B/node/s':>16}")

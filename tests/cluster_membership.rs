@@ -111,3 +111,31 @@ fn bootstrap_expect_gates_writes_and_other_clusters_stay_out() {
     let ids: Vec<String> = foreign.members().into_iter().map(|m| m.0).collect();
     assert_eq!(ids, ["red1"]);
 }
+
+#[test]
+fn a_minority_refuses_writes_and_still_serves_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = "shoal.cluster.required-contact-point-nr=2";
+    let mut n1 = node(dir.path(), "r1", &[], &[gate]);
+    let seed = n1.gossip_addr();
+    let mut n2 = node(dir.path(), "r2", std::slice::from_ref(&seed), &[gate]);
+    let write = |n: &TestNode| n.post("/write?db=d&namespace=n&precision=ms", "m value=1i 1000");
+    wait_until(CONVERGE, "two live members accept writes", || (write(&n1).0 == 204).then_some(()));
+
+    // r2 dies: r1 alone is below the gate.
+    n2.kill9();
+    let (status, v) = wait_until(CONVERGE, "the lone node to refuse writes", || {
+        let (status, v) = write(&n1);
+        (status == 503).then_some((status, v))
+    });
+    assert!(v["error"].as_str().unwrap().contains("required-contact-point-nr"), "{status} {v}");
+    assert_eq!(n1.get("/readyz").0, 503);
+    // Every write that was acknowledged before the gate closed is still readable here.
+    let records = n1.query("d", "n", "SELECT count(*) FROM m");
+    assert!(records[0]["value"].as_u64().unwrap() >= 1, "reads are still served: {records:?}");
+
+    // r2 comes back: writes are accepted again.
+    n2.start_again();
+    wait_until(CONVERGE, "writes accepted again", || (write(&n1).0 == 204).then_some(()));
+    n1.stop();
+}
