@@ -291,6 +291,13 @@ impl Node {
         let digest = self.catalog.digest();
         if *pushed_digest != Some(digest) {
             *pushed_digest = Some(digest);
+            // The pull may have taken a while: push only to peers that are still live now.
+            let members = self.membership.members().await;
+            let peers: Vec<&Member> =
+                members.iter().filter(|m| !m.is_self && m.is_live() && m.http_addr.is_some()).collect();
+            if peers.is_empty() {
+                return;
+            }
             let state = self.catalog.state_bytes();
             for m in peers.iter().cycle().skip(round % peers.len()).take(CATALOG_PUSH_FANOUT.min(peers.len())) {
                 let Some(addr) = &m.http_addr else { continue };
