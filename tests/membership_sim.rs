@@ -15,6 +15,10 @@ fn addr(i: u16) -> SocketAddr {
 }
 
 async fn start(transport: &ChannelTransport, i: u16) -> Arc<Membership> {
+    start_with_grace(transport, i, Duration::from_secs(3600)).await
+}
+
+async fn start_with_grace(transport: &ChannelTransport, i: u16, dead_node_grace: Duration) -> Arc<Membership> {
     let cfg = MembershipConfig {
         node_id: format!("n{i}"),
         generation: 1,
@@ -23,7 +27,7 @@ async fn start(transport: &ChannelTransport, i: u16) -> Arc<Membership> {
         advertise_addr: addr(i),
         gossip_interval: GOSSIP,
         phi_threshold: 8.0,
-        dead_node_grace: Duration::from_secs(3600),
+        dead_node_grace,
         seeds: vec![addr(1).to_string()],
     };
     Membership::start(cfg, transport, vec![("state".into(), "ready".into())]).await.unwrap()
@@ -101,4 +105,36 @@ async fn partition_and_heal_on_paused_time() {
         true
     })
     .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn dead_members_are_evicted_after_the_grace_period() {
+    let transport = ChannelTransport::with_mtu(65_507);
+    let grace = Duration::from_secs(20);
+    let mut nodes = Vec::new();
+    for i in 1..=3 {
+        nodes.push(start_with_grace(&transport, i, grace).await);
+    }
+    run_until(100, "three members everywhere", async || {
+        for n in &nodes {
+            if n.members().await.len() != 3 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    nodes[2].shutdown().await;
+    let dead = |states: Vec<(String, Liveness)>| states.iter().any(|(id, st)| id == "n3" && *st == Liveness::Dead);
+    run_until(100, "n3 seen dead", async || dead(states(&nodes[0]).await) && dead(states(&nodes[1]).await)).await;
+    // Still listed (as dead) well inside the grace period...
+    tokio::time::sleep(grace / 2).await;
+    assert!(dead(states(&nodes[0]).await), "a dead member stays visible during the grace period");
+    // ...and gone after it.
+    let steps = run_until(1000, "n3 evicted", async || {
+        states(&nodes[0]).await.iter().all(|(id, _)| id != "n3")
+            && states(&nodes[1]).await.iter().all(|(id, _)| id != "n3")
+    })
+    .await;
+    assert!(steps as u128 * GOSSIP.as_millis() <= grace.as_millis() * 2, "eviction took {steps} intervals");
 }
