@@ -453,26 +453,25 @@ impl Node {
                 node.catalog_anti_entropy(round, &mut pushed_digest, &mut last_pull).await;
             }
         });
+        self.every(self.cfg.gossip_interval, |node| async move { node.update_readiness().await });
+        let flush_period = (self.cfg.flush_interval / 4).max(std::time::Duration::from_millis(100));
+        self.every(flush_period, |node| async move { node.storage.flush_idle().await });
+    }
+
+    /// Runs `work` every `period` until the node is dropped.
+    fn every<F, Fut>(self: &Arc<Self>, period: std::time::Duration, work: F)
+    where
+        F: Fn(Arc<Node>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let weak = Arc::downgrade(self);
-        let period = self.cfg.gossip_interval;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(node) = weak.upgrade() else { return };
-                node.update_readiness().await;
-            }
-        });
-        let weak = Arc::downgrade(self);
-        let period = (self.cfg.flush_interval / 4).max(std::time::Duration::from_millis(100));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(node) = weak.upgrade() else { return };
-                node.storage.flush_idle().await;
+                work(node).await;
             }
         });
     }
