@@ -257,7 +257,7 @@ async fn status(
 
 /// Internal requests must carry our cluster id: a node of another cluster gets 403.
 fn check_cluster(node: &Node, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
-    match headers.get(crate::node::CLUSTER_HEADER).and_then(|v| v.to_str().ok()) {
+    match headers.get(crate::peer::CLUSTER_HEADER).and_then(|v| v.to_str().ok()) {
         Some(id) if id == node.cfg.cluster_id => Ok(()),
         other => Err(ApiError {
             status: StatusCode::FORBIDDEN,

@@ -22,6 +22,7 @@ pub mod membership;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod peer;
 pub mod placement;
 pub mod query;
 pub mod storage;

@@ -257,12 +257,14 @@ async fn start(config: Option<PathBuf>, sets: Vec<String>) -> anyhow::Result<()>
         };
     let transport = chitchat::transport::UdpTransport;
     let capacity_probe = Box::new(shoal::capacity::SysinfoProbe::new(&cfg.data_dir));
+    let peers = std::sync::Arc::new(shoal::peer::HttpPeers::new(&cfg.cluster_id)?);
     let io = shoal::node::NodeIo {
         http_addr: local,
         gossip_listen,
         gossip_advertise,
         gossip_transport: &transport,
         capacity_probe,
+        peers,
     };
     let node = shoal::node::Node::open(cfg, shoal::env::Env::production(), io).await?;
     // Tests and scripts that start a node on port 0 read its addresses from here.

@@ -87,6 +87,8 @@ pub struct NodeIo<'a> {
     pub gossip_advertise: std::net::SocketAddr,
     pub gossip_transport: &'a dyn chitchat::transport::Transport,
     pub capacity_probe: Box<dyn crate::capacity::CapacityProbe>,
+    /// How this node calls its peers' internal API.
+    pub peers: Arc<dyn crate::peer::PeerClient>,
 }
 
 /// Whether this node accepts writes, recomputed every gossip interval from the membership view.
@@ -113,11 +115,8 @@ pub struct Node {
     /// Flips to true when the node has been asked to stop (`shoal leave`).
     stop_tx: tokio::sync::watch::Sender<bool>,
     /// Client for the internal API of peers (anti-entropy now; replication later).
-    peers: reqwest::Client,
+    peers: Arc<dyn crate::peer::PeerClient>,
 }
-
-/// Header carrying the cluster id on internal requests; other ids are refused.
-pub const CLUSTER_HEADER: &str = "x-shoal-cluster";
 /// Anti-entropy also pulls from one live peer this often when all digests agree.
 const CATALOG_PULL_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// After a change, the new state is pushed to at most this many peers (gossip does the rest).
@@ -203,10 +202,7 @@ impl Node {
             readiness: std::sync::RwLock::new(readiness),
             leaving: Default::default(),
             stop_tx: tokio::sync::watch::channel(false).0,
-            peers: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(5))
-                .build()
-                .map_err(|e| anyhow::anyhow!("cannot build the peer client: {e}"))?,
+            peers: io.peers,
         });
         node.update_readiness().await;
         node.spawn_background();
@@ -301,14 +297,7 @@ impl Node {
             let state = self.catalog.state_bytes();
             for m in peers.iter().cycle().skip(round % peers.len()).take(CATALOG_PUSH_FANOUT.min(peers.len())) {
                 let Some(addr) = &m.http_addr else { continue };
-                let sent = self
-                    .peers
-                    .post(format!("http://{addr}/internal/v1/catalog"))
-                    .header(CLUSTER_HEADER, &self.cfg.cluster_id)
-                    .body(state.clone())
-                    .send()
-                    .await;
-                if let Err(e) = sent {
+                if let Err(e) = self.peers.post(addr, "/internal/v1/catalog", state.clone()).await {
                     tracing::debug!(peer = %addr, error = %e, "catalog push failed");
                 }
             }
@@ -316,14 +305,7 @@ impl Node {
     }
 
     async fn pull_catalog(&self, addr: &str) -> anyhow::Result<()> {
-        let resp = self
-            .peers
-            .get(format!("http://{addr}/internal/v1/catalog"))
-            .header(CLUSTER_HEADER, &self.cfg.cluster_id)
-            .send()
-            .await?;
-        anyhow::ensure!(resp.status().is_success(), "peer answered {}", resp.status());
-        let bytes = resp.bytes().await?;
+        let bytes = self.peers.get(addr, "/internal/v1/catalog").await?;
         let state = crate::catalog::CatalogState::from_bytes(&bytes).map_err(|e| anyhow::anyhow!(e))?;
         if self.catalog.merge(state)? {
             tracing::debug!(peer = %addr, "catalog updated from a peer");

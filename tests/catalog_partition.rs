@@ -40,6 +40,7 @@ async fn start(transport: &ChannelTransport, dir: &std::path::Path, i: u16) -> A
         gossip_advertise: gossip_addr(i),
         gossip_transport: transport,
         capacity_probe: Box::new(FixedProbe),
+        peers: Arc::new(shoal::peer::HttpPeers::new(&cfg.cluster_id).unwrap()),
     };
     let node = Node::open(cfg, shoal::env::Env::production(), io).await.unwrap();
     tokio::spawn(shoal::serve(node.clone(), listener, std::future::pending()));

@@ -333,7 +333,7 @@ fn bad_inputs_get_clear_errors_and_change_nothing() {
             413,
             "1000",
         ),
-        ("oversized body", format!("/write?db={DB}&namespace={NS}"), "m value=1i 1\n".repeat(8000), 413, "max-body"),
+        ("oversized body", format!("/write?db={DB}&namespace={NS}"), "m value=1i 1\n".repeat(5200), 413, "max-body"),
         ("bad SQL", "/query".into(), q("SELECT * FORM m"), 400, "Line: 1, Column"),
         ("unknown aggregate", "/query".into(), q("SELECT median(value) FROM m"), 400, "median"),
         ("unknown field", "/query".into(), q("SELECT * FROM m WHERE nope = 1"), 400, "field nope"),

@@ -1,0 +1,64 @@
+//! The client side of the internal API (`/internal/v1/...`): how a node asks its peers for
+//! catalog state today, and for replica writes and partial query results in the coming issues.
+//! A trait, so that the simulator can deliver calls in process through a faulty network instead
+//! of sockets; [`HttpPeers`] is the real thing.
+
+use std::time::Duration;
+
+/// Timeout of one internal call: a peer slower than this is treated as unreachable.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Header carrying the cluster id on internal requests; other ids are refused with 403.
+pub const CLUSTER_HEADER: &str = "x-shoal-cluster";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer {addr} is unreachable: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("peer {addr} answered {status}: {message}")]
+    Refused { addr: String, status: u16, message: String },
+}
+
+#[async_trait::async_trait]
+pub trait PeerClient: Send + Sync + 'static {
+    /// `GET http://{addr}{path}`; the answer's body.
+    async fn get(&self, addr: &str, path: &str) -> Result<Vec<u8>, PeerError>;
+    /// `POST http://{addr}{path}` with a postcard body; the answer's body.
+    async fn post(&self, addr: &str, path: &str, body: Vec<u8>) -> Result<Vec<u8>, PeerError>;
+}
+
+/// Internal calls over HTTP, with connection reuse and our cluster id on every request.
+pub struct HttpPeers {
+    client: reqwest::Client,
+    cluster_id: String,
+}
+
+impl HttpPeers {
+    pub fn new(cluster_id: &str) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder().timeout(CALL_TIMEOUT).build()?;
+        Ok(Self { client, cluster_id: cluster_id.to_string() })
+    }
+
+    async fn send(&self, addr: &str, req: reqwest::RequestBuilder) -> Result<Vec<u8>, PeerError> {
+        let unreachable = |e: reqwest::Error| PeerError::Unreachable { addr: addr.to_string(), reason: e.to_string() };
+        let resp = req.header(CLUSTER_HEADER, &self.cluster_id).send().await.map_err(unreachable)?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(unreachable)?;
+        if status.is_success() {
+            Ok(body.to_vec())
+        } else {
+            let message = String::from_utf8_lossy(&body).chars().take(500).collect();
+            Err(PeerError::Refused { addr: addr.to_string(), status: status.as_u16(), message })
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl PeerClient for HttpPeers {
+    async fn get(&self, addr: &str, path: &str) -> Result<Vec<u8>, PeerError> {
+        self.send(addr, self.client.get(format!("http://{addr}{path}"))).await
+    }
+
+    async fn post(&self, addr: &str, path: &str, body: Vec<u8>) -> Result<Vec<u8>, PeerError> {
+        self.send(addr, self.client.post(format!("http://{addr}{path}")).body(body)).await
+    }
+}
