@@ -87,6 +87,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/cluster/members", get(cluster_members))
         .route("/cluster/leave", post(cluster_leave))
         .route("/cluster/shards", get(cluster_shards))
+        .route("/internal/v1/write", post(internal_write).layer(DefaultBodyLimit::max(crate::catalog::STATE_BYTES_MAX)))
+        .route("/internal/v1/partial", post(internal_partial))
         .route(
             "/internal/v1/catalog",
             get(internal_catalog_get)
@@ -314,6 +316,33 @@ async fn cluster_shards(State(node): State<Arc<Node>>) -> Json<serde_json::Value
         })
         .collect();
     Json(serde_json::json!({ "shards": shards }))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, ApiError> {
+    postcard::from_bytes(raw).map_err(|e| ApiError::bad(format!("{what}: {e}")))
+}
+
+async fn internal_write(
+    State(node): State<Arc<Node>>,
+    headers: axum::http::HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    check_cluster(&node, &headers)?;
+    let write = decode("replica write", &body(&node, raw)?)?;
+    node.replica_write(write).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn internal_partial(
+    State(node): State<Arc<Node>>,
+    headers: axum::http::HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_cluster(&node, &headers)?;
+    let req = decode("partial request", &body(&node, raw)?)?;
+    let partial = node.replica_partial(req).await?;
+    let bytes = postcard::to_stdvec(&partial).map_err(|e| ApiError::from(NodeError::Internal(e.to_string())))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
 async fn cluster_members(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {

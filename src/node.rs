@@ -548,6 +548,41 @@ impl Node {
         }
     }
 
+    /// Stores a replica's share of a write (the replica side of the internal write API).
+    pub async fn replica_write(&self, write: crate::peer::ReplicaWrite) -> Result<(), NodeError> {
+        if !self.cfg.roles.contains(&crate::config::Role::Storage) {
+            return Err(NodeError::BadRequest(format!("node {} has no storage role", self.cfg.node_id)));
+        }
+        write.batch.validate().map_err(|e| NodeError::BadRequest(format!("replica write: {e}")))?;
+        let (start, end) = (write.shard.start, write.shard.start.saturating_add(self.cfg.shard_interval_ms));
+        if write.shard.start.rem_euclid(self.cfg.shard_interval_ms) != 0
+            || write.batch.timestamps.iter().any(|t| *t < start || *t >= end)
+        {
+            return Err(NodeError::BadRequest(format!(
+                "replica write: points outside shard {} [{start}, {end}) or a shard not aligned to this node's sharding interval",
+                write.shard
+            )));
+        }
+        self.storage.write(&write.shard.metric, write.batch).await?;
+        Ok(())
+    }
+
+    /// This node's partial result for one shard (the replica side of the internal query API).
+    pub async fn replica_partial(
+        &self,
+        req: crate::peer::PartialRequest,
+    ) -> Result<crate::query::exec::Partial, NodeError> {
+        let storage = self.storage.clone();
+        let max = self.cfg.query_records_max;
+        tokio::task::spawn_blocking(move || {
+            let shards = storage.shard_if_held(&req.shard);
+            query::partial_of_shards(shards, &req.plan, (req.from, req.to), max)
+        })
+        .await
+        .map_err(|e| NodeError::Internal(e.to_string()))?
+        .map_err(NodeError::from)
+    }
+
     pub async fn drop_metric(&self, key: &MetricKey) -> Result<(), NodeError> {
         self.write_gate()?;
         if !self.catalog.drop_metric(key)? {

@@ -3,7 +3,29 @@
 //! A trait, so that the simulator can deliver calls in process through a faulty network instead
 //! of sockets; [`HttpPeers`] is the real thing.
 
+use crate::model::ShardId;
+use crate::model::batch::RowBatch;
+use crate::query::plan::SelectPlan;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
+
+/// `POST /internal/v1/write`: store these points of one shard on this replica (answered after
+/// they are fsynced).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaWrite {
+    pub shard: ShardId,
+    pub batch: RowBatch,
+}
+
+/// `POST /internal/v1/partial`: this replica's partial result of a select over one shard,
+/// within `[from, to)`; answered with a postcard `query::exec::Partial`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartialRequest {
+    pub shard: ShardId,
+    pub plan: SelectPlan,
+    pub from: i64,
+    pub to: i64,
+}
 
 /// Timeout of one internal call: a peer slower than this is treated as unreachable.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);

@@ -5,55 +5,13 @@
 
 #![allow(clippy::disallowed_methods)] // tests read the real clock
 
+mod common;
 use chitchat::transport::ChannelTransport;
-use shoal::capacity::{Capacity, CapacityProbe};
-use shoal::config::Config;
+use common::inproc::{eventually, gossip_addr, start};
 use shoal::ingest::{Precision, parse_line_protocol};
 use shoal::model::MetricKey;
-use shoal::node::{Node, NodeIo};
-use std::net::SocketAddr;
-use std::sync::Arc;
+use shoal::node::Node;
 use std::time::Duration;
-
-struct FixedProbe;
-impl CapacityProbe for FixedProbe {
-    fn sample(&mut self) -> Capacity {
-        Capacity::new(0.5, 0.5, 0.5, 0.5)
-    }
-}
-
-fn gossip_addr(i: u16) -> SocketAddr {
-    ([127, 0, 0, 1], 20_000 + i).into()
-}
-
-async fn start(transport: &ChannelTransport, dir: &std::path::Path, i: u16) -> Arc<Node> {
-    let sets = vec![
-        format!("shoal.node.id=p{i}"),
-        format!("shoal.data-dir={}", dir.join(format!("p{i}")).display()),
-        format!("shoal.cluster.seeds=[\"{}\"]", gossip_addr(1)),
-    ];
-    let cfg = Config::from_layers("", &Default::default(), &sets).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let io = NodeIo {
-        http_addr: listener.local_addr().unwrap(),
-        gossip_listen: gossip_addr(i),
-        gossip_advertise: gossip_addr(i),
-        gossip_transport: transport,
-        capacity_probe: Box::new(FixedProbe),
-        peers: Arc::new(shoal::peer::HttpPeers::new(&cfg.cluster_id).unwrap()),
-    };
-    let node = Node::open(cfg, shoal::env::Env::production(), io).await.unwrap();
-    tokio::spawn(shoal::serve(node.clone(), listener, std::future::pending()));
-    node
-}
-
-async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn write(node: &Node, line: &str) {
     let batch = parse_line_protocol(line, "db", "ns", Precision::Ms, 0, 100).unwrap();
@@ -68,7 +26,7 @@ fn key(metric: &str) -> MetricKey {
 async fn partitioned_nodes_that_each_create_metrics_converge_after_the_heal() {
     let dir = tempfile::tempdir().unwrap();
     let transport = ChannelTransport::with_mtu(65_507);
-    let (a, b) = (start(&transport, dir.path(), 1).await, start(&transport, dir.path(), 2).await);
+    let (a, b) = (start(&transport, dir.path(), 1, &[]).await, start(&transport, dir.path(), 2, &[]).await);
     let alive = async |n: &Node| n.members().await.iter().filter(|m| m.is_live()).count() == 2;
     eventually("both nodes to see each other", async || alive(&a).await && alive(&b).await).await;
     write(&a, "shared value=1i 1000").await;

@@ -67,6 +67,16 @@ pub fn partial_local(
     range: (i64, i64),
     max: usize,
 ) -> Result<Partial, QueryError> {
+    partial_of_shards(storage.shards_of(key, range.0, range.1), plan, range, max)
+}
+
+/// Runs a select over the given shards (a replica answering for one shard, or all local ones).
+pub fn partial_of_shards(
+    shards: impl IntoIterator<Item = std::sync::Arc<crate::storage::Shard>>,
+    plan: &SelectPlan,
+    range: (i64, i64),
+    max: usize,
+) -> Result<Partial, QueryError> {
     let mut total = Partial::empty(plan);
     let mut columns = Vec::new();
     if let Some(f) = &plan.filter {
@@ -80,7 +90,7 @@ pub fn partial_local(
     }
     // Raw rows need every column; aggregates decode only what they read.
     let columns = matches!(plan.projection, Projection::Aggregate(_)).then_some(columns);
-    for shard in storage.shards_of(key, range.0, range.1) {
+    for shard in shards {
         let mut partial = Partial::empty(plan);
         let mut too_large = false;
         shard.scan(range.0, range.1, columns.as_deref(), &mut |batch| {

@@ -8,6 +8,7 @@
 //! - `GROUP BY INTERVAL <duration>` is cut out of the stream and kept as the plan's bucket width.
 
 use crate::model::{FieldValue, Num};
+use serde::{Deserialize, Serialize};
 use sqlparser::ast::{self, Expr, SelectItem, SetExpr, Spanned, Statement as SqlStatement};
 use sqlparser::dialect::GenericDialect;
 use sqlparser::keywords::Keyword;
@@ -16,13 +17,13 @@ use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 /// Longest accepted query text.
 pub const QUERY_BYTES_MAX: usize = 64 * 1024;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Statement {
     Select(SelectPlan),
     Delete(DeletePlan),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SelectPlan {
     pub metric: String,
     pub projection: Projection,
@@ -32,13 +33,13 @@ pub struct SelectPlan {
     pub limit: Option<usize>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeletePlan {
     pub metric: String,
     pub filter: Option<Filter>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Projection {
     All,
     /// Named fields; `timestamp` and `value` always come back.
@@ -46,7 +47,7 @@ pub enum Projection {
     Aggregate(Aggregate),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AggFn {
     Count,
     Sum,
@@ -57,7 +58,7 @@ pub enum AggFn {
     Last,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Aggregate {
     /// An aggregate of the point value.
     Value(AggFn),
@@ -65,20 +66,20 @@ pub enum Aggregate {
     CountDistinct(String),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Group {
     Tag(String),
     /// Bucket width in milliseconds; buckets are `[k·w, (k+1)·w)`.
     Interval(i64),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Order {
     pub field: String,
     pub descending: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CmpOp {
     Eq,
     NotEq,
@@ -88,7 +89,7 @@ pub enum CmpOp {
     GtEq,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Filter {
     Cmp { field: String, op: CmpOp, value: FieldValue },
     Like { field: String, pattern: String, negated: bool },

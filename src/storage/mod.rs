@@ -134,6 +134,11 @@ impl Storage {
         out
     }
 
+    /// The shard with this id, if this node holds it.
+    pub fn shard_if_held(&self, id: &ShardId) -> Option<Arc<Shard>> {
+        self.shards.get(id).map(|s| s.clone())
+    }
+
     pub fn all_shards(&self) -> Vec<Arc<Shard>> {
         let mut out: Vec<Arc<Shard>> = self.shards.iter().map(|e| e.value().clone()).collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 #![allow(clippy::disallowed_methods)] // tests read the real clock
 
+pub mod inproc;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
