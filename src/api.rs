@@ -114,13 +114,25 @@ async fn count_requests(State(node): State<Arc<Node>>, req: Request, next: Next)
     response
 }
 
+/// The `?consistency=one|quorum|all` of a write, if given.
+fn consistency(params: &HashMap<String, String>) -> Result<Option<crate::config::Consistency>, ApiError> {
+    match params.get("consistency") {
+        None => Ok(None),
+        Some(c) => crate::config::Consistency::parse(c)
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(format!("consistency {c:?} is not one of one, quorum, all"))),
+    }
+}
+
 async fn post_data(
     State(node): State<Arc<Node>>,
+    Query(params): Query<HashMap<String, String>>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let consistency = consistency(&params)?;
     let raw = body(&node, raw)?;
     let batch = ingest::parse_nsdb_json(&raw, node.env.clock.now_ms(), node.cfg.write_batch_points_max)?;
-    let points = node.ingest(batch).await?;
+    let points = node.ingest(batch, consistency).await?;
     Ok(Json(serde_json::json!({ "points": points })))
 }
 
@@ -147,7 +159,7 @@ async fn post_write(
         node.env.clock.now_ms(),
         node.cfg.write_batch_points_max,
     )?;
-    node.ingest(batch).await?;
+    node.ingest(batch, consistency(&params)?).await?;
     // Influx clients expect 204 on success.
     Ok(StatusCode::NO_CONTENT.into_response())
 }

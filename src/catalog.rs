@@ -302,6 +302,29 @@ impl Catalog {
         self.state.lock().expect("catalog lock").placement()
     }
 
+    /// The replicas recorded for a shard (empty when it has no placement).
+    pub fn replicas(&self, shard: &ShardId) -> BTreeSet<NodeId> {
+        self.state
+            .lock()
+            .expect("catalog lock")
+            .placement
+            .get(shard)
+            .val
+            .map(|s| s.read().val.into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Placed shards of `key` overlapping `[from, to)`, with their replicas.
+    pub fn shards_of(&self, key: &MetricKey, from: i64, to: i64, interval: i64) -> BTreeMap<ShardId, BTreeSet<NodeId>> {
+        let state = self.state.lock().expect("catalog lock");
+        state
+            .placement
+            .iter()
+            .filter(|e| &e.val.0.metric == key && e.val.0.start.saturating_add(interval) > from && e.val.0.start < to)
+            .map(|e| (e.val.0.clone(), e.val.1.read().val.into_iter().collect()))
+            .collect()
+    }
+
     pub fn has_placement(&self, shard: &ShardId) -> bool {
         self.state.lock().expect("catalog lock").placement.get(shard).val.is_some()
     }

@@ -467,7 +467,14 @@ impl Node {
         }
     }
 
-    pub async fn ingest(&self, batch: Batch) -> Result<usize, NodeError> {
+    /// The write coordinator: admits a whole batch into the schemas (all or nothing), places
+    /// new shards, sends each shard's points to every replica in parallel and answers once
+    /// `consistency` replicas of every shard have fsynced them.
+    pub async fn ingest(
+        &self,
+        batch: Batch,
+        consistency: Option<crate::config::Consistency>,
+    ) -> Result<usize, NodeError> {
         self.write_gate()?;
         if batch.len() > self.cfg.write_batch_points_max {
             return Err(NodeError::TooLarge(format!(
@@ -479,9 +486,130 @@ impl Node {
         self.catalog.admit(&batch.metrics)?;
         self.place_new_shards(&batch).await?;
         let total = batch.len();
-        let writes = batch.metrics.into_iter().map(|(key, rows)| async move { self.storage.write(&key, rows).await });
-        for result in futures_util::future::join_all(writes).await {
-            result?;
+        let consistency = consistency.unwrap_or(self.cfg.write_consistency);
+        let members = self.membership.members().await;
+        let interval = self.cfg.shard_interval_ms;
+        let mut sends = Vec::new();
+        let mut needed: Vec<(crate::model::ShardId, usize, usize)> = Vec::new();
+        for (key, rows) in batch.metrics {
+            let mut by_shard: std::collections::BTreeMap<i64, Vec<usize>> = Default::default();
+            for (row, ts) in rows.timestamps.iter().enumerate() {
+                by_shard.entry(ts.div_euclid(interval) * interval).or_default().push(row);
+            }
+            let single = by_shard.len() == 1;
+            for (start, picked) in by_shard {
+                let shard = crate::model::ShardId { metric: key.clone(), start };
+                let part = if single { rows.clone() } else { rows.select(&picked) };
+                let replicas = self.catalog.replicas(&shard);
+                needed.push((shard.clone(), replicas.len(), consistency.required(replicas.len())));
+                for replica in replicas {
+                    sends.push(self.send_to_replica(replica, &members, shard.clone(), part.clone()));
+                }
+            }
+        }
+        let outcomes = futures_util::future::join_all(sends).await;
+        let mut short = Vec::new();
+        for (shard, replicas, required) in needed {
+            let acks = outcomes.iter().filter(|(s, r)| *s == shard && r.is_ok()).count();
+            if acks < required {
+                let errors: Vec<&String> =
+                    outcomes.iter().filter(|(s, _)| *s == shard).filter_map(|(_, r)| r.as_ref().err()).collect();
+                short.push(format!(
+                    "{shard}: {acks} of {replicas} replicas acknowledged, {required} needed ({errors:?})"
+                ));
+            }
+        }
+        if !short.is_empty() {
+            return Err(NodeError::Unavailable(format!(
+                "write consistency {consistency:?} not met; the points may be stored on some replicas: {}",
+                short.join("; ")
+            )));
+        }
+        Ok(total)
+    }
+
+    /// Stores a shard's points on one replica: this node directly, a peer over the internal API.
+    async fn send_to_replica(
+        &self,
+        replica: String,
+        members: &[Member],
+        shard: crate::model::ShardId,
+        batch: crate::model::batch::RowBatch,
+    ) -> (crate::model::ShardId, Result<(), String>) {
+        if replica == self.cfg.node_id {
+            let result = self.storage.write(&shard.metric, batch).await.map_err(|e| e.to_string());
+            return (shard, result);
+        }
+        let Some(addr) = members.iter().find(|m| m.id == replica && m.is_live()).and_then(|m| m.http_addr.clone())
+        else {
+            return (shard, Err(format!("{replica} is not live")));
+        };
+        let body = postcard::to_stdvec(&crate::peer::ReplicaWrite { shard: shard.clone(), batch }).expect("encodes");
+        let result = self.peers.post(&addr, "/internal/v1/write", body).await.map(|_| ()).map_err(|e| e.to_string());
+        (shard, result)
+    }
+
+    /// The read coordinator: asks one replica per shard overlapping `range` (this node first
+    /// when it holds the shard, then the live others) for its partial result, and merges them.
+    async fn scatter(
+        &self,
+        key: &MetricKey,
+        plan: &plan::SelectPlan,
+        range: (i64, i64),
+    ) -> Result<query::exec::Partial, NodeError> {
+        let interval = self.cfg.shard_interval_ms;
+        let mut shards = self.catalog.shards_of(key, range.0, range.1, interval);
+        // Shards held here without a placement (written before placement existed) count too.
+        for held in self.storage.shards_of(key, range.0, range.1) {
+            shards.entry(held.id.clone()).or_default().insert(self.cfg.node_id.clone());
+        }
+        let members = self.membership.members().await;
+        let asks = shards.into_iter().map(|(shard, replicas)| {
+            let members = &members;
+            async move {
+                let mut order: Vec<String> = replicas.iter().filter(|r| **r == self.cfg.node_id).cloned().collect();
+                order.extend(replicas.iter().filter(|r| **r != self.cfg.node_id).cloned());
+                let mut errors = Vec::new();
+                for replica in order {
+                    let req = crate::peer::PartialRequest {
+                        shard: shard.clone(),
+                        plan: plan.clone(),
+                        from: range.0,
+                        to: range.1,
+                    };
+                    let answer = if replica == self.cfg.node_id {
+                        self.replica_partial(req).await.map_err(|e| e.to_string())
+                    } else {
+                        let Some(addr) =
+                            members.iter().find(|m| m.id == replica && m.is_live()).and_then(|m| m.http_addr.clone())
+                        else {
+                            errors.push(format!("{replica} is not live"));
+                            continue;
+                        };
+                        match self
+                            .peers
+                            .post(&addr, "/internal/v1/partial", postcard::to_stdvec(&req).expect("encodes"))
+                            .await
+                        {
+                            Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    };
+                    match answer {
+                        Ok(partial) => return Ok(partial),
+                        Err(e) => errors.push(format!("{replica}: {e}")),
+                    }
+                }
+                Err(format!("shard {shard} has no reachable replica ({})", errors.join("; ")))
+            }
+        });
+        let mut total = query::exec::Partial::empty(plan);
+        for answer in futures_util::future::join_all(asks).await {
+            total.merge(answer.map_err(NodeError::Unavailable)?);
+            total.trim(plan);
+            if total.rows() > self.cfg.query_records_max {
+                return Err(QueryError::TooLarge { max: self.cfg.query_records_max }.into());
+            }
         }
         Ok(total)
     }
@@ -507,15 +635,8 @@ impl Node {
             plan::Statement::Select(plan) => {
                 query::validate_fields(&self.catalog, &key, &plan)?;
                 let range = query::time_range(plan.filter.as_ref(), req.from, req.to);
-                let storage = self.storage.clone();
-                let max = self.cfg.query_records_max;
-                let records = tokio::task::spawn_blocking(move || -> Result<Vec<Point>, QueryError> {
-                    let partial = query::partial_local(&storage, &key, &plan, range, max)?;
-                    Ok(query::exec::finish(&plan, partial))
-                })
-                .await
-                .map_err(|e| NodeError::Internal(e.to_string()))??;
-                Ok(QueryOutcome::Records(records))
+                let partial = self.scatter(&key, &plan, range).await?;
+                Ok(QueryOutcome::Records(query::exec::finish(&plan, partial)))
             }
             plan::Statement::Delete(plan) => {
                 self.write_gate()?;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 async fn write(node: &Node, line: &str) {
     let batch = parse_line_protocol(line, "db", "ns", Precision::Ms, 0, 100).unwrap();
-    node.ingest(batch).await.unwrap();
+    node.ingest(batch, None).await.unwrap();
 }
 
 fn key(metric: &str) -> MetricKey {
@@ -37,8 +37,9 @@ async fn partitioned_nodes_that_each_create_metrics_converge_after_the_heal() {
     eventually("each side to see the other dead", async || alone(&a).await && alone(&b).await).await;
     // Let anti-entropy rounds that began before the partition was seen finish.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    write(&a, "left_side value=1i 1000\nshared,zone=x value=2i 2000").await;
-    write(&b, "right_side value=1.5 1000\nshared,rack=y value=3i 3000").await;
+    // New shards only: a shard placed before the partition may have its replica on the far side.
+    write(&a, "left_side value=1i 1000\nshared,zone=x value=2i 200000000").await;
+    write(&b, "right_side value=1.5 1000\nshared,rack=y value=3i 200000001").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(a.catalog.schema(&key("right_side")).is_none(), "a partition must keep the sides apart");
     assert!(b.catalog.schema(&key("left_side")).is_none());
@@ -52,4 +53,7 @@ async fn partitioned_nodes_that_each_create_metrics_converge_after_the_heal() {
         assert!(shared.fields.contains_key("zone") && shared.fields.contains_key("rack"), "{shared:?}");
     }
     assert_eq!(a.catalog.placement(), b.catalog.placement());
+    // Both sides placed the same new shard on themselves: the placements merged into a union.
+    let day2 = shoal::model::ShardId { metric: key("shared"), start: 172_800_000 };
+    assert_eq!(a.catalog.replicas(&day2).len(), 2, "concurrent placements merge into their union");
 }
