@@ -1,0 +1,96 @@
+//! Replicated writes and distributed queries with real processes: RF = 2 over three storage
+//! nodes and one query-only node. Every shard gets exactly two replicas on distinct storage
+//! nodes; every node answers the same; after `kill -9` of one node every acknowledged point is
+//! still returned through each survivor; `consistency=all` fails with a replica down while
+//! `one` succeeds; the query-only node stores nothing.
+
+mod common;
+use common::{TestNode, wait_until};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const DAY: i64 = 86_400_000;
+
+#[test]
+fn rf2_writes_reads_failover_and_consistency() {
+    let dir = tempfile::tempdir().unwrap();
+    let rf = "shoal.cluster.replication-factor=2";
+    let first = TestNode::start(&dir.path().join("n1"), &["shoal.node.id=n1", rf]);
+    let seed = format!("shoal.cluster.seeds=[\"{}\"]", first.gossip_addr());
+    let mut nodes = vec![first];
+    for id in ["n2", "n3"] {
+        nodes.push(TestNode::start(&dir.path().join(id), &[&format!("shoal.node.id={id}"), rf, &seed]));
+    }
+    let query_only =
+        TestNode::start(&dir.path().join("q"), &["shoal.node.id=q", rf, &seed, "shoal.cluster.roles=[\"query\"]"]);
+    for n in nodes.iter().chain([&query_only]) {
+        wait_until(Duration::from_secs(30), "4 alive members with capacity", || {
+            let (_, v) = n.get("/cluster/members");
+            let members = v["members"].as_array().unwrap().clone();
+            (members.len() == 4 && members.iter().all(|m| m["state"] == "alive" && m["capacity"].is_object()))
+                .then_some(())
+        });
+    }
+
+    // 1200 points over 12 daily shards, inserted through every node in turn.
+    let mut sum = 0i64;
+    for chunk in 0..12 {
+        let lines: String = (0..100)
+            .map(|i| {
+                let v = chunk * 100 + i;
+                sum += v;
+                format!("load,host=h{} value={v}i {}\n", v % 5, chunk * DAY + i * 1000)
+            })
+            .collect();
+        let via = if chunk % 4 == 3 { &query_only } else { &nodes[chunk as usize % 3] };
+        let (status, v) = via.post("/write?db=db&namespace=ns&precision=ms", lines);
+        assert_eq!(status, 204, "{v}");
+    }
+
+    // Placements made by other nodes reach n1 by anti-entropy.
+    let shards = wait_until(Duration::from_secs(30), "12 placed shards in n1's catalog", || {
+        let shards = nodes[0].get("/cluster/shards").1["shards"].as_array().unwrap().clone();
+        (shards.len() == 12).then_some(shards)
+    });
+    for s in &shards {
+        let ids: BTreeSet<&str> = s["replicas"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), 2, "exactly RF distinct replicas: {s}");
+        assert!(!ids.contains("q"), "never the query-only node: {s}");
+    }
+    let check = |n: &TestNode| {
+        let r = n.query("db", "ns", "SELECT count(*) FROM load");
+        assert_eq!(r[0]["value"], 1200, "through {}", n.addr);
+        let r = n.query("db", "ns", "SELECT sum(value) FROM load");
+        assert_eq!(r[0]["value"], sum);
+        let r = n.query("db", "ns", "SELECT count(*) FROM load GROUP BY host");
+        assert_eq!(r.len(), 5);
+    };
+    for n in nodes.iter().chain([&query_only]) {
+        check(n);
+    }
+    assert!(!query_only.data_dir.join("shards").join("db").exists(), "a query-only node stores no shard");
+
+    // kill -9 of n3: every acknowledged point is still returned through each survivor.
+    nodes[2].kill9();
+    for n in [&nodes[0], &nodes[1], &query_only] {
+        wait_until(Duration::from_secs(30), "n3 to be seen dead", || {
+            n.members().iter().any(|m| m.0 == "n3" && m.1 == "dead").then_some(())
+        });
+        check(n);
+    }
+
+    // A shard with a replica on the dead node: `all` cannot be met, `one` can.
+    let on_n3 = shards
+        .iter()
+        .find(|s| s["replicas"].as_array().unwrap().iter().any(|r| r["id"] == "n3"))
+        .expect("some shard has a replica on n3");
+    let ts = on_n3["start"].as_i64().unwrap() + 500;
+    let line = format!("load,host=h0 value=1i {ts}");
+    let (status, v) = nodes[0].post("/write?db=db&namespace=ns&precision=ms&consistency=all", line.clone());
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("1 of 2 replicas acknowledged"), "{v}");
+    let (status, v) = nodes[0].post("/write?db=db&namespace=ns&precision=ms&consistency=one", line);
+    assert_eq!(status, 204, "{v}");
+    let (status, v) = nodes[0].post("/write?db=db&namespace=ns&consistency=most", "load value=1i");
+    assert_eq!(status, 400, "{v}");
+}
