@@ -89,6 +89,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/cluster/shards", get(cluster_shards))
         .route("/internal/v1/write", post(internal_write).layer(DefaultBodyLimit::max(crate::catalog::STATE_BYTES_MAX)))
         .route("/internal/v1/partial", post(internal_partial))
+        .route("/internal/v1/delete", post(internal_delete))
+        .route("/internal/v1/drop", post(internal_drop))
         .route(
             "/internal/v1/catalog",
             get(internal_catalog_get)
@@ -342,6 +344,29 @@ async fn internal_write(
     check_cluster(&node, &headers)?;
     let write = decode("replica write", &body(&node, raw)?)?;
     node.replica_write(write).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn internal_delete(
+    State(node): State<Arc<Node>>,
+    headers: axum::http::HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_cluster(&node, &headers)?;
+    let req = decode("replica delete", &body(&node, raw)?)?;
+    let removed = node.replica_delete(req).await?;
+    let bytes = postcard::to_stdvec(&removed).map_err(|e| ApiError::from(NodeError::Internal(e.to_string())))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn internal_drop(
+    State(node): State<Arc<Node>>,
+    headers: axum::http::HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    check_cluster(&node, &headers)?;
+    let req = decode("replica drop", &body(&node, raw)?)?;
+    node.replica_drop(req).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -55,10 +55,17 @@ impl CatalogState {
         self.schemas.apply(op);
     }
 
+    /// Removes a metric's schema and the placements of its shards.
     pub fn remove_metric(&mut self, key: &MetricKey) {
         let ctx = self.schemas.get(key).derive_rm_ctx();
         let op = self.schemas.rm(key.clone(), ctx);
         self.schemas.apply(op);
+        let shards: Vec<ShardId> = self.placement.keys().map(|k| k.val.clone()).filter(|s| &s.metric == key).collect();
+        for shard in shards {
+            let ctx = self.placement.get(&shard).derive_rm_ctx();
+            let op = self.placement.rm(shard, ctx);
+            self.placement.apply(op);
+        }
     }
 
     pub fn add_replicas(&mut self, actor: &NodeId, shard: &ShardId, nodes: &[NodeId]) {

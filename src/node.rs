@@ -558,11 +558,7 @@ impl Node {
         range: (i64, i64),
     ) -> Result<query::exec::Partial, NodeError> {
         let interval = self.cfg.shard_interval_ms;
-        let mut shards = self.catalog.shards_of(key, range.0, range.1, interval);
-        // Shards held here without a placement (written before placement existed) count too.
-        for held in self.storage.shards_of(key, range.0, range.1) {
-            shards.entry(held.id.clone()).or_default().insert(self.cfg.node_id.clone());
-        }
+        let shards = self.catalog.shards_of(key, range.0, range.1, interval);
         let members = self.membership.members().await;
         let asks = shards.into_iter().map(|(shard, replicas)| {
             let members = &members;
@@ -650,19 +646,54 @@ impl Node {
                 };
                 query::validate_fields(&self.catalog, &key, &probe)?;
                 let range = query::time_range(plan.filter.as_ref(), req.from, req.to);
-                let filter = Arc::new(plan.filter);
+                let shards = self.catalog.shards_of(&key, range.0, range.1, self.cfg.shard_interval_ms);
+                let members = self.membership.members().await;
+                // Every replica of every shard must apply the delete, or a later read could
+                // bring the points back; the count reported is the largest any replica removed.
+                let deletes = shards.into_iter().map(|(shard, replicas)| {
+                    let members = &members;
+                    let filter = plan.filter.clone();
+                    async move {
+                        let req =
+                            crate::peer::ReplicaDelete { shard: shard.clone(), filter, from: range.0, to: range.1 };
+                        let mut most = 0u64;
+                        for replica in replicas {
+                            let removed = if replica == self.cfg.node_id {
+                                self.replica_delete(req.clone()).await.map_err(|e| e.to_string())
+                            } else {
+                                match members
+                                    .iter()
+                                    .find(|m| m.id == replica && m.is_live())
+                                    .and_then(|m| m.http_addr.clone())
+                                {
+                                    None => Err(format!("{replica} is not live")),
+                                    Some(addr) => {
+                                        let body = postcard::to_stdvec(&req).expect("encodes");
+                                        match self.peers.post(&addr, "/internal/v1/delete", body).await {
+                                            Ok(bytes) => postcard::from_bytes::<u64>(&bytes).map_err(|e| e.to_string()),
+                                            Err(e) => Err(e.to_string()),
+                                        }
+                                    }
+                                }
+                            };
+                            most = most.max(removed.map_err(|e| format!("shard {shard} on {replica}: {e}"))?);
+                        }
+                        Ok::<u64, String>(most)
+                    }
+                });
                 let mut deleted = 0;
-                for shard in self.storage.shards_of(&key, range.0, range.1) {
-                    let filter = filter.clone();
-                    deleted += shard
-                        .delete(Box::new(move |batch| {
-                            let mut keep = vec![true; batch.len()];
-                            for row in query::exec::matching_rows(filter.as_ref().as_ref(), batch, range.0, range.1) {
-                                keep[row] = false;
-                            }
-                            keep
-                        }))
-                        .await?;
+                let mut failed = Vec::new();
+                for result in futures_util::future::join_all(deletes).await {
+                    match result {
+                        Ok(n) => deleted += n,
+                        Err(e) => failed.push(e),
+                    }
+                }
+                if !failed.is_empty() {
+                    return Err(NodeError::Unavailable(format!(
+                        "the delete did not reach every replica (retry it; it is idempotent): {}",
+                        failed.join("; ")
+                    )));
                 }
                 Ok(QueryOutcome::Deleted(deleted))
             }
@@ -688,6 +719,22 @@ impl Node {
         Ok(())
     }
 
+    /// Removes matching points from this node's copy of one shard (the replica side of DELETE).
+    pub async fn replica_delete(&self, req: crate::peer::ReplicaDelete) -> Result<u64, NodeError> {
+        let Some(shard) = self.storage.shard_if_held(&req.shard) else { return Ok(0) };
+        let (from, to, filter) = (req.from, req.to, req.filter);
+        let removed = shard
+            .delete(Box::new(move |batch| {
+                let mut keep = vec![true; batch.len()];
+                for row in query::exec::matching_rows(filter.as_ref(), batch, from, to) {
+                    keep[row] = false;
+                }
+                keep
+            }))
+            .await?;
+        Ok(removed)
+    }
+
     /// This node's partial result for one shard (the replica side of the internal query API).
     pub async fn replica_partial(
         &self,
@@ -704,12 +751,32 @@ impl Node {
         .map_err(NodeError::from)
     }
 
+    /// Drops a metric everywhere: its schema and placements leave the catalog (and spread by
+    /// anti-entropy), and every live member removes its shards of it now.
     pub async fn drop_metric(&self, key: &MetricKey) -> Result<(), NodeError> {
         self.write_gate()?;
         if !self.catalog.drop_metric(key)? {
             return Err(NodeError::NotFound(format!("metric {key} does not exist")));
         }
         self.storage.drop_metric(key).await?;
+        let body = postcard::to_stdvec(&crate::peer::ReplicaDrop { metric: key.clone() }).expect("encodes");
+        let members = self.membership.members().await;
+        let drops =
+            members.iter().filter(|m| !m.is_self && m.is_live()).filter_map(|m| m.http_addr.clone()).map(|addr| {
+                let body = body.clone();
+                async move { self.peers.post(&addr, "/internal/v1/drop", body).await }
+            });
+        for result in futures_util::future::join_all(drops).await {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, metric = %key, "a member could not drop its shards now");
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes this node's shards of a dropped metric (the replica side of a drop).
+    pub async fn replica_drop(&self, drop: crate::peer::ReplicaDrop) -> Result<(), NodeError> {
+        self.storage.drop_metric(&drop.metric).await?;
         Ok(())
     }
 

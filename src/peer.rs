@@ -17,6 +17,22 @@ pub struct ReplicaWrite {
     pub batch: RowBatch,
 }
 
+/// `POST /internal/v1/delete`: remove this replica's points of one shard that match `filter`
+/// within `[from, to)`; answered with the postcard count removed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaDelete {
+    pub shard: ShardId,
+    pub filter: Option<crate::query::plan::Filter>,
+    pub from: i64,
+    pub to: i64,
+}
+
+/// `POST /internal/v1/drop`: remove every local shard of a metric.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaDrop {
+    pub metric: crate::model::MetricKey,
+}
+
 /// `POST /internal/v1/partial`: this replica's partial result of a select over one shard,
 /// within `[from, to)`; answered with a postcard `query::exec::Partial`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -70,6 +70,24 @@ fn rf2_writes_reads_failover_and_consistency() {
     }
     assert!(!query_only.data_dir.join("shards").join("db").exists(), "a query-only node stores no shard");
 
+    // DELETE reaches every replica: no node returns a deleted point.
+    let body = serde_json::json!({"db": "db", "namespace": "ns", "queryString": "DELETE FROM load WHERE host = 'h0'"});
+    let (status, v) = query_only.post("/query", body.to_string());
+    assert_eq!((status, v["deleted"].as_u64()), (200, Some(240)), "{v}");
+    sum -= (0..1200).filter(|v| v % 5 == 0).sum::<i64>();
+    for n in nodes.iter().chain([&query_only]) {
+        let r = n.query("db", "ns", "SELECT count(*) FROM load");
+        assert_eq!(r[0]["value"], 960, "through {}", n.addr);
+    }
+    let check = |n: &TestNode| {
+        let r = n.query("db", "ns", "SELECT count(*) FROM load");
+        assert_eq!(r[0]["value"], 960, "through {}", n.addr);
+        let r = n.query("db", "ns", "SELECT sum(value) FROM load");
+        assert_eq!(r[0]["value"], sum);
+        let r = n.query("db", "ns", "SELECT count(*) FROM load GROUP BY host");
+        assert_eq!(r.len(), 4);
+    };
+
     // kill -9 of n3: every acknowledged point is still returned through each survivor.
     nodes[2].kill9();
     for n in [&nodes[0], &nodes[1], &query_only] {
@@ -93,4 +111,16 @@ fn rf2_writes_reads_failover_and_consistency() {
     assert_eq!(status, 204, "{v}");
     let (status, v) = nodes[0].post("/write?db=db&namespace=ns&consistency=most", "load value=1i");
     assert_eq!(status, 400, "{v}");
+
+    // Dropping the metric removes it from every live node.
+    assert_eq!(nodes[1].delete("/commands/db/ns/load").0, 200);
+    assert!(
+        !nodes[0].data_dir.join("shards/db/ns/load").exists() && !nodes[1].data_dir.join("shards/db/ns/load").exists()
+    );
+    for n in [&nodes[0], &nodes[1], &query_only] {
+        wait_until(Duration::from_secs(30), "the drop to reach every catalog", || {
+            let body = serde_json::json!({"db": "db", "namespace": "ns", "queryString": "SELECT * FROM load"});
+            (n.post("/query", body.to_string()).0 == 404).then_some(())
+        });
+    }
 }
