@@ -497,13 +497,23 @@ impl Node {
                 by_shard.entry(ts.div_euclid(interval) * interval).or_default().push(row);
             }
             let single = by_shard.len() == 1;
+            let mut rows = Some(rows);
             for (start, picked) in by_shard {
                 let shard = crate::model::ShardId { metric: key.clone(), start };
-                let part = if single { rows.clone() } else { rows.select(&picked) };
-                let replicas = self.catalog.replicas(&shard);
+                // A batch inside one shard is handed on without a copy; the last replica takes
+                // the batch itself, the others a clone.
+                let part = if single {
+                    rows.take().expect("one shard")
+                } else {
+                    rows.as_ref().expect("kept for the other shards").select(&picked)
+                };
+                let replicas: Vec<String> = self.catalog.replicas(&shard).into_iter().collect();
                 needed.push((shard.clone(), replicas.len(), consistency.required(replicas.len())));
-                for replica in replicas {
-                    sends.push(self.send_to_replica(replica, &members, shard.clone(), part.clone()));
+                let mut part = Some(part);
+                for (i, replica) in replicas.iter().enumerate() {
+                    let batch =
+                        if i + 1 == replicas.len() { part.take().expect("once") } else { part.clone().expect("kept") };
+                    sends.push(self.send_to_replica(replica.clone(), &members, shard.clone(), batch));
                 }
             }
         }
