@@ -17,6 +17,7 @@ pub mod catalog;
 pub mod config;
 pub mod discovery;
 pub mod env;
+pub mod hints;
 pub mod ingest;
 pub mod membership;
 pub mod metrics;

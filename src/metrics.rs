@@ -16,6 +16,8 @@ pub struct Metrics {
     pub queries: AtomicU64,
     pub wal_torn_bytes: AtomicU64,
     pub segments_written: AtomicU64,
+    pub hints_stored: AtomicU64,
+    pub hints_dropped: AtomicU64,
     fsync_buckets: [AtomicU64; FSYNC_BUCKETS.len()],
     fsync_count: AtomicU64,
     fsync_micros_sum: AtomicU64,
@@ -45,6 +47,13 @@ impl Metrics {
         counter(&mut out, "shoal_queries_total", "Queries executed.", &self.queries);
         counter(&mut out, "shoal_wal_torn_bytes_total", "Bytes cut from WAL tails on recovery.", &self.wal_torn_bytes);
         counter(&mut out, "shoal_segments_written_total", "Segments written by compaction.", &self.segments_written);
+        counter(&mut out, "shoal_hints_stored_total", "Hints kept for replicas a write missed.", &self.hints_stored);
+        counter(
+            &mut out,
+            "shoal_hints_dropped_total",
+            "Hints dropped: the target's hint file was full.",
+            &self.hints_dropped,
+        );
         let _ = writeln!(
             out,
             "# HELP shoal_shards Shards held by this node.\n# TYPE shoal_shards gauge\nshoal_shards {shards}"

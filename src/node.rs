@@ -91,6 +91,15 @@ pub struct NodeIo<'a> {
     pub peers: Arc<dyn crate::peer::PeerClient>,
 }
 
+/// What one replica made of its share of a write; a missed share keeps its encoded
+/// `ReplicaWrite` so it can become a hint.
+struct ReplicaOutcome {
+    shard: crate::model::ShardId,
+    replica: String,
+    result: Result<(), String>,
+    payload: Option<Vec<u8>>,
+}
+
 /// Whether this node accepts writes, recomputed every gossip interval from the membership view.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Readiness {
@@ -116,6 +125,7 @@ pub struct Node {
     stop_tx: tokio::sync::watch::Sender<bool>,
     /// Client for the internal API of peers (anti-entropy now; replication later).
     peers: Arc<dyn crate::peer::PeerClient>,
+    hints: crate::hints::HintStore,
 }
 /// Anti-entropy also pulls from one live peer this often when all digests agree.
 const CATALOG_PULL_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -190,6 +200,7 @@ impl Node {
             crate::discovery::spawn(&membership, discovery);
         }
         let readiness = Readiness { ready: false, reason: Some("starting".into()), live_members: 1, bootstrapped };
+        let hints = crate::hints::HintStore::new(&cfg.data_dir);
         let node = Arc::new(Self {
             cfg,
             env,
@@ -203,6 +214,7 @@ impl Node {
             leaving: Default::default(),
             stop_tx: tokio::sync::watch::channel(false).0,
             peers: io.peers,
+            hints,
         });
         node.update_readiness().await;
         node.spawn_background();
@@ -520,10 +532,19 @@ impl Node {
         let outcomes = futures_util::future::join_all(sends).await;
         let mut short = Vec::new();
         for (shard, replicas, required) in needed {
-            let acks = outcomes.iter().filter(|(s, r)| *s == shard && r.is_ok()).count();
-            if acks < required {
+            let acks = outcomes.iter().filter(|o| o.shard == shard && o.result.is_ok()).count();
+            if acks >= required {
+                // Acknowledged, but some replicas missed it: keep their share for hinted handoff.
+                for missed in outcomes.iter().filter(|o| o.shard == shard && o.result.is_err()) {
+                    if let Some(payload) = &missed.payload
+                        && let Err(e) = self.hints.record(&missed.replica, payload, &self.metrics)
+                    {
+                        return Err(NodeError::Internal(format!("cannot store a hint for {}: {e}", missed.replica)));
+                    }
+                }
+            } else {
                 let errors: Vec<&String> =
-                    outcomes.iter().filter(|(s, _)| *s == shard).filter_map(|(_, r)| r.as_ref().err()).collect();
+                    outcomes.iter().filter(|o| o.shard == shard).filter_map(|o| o.result.as_ref().err()).collect();
                 short.push(format!(
                     "{shard}: {acks} of {replicas} replicas acknowledged, {required} needed ({errors:?})"
                 ));
@@ -545,18 +566,21 @@ impl Node {
         members: &[Member],
         shard: crate::model::ShardId,
         batch: crate::model::batch::RowBatch,
-    ) -> (crate::model::ShardId, Result<(), String>) {
+    ) -> ReplicaOutcome {
         if replica == self.cfg.node_id {
             let result = self.storage.write(&shard.metric, batch).await.map_err(|e| e.to_string());
-            return (shard, result);
+            return ReplicaOutcome { shard, replica, result, payload: None };
         }
+        let body = postcard::to_stdvec(&crate::peer::ReplicaWrite { shard: shard.clone(), batch }).expect("encodes");
         let Some(addr) = members.iter().find(|m| m.id == replica && m.is_live()).and_then(|m| m.http_addr.clone())
         else {
-            return (shard, Err(format!("{replica} is not live")));
+            let result = Err(format!("{replica} is not live"));
+            return ReplicaOutcome { shard, replica, result, payload: Some(body) };
         };
-        let body = postcard::to_stdvec(&crate::peer::ReplicaWrite { shard: shard.clone(), batch }).expect("encodes");
-        let result = self.peers.post(&addr, "/internal/v1/write", body).await.map(|_| ()).map_err(|e| e.to_string());
-        (shard, result)
+        let result =
+            self.peers.post(&addr, "/internal/v1/write", body.clone()).await.map(|_| ()).map_err(|e| e.to_string());
+        let payload = result.is_err().then_some(body);
+        ReplicaOutcome { shard, replica, result, payload }
     }
 
     /// The read coordinator: asks one replica per shard overlapping `range` (this node first
@@ -806,6 +830,7 @@ impl Node {
             "metrics": self.catalog.metrics().len(),
             "shards": shards.len(),
             "points": shards.iter().map(|s| s.points()).sum::<u64>(),
+            "hints_pending_bytes": self.hints.pending(),
         })
     }
 }

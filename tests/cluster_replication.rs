@@ -109,6 +109,10 @@ fn rf2_writes_reads_failover_and_consistency() {
     assert!(v["error"].as_str().unwrap().contains("1 of 2 replicas acknowledged"), "{v}");
     let (status, v) = nodes[0].post("/write?db=db&namespace=ns&precision=ms&consistency=one", line);
     assert_eq!(status, 204, "{v}");
+    // The share n3 missed is kept as a durable hint on the coordinator.
+    let metrics = nodes[0].get("/metrics").1.as_str().unwrap().to_string();
+    assert!(metrics.contains("shoal_hints_stored_total 1\n"), "{metrics}");
+    assert!(std::fs::metadata(nodes[0].data_dir.join("hints/n3.log")).unwrap().len() > 0);
     let (status, v) = nodes[0].post("/write?db=db&namespace=ns&consistency=most", "load value=1i");
     assert_eq!(status, 400, "{v}");
 

@@ -32,10 +32,14 @@ pub fn list_wal_seqs(dir: &Path) -> std::io::Result<Vec<u64>> {
 }
 
 pub fn encode_record(batch: &RowBatch, out: &mut Vec<u8>) {
-    let payload = postcard::to_stdvec(batch).expect("batches always encode");
+    frame(&postcard::to_stdvec(batch).expect("batches always encode"), out);
+}
+
+/// `[len u32 LE][crc32 u32 LE][payload]`: the record framing shared by the WAL and hint files.
+pub fn frame(payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
 }
 
 pub struct WalWriter {
