@@ -64,19 +64,32 @@ pub trait PeerClient: Send + Sync + 'static {
     async fn post(&self, addr: &str, path: &str, body: Vec<u8>) -> Result<Vec<u8>, PeerError>;
 }
 
+/// Most internal calls in flight to one peer; more wait, so a slow peer cannot absorb every
+/// task and connection of this node.
+pub const CALLS_PER_PEER_MAX: usize = 64;
+
 /// Internal calls over HTTP, with connection reuse and our cluster id on every request.
 pub struct HttpPeers {
     client: reqwest::Client,
     cluster_id: String,
+    in_flight: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>,
 }
 
 impl HttpPeers {
     pub fn new(cluster_id: &str) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder().timeout(CALL_TIMEOUT).build()?;
-        Ok(Self { client, cluster_id: cluster_id.to_string() })
+        Ok(Self { client, cluster_id: cluster_id.to_string(), in_flight: Default::default() })
     }
 
     async fn send(&self, addr: &str, req: reqwest::RequestBuilder) -> Result<Vec<u8>, PeerError> {
+        let limit = self
+            .in_flight
+            .lock()
+            .expect("peer limits lock")
+            .entry(addr.to_string())
+            .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(CALLS_PER_PEER_MAX)))
+            .clone();
+        let _permit = limit.acquire_owned().await.expect("never closed");
         let unreachable = |e: reqwest::Error| PeerError::Unreachable { addr: addr.to_string(), reason: e.to_string() };
         let resp = req.header(CLUSTER_HEADER, &self.cluster_id).send().await.map_err(unreachable)?;
         let status = resp.status();
