@@ -75,6 +75,33 @@ head -c 300 "$WORK/q.out" >&2; echo >&2
 kill -TERM $SHOAL_PID; wait $SHOAL_PID || true   # a clean stop compacts everything into segments
 SHOAL_BPP=$(echo "$(du_bytes "$WORK/shoal/shards") / ($LOADED_LINES * 2)" | bc -l)
 
+echo "== Shoal, 3-node cluster on this machine, replication factor 2" >&2
+start_member() { # index, extra --set arguments...
+  local i=$1; shift
+  mkdir -p "$WORK/c$i"
+  $SHOAL start --set shoal.data-dir="$WORK/c$i" --set shoal.node.id="c$i" --set shoal.http.port=0 \
+    --set shoal.gossip.port=0 --set shoal.log-level=warn --set shoal.cluster.replication-factor=2 "$@" \
+    > "$WORK/c$i.log" 2>&1 &
+  for _ in $(seq 1 100); do [ -s "$WORK/c$i/http.addr" ] && break; sleep 0.1; done
+}
+start_member 1
+SEED=$(cat "$WORK/c1/gossip.addr")
+start_member 2 --set "shoal.cluster.seeds=[\"$SEED\"]"
+start_member 3 --set "shoal.cluster.seeds=[\"$SEED\"]"
+C1=$(cat "$WORK/c1/http.addr")
+for _ in $(seq 1 300); do
+  alive=$(curl -sf "http://$C1/cluster/members" | python3 -c 'import json,sys; print(sum(m["state"]=="alive" for m in json.load(sys.stdin)["members"]))' 2>/dev/null || echo 0)
+  [ "$alive" = 3 ] && break; sleep 0.1
+done
+run_wrk "/write?db=bench&namespace=bench" "$C1" > "$WORK/rate"; CLUSTER_RATE=$(head -1 "$WORK/rate")
+CLUSTER_Q=()
+for i in 1 2 3; do
+  CLUSTER_Q+=("$(time_query curl -sf -XPOST "http://$(cat "$WORK/c$i/http.addr")/query" \
+    -d '{"db":"bench","namespace":"bench","queryString":"SELECT avg(value) FROM cpu_usage GROUP BY region"}')")
+done
+head -c 300 "$WORK/q.out" >&2; echo >&2
+kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
+
 echo "== VictoriaMetrics $(victoria-metrics -version 2>&1 | head -1)" >&2
 victoria-metrics -storageDataPath="$WORK/vm" -httpListenAddr=127.0.0.1:18428 -retentionPeriod=10y \
   -loggerLevel=ERROR > "$WORK/vm.log" 2>&1 &
@@ -125,5 +152,6 @@ printf "%-16s %12s %14s %16s\n" system lines/s bytes/point "avg-by-region(s)"
 printf "%-16s %12s %14.2f %16.3f\n" shoal "$SHOAL_RATE" "$SHOAL_BPP" "$SHOAL_Q"
 printf "%-16s %12s %14.2f %16.3f\n" victoria-metrics "$VM_RATE" "$VM_BPP" "$VM_Q"
 printf "%-16s %12s %14.2f %16.3f\n" influxdb "$INFLUX_RATE" "$INFLUX_BPP" "$INFLUX_Q"
+echo "shoal 3 nodes RF 2: $CLUSTER_RATE lines/s through one node = $(echo "$CLUSTER_RATE / $SHOAL_RATE" | bc -l | xargs printf %.2f) x the single node; avg-by-region through c1/c2/c3: ${CLUSTER_Q[0]} / ${CLUSTER_Q[1]} / ${CLUSTER_Q[2]} s"
 echo "shoal / victoria-metrics ingest: $(echo "$SHOAL_RATE / $VM_RATE" | bc -l | xargs printf %.2f)"
 echo "shoal / influxdb ingest:         $(echo "$SHOAL_RATE / $INFLUX_RATE" | bc -l | xargs printf %.2f)"
