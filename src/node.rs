@@ -426,6 +426,21 @@ impl Node {
             .map_err(|e| NodeError::Unavailable(format!("cannot place shard {shard}: {e}")))?;
             self.catalog.add_replicas(&shard, &replicas)?;
         }
+        // New placements go to every live peer before the write is acknowledged, so that a
+        // query through any node right after the ack finds the new shards (best effort: a peer
+        // that misses this gets them by anti-entropy).
+        let state = self.catalog.state_bytes();
+        let members = self.membership.members().await;
+        let pushes =
+            members.iter().filter(|m| !m.is_self && m.is_live()).filter_map(|m| m.http_addr.clone()).map(|addr| {
+                let state = state.clone();
+                async move { self.peers.post(&addr, "/internal/v1/catalog", state).await }
+            });
+        for result in futures_util::future::join_all(pushes).await {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "a peer missed a new placement; anti-entropy will bring it");
+            }
+        }
         Ok(())
     }
 
