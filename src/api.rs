@@ -336,6 +336,12 @@ fn decode<T: serde::de::DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, A
     postcard::from_bytes(raw).map_err(|e| ApiError::bad(format!("{what}: {e}")))
 }
 
+/// A postcard answer of the internal API.
+fn encoded<T: serde::Serialize>(value: &T) -> Result<Response, ApiError> {
+    let bytes = postcard::to_stdvec(value).map_err(|e| ApiError::from(NodeError::Internal(e.to_string())))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
 async fn internal_write(
     State(node): State<Arc<Node>>,
     headers: axum::http::HeaderMap,
@@ -354,9 +360,7 @@ async fn internal_delete(
 ) -> Result<Response, ApiError> {
     check_cluster(&node, &headers)?;
     let req = decode("replica delete", &body(&node, raw)?)?;
-    let removed = node.replica_delete(req).await?;
-    let bytes = postcard::to_stdvec(&removed).map_err(|e| ApiError::from(NodeError::Internal(e.to_string())))?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+    encoded(&node.replica_delete(req).await?)
 }
 
 async fn internal_drop(
@@ -377,9 +381,7 @@ async fn internal_partial(
 ) -> Result<Response, ApiError> {
     check_cluster(&node, &headers)?;
     let req = decode("partial request", &body(&node, raw)?)?;
-    let partial = node.replica_partial(req).await?;
-    let bytes = postcard::to_stdvec(&partial).map_err(|e| ApiError::from(NodeError::Internal(e.to_string())))?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+    encoded(&node.replica_partial(req).await?)
 }
 
 async fn cluster_members(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {

@@ -429,17 +429,8 @@ impl Node {
         // New placements go to every live peer before the write is acknowledged, so that a
         // query through any node right after the ack finds the new shards (best effort: a peer
         // that misses this gets them by anti-entropy).
-        let state = self.catalog.state_bytes();
-        let members = self.membership.members().await;
-        let pushes =
-            members.iter().filter(|m| !m.is_self && m.is_live()).filter_map(|m| m.http_addr.clone()).map(|addr| {
-                let state = state.clone();
-                async move { self.peers.post(&addr, "/internal/v1/catalog", state).await }
-            });
-        for result in futures_util::future::join_all(pushes).await {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "a peer missed a new placement; anti-entropy will bring it");
-            }
+        for e in self.post_to_live_peers("/internal/v1/catalog", self.catalog.state_bytes()).await {
+            tracing::debug!(error = %e, "a peer missed a new placement; anti-entropy will bring it");
         }
         Ok(())
     }
@@ -514,7 +505,6 @@ impl Node {
         self.place_new_shards(&batch).await?;
         let total = batch.len();
         let consistency = consistency.unwrap_or(self.cfg.write_consistency);
-        let members = self.membership.members().await;
         let interval = self.cfg.shard_interval_ms;
         let mut sends = Vec::new();
         let mut needed: Vec<(crate::model::ShardId, usize, usize)> = Vec::new();
@@ -540,7 +530,7 @@ impl Node {
                 for (i, replica) in replicas.iter().enumerate() {
                     let batch =
                         if i + 1 == replicas.len() { part.take().expect("once") } else { part.clone().expect("kept") };
-                    sends.push(self.send_to_replica(replica.clone(), &members, shard.clone(), batch));
+                    sends.push(self.send_to_replica(replica.clone(), shard.clone(), batch));
                 }
             }
         }
@@ -574,11 +564,26 @@ impl Node {
         Ok(total)
     }
 
+    /// The HTTP address of member `id` if it is live in this node's view.
+    async fn live_http_addr(&self, id: &str) -> Option<String> {
+        self.membership.members().await.into_iter().find(|m| m.id == id && m.is_live()).and_then(|m| m.http_addr)
+    }
+
+    /// Posts `body` to `path` on every other live member, in parallel; returns the failures.
+    async fn post_to_live_peers(&self, path: &str, body: Vec<u8>) -> Vec<crate::peer::PeerError> {
+        let members = self.membership.members().await;
+        let posts =
+            members.iter().filter(|m| !m.is_self && m.is_live()).filter_map(|m| m.http_addr.clone()).map(|addr| {
+                let body = body.clone();
+                async move { self.peers.post(&addr, path, body).await }
+            });
+        futures_util::future::join_all(posts).await.into_iter().filter_map(Result::err).collect()
+    }
+
     /// Stores a shard's points on one replica: this node directly, a peer over the internal API.
     async fn send_to_replica(
         &self,
         replica: String,
-        members: &[Member],
         shard: crate::model::ShardId,
         batch: crate::model::batch::RowBatch,
     ) -> ReplicaOutcome {
@@ -587,8 +592,7 @@ impl Node {
             return ReplicaOutcome { shard, replica, result, payload: None };
         }
         let body = postcard::to_stdvec(&crate::peer::ReplicaWrite { shard: shard.clone(), batch }).expect("encodes");
-        let Some(addr) = members.iter().find(|m| m.id == replica && m.is_live()).and_then(|m| m.http_addr.clone())
-        else {
+        let Some(addr) = self.live_http_addr(&replica).await else {
             let result = Err(format!("{replica} is not live"));
             return ReplicaOutcome { shard, replica, result, payload: Some(body) };
         };
@@ -608,45 +612,39 @@ impl Node {
     ) -> Result<query::exec::Partial, NodeError> {
         let interval = self.cfg.shard_interval_ms;
         let shards = self.catalog.shards_of(key, range.0, range.1, interval);
-        let members = self.membership.members().await;
-        let asks = shards.into_iter().map(|(shard, replicas)| {
-            let members = &members;
-            async move {
-                let mut order: Vec<String> = replicas.iter().filter(|r| **r == self.cfg.node_id).cloned().collect();
-                order.extend(replicas.iter().filter(|r| **r != self.cfg.node_id).cloned());
-                let mut errors = Vec::new();
-                for replica in order {
-                    let req = crate::peer::PartialRequest {
-                        shard: shard.clone(),
-                        plan: plan.clone(),
-                        from: range.0,
-                        to: range.1,
+        let asks = shards.into_iter().map(|(shard, replicas)| async move {
+            let mut order: Vec<String> = replicas.iter().filter(|r| **r == self.cfg.node_id).cloned().collect();
+            order.extend(replicas.iter().filter(|r| **r != self.cfg.node_id).cloned());
+            let mut errors = Vec::new();
+            for replica in order {
+                let req = crate::peer::PartialRequest {
+                    shard: shard.clone(),
+                    plan: plan.clone(),
+                    from: range.0,
+                    to: range.1,
+                };
+                let answer = if replica == self.cfg.node_id {
+                    self.replica_partial(req).await.map_err(|e| e.to_string())
+                } else {
+                    let Some(addr) = self.live_http_addr(&replica).await else {
+                        errors.push(format!("{replica} is not live"));
+                        continue;
                     };
-                    let answer = if replica == self.cfg.node_id {
-                        self.replica_partial(req).await.map_err(|e| e.to_string())
-                    } else {
-                        let Some(addr) =
-                            members.iter().find(|m| m.id == replica && m.is_live()).and_then(|m| m.http_addr.clone())
-                        else {
-                            errors.push(format!("{replica} is not live"));
-                            continue;
-                        };
-                        match self
-                            .peers
-                            .post(&addr, "/internal/v1/partial", postcard::to_stdvec(&req).expect("encodes"))
-                            .await
-                        {
-                            Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
-                        }
-                    };
-                    match answer {
-                        Ok(partial) => return Ok(partial),
-                        Err(e) => errors.push(format!("{replica}: {e}")),
+                    match self
+                        .peers
+                        .post(&addr, "/internal/v1/partial", postcard::to_stdvec(&req).expect("encodes"))
+                        .await
+                    {
+                        Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
                     }
+                };
+                match answer {
+                    Ok(partial) => return Ok(partial),
+                    Err(e) => errors.push(format!("{replica}: {e}")),
                 }
-                Err(format!("shard {shard} has no reachable replica ({})", errors.join("; ")))
             }
+            Err(format!("shard {shard} has no reachable replica ({})", errors.join("; ")))
         });
         let mut total = query::exec::Partial::empty(plan);
         for answer in futures_util::future::join_all(asks).await {
@@ -696,11 +694,9 @@ impl Node {
                 query::validate_fields(&self.catalog, &key, &probe)?;
                 let range = query::time_range(plan.filter.as_ref(), req.from, req.to);
                 let shards = self.catalog.shards_of(&key, range.0, range.1, self.cfg.shard_interval_ms);
-                let members = self.membership.members().await;
                 // Every replica of every shard must apply the delete, or a later read could
                 // bring the points back; the count reported is the largest any replica removed.
                 let deletes = shards.into_iter().map(|(shard, replicas)| {
-                    let members = &members;
                     let filter = plan.filter.clone();
                     async move {
                         let req =
@@ -710,11 +706,7 @@ impl Node {
                             let removed = if replica == self.cfg.node_id {
                                 self.replica_delete(req.clone()).await.map_err(|e| e.to_string())
                             } else {
-                                match members
-                                    .iter()
-                                    .find(|m| m.id == replica && m.is_live())
-                                    .and_then(|m| m.http_addr.clone())
-                                {
+                                match self.live_http_addr(&replica).await {
                                     None => Err(format!("{replica} is not live")),
                                     Some(addr) => {
                                         let body = postcard::to_stdvec(&req).expect("encodes");
@@ -809,16 +801,8 @@ impl Node {
         }
         self.storage.drop_metric(key).await?;
         let body = postcard::to_stdvec(&crate::peer::ReplicaDrop { metric: key.clone() }).expect("encodes");
-        let members = self.membership.members().await;
-        let drops =
-            members.iter().filter(|m| !m.is_self && m.is_live()).filter_map(|m| m.http_addr.clone()).map(|addr| {
-                let body = body.clone();
-                async move { self.peers.post(&addr, "/internal/v1/drop", body).await }
-            });
-        for result in futures_util::future::join_all(drops).await {
-            if let Err(e) = result {
-                tracing::warn!(error = %e, metric = %key, "a member could not drop its shards now");
-            }
+        for e in self.post_to_live_peers("/internal/v1/drop", body).await {
+            tracing::warn!(error = %e, metric = %key, "a member could not drop its shards now");
         }
         Ok(())
     }
