@@ -105,7 +105,8 @@ fn placement_uses_storage_nodes_only_and_refuses_too_few() {
         wait_until(Duration::from_secs(30), "3 members with capacity", || {
             let (_, v) = n.get("/cluster/members");
             let members = v["members"].as_array().unwrap().clone();
-            (members.len() == 3 && members.iter().all(|m| m["capacity"]["mix"].is_number())).then_some(())
+            (members.len() == 3 && members.iter().all(|m| m["capacity"]["mix"].is_number() && m["state"] != "dead"))
+                .then_some(())
         });
     }
     // Ten shards, written through the query-only node.

@@ -91,6 +91,10 @@ pub struct Snapshot {
     /// The silence after which each node would be judged dead.
     pub detection_timeout: HashMap<ChitchatId, Duration>,
     pub phi_threshold: f64,
+    /// chitchat files a node under dead until it has heard two heartbeats (and again after
+    /// every reset of its samples); a node whose heartbeat advanced more recently than this is
+    /// not judged dead yet but suspect, so a joining node does not flap through "dead".
+    pub unjudged_grace: Duration,
 }
 
 /// Turns a snapshot into members: one per node id (its newest generation), sorted by id.
@@ -119,7 +123,11 @@ pub fn view(s: &Snapshot) -> Vec<Member> {
             let state = if is_self {
                 Liveness::Alive
             } else if s.dead.contains(id) {
-                if readiness == "leaving" { Liveness::Left } else { Liveness::Dead }
+                match age {
+                    _ if readiness == "leaving" => Liveness::Left,
+                    Some(age) if age < s.unjudged_grace => Liveness::Suspect,
+                    _ => Liveness::Dead,
+                }
             } else if s.live.contains(id) {
                 match (age, timeout) {
                     (Some(age), Some(t)) if age * 2 > t => Liveness::Suspect,
@@ -224,6 +232,7 @@ impl Membership {
         let mut snap = Snapshot {
             self_id: Some(guard.self_chitchat_id().clone()),
             phi_threshold: self.cfg.phi_threshold,
+            unjudged_grace: self.cfg.gossip_interval.mul_f64(self.cfg.phi_threshold),
             ..Snapshot::default()
         };
         for (id, state) in guard.node_states() {
@@ -291,7 +300,13 @@ mod tests {
         let c = id("c", 1);
         let d = id("d", 1);
         let e = id("e", 1);
-        let mut s = Snapshot { self_id: Some(me.clone()), phi_threshold: 8.0, ..Default::default() };
+        let f = id("f", 1);
+        let mut s = Snapshot {
+            self_id: Some(me.clone()),
+            phi_threshold: 8.0,
+            unjudged_grace: Duration::from_millis(800),
+            ..Default::default()
+        };
         s.nodes = vec![
             (me.clone(), keys("ready")),
             (old_b.clone(), keys("ready")),
@@ -299,9 +314,12 @@ mod tests {
             (c.clone(), keys("leaving")),
             (d.clone(), keys("ready")),
             (e.clone(), keys("ready")),
+            (f.clone(), keys("joining")),
         ];
         s.live = [me.clone(), new_b.clone(), e.clone()].into_iter().collect();
-        s.dead = [old_b.clone(), c.clone(), d.clone()].into_iter().collect();
+        s.dead = [old_b.clone(), c.clone(), d.clone(), f.clone()].into_iter().collect();
+        s.heartbeat_age.insert(d.clone(), Duration::from_millis(900));
+        s.heartbeat_age.insert(f.clone(), Duration::from_millis(30));
         for n in [&new_b, &e] {
             s.detection_timeout.insert(n.clone(), Duration::from_millis(800));
         }
@@ -309,13 +327,14 @@ mod tests {
         s.heartbeat_age.insert(e.clone(), Duration::from_millis(500));
         let members = view(&s);
         let by_id: BTreeMap<&str, &Member> = members.iter().map(|m| (m.id.as_str(), m)).collect();
-        assert_eq!(members.len(), 5, "one entry per node id");
+        assert_eq!(members.len(), 6, "one entry per node id");
         assert_eq!(by_id["b"].generation, 2);
         assert_eq!(by_id["b"].state, Liveness::Alive);
         assert_eq!(by_id["b"].phi, Some(1.0));
         assert_eq!(by_id["c"].state, Liveness::Left);
         assert_eq!(by_id["d"].state, Liveness::Dead);
         assert_eq!(by_id["e"].state, Liveness::Suspect);
+        assert_eq!(by_id["f"].state, Liveness::Suspect, "heard once, not judged yet");
         assert!(by_id["a"].is_self && by_id["a"].state == Liveness::Alive);
     }
 }
