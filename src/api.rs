@@ -88,6 +88,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/cluster/leave", post(cluster_leave))
         .route("/cluster/shards", get(cluster_shards))
         .route("/internal/v1/write", post(internal_write).layer(DefaultBodyLimit::max(crate::catalog::STATE_BYTES_MAX)))
+        .route("/internal/v1/merge", post(internal_merge).layer(DefaultBodyLimit::max(crate::catalog::STATE_BYTES_MAX)))
+        .route("/internal/v1/digests", post(internal_digests))
+        .route("/internal/v1/points", post(internal_points))
         .route("/internal/v1/partial", post(internal_partial))
         .route("/internal/v1/delete", post(internal_delete))
         .route("/internal/v1/drop", post(internal_drop))
@@ -303,8 +306,17 @@ async fn internal_catalog_push(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Shard placement from the catalog, with each replica's state in this node's view.
-async fn cluster_shards(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+/// Shard placement from the catalog, with each replica's state in this node's view; with
+/// `?verify=true` also each replica's point count and digest, as the replica reports them.
+async fn cluster_shards(
+    State(node): State<Arc<Node>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let verify = match params.get("verify").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(ApiError::bad(format!("verify: expected true or false, got {other:?}"))),
+    };
     let members = node.members().await;
     let state = |id: &str| {
         members.iter().find(|m| m.id == id).map_or("unknown".to_string(), |m| {
@@ -312,24 +324,33 @@ async fn cluster_shards(State(node): State<Arc<Node>>) -> Json<serde_json::Value
         })
     };
     let interval = node.shard_interval_ms();
-    let shards: Vec<serde_json::Value> = node
-        .catalog
-        .placement()
-        .into_iter()
-        .map(|(shard, replicas)| {
-            let replicas: Vec<serde_json::Value> =
-                replicas.iter().map(|id| serde_json::json!({"id": id, "state": state(id)})).collect();
+    let shards = node.catalog.placement().into_iter().map(|(shard, replicas)| {
+        let (node, members, of) = (&node, &members, shard.clone());
+        let replicas = replicas.into_iter().map(move |id| {
+            let shard = of.clone();
+            async move {
+                let mut r = serde_json::json!({"id": id, "state": state(&id)});
+                if verify {
+                    let found = node.verify_replica(members, &shard, &id).await;
+                    r["points"] = found.map_or(serde_json::Value::Null, |(points, _)| points.into());
+                    r["digest"] = found.map_or(serde_json::Value::Null, |(_, d)| format!("{d:016x}").into());
+                }
+                r
+            }
+        });
+        async move {
             serde_json::json!({
                 "db": shard.metric.db,
                 "namespace": shard.metric.namespace,
                 "metric": shard.metric.metric,
                 "start": shard.start,
                 "end": shard.start.saturating_add(interval),
-                "replicas": replicas,
+                "replicas": futures_util::future::join_all(replicas).await,
             })
-        })
-        .collect();
-    Json(serde_json::json!({ "shards": shards }))
+        }
+    });
+    let shards = futures_util::future::join_all(shards).await;
+    Ok(Json(serde_json::json!({ "shards": shards })))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, ApiError> {
@@ -351,6 +372,36 @@ async fn internal_write(
     let write = decode("replica write", &body(&node, raw)?)?;
     node.replica_write(write).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn internal_merge(
+    State(node): State<Arc<Node>>,
+    headers: axum::http::HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_cluster(&node, &headers)?;
+    let write = decode("replica merge", &body(&node, raw)?)?;
+    encoded(&node.replica_merge(write).await?)
+}
+
+async fn internal_digests(
+    State(node): State<Arc<Node>>,
+    headers: axum::http::HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_cluster(&node, &headers)?;
+    let req = decode("digest request", &body(&node, raw)?)?;
+    encoded(&node.replica_digests(req).await?)
+}
+
+async fn internal_points(
+    State(node): State<Arc<Node>>,
+    headers: axum::http::HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_cluster(&node, &headers)?;
+    let req = decode("points request", &body(&node, raw)?)?;
+    encoded(&node.replica_points(req).await?)
 }
 
 async fn internal_delete(

@@ -74,11 +74,13 @@ impl CatalogState {
         self.placement.apply(op);
     }
 
-    pub fn remove_replica(&mut self, shard: &ShardId, node: &NodeId) {
+    /// Removes `node` from a shard's replicas. The dot is `actor`'s own (the node making the
+    /// change), never the removed node's: a dot must not be minted for another actor.
+    pub fn remove_replica(&mut self, actor: &NodeId, shard: &ShardId, node: &NodeId) {
         if let Some(set) = self.placement.get(shard).val {
             let ctx = set.contains(node).derive_rm_ctx();
             let op = set.rm(node.clone(), ctx);
-            let add = self.placement.read_ctx().derive_add_ctx(node.clone());
+            let add = self.placement.read_ctx().derive_add_ctx(actor.clone());
             let op = self.placement.update(shard.clone(), add, |_, _| op);
             self.placement.apply(op);
         }
@@ -336,6 +338,13 @@ impl Catalog {
         self.state.lock().expect("catalog lock").placement.get(shard).val.is_some()
     }
 
+    /// Removes `node` from a shard's replicas (after its points were copied elsewhere).
+    pub fn remove_replica(&self, shard: &ShardId, node: &NodeId) -> Result<(), CatalogError> {
+        let mut state = self.state.lock().expect("catalog lock");
+        state.remove_replica(&self.actor, shard, node);
+        self.commit(&state)
+    }
+
     /// Records replicas of a shard (merged as a union with any concurrent placement).
     pub fn add_replicas(&self, shard: &ShardId, nodes: &[NodeId]) -> Result<(), CatalogError> {
         let mut state = self.state.lock().expect("catalog lock");
@@ -434,7 +443,9 @@ mod tests {
             Op::Place { metric: m, start, node } => {
                 state.add_replicas(actor, &shard(*m, *start), &[format!("n{node}")])
             }
-            Op::Unplace { metric: m, start, node } => state.remove_replica(&shard(*m, *start), &format!("n{node}")),
+            Op::Unplace { metric: m, start, node } => {
+                state.remove_replica(actor, &shard(*m, *start), &format!("n{node}"))
+            }
         }
     }
 

@@ -5,7 +5,8 @@
 //! ```text
 //! config ─▶ env (seams: clock, …) ─▶ model ─▶ ingest (NSDb JSON, line protocol)
 //!        ─▶ catalog (schemas) ─▶ storage (shard folders: WAL + segments)
-//!        ─▶ query (plan, per-shard partials, merge) ─▶ node (assembly) ─▶ api (HTTP)
+//!        ─▶ query (plan, per-shard partials, merge) ─▶ node (assembly: coordinators)
+//!        ─▶ hints, repair (recovery) ─▶ api (HTTP)
 //! ```
 //!
 //! `node` is the one place that knows every concrete type; the binary (`main.rs`), the
@@ -26,6 +27,7 @@ pub mod node;
 pub mod peer;
 pub mod placement;
 pub mod query;
+pub mod repair;
 pub mod storage;
 
 /// Serves the HTTP API on `listener` until `shutdown` completes. The caller owns the listener

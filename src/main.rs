@@ -201,16 +201,40 @@ async fn leave(node: &str) -> anyhow::Result<()> {
     let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build()?;
     let resp = http.post(format!("{node}/cluster/leave")).send().await.context("cannot reach the node (see --node)")?;
     anyhow::ensure!(resp.status().is_success(), "the node answered {}", resp.status());
-    eprintln!("leaving: announced to the cluster, waiting for the node to exit");
-    // The node stops answering once it has left; the wait is bounded.
-    for _ in 0..600 {
-        if http.get(format!("{node}/livez")).send().await.is_err() {
-            eprintln!("left");
-            return Ok(());
+    println!("leaving: announced to the cluster; handing off shards");
+    // Progress comes from the node's status until it stops answering; the wait is bounded.
+    let mut last = None;
+    let deadline = std::time::Duration::from_secs(3600);
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < deadline {
+        let status = match http.get(format!("{node}/status")).send().await {
+            Ok(resp) => resp.json::<serde_json::Value>().await.ok(),
+            Err(_) => {
+                println!("left");
+                return Ok(());
+            }
+        };
+        let leave = status.as_ref().map(|s| s["repair"]["leave"].clone()).filter(|l| !l.is_null());
+        if let Some(leave) = leave {
+            let line = format!(
+                "shards moved {}/{}{}{}",
+                leave["moved"],
+                leave["total"],
+                if leave["kept"].as_u64().unwrap_or(0) > 0 {
+                    format!(", {} kept (no other storage node could take them)", leave["kept"])
+                } else {
+                    String::new()
+                },
+                if leave["done"] == true { "; waiting for the node to exit" } else { "" }
+            );
+            if last.as_ref() != Some(&line) {
+                println!("{line}");
+                last = Some(line);
+            }
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    anyhow::bail!("the node is still running after 60 s")
+    anyhow::bail!("the node is still running after {deadline:?}")
 }
 
 /// The UDP address to gossip on. chitchat binds the socket itself, so port 0 is resolved here

@@ -18,6 +18,11 @@ pub struct Metrics {
     pub segments_written: AtomicU64,
     pub hints_stored: AtomicU64,
     pub hints_dropped: AtomicU64,
+    pub hints_replayed: AtomicU64,
+    pub repair_blocks_compared: AtomicU64,
+    pub repair_blocks_copied: AtomicU64,
+    pub repair_points_copied: AtomicU64,
+    pub shards_rereplicated: AtomicU64,
     fsync_buckets: [AtomicU64; FSYNC_BUCKETS.len()],
     fsync_count: AtomicU64,
     fsync_micros_sum: AtomicU64,
@@ -51,8 +56,33 @@ impl Metrics {
         counter(
             &mut out,
             "shoal_hints_dropped_total",
-            "Hints dropped: the target's hint file was full.",
+            "Hints dropped: past the target's byte or age bound, or the target was replaced.",
             &self.hints_dropped,
+        );
+        counter(&mut out, "shoal_hints_replayed_total", "Hints delivered to their replica.", &self.hints_replayed);
+        counter(
+            &mut out,
+            "shoal_repair_blocks_compared_total",
+            "Shard blocks whose digests repair compared with a peer.",
+            &self.repair_blocks_compared,
+        );
+        counter(
+            &mut out,
+            "shoal_repair_blocks_copied_total",
+            "Shard blocks whose digests differed and whose points were copied.",
+            &self.repair_blocks_copied,
+        );
+        counter(
+            &mut out,
+            "shoal_repair_points_copied_total",
+            "Points a repair, hint replay or hand-off stored on a replica that lacked them.",
+            &self.repair_points_copied,
+        );
+        counter(
+            &mut out,
+            "shoal_shards_rereplicated_total",
+            "Shards given a new replica in place of a lost one.",
+            &self.shards_rereplicated,
         );
         let _ = writeln!(
             out,

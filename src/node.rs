@@ -123,9 +123,10 @@ pub struct Node {
     leaving: std::sync::atomic::AtomicBool,
     /// Flips to true when the node has been asked to stop (`shoal leave`).
     stop_tx: tokio::sync::watch::Sender<bool>,
-    /// Client for the internal API of peers (anti-entropy now; replication later).
-    peers: Arc<dyn crate::peer::PeerClient>,
-    hints: crate::hints::HintStore,
+    /// Client for the internal API of peers.
+    pub(crate) peers: Arc<dyn crate::peer::PeerClient>,
+    pub(crate) hints: crate::hints::HintStore,
+    pub(crate) repair: crate::repair::RepairState,
 }
 /// Anti-entropy also pulls from one live peer this often when all digests agree.
 const CATALOG_PULL_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -200,7 +201,8 @@ impl Node {
             crate::discovery::spawn(&membership, discovery);
         }
         let readiness = Readiness { ready: false, reason: Some("starting".into()), live_members: 1, bootstrapped };
-        let hints = crate::hints::HintStore::new(&cfg.data_dir);
+        let hints = crate::hints::HintStore::open(&cfg.data_dir, cfg.hints_bytes_max_per_node, cfg.hints_age_max)
+            .map_err(|e| anyhow::anyhow!("cannot open the hints in {}: {e}", cfg.data_dir.display()))?;
         let node = Arc::new(Self {
             cfg,
             env,
@@ -215,9 +217,11 @@ impl Node {
             stop_tx: tokio::sync::watch::channel(false).0,
             peers: io.peers,
             hints,
+            repair: Default::default(),
         });
         node.update_readiness().await;
         node.spawn_background();
+        node.spawn_recovery();
         node.spawn_capacity_probe(probe);
         Ok(node)
     }
@@ -333,8 +337,9 @@ impl Node {
         self.membership.members().await
     }
 
-    /// Leaves the cluster gracefully: announces `leaving`, gives the news a few gossip rounds
-    /// to spread, then stops gossiping so that peers see this node as `left`, not dead.
+    /// Leaves the cluster gracefully: announces `leaving` (no new shard is placed here), hands
+    /// each shard to a new replica, gives the news a few gossip rounds to spread, then stops
+    /// gossiping so that peers see this node as `left`, not dead.
     pub async fn leave(&self) {
         if self.leaving.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
@@ -342,6 +347,7 @@ impl Node {
         tracing::info!("leaving the cluster");
         self.membership.set(KEY_READINESS, "leaving").await;
         self.update_readiness().await;
+        self.hand_off().await;
         let spread = (self.cfg.gossip_interval * 10).max(std::time::Duration::from_millis(500));
         tokio::time::sleep(spread).await;
         self.membership.shutdown().await;
@@ -408,7 +414,7 @@ impl Node {
             .members()
             .await
             .into_iter()
-            .filter(Member::is_live)
+            .filter(|m| m.is_live() && m.readiness != "leaving")
             .map(|m| crate::placement::Candidate {
                 storage: m.roles.iter().any(|r| r == "storage"),
                 id: m.id,
@@ -456,6 +462,7 @@ impl Node {
         self.every(self.cfg.gossip_interval, |node| async move { node.update_readiness().await });
         let flush_period = (self.cfg.flush_interval / 4).max(std::time::Duration::from_millis(100));
         self.every(flush_period, |node| async move { node.storage.flush_idle().await });
+        self.every(self.cfg.hints_replay_interval, |node| async move { node.replay_hints().await });
     }
 
     /// Runs `work` every `period` until the node is dropped.
@@ -542,7 +549,8 @@ impl Node {
                 // Acknowledged, but some replicas missed it: keep their share for hinted handoff.
                 for missed in outcomes.iter().filter(|o| o.shard == shard && o.result.is_err()) {
                     if let Some(payload) = &missed.payload
-                        && let Err(e) = self.hints.record(&missed.replica, payload, &self.metrics)
+                        && let Err(e) =
+                            self.hints.record(&missed.replica, payload, self.env.clock.now_ms(), &self.metrics)
                     {
                         return Err(NodeError::Internal(format!("cannot store a hint for {}: {e}", missed.replica)));
                     }
@@ -570,7 +578,7 @@ impl Node {
     }
 
     /// Posts `body` to `path` on every other live member, in parallel; returns the failures.
-    async fn post_to_live_peers(&self, path: &str, body: Vec<u8>) -> Vec<crate::peer::PeerError> {
+    pub(crate) async fn post_to_live_peers(&self, path: &str, body: Vec<u8>) -> Vec<crate::peer::PeerError> {
         let members = self.membership.members().await;
         let posts =
             members.iter().filter(|m| !m.is_self && m.is_live()).filter_map(|m| m.http_addr.clone()).map(|addr| {
@@ -743,6 +751,20 @@ impl Node {
 
     /// Stores a replica's share of a write (the replica side of the internal write API).
     pub async fn replica_write(&self, write: crate::peer::ReplicaWrite) -> Result<(), NodeError> {
+        self.check_replica_write(&write)?;
+        if self.repair.handed_off() {
+            return Err(NodeError::Unavailable(format!(
+                "node {} is leaving and has handed off its shards",
+                self.cfg.node_id
+            )));
+        }
+        self.storage.write(&write.shard.metric, write.batch).await?;
+        Ok(())
+    }
+
+    /// What a replica checks before storing points it was sent: it has the storage role, the
+    /// batch is well formed and every point falls inside the shard.
+    pub(crate) fn check_replica_write(&self, write: &crate::peer::ReplicaWrite) -> Result<(), NodeError> {
         if !self.cfg.roles.contains(&crate::config::Role::Storage) {
             return Err(NodeError::BadRequest(format!("node {} has no storage role", self.cfg.node_id)));
         }
@@ -756,7 +778,6 @@ impl Node {
                 write.shard
             )));
         }
-        self.storage.write(&write.shard.metric, write.batch).await?;
         Ok(())
     }
 
@@ -830,6 +851,7 @@ impl Node {
             "shards": shards.len(),
             "points": shards.iter().map(|s| s.points()).sum::<u64>(),
             "hints_pending_bytes": self.hints.pending(),
+            "repair": self.repair.status(),
         })
     }
 }

@@ -43,6 +43,30 @@ pub struct PartialRequest {
     pub to: i64,
 }
 
+/// `POST /internal/v1/merge` takes a [`ReplicaWrite`] too, but stores only the points the
+/// replica does not hold yet (hint replay, repair, hand-off); answered with the postcard count
+/// of points stored.
+///
+/// `POST /internal/v1/digests`: this replica's block digests of one shard within `[from, to)`;
+/// answered with a postcard `Option<Vec<BlockDigest>>` (`None`: the shard is not held here).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DigestRequest {
+    pub shard: ShardId,
+    pub from: i64,
+    pub to: i64,
+    pub block_ms: i64,
+}
+
+/// `POST /internal/v1/points`: every point this replica holds of one shard within
+/// `[from, to)`; answered with a postcard `RowBatch`, refused with 413 past `max` points.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PointsRequest {
+    pub shard: ShardId,
+    pub from: i64,
+    pub to: i64,
+    pub max: u64,
+}
+
 /// Timeout of one internal call: a peer slower than this is treated as unreachable.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Header carrying the cluster id on internal requests; other ids are refused with 403.

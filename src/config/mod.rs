@@ -47,6 +47,10 @@ const KEYS: &[(&str, &str)] = &[
     ("shoal.storage.flush-interval", "a duration such as 30s"),
     ("shoal.storage.segments-max", "an integer >= 1"),
     ("shoal.query.max-records", "an integer >= 1"),
+    ("shoal.hints.max-bytes-per-node", "a byte size such as 1GiB"),
+    ("shoal.hints.max-age", "a duration such as 3h"),
+    ("shoal.hints.replay-interval", "a duration of at least 10ms, such as 1s"),
+    ("shoal.repair.interval", "a duration of at least 100ms, such as 5m"),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +135,10 @@ pub struct Config {
     pub flush_interval: Duration,
     pub segments_max: usize,
     pub query_records_max: usize,
+    pub hints_bytes_max_per_node: u64,
+    pub hints_age_max: Duration,
+    pub hints_replay_interval: Duration,
+    pub repair_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -388,6 +396,16 @@ impl Reader<'_> {
             flush_interval: self.duration("shoal.storage.flush-interval")?,
             segments_max: self.count("shoal.storage.segments-max")?,
             query_records_max: self.count("shoal.query.max-records")?,
+            hints_bytes_max_per_node: self.bytes("shoal.hints.max-bytes-per-node")? as u64,
+            hints_age_max: self.duration("shoal.hints.max-age")?,
+            hints_replay_interval: match self.duration("shoal.hints.replay-interval")? {
+                d if d >= Duration::from_millis(10) => d,
+                _ => return Err(self.err("shoal.hints.replay-interval")),
+            },
+            repair_interval: match self.duration("shoal.repair.interval")? {
+                d if d >= Duration::from_millis(100) => d,
+                _ => return Err(self.err("shoal.repair.interval")),
+            },
         })
     }
 }

@@ -2,6 +2,7 @@
 //! its own write-ahead log and immutable segments (see `shard.rs`). This layer knows nothing of
 //! schemas, placement or queries: it stores points and hands batches to a scan callback.
 
+pub mod digest;
 pub mod segment;
 pub mod shard;
 pub mod wal;
@@ -10,6 +11,7 @@ use crate::metrics::Metrics;
 use crate::model::MetricKey;
 use crate::model::batch::RowBatch;
 use dashmap::DashMap;
+pub use digest::BlockDigest;
 pub use shard::{KeepRow, Shard, ShardId};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -118,6 +120,25 @@ impl Storage {
         }
         for result in futures_util::future::join_all(appends).await {
             result?;
+        }
+        Ok(())
+    }
+
+    /// Stores the points of `batch` (all inside `shard`) that the shard does not hold yet,
+    /// creating the shard if needed; returns how many were new.
+    pub async fn merge(&self, shard: &ShardId, batch: RowBatch) -> Result<u64, StorageError> {
+        self.shard(shard.clone()).await?.merge(batch).await
+    }
+
+    /// Removes one shard from this node (its replicas live elsewhere now).
+    pub async fn drop_shard(&self, id: &ShardId) -> Result<(), StorageError> {
+        let _guard = self.opening.lock().await;
+        if let Some((_, shard)) = self.shards.remove(id) {
+            shard.close().await;
+            std::fs::remove_dir_all(&shard.dir)?;
+            if let Some(parent) = shard.dir.parent() {
+                fsync_dir(parent)?;
+            }
         }
         Ok(())
     }
@@ -285,6 +306,46 @@ mod tests {
         storage.drop_metric(&key).await.unwrap();
         assert_eq!(count(&storage, &key).0, 0);
         assert!(!dir.path().join("shards/d/n/m").exists());
+    }
+
+    #[tokio::test]
+    async fn merge_stores_only_missing_points_and_digests_follow_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = MetricKey::new("d", "n", "m").unwrap();
+        let id = ShardId { metric: key.clone(), start: 0 };
+        let points = |range: std::ops::Range<i64>| -> RowBatch {
+            let ps: Vec<Point> = range
+                .map(|i| Point {
+                    timestamp: i,
+                    value: Num::Int(i),
+                    dimensions: Default::default(),
+                    tags: Default::default(),
+                })
+                .collect();
+            RowBatch::from_points(&ps).unwrap()
+        };
+        let a = Storage::open(&dir.path().join("a"), cfg(20), Arc::new(Metrics::default())).await.unwrap();
+        let b = Storage::open(&dir.path().join("b"), cfg(20), Arc::new(Metrics::default())).await.unwrap();
+        // a gets 0..600 in pieces (some compacted to segments), b gets 300..1000 in one go.
+        for chunk in [0..250, 250..600] {
+            a.write(&key, points(chunk)).await.unwrap();
+        }
+        b.write(&key, points(300..1000)).await.unwrap();
+        let (sa, sb) = (a.shard_if_held(&id).unwrap(), b.shard_if_held(&id).unwrap());
+        let (da, db) = (sa.digests(0, 1000, 100).unwrap(), sb.digests(0, 1000, 100).unwrap());
+        assert_eq!(da.len(), 6);
+        assert_eq!(db.len(), 7);
+        let same: Vec<i64> = da.iter().filter(|d| db.contains(d)).map(|d| d.start).collect();
+        assert_eq!(same, [300, 400, 500], "blocks with the same points have the same digest");
+        // Merging both ways gives both the union, once.
+        assert_eq!(a.merge(&id, sb.points_in(0, 1000).unwrap()).await.unwrap(), 400);
+        assert_eq!(b.merge(&id, sa.points_in(0, 1000).unwrap()).await.unwrap(), 300);
+        assert_eq!(a.merge(&id, points(0..1000)).await.unwrap(), 0, "a repeated merge adds nothing");
+        assert_eq!((sa.points(), sb.points()), (1000, 1000));
+        assert_eq!(sa.digests(0, 1000, 100).unwrap(), sb.digests(0, 1000, 100).unwrap());
+        assert_eq!(BlockDigest::total(&sa.digests(0, 1000, 1000).unwrap()).0, 1000);
+        a.drop_shard(&id).await.unwrap();
+        assert!(a.shard_if_held(&id).is_none() && !sa.dir.exists());
     }
 
     #[tokio::test]

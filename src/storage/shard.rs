@@ -8,6 +8,7 @@
 //! Folder: `MANIFEST` (live segments and the first WAL to replay), `wal-<seq>.log`,
 //! `seg-<seq>.seg`. Files not named by the manifest are leftovers of a crash and are removed.
 
+use super::digest::{BlockDigest, point_hash};
 use super::segment::{Segment, segment_path, write_segment};
 use super::wal::{WalWriter, encode_record, list_wal_seqs, replay, wal_path};
 use super::{StorageConfig, StorageError, fsync_dir};
@@ -15,6 +16,7 @@ use crate::metrics::Metrics;
 pub use crate::model::ShardId;
 use crate::model::batch::{RowBatch, RowBatchBuilder};
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot};
@@ -87,6 +89,9 @@ pub struct Shard {
     pub dir: PathBuf,
     state: RwLock<ShardState>,
     tx: mpsc::Sender<Command>,
+    /// Serializes [`Shard::merge`]s, so two merges of the same points cannot both find them
+    /// missing and store them twice.
+    merge_lock: tokio::sync::Mutex<()>,
 }
 
 struct Writer {
@@ -116,7 +121,14 @@ impl Shard {
             .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let end = id.start.saturating_add(interval_ms);
-        let shard = Arc::new(Shard { id, end, dir: dir.clone(), state: RwLock::new(state), tx });
+        let shard = Arc::new(Shard {
+            id,
+            end,
+            dir: dir.clone(),
+            state: RwLock::new(state),
+            tx,
+            merge_lock: Default::default(),
+        });
         let wal_dir = dir.clone();
         let wal = tokio::task::spawn_blocking(move || WalWriter::create(&wal_dir, next_seq))
             .await
@@ -192,6 +204,73 @@ impl Shard {
             }
         }
         Ok(())
+    }
+}
+
+impl Shard {
+    /// Digests of the non-empty blocks of `block_ms` in `[from, to)`, oldest first.
+    pub fn digests(&self, from: i64, to: i64, block_ms: i64) -> Result<Vec<BlockDigest>, StorageError> {
+        let block_ms = block_ms.max(1);
+        let mut blocks: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
+        self.scan(from, to, None, &mut |b| {
+            for (row, &ts) in b.timestamps.iter().enumerate() {
+                if ts >= from && ts < to {
+                    let e = blocks.entry(ts.div_euclid(block_ms) * block_ms).or_default();
+                    e.0 += 1;
+                    e.1 = e.1.wrapping_add(point_hash(b, row));
+                }
+            }
+        })?;
+        Ok(blocks.into_iter().map(|(start, (count, hash))| BlockDigest { start, count, hash }).collect())
+    }
+
+    /// Every point in `[from, to)`, as one batch.
+    pub fn points_in(&self, from: i64, to: i64) -> Result<RowBatch, StorageError> {
+        let mut out = RowBatchBuilder::default();
+        self.scan(from, to, None, &mut |b| {
+            let keep: Vec<bool> = b.timestamps.iter().map(|&ts| ts >= from && ts < to).collect();
+            if keep.iter().any(|k| *k) {
+                out.extend_from(b, Some(&keep));
+            }
+        })?;
+        Ok(out.finish())
+    }
+
+    /// Appends the points of `batch` this shard does not hold yet (a point held once and sent
+    /// twice is stored once; copies count, so two equal points sent where one is held add one),
+    /// and returns how many were appended. Hint replay, repair and hand-off all store through
+    /// here, which makes every one of them safe to repeat.
+    pub async fn merge(&self, batch: RowBatch) -> Result<u64, StorageError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let _guard = self.merge_lock.lock().await;
+        let from = batch.timestamps.iter().copied().min().expect("not empty");
+        let to = batch.timestamps.iter().copied().max().expect("not empty").saturating_add(1);
+        let mut held: HashMap<u64, u64> = HashMap::new();
+        self.scan(from, to, None, &mut |b| {
+            for (row, &ts) in b.timestamps.iter().enumerate() {
+                if ts >= from && ts < to {
+                    *held.entry(point_hash(b, row)).or_default() += 1;
+                }
+            }
+        })?;
+        let keep: Vec<bool> = (0..batch.len())
+            .map(|row| match held.get_mut(&point_hash(&batch, row)) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    false
+                }
+                _ => true,
+            })
+            .collect();
+        let missing = keep.iter().filter(|k| **k).count() as u64;
+        if missing == 0 {
+            return Ok(0);
+        }
+        let rows: Vec<usize> = (0..batch.len()).filter(|&r| keep[r]).collect();
+        self.append(batch.select(&rows)).await?;
+        Ok(missing)
     }
 }
 

@@ -1,0 +1,562 @@
+//! Recovery: what brings every shard back to `replication-factor` equal copies after faults.
+//!
+//! - Hint replay: hints kept by the write coordinator go to their replica, in order, once it
+//!   is alive again ([`crate::hints`]).
+//! - Replica repair: replicas of a shard compare digests per time block (a count and an
+//!   order-independent hash of the points) and copy only the points of blocks that differ, in
+//!   both directions, so both end with the union. It runs with a peer as soon as the peer is
+//!   seen alive (again), and with every replica each `shoal.repair.interval`.
+//! - Re-replication: a replica dead longer than `shoal.cluster.replica-replace-after` is
+//!   replaced. One survivor (the live replica with the smallest id) copies the shard to new
+//!   replicas chosen by the capacity selector, adds them to the placement, copies again what
+//!   arrived meanwhile, and only then removes the dead node's location.
+//! - Unowned shards: a node holding a shard whose placement no longer names it (it came back
+//!   after being replaced) first copies its points to the owners, then drops its copy.
+//! - Hand-off: `shoal leave` moves each of the node's shards to a new replica the same way
+//!   before the node exits.
+//!
+//! Every copy stores through [`crate::storage::Shard::merge`], which keeps only points the
+//! target does not hold yet: each of these steps is safe to repeat or to race with another.
+
+use crate::membership::{Liveness, Member};
+use crate::model::ShardId;
+use crate::model::batch::RowBatch;
+use crate::node::{Node, NodeError};
+use crate::peer::{DigestRequest, PointsRequest, ReplicaWrite};
+use crate::placement::Candidate;
+use crate::storage::BlockDigest;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+/// A block with more points than this on either side is compared again as 16 smaller blocks
+/// before any point moves, so one transfer stays far below the internal body limit.
+const TRANSFER_POINTS_MAX: u64 = 100_000;
+const SPLIT: i64 = 16;
+/// About this many bytes of hints are read and sent per step of a replay.
+const HINT_REPLAY_BYTES: u64 = 4 << 20;
+
+/// What recovery is doing now, for `GET /status` and `shoal leave`.
+#[derive(Default)]
+pub struct RepairState {
+    /// A repair round or a re-replication is under way.
+    running: AtomicBool,
+    rounds: AtomicU64,
+    leave: Mutex<Option<LeaveProgress>>,
+    /// Since when each local shard has been missing from its placement (see `drop_unowned`).
+    unowned_since: Mutex<HashMap<ShardId, tokio::time::Instant>>,
+    /// Set once a leaving node has handed off its shards: it takes no more replica writes.
+    handed_off: AtomicBool,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LeaveProgress {
+    pub moved: usize,
+    pub total: usize,
+    /// Shards that could not be moved (no other storage node to take them).
+    pub kept: usize,
+    pub done: bool,
+}
+
+impl RepairState {
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "running": self.running.load(Relaxed),
+            "rounds": self.rounds.load(Relaxed),
+            "leave": *self.leave.lock().expect("repair lock"),
+        })
+    }
+
+    pub fn handed_off(&self) -> bool {
+        self.handed_off.load(Relaxed)
+    }
+}
+
+/// Marks recovery as running for as long as it lives.
+struct Running<'a>(&'a AtomicBool);
+
+impl<'a> Running<'a> {
+    fn start(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Relaxed);
+        Self(flag)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Relaxed);
+    }
+}
+
+fn live_addr(members: &[Member], id: &str) -> Option<String> {
+    members.iter().find(|m| m.id == id && !m.is_self && m.is_live()).and_then(|m| m.http_addr.clone())
+}
+
+impl Node {
+    /// Repair compares a shard in blocks of this span: 24 per shard (an hour for 1-day shards).
+    fn repair_block_ms(&self) -> i64 {
+        (self.cfg.shard_interval_ms / 24).max(1)
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, String> {
+        let bytes = postcard::to_stdvec(body).expect("internal requests encode");
+        let answer = self.peers.post(addr, path, bytes).await.map_err(|e| e.to_string())?;
+        postcard::from_bytes(&answer).map_err(|e| format!("{addr}{path}: undecodable answer: {e}"))
+    }
+
+    async fn local_digests(
+        &self,
+        shard: &ShardId,
+        from: i64,
+        to: i64,
+        block_ms: i64,
+    ) -> Result<Vec<BlockDigest>, String> {
+        let Some(s) = self.storage.shard_if_held(shard) else { return Ok(Vec::new()) };
+        tokio::task::spawn_blocking(move || s.digests(from, to, block_ms))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    async fn local_points(&self, shard: &ShardId, from: i64, to: i64) -> Result<RowBatch, String> {
+        let Some(s) = self.storage.shard_if_held(shard) else { return Ok(RowBatch::default()) };
+        tokio::task::spawn_blocking(move || s.points_in(from, to))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Makes this node's copy of `shard` and the copy at `addr` hold the same points: compares
+    /// block digests and moves the points of differing blocks only. With `push_only` points go
+    /// only from here to the peer (hand-off to a new replica). Returns the blocks copied.
+    pub(crate) async fn sync_shard(&self, shard: &ShardId, addr: &str, push_only: bool) -> Result<u64, String> {
+        let end = shard.start.saturating_add(self.cfg.shard_interval_ms);
+        let mut work = vec![(shard.start, end, self.repair_block_ms())];
+        let mut copied = 0;
+        while let Some((from, to, block_ms)) = work.pop() {
+            let local = self.local_digests(shard, from, to, block_ms).await?;
+            let req = DigestRequest { shard: shard.clone(), from, to, block_ms };
+            let remote: Option<Vec<BlockDigest>> = self.call(addr, "/internal/v1/digests", &req).await?;
+            let mut blocks: BTreeMap<i64, (Option<BlockDigest>, Option<BlockDigest>)> = BTreeMap::new();
+            for d in local {
+                blocks.entry(d.start).or_default().0 = Some(d);
+            }
+            for d in remote.unwrap_or_default() {
+                blocks.entry(d.start).or_default().1 = Some(d);
+            }
+            for (start, (mine, theirs)) in blocks {
+                self.metrics.repair_blocks_compared.fetch_add(1, Relaxed);
+                if mine == theirs {
+                    continue;
+                }
+                let (mine, theirs) = (mine.map_or(0, |d| d.count), theirs.map_or(0, |d| d.count));
+                let block_end = start.saturating_add(block_ms).min(to);
+                if mine.max(theirs) > TRANSFER_POINTS_MAX && block_ms > 1 {
+                    work.push((start, block_end, (block_ms / SPLIT).max(1)));
+                    continue;
+                }
+                if theirs > 0 && !push_only {
+                    let max = theirs.saturating_mul(2).max(TRANSFER_POINTS_MAX);
+                    let req = PointsRequest { shard: shard.clone(), from: start, to: block_end, max };
+                    let batch: RowBatch = self.call(addr, "/internal/v1/points", &req).await?;
+                    batch.validate().map_err(|e| format!("points from {addr}: {e}"))?;
+                    let stored = self.storage.merge(shard, batch).await.map_err(|e| e.to_string())?;
+                    self.metrics.repair_points_copied.fetch_add(stored, Relaxed);
+                }
+                if mine > 0 {
+                    let batch = self.local_points(shard, start, block_end).await?;
+                    let stored: u64 =
+                        self.call(addr, "/internal/v1/merge", &ReplicaWrite { shard: shard.clone(), batch }).await?;
+                    self.metrics.repair_points_copied.fetch_add(stored, Relaxed);
+                }
+                self.metrics.repair_blocks_copied.fetch_add(1, Relaxed);
+                copied += 1;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// Repairs every shard placed on this node with its other live replicas; with `only`, just
+    /// with that peer (it has just come back), otherwise with the replicas whose id is greater
+    /// than ours (the other side of each pair does the rest).
+    async fn repair_round(&self, members: &[Member], only: Option<&str>) {
+        let _running = Running::start(&self.repair.running);
+        let me = &self.cfg.node_id;
+        for (shard, replicas) in self.catalog.placement() {
+            if !replicas.contains(me) {
+                continue;
+            }
+            let peers = replicas.iter().filter(|r| match only {
+                Some(o) => r.as_str() == o,
+                None => r.as_str() > me.as_str(),
+            });
+            for peer in peers {
+                let Some(addr) = live_addr(members, peer) else { continue };
+                match self.sync_shard(&shard, &addr, false).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(%shard, %peer, blocks = n, "repaired differing blocks"),
+                    Err(e) => tracing::debug!(%shard, %peer, error = %e, "repair failed; retried next round"),
+                }
+            }
+        }
+        self.repair.rounds.fetch_add(1, Relaxed);
+    }
+
+    /// Whether `id` counts as lost for good: dead (or evicted) for longer than
+    /// `shoal.cluster.replica-replace-after`, or gone by a graceful leave.
+    fn is_gone(&self, members: &[Member], id: &str) -> bool {
+        let after = self.cfg.replica_replace_after.as_millis() as u64;
+        match members.iter().find(|m| m.id == id) {
+            Some(m) if m.is_self => false,
+            Some(m) => match m.state {
+                Liveness::Left => true,
+                Liveness::Dead => m.heartbeat_age_ms.is_none_or(|age| age >= after),
+                Liveness::Alive | Liveness::Suspect => false,
+            },
+            // Evicted after the dead-node grace, or not heard of since this node started.
+            None => (self.env.clock.now_ms() - self.started_ms) as u64 >= after,
+        }
+    }
+
+    fn new_replica_candidates(&self, members: &[Member], except: &str) -> Vec<Candidate> {
+        members
+            .iter()
+            .filter(|m| m.id != except && m.is_live() && m.readiness == "ready")
+            .map(|m| Candidate {
+                storage: m.roles.iter().any(|r| r == "storage"),
+                id: m.id.clone(),
+                capacity: m.capacity,
+            })
+            .collect()
+    }
+
+    /// Copies `shard` to `new` replicas, adds them to the placement, then copies again what
+    /// reached only the old replicas meanwhile. False if a copy failed (nothing was changed
+    /// in the placement then, or the new replicas are listed and repair finishes the copy).
+    async fn copy_to_new_replicas(&self, shard: &ShardId, new: &[String], members: &[Member]) -> bool {
+        let mut addrs = Vec::new();
+        for n in new {
+            let Some(addr) = live_addr(members, n) else { return false };
+            if let Err(e) = self.sync_shard(shard, &addr, true).await {
+                tracing::warn!(%shard, to = %n, error = %e, "copying a shard to a new replica failed; retrying later");
+                return false;
+            }
+            addrs.push((n, addr));
+        }
+        if !new.is_empty() {
+            if let Err(e) = self.catalog.add_replicas(shard, new) {
+                tracing::warn!(%shard, error = %e, "cannot record the new replicas");
+                return false;
+            }
+            self.publish_catalog().await;
+            for (n, addr) in addrs {
+                if let Err(e) = self.sync_shard(shard, &addr, true).await {
+                    tracing::warn!(%shard, to = %n, error = %e, "catch-up copy failed; repair will finish it");
+                }
+            }
+        }
+        true
+    }
+
+    /// Pushes the catalog to every live peer now (rather than waiting for anti-entropy), so
+    /// write coordinators learn new placements quickly.
+    async fn publish_catalog(&self) {
+        for e in self.post_to_live_peers("/internal/v1/catalog", self.catalog.state_bytes()).await {
+            tracing::debug!(error = %e, "a peer missed a placement change; anti-entropy will bring it");
+        }
+    }
+
+    /// Replaces replicas that are gone for good, for the shards where this node is the first
+    /// live replica by id (so that one survivor acts per shard).
+    async fn rereplicate(&self, members: &[Member]) {
+        let me = &self.cfg.node_id;
+        let candidates = self.new_replica_candidates(members, "");
+        for (shard, replicas) in self.catalog.placement() {
+            let gone: Vec<&String> = replicas.iter().filter(|r| self.is_gone(members, r)).collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let live: BTreeSet<String> = replicas
+                .iter()
+                .filter(|r| members.iter().any(|m| &m.id == *r && m.is_live() && m.state != Liveness::Left))
+                .cloned()
+                .collect();
+            if live.iter().next() != Some(me) {
+                continue;
+            }
+            let _running = Running::start(&self.repair.running);
+            let rf = self.cfg.replication_factor;
+            let chosen = match crate::placement::place(&shard, &candidates, self.cfg.metrics_selector, rf, &live) {
+                Ok(chosen) => chosen,
+                Err(e) => {
+                    tracing::debug!(%shard, error = %e, "cannot re-replicate yet");
+                    continue;
+                }
+            };
+            let new: Vec<String> = chosen.into_iter().filter(|c| !live.contains(c)).collect();
+            if !self.copy_to_new_replicas(&shard, &new, members).await {
+                continue;
+            }
+            for g in &gone {
+                if let Err(e) = self.catalog.remove_replica(&shard, g) {
+                    tracing::warn!(%shard, replica = %g, error = %e, "cannot remove a lost replica");
+                }
+            }
+            self.publish_catalog().await;
+            self.metrics.shards_rereplicated.fetch_add(1, Relaxed);
+            tracing::info!(%shard, lost = ?gone, added = ?new, "re-replicated a shard");
+        }
+        // Hints for nodes that hold no replica any more can never be delivered usefully.
+        let placed: BTreeSet<String> = self.catalog.placement().into_values().flatten().collect();
+        for (target, _) in self.hints.pending() {
+            if !placed.contains(&target)
+                && self.is_gone(members, &target)
+                && let Err(e) = self.hints.discard(&target, &self.metrics)
+            {
+                tracing::warn!(%target, error = %e, "cannot discard hints");
+            }
+        }
+    }
+
+    /// Drops local shards whose placement has not named this node for `replica-replace-after`
+    /// (it was replaced while away), after copying their points to every owner.
+    async fn drop_unowned(&self, members: &[Member]) {
+        if !self.catalog.is_synced() {
+            return;
+        }
+        let me = &self.cfg.node_id;
+        let now = tokio::time::Instant::now();
+        for shard in self.storage.all_shards() {
+            let replicas = self.catalog.replicas(&shard.id);
+            let since = {
+                let mut unowned = self.repair.unowned_since.lock().expect("repair lock");
+                if replicas.is_empty() || replicas.contains(me) {
+                    unowned.remove(&shard.id);
+                    continue;
+                }
+                *unowned.entry(shard.id.clone()).or_insert(now)
+            };
+            if now.duration_since(since) < self.cfg.replica_replace_after {
+                continue;
+            }
+            let mut all_copied = true;
+            for owner in &replicas {
+                let copied = match live_addr(members, owner) {
+                    Some(addr) => self.sync_shard(&shard.id, &addr, true).await.is_ok(),
+                    None => false,
+                };
+                all_copied &= copied;
+            }
+            if !all_copied {
+                continue;
+            }
+            match self.storage.drop_shard(&shard.id).await {
+                Ok(()) => {
+                    tracing::info!(shard = %shard.id, owners = ?replicas, "dropped a shard this node no longer owns")
+                }
+                Err(e) => tracing::warn!(shard = %shard.id, error = %e, "cannot drop an unowned shard"),
+            }
+            self.repair.unowned_since.lock().expect("repair lock").remove(&shard.id);
+        }
+    }
+
+    /// The recovery loop: repairs with peers that come (back) alive, re-replicates shards of
+    /// lost nodes, drops unowned shards, and runs a full repair round every repair interval.
+    pub(crate) fn spawn_recovery(self: &std::sync::Arc<Self>) {
+        let weak = std::sync::Arc::downgrade(self);
+        let check = (self.cfg.gossip_interval * 5).clamp(
+            std::time::Duration::from_millis(100),
+            self.cfg.repair_interval.max(std::time::Duration::from_millis(100)),
+        );
+        let full_every = self.cfg.repair_interval;
+        tokio::spawn(async move {
+            let mut seen: HashMap<String, u64> = HashMap::new();
+            let mut last_full = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(check).await;
+                let Some(node) = weak.upgrade() else { return };
+                if node.repair.handed_off() {
+                    return;
+                }
+                let members = node.membership.members().await;
+                let mut returned = Vec::new();
+                for m in members.iter().filter(|m| !m.is_self) {
+                    if m.is_live() {
+                        if seen.insert(m.id.clone(), m.generation) != Some(m.generation) {
+                            returned.push(m.id.clone());
+                        }
+                    } else {
+                        seen.remove(&m.id);
+                    }
+                }
+                for peer in returned {
+                    node.repair_round(&members, Some(&peer)).await;
+                }
+                node.rereplicate(&members).await;
+                node.drop_unowned(&members).await;
+                if last_full.elapsed() >= full_every {
+                    node.repair_round(&members, None).await;
+                    last_full = tokio::time::Instant::now();
+                }
+            }
+        });
+    }
+
+    /// Sends waiting hints to their targets that are alive, oldest first; stops at a target's
+    /// first failure (the rest wait for the next try, in order).
+    pub(crate) async fn replay_hints(&self) {
+        let pending = self.hints.pending();
+        if pending.is_empty() {
+            return;
+        }
+        let members = self.membership.members().await;
+        for (target, _) in pending {
+            let Some(addr) = live_addr(&members, &target) else { continue };
+            loop {
+                let (hints, offset) = match self.hints.next(&target, HINT_REPLAY_BYTES) {
+                    Ok(Some(next)) => next,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(%target, error = %e, "cannot read hints");
+                        break;
+                    }
+                };
+                let count = hints.len() as u64;
+                let mut delivered = true;
+                for hint in hints {
+                    if let Err(e) = self.peers.post(&addr, "/internal/v1/merge", hint.payload).await {
+                        tracing::debug!(%target, error = %e, "hint replay stopped; retried later");
+                        delivered = false;
+                        break;
+                    }
+                }
+                if !delivered {
+                    return;
+                }
+                if let Err(e) = self.hints.replayed(&target, offset, count, &self.metrics) {
+                    tracing::warn!(%target, error = %e, "cannot record replayed hints");
+                    break;
+                }
+                if count > 0 {
+                    tracing::info!(%target, hints = count, "replayed hints");
+                }
+                if !self.hints.pending().iter().any(|(t, _)| *t == target) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Graceful leave, part one: hands each shard placed on this node to a new replica and
+    /// removes this node from its placement, reporting progress in `GET /status`.
+    pub(crate) async fn hand_off(&self) {
+        let me = self.cfg.node_id.clone();
+        let mine: Vec<(ShardId, BTreeSet<String>)> =
+            self.catalog.placement().into_iter().filter(|(_, r)| r.contains(&me)).collect();
+        let set_progress = |p: LeaveProgress| *self.repair.leave.lock().expect("repair lock") = Some(p);
+        let mut progress = LeaveProgress { total: mine.len(), ..Default::default() };
+        set_progress(progress.clone());
+        let _running = Running::start(&self.repair.running);
+        for (shard, replicas) in &mine {
+            let members = self.membership.members().await;
+            let candidates = self.new_replica_candidates(&members, &me);
+            let others: BTreeSet<String> =
+                replicas.iter().filter(|r| **r != me && live_addr(&members, r).is_some()).cloned().collect();
+            let storage_nodes = candidates.iter().filter(|c| c.storage).count();
+            let rf = self.cfg.replication_factor.min(storage_nodes);
+            let chosen = crate::placement::place(shard, &candidates, self.cfg.metrics_selector, rf, &others);
+            let moved = match chosen {
+                Ok(chosen) if !chosen.is_empty() => {
+                    let new: Vec<String> = chosen.into_iter().filter(|c| !others.contains(c)).collect();
+                    self.copy_to_new_replicas(shard, &new, &members).await
+                }
+                _ => false,
+            };
+            if moved {
+                if let Err(e) = self.catalog.remove_replica(shard, &me) {
+                    tracing::warn!(%shard, error = %e, "cannot remove this node from a shard's placement");
+                }
+                self.publish_catalog().await;
+                progress.moved += 1;
+            } else {
+                tracing::warn!(%shard, "no storage node could take this shard; it stays on this node's disk");
+                progress.kept += 1;
+            }
+            set_progress(progress.clone());
+            tracing::info!(moved = progress.moved, total = progress.total, "leave: handing off shards");
+        }
+        // Writes routed here by coordinators that had not yet heard of the new placement are
+        // refused from now on, and those that arrived are copied to the owners once more.
+        self.repair.handed_off.store(true, Relaxed);
+        let members = self.membership.members().await;
+        for (shard, _) in &mine {
+            for owner in self.catalog.replicas(shard) {
+                if owner == me {
+                    continue;
+                }
+                if let Some(addr) = live_addr(&members, &owner)
+                    && let Err(e) = self.sync_shard(shard, &addr, true).await
+                {
+                    tracing::warn!(%shard, %owner, error = %e, "final hand-off copy failed");
+                }
+            }
+        }
+        progress.done = true;
+        set_progress(progress);
+    }
+
+    /// `(points, digest)` of `replica`'s copy of `shard` as it reports them (0 and 0 when it
+    /// holds none); `None` when it cannot be asked. For `GET /cluster/shards?verify=true`.
+    pub async fn verify_replica(&self, members: &[Member], shard: &ShardId, replica: &str) -> Option<(u64, u64)> {
+        let end = shard.start.saturating_add(self.cfg.shard_interval_ms);
+        let req =
+            DigestRequest { shard: shard.clone(), from: shard.start, to: end, block_ms: self.cfg.shard_interval_ms };
+        let blocks: Option<Vec<BlockDigest>> = if replica == self.cfg.node_id {
+            self.replica_digests(req).await.ok()?
+        } else {
+            self.call(&live_addr(members, replica)?, "/internal/v1/digests", &req).await.ok()?
+        };
+        Some(BlockDigest::total(&blocks.unwrap_or_default()))
+    }
+
+    /// This replica's block digests of a shard (the replica side of repair).
+    pub async fn replica_digests(&self, req: DigestRequest) -> Result<Option<Vec<BlockDigest>>, NodeError> {
+        if self.storage.shard_if_held(&req.shard).is_none() {
+            return Ok(None);
+        }
+        let digests =
+            self.local_digests(&req.shard, req.from, req.to, req.block_ms.max(1)).await.map_err(NodeError::Internal)?;
+        Ok(Some(digests))
+    }
+
+    /// This replica's points of a shard in a range (the replica side of a repair copy).
+    pub async fn replica_points(&self, req: PointsRequest) -> Result<RowBatch, NodeError> {
+        let batch = self.local_points(&req.shard, req.from, req.to).await.map_err(NodeError::Internal)?;
+        if batch.len() as u64 > req.max {
+            return Err(NodeError::TooLarge(format!(
+                "{} points in [{}, {}) of shard {}, more than the {} asked for",
+                batch.len(),
+                req.from,
+                req.to,
+                req.shard,
+                req.max
+            )));
+        }
+        Ok(batch)
+    }
+
+    /// Stores the points of a shard this replica lacks (the replica side of hint replay,
+    /// repair and hand-off); returns how many were new.
+    pub async fn replica_merge(&self, write: ReplicaWrite) -> Result<u64, NodeError> {
+        self.check_replica_write(&write)?;
+        let stored = self.storage.merge(&write.shard, write.batch).await?;
+        self.metrics.points_written.fetch_add(stored, Relaxed);
+        Ok(stored)
+    }
+}

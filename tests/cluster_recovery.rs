@@ -1,0 +1,150 @@
+//! Recovery with real processes on loopback (the network-namespace suite in `netns.rs` adds
+//! partitions and packet loss): a replica that was down catches up by hints and repair until
+//! every replica's digest is equal; a node dead past `replica-replace-after` is replaced and,
+//! when it comes back, drops what it no longer owns; `shoal leave` hands shards off first.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+use common::{BIN, TestNode, wait_until};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const DAY: i64 = 86_400_000;
+const SETTINGS: &[&str] = &[
+    "shoal.cluster.replication-factor=2",
+    "shoal.write.consistency=one",
+    "shoal.repair.interval=1s",
+    "shoal.hints.replay-interval=200ms",
+    "shoal.cluster.replica-replace-after=2s",
+];
+
+fn cluster(dir: &std::path::Path, ids: &[&str]) -> Vec<TestNode> {
+    let mut sets: Vec<String> = SETTINGS.iter().map(|s| s.to_string()).collect();
+    sets.push(format!("shoal.node.id={}", ids[0]));
+    let first = TestNode::start(&dir.join(ids[0]), &sets.iter().map(String::as_str).collect::<Vec<_>>());
+    let seed = format!("shoal.cluster.seeds=[\"{}\"]", first.gossip_addr());
+    let mut nodes = vec![first];
+    for id in &ids[1..] {
+        let mut sets: Vec<String> = SETTINGS.iter().map(|s| s.to_string()).collect();
+        sets.push(format!("shoal.node.id={id}"));
+        sets.push(seed.clone());
+        nodes.push(TestNode::start(&dir.join(id), &sets.iter().map(String::as_str).collect::<Vec<_>>()));
+    }
+    for n in &nodes {
+        wait_until(Duration::from_secs(30), "every member alive", || {
+            let m = n.members();
+            (m.len() == ids.len() && m.iter().all(|(_, s, _)| s == "alive")).then_some(())
+        });
+    }
+    nodes
+}
+
+/// Writes points `ids` (value = id, spread over 6 daily shards) through `via`; all must be
+/// acknowledged.
+fn write(via: &TestNode, ids: std::ops::Range<i64>) {
+    let lines: String = ids.map(|i| format!("set value={i}i {}\n", (i % 6) * DAY + i)).collect();
+    let (status, v) = via.post("/write?db=j&namespace=ns&precision=ms", lines);
+    assert_eq!(status, 204, "{v}");
+}
+
+/// Every shard of the metric has exactly `rf` replicas among `expected`, all reporting the
+/// same non-null digest; returns the shards' replica sets.
+fn converged(n: &TestNode, rf: usize, expected: &BTreeSet<&str>) -> Option<Vec<BTreeSet<String>>> {
+    let (status, v) = n.get("/cluster/shards?verify=true");
+    assert_eq!(status, 200, "{v}");
+    let shards = v["shards"].as_array()?.clone();
+    if shards.len() != 6 {
+        return None;
+    }
+    let mut sets = Vec::new();
+    for s in shards {
+        let replicas = s["replicas"].as_array()?;
+        let ids: BTreeSet<String> = replicas.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+        let digests: BTreeSet<String> =
+            replicas.iter().filter_map(|r| r["digest"].as_str().map(String::from)).collect();
+        let all_answered = replicas.iter().all(|r| r["digest"].is_string() && r["state"] == "alive");
+        if ids.len() != rf || !ids.iter().all(|i| expected.contains(i.as_str())) || !all_answered || digests.len() != 1
+        {
+            return None;
+        }
+        sets.push(ids);
+    }
+    Some(sets)
+}
+
+fn values(n: &TestNode) -> Vec<i64> {
+    let mut v: Vec<i64> =
+        n.query("j", "ns", "SELECT * FROM set LIMIT 1000000").iter().map(|r| r["value"].as_i64().unwrap()).collect();
+    v.sort_unstable();
+    v
+}
+
+fn metric(n: &TestNode, name: &str) -> u64 {
+    let (_, text) = n.get("/metrics");
+    let text = text.as_str().unwrap().to_string();
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_restarted_replica_catches_up_by_hints_and_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["a", "b", "c"]);
+    write(&nodes[0], 0..600);
+    nodes[2].kill9();
+    // Writes while c is down succeed at consistency one and leave hints for c.
+    write(&nodes[0], 600..1200);
+    write(&nodes[1], 1200..1800);
+    let hints: u64 = nodes[..2].iter().map(|n| metric(n, "shoal_hints_stored_total")).sum();
+    assert!(hints > 0, "writes that missed c left hints");
+    nodes[2].start_again();
+    let all: BTreeSet<&str> = ["a", "b", "c"].into();
+    wait_until(Duration::from_secs(60), "equal digests on every replica", || converged(&nodes[0], 2, &all));
+    let replayed: u64 = nodes[..2].iter().map(|n| metric(n, "shoal_hints_replayed_total")).sum();
+    assert!(replayed > 0, "the hints were replayed");
+    let compared: u64 = nodes.iter().map(|n| metric(n, "shoal_repair_blocks_compared_total")).sum();
+    assert!(compared > 0, "repair compared blocks");
+    let expected: Vec<i64> = (0..1800).collect();
+    for n in &nodes {
+        assert_eq!(values(n), expected, "every acknowledged point, once, through every node");
+    }
+}
+
+#[test]
+fn a_lost_node_is_replaced_and_drops_its_shards_when_it_returns_and_leave_hands_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["a", "b", "c", "d"]);
+    write(&nodes[0], 0..1200);
+    // d is lost: after replica-replace-after its shards get a new replica from the survivors.
+    nodes[3].kill9();
+    write(&nodes[1], 1200..1800);
+    let abc: BTreeSet<&str> = ["a", "b", "c"].into();
+    let placed = wait_until(Duration::from_secs(60), "RF restored without d", || converged(&nodes[0], 2, &abc));
+    assert!(placed.iter().all(|s| !s.contains("d")));
+    let rereplicated: u64 = nodes[..3].iter().map(|n| metric(n, "shoal_shards_rereplicated_total")).sum();
+    let expected: Vec<i64> = (0..1800).collect();
+    for n in &nodes[..3] {
+        assert_eq!(values(n), expected);
+    }
+    // d returns: it owns nothing any more and drops its shards after handing them over.
+    nodes[3].start_again();
+    assert!(nodes[3].get("/status").1["shards"].as_u64().unwrap() > 0, "d held replicas before it was lost");
+    wait_until(Duration::from_secs(60), "d to drop the shards it no longer owns", || {
+        (nodes[3].get("/status").1["shards"] == 0).then_some(())
+    });
+    assert_eq!(values(&nodes[3]), expected, "d still answers queries from the owners");
+    // c leaves gracefully: its shards move first, then it exits and is reported left.
+    let out = std::process::Command::new(BIN).args(["leave", "--node", &nodes[2].url("")]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("shards moved"), "progress is reported: {stdout}");
+    nodes[2].wait_exit();
+    wait_until(Duration::from_secs(30), "c reported left", || {
+        nodes[0].members().iter().any(|(id, state, _)| id == "c" && state == "left").then_some(())
+    });
+    let abd: BTreeSet<&str> = ["a", "b", "d"].into();
+    wait_until(Duration::from_secs(60), "RF restored without c", || converged(&nodes[0], 2, &abd));
+    for n in [&nodes[0], &nodes[1], &nodes[3]] {
+        assert_eq!(values(n), expected);
+    }
+    assert!(rereplicated > 0, "the survivors counted re-replicated shards");
+}
