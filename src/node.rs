@@ -100,6 +100,37 @@ struct ReplicaOutcome {
     payload: Option<Vec<u8>>,
 }
 
+/// The rows a delete keeps: those outside its range or not matching its filter.
+fn delete_rule(filter: Option<crate::query::plan::Filter>, from: i64, to: i64) -> crate::storage::KeepRow {
+    Box::new(move |batch| {
+        let mut keep = vec![true; batch.len()];
+        for row in query::exec::matching_rows(filter.as_ref(), batch, from, to) {
+            keep[row] = false;
+        }
+        keep
+    })
+}
+
+/// Turns a stored tombstone (an encoded `ReplicaDelete`) back into its rule.
+fn tombstone_rule() -> crate::storage::TombstoneRule {
+    Arc::new(|bytes| match postcard::from_bytes::<crate::peer::ReplicaDelete>(bytes) {
+        Ok(d) => delete_rule(d.filter, d.from, d.to),
+        Err(e) => {
+            tracing::error!(error = %e, "an unreadable tombstone is ignored");
+            Box::new(|batch| vec![true; batch.len()])
+        }
+    })
+}
+
+/// How one shard of a write is doing against its consistency level.
+#[derive(Default)]
+struct ShardTally {
+    replicas: usize,
+    required: usize,
+    acks: usize,
+    errors: Vec<String>,
+}
+
 /// Whether this node accepts writes, recomputed every gossip interval from the membership view.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Readiness {
@@ -146,8 +177,10 @@ impl Node {
             memtable_points_max: cfg.memtable_points_max,
             flush_interval: cfg.flush_interval,
             segments_max: cfg.segments_max,
+            // Long enough to outlive any copy read before a delete: hints live this long.
+            tombstone_grace_ms: cfg.hints_age_max.as_millis() as i64,
         };
-        let storage = Storage::open(&cfg.data_dir, storage_cfg, metrics.clone()).await?;
+        let storage = Storage::open(&cfg.data_dir, storage_cfg, metrics.clone(), tombstone_rule()).await?;
         let started_ms = env.clock.now_ms();
         let bootstrapped = cfg.data_dir.join("bootstrapped").exists() || cfg.bootstrap_expect <= 1;
         let roles: Vec<&str> = cfg
@@ -496,7 +529,7 @@ impl Node {
     /// new shards, sends each shard's points to every replica in parallel and answers once
     /// `consistency` replicas of every shard have fsynced them.
     pub async fn ingest(
-        &self,
+        self: &Arc<Self>,
         batch: Batch,
         consistency: Option<crate::config::Consistency>,
     ) -> Result<usize, NodeError> {
@@ -513,8 +546,8 @@ impl Node {
         let total = batch.len();
         let consistency = consistency.unwrap_or(self.cfg.write_consistency);
         let interval = self.cfg.shard_interval_ms;
-        let mut sends = Vec::new();
-        let mut needed: Vec<(crate::model::ShardId, usize, usize)> = Vec::new();
+        let mut sends = futures_util::stream::FuturesUnordered::new();
+        let mut tally: std::collections::BTreeMap<crate::model::ShardId, ShardTally> = Default::default();
         for (key, rows) in batch.metrics {
             let mut by_shard: std::collections::BTreeMap<i64, Vec<usize>> = Default::default();
             for (row, ts) in rows.timestamps.iter().enumerate() {
@@ -532,44 +565,96 @@ impl Node {
                     rows.as_ref().expect("kept for the other shards").select(&picked)
                 };
                 let replicas: Vec<String> = self.catalog.replicas(&shard).into_iter().collect();
-                needed.push((shard.clone(), replicas.len(), consistency.required(replicas.len())));
+                let required = consistency.required(replicas.len());
+                tally.insert(shard.clone(), ShardTally { replicas: replicas.len(), required, ..Default::default() });
                 let mut part = Some(part);
                 for (i, replica) in replicas.iter().enumerate() {
                     let batch =
                         if i + 1 == replicas.len() { part.take().expect("once") } else { part.clone().expect("kept") };
-                    sends.push(self.send_to_replica(replica.clone(), shard.clone(), batch));
+                    // Each send is a task of its own: the answer goes out once the consistency
+                    // level is met, and the slower replicas finish (or get a hint) behind it.
+                    let (node, replica, shard) = (self.clone(), replica.clone(), shard.clone());
+                    sends.push(tokio::spawn(async move { node.send_to_replica(replica, shard, batch).await }));
                 }
             }
         }
-        let outcomes = futures_util::future::join_all(sends).await;
-        let mut short = Vec::new();
-        for (shard, replicas, required) in needed {
-            let acks = outcomes.iter().filter(|o| o.shard == shard && o.result.is_ok()).count();
-            if acks >= required {
-                // Acknowledged, but some replicas missed it: keep their share for hinted handoff.
-                for missed in outcomes.iter().filter(|o| o.shard == shard && o.result.is_err()) {
-                    if let Some(payload) = &missed.payload
-                        && let Err(e) =
-                            self.hints.record(&missed.replica, payload, self.env.clock.now_ms(), &self.metrics)
-                    {
-                        return Err(NodeError::Internal(format!("cannot store a hint for {}: {e}", missed.replica)));
+        use futures_util::StreamExt;
+        let mut unmet = tally.values().filter(|t| t.required > 0).count();
+        let mut missed: Vec<ReplicaOutcome> = Vec::new();
+        let mut impossible = false;
+        while unmet > 0 && !impossible {
+            let Some(joined) = sends.next().await else { break };
+            let outcome = joined.map_err(|e| NodeError::Internal(format!("a replica send failed: {e}")))?;
+            let t = tally.get_mut(&outcome.shard).expect("every send has a tally");
+            match &outcome.result {
+                Ok(()) => {
+                    t.acks += 1;
+                    if t.acks == t.required {
+                        unmet -= 1;
                     }
                 }
-            } else {
-                let errors: Vec<&String> =
-                    outcomes.iter().filter(|o| o.shard == shard).filter_map(|o| o.result.as_ref().err()).collect();
-                short.push(format!(
-                    "{shard}: {acks} of {replicas} replicas acknowledged, {required} needed ({errors:?})"
-                ));
+                Err(e) => {
+                    t.errors.push(e.clone());
+                    impossible = t.replicas - t.errors.len() < t.required;
+                    missed.push(outcome);
+                }
             }
         }
-        if !short.is_empty() {
+        if impossible || unmet > 0 {
+            // Let the sends still running finish (each is bounded by the call timeout), so that
+            // the answer says exactly which replicas have the points.
+            while let Some(joined) = sends.next().await {
+                if let Ok(outcome) = joined {
+                    let t = tally.get_mut(&outcome.shard).expect("every send has a tally");
+                    match outcome.result {
+                        Ok(()) => t.acks += 1,
+                        Err(e) => t.errors.push(e),
+                    }
+                }
+            }
+            let short: Vec<String> = tally
+                .iter()
+                .filter(|(_, t)| t.acks < t.required)
+                .map(|(shard, t)| {
+                    format!(
+                        "{shard}: {} of {} replicas acknowledged, {} needed ({:?})",
+                        t.acks, t.replicas, t.required, t.errors
+                    )
+                })
+                .collect();
             return Err(NodeError::Unavailable(format!(
                 "write consistency {consistency:?} not met; the points may be stored on some replicas: {}",
                 short.join("; ")
             )));
         }
+        // Acknowledged, but some replicas missed it: keep their share for hinted handoff, before
+        // the answer for those known now, behind it for the sends still running.
+        for outcome in missed {
+            self.record_hint(&outcome)?;
+        }
+        if !sends.is_empty() {
+            let node = self.clone();
+            tokio::spawn(async move {
+                while let Some(joined) = sends.next().await {
+                    if let Ok(outcome) = joined
+                        && outcome.result.is_err()
+                        && let Err(e) = node.record_hint(&outcome)
+                    {
+                        tracing::error!(error = %e, "a replica missed an acknowledged write and no hint could be kept; repair will copy it");
+                    }
+                }
+            });
+        }
         Ok(total)
+    }
+
+    /// Keeps a missed replica's share of an acknowledged write for hinted handoff.
+    fn record_hint(&self, missed: &ReplicaOutcome) -> Result<(), NodeError> {
+        let Some(payload) = &missed.payload else { return Ok(()) };
+        self.hints
+            .record(&missed.replica, payload, self.env.clock.now_ms(), &self.metrics)
+            .map(|_| ())
+            .map_err(|e| NodeError::Internal(format!("cannot store a hint for {}: {e}", missed.replica)))
     }
 
     /// The HTTP address of member `id` if it is live in this node's view.
@@ -781,19 +866,15 @@ impl Node {
         Ok(())
     }
 
-    /// Removes matching points from this node's copy of one shard (the replica side of DELETE).
+    /// Removes matching points from this node's copy of one shard (the replica side of DELETE),
+    /// leaving a tombstone so that a repair or hint carrying copies read before the delete
+    /// cannot bring them back.
     pub async fn replica_delete(&self, req: crate::peer::ReplicaDelete) -> Result<u64, NodeError> {
-        let Some(shard) = self.storage.shard_if_held(&req.shard) else { return Ok(0) };
-        let (from, to, filter) = (req.from, req.to, req.filter);
-        let removed = shard
-            .delete(Box::new(move |batch| {
-                let mut keep = vec![true; batch.len()];
-                for row in query::exec::matching_rows(filter.as_ref(), batch, from, to) {
-                    keep[row] = false;
-                }
-                keep
-            }))
-            .await?;
+        let tombstone = crate::storage::Tombstone {
+            at_ms: self.env.clock.now_ms(),
+            rule: postcard::to_stdvec(&req).expect("deletes encode"),
+        };
+        let removed = self.storage.delete(&req.shard, delete_rule(req.filter, req.from, req.to), tombstone).await?;
         Ok(removed)
     }
 

@@ -43,9 +43,17 @@ pub struct PartialRequest {
     pub to: i64,
 }
 
-/// `POST /internal/v1/merge` takes a [`ReplicaWrite`] too, but stores only the points the
-/// replica does not hold yet (hint replay, repair, hand-off); answered with the postcard count
-/// of points stored.
+/// `POST /internal/v1/merge`: store the points of one shard that the replica does not hold
+/// yet (hint replay, repair, hand-off), except those a delete newer than `as_of_ms` (less a
+/// margin) removed; answered with the postcard count of points stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MergeRequest {
+    /// When the points were known to exist: read from a replica, or recorded as a hint.
+    pub as_of_ms: i64,
+    pub shard: ShardId,
+    pub batch: RowBatch,
+}
+
 ///
 /// `POST /internal/v1/digests`: this replica's block digests of one shard within `[from, to)`;
 /// answered with a postcard `Option<Vec<BlockDigest>>` (`None`: the shard is not held here).

@@ -22,9 +22,10 @@ use crate::membership::{Liveness, Member};
 use crate::model::ShardId;
 use crate::model::batch::RowBatch;
 use crate::node::{Node, NodeError};
-use crate::peer::{DigestRequest, PointsRequest, ReplicaWrite};
+use crate::peer::{DigestRequest, MergeRequest, PointsRequest, ReplicaWrite};
 use crate::placement::Candidate;
 use crate::storage::BlockDigest;
+use crate::storage::MergeTimes;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering::Relaxed;
@@ -161,18 +162,20 @@ impl Node {
                     work.push((start, block_end, (block_ms / SPLIT).max(1)));
                     continue;
                 }
+                let as_of_ms = self.env.clock.now_ms();
                 if theirs > 0 && !push_only {
                     let max = theirs.saturating_mul(2).max(TRANSFER_POINTS_MAX);
                     let req = PointsRequest { shard: shard.clone(), from: start, to: block_end, max };
                     let batch: RowBatch = self.call(addr, "/internal/v1/points", &req).await?;
                     batch.validate().map_err(|e| format!("points from {addr}: {e}"))?;
-                    let stored = self.storage.merge(shard, batch).await.map_err(|e| e.to_string())?;
+                    let times = MergeTimes { as_of_ms, now_ms: self.env.clock.now_ms() };
+                    let stored = self.storage.merge(shard, batch, times).await.map_err(|e| e.to_string())?;
                     self.metrics.repair_points_copied.fetch_add(stored, Relaxed);
                 }
                 if mine > 0 {
                     let batch = self.local_points(shard, start, block_end).await?;
-                    let stored: u64 =
-                        self.call(addr, "/internal/v1/merge", &ReplicaWrite { shard: shard.clone(), batch }).await?;
+                    let req = MergeRequest { as_of_ms, shard: shard.clone(), batch };
+                    let stored: u64 = self.call(addr, "/internal/v1/merge", &req).await?;
                     self.metrics.repair_points_copied.fetch_add(stored, Relaxed);
                 }
                 self.metrics.repair_blocks_copied.fetch_add(1, Relaxed);
@@ -430,10 +433,31 @@ impl Node {
                 let count = hints.len() as u64;
                 let mut delivered = true;
                 for hint in hints {
-                    if let Err(e) = self.peers.post(&addr, "/internal/v1/merge", hint.payload).await {
-                        tracing::debug!(%target, error = %e, "hint replay stopped; retried later");
-                        delivered = false;
-                        break;
+                    let write: ReplicaWrite = match postcard::from_bytes(&hint.payload) {
+                        Ok(w) => w,
+                        Err(e) => {
+                            tracing::error!(%target, error = %e, "an undecodable hint is dropped");
+                            self.metrics.hints_dropped.fetch_add(1, Relaxed);
+                            continue;
+                        }
+                    };
+                    let req = MergeRequest { as_of_ms: hint.recorded_ms, shard: write.shard, batch: write.batch };
+                    let body = postcard::to_stdvec(&req).expect("merges encode");
+                    match self.peers.post(&addr, "/internal/v1/merge", body).await {
+                        Ok(_) => {}
+                        // The target refuses this hint for good (its metric was dropped, say):
+                        // skip it rather than block the ones behind it.
+                        Err(crate::peer::PeerError::Refused { status, message, .. })
+                            if (400..500).contains(&status) =>
+                        {
+                            tracing::warn!(%target, status, %message, "a hint was refused and is dropped");
+                            self.metrics.hints_dropped.fetch_add(1, Relaxed);
+                        }
+                        Err(e) => {
+                            tracing::debug!(%target, error = %e, "hint replay stopped; retried later");
+                            delivered = false;
+                            break;
+                        }
                     }
                 }
                 if !delivered {
@@ -553,9 +577,11 @@ impl Node {
 
     /// Stores the points of a shard this replica lacks (the replica side of hint replay,
     /// repair and hand-off); returns how many were new.
-    pub async fn replica_merge(&self, write: ReplicaWrite) -> Result<u64, NodeError> {
+    pub async fn replica_merge(&self, req: MergeRequest) -> Result<u64, NodeError> {
+        let write = ReplicaWrite { shard: req.shard, batch: req.batch };
         self.check_replica_write(&write)?;
-        let stored = self.storage.merge(&write.shard, write.batch).await?;
+        let times = MergeTimes { as_of_ms: req.as_of_ms, now_ms: self.env.clock.now_ms() };
+        let stored = self.storage.merge(&write.shard, write.batch, times).await?;
         self.metrics.points_written.fetch_add(stored, Relaxed);
         Ok(stored)
     }

@@ -13,7 +13,7 @@ use shoal::model::MetricKey;
 use shoal::node::Node;
 use std::time::Duration;
 
-async fn write(node: &Node, line: &str) {
+async fn write(node: &std::sync::Arc<Node>, line: &str) {
     let batch = parse_line_protocol(line, "db", "ns", Precision::Ms, 0, 100).unwrap();
     node.ingest(batch, None).await.unwrap();
 }

@@ -3,8 +3,8 @@
 //! the same points have the same block digests whatever order the points arrived in, so repair
 //! transfers only the blocks whose digests differ.
 
-use crate::model::batch::RowBatch;
-use crate::model::{FieldValue, Num};
+use crate::model::batch::{NULL_CODE, RowBatch};
+use crate::model::{FieldClass, FieldValue, Num};
 use serde::{Deserialize, Serialize};
 
 /// One time block `[start, start + block_ms)` of a shard.
@@ -22,33 +22,108 @@ impl BlockDigest {
     }
 }
 
-/// FNV-1a over a canonical encoding of the point, then a finalizer so that sums of hashes of
-/// similar points do not cancel out. Stable across processes and versions of Rust.
-pub fn point_hash(batch: &RowBatch, row: usize) -> u64 {
-    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
-    h.bytes(&batch.timestamps[row].to_le_bytes());
-    num(&mut h, batch.values[row]);
-    for (name, col) in &batch.columns {
-        if let Some(v) = col.get(row) {
-            h.bytes(name.as_bytes());
-            h.bytes(&[0xff, col.class.map_or(0, |c| c as u8)]);
-            match v {
-                FieldValue::Int(i) => num(&mut h, Num::Int(*i)),
-                FieldValue::Dec(d) => num(&mut h, Num::Dec(*d)),
-                FieldValue::Str(s) => {
-                    h.bytes(&[3]);
-                    h.bytes(s.as_bytes());
-                    h.bytes(&[0xff]);
-                }
+/// Hashes the rows of one batch: each distinct dimension/tag value is hashed once per batch
+/// (its column's dictionary), so a row costs a hash of its timestamp and value plus one add
+/// per field. The result depends only on the point, never on the batch it sits in, and is
+/// stable across processes (FNV-1a over a canonical encoding, splitmix finalizers).
+pub struct RowHasher {
+    /// Per column, the hash of each dictionary entry.
+    columns: Vec<Vec<u64>>,
+}
+
+impl RowHasher {
+    pub fn new(batch: &RowBatch) -> Self {
+        let columns = batch
+            .columns
+            .iter()
+            .map(|(name, col)| {
+                col.dict
+                    .iter()
+                    .map(|v| {
+                        let mut h = Fnv::new();
+                        h.bytes(name.as_bytes());
+                        h.bytes(&[0xff, col.class.map_or(0, |c| c as u8)]);
+                        match v {
+                            FieldValue::Int(i) => num(&mut h, Num::Int(*i)),
+                            FieldValue::Dec(d) => num(&mut h, Num::Dec(*d)),
+                            FieldValue::Str(s) => {
+                                h.bytes(&[3]);
+                                h.bytes(s.as_bytes());
+                            }
+                        }
+                        mix(h.0)
+                    })
+                    .collect()
+            })
+            .collect();
+        Self { columns }
+    }
+
+    pub fn hash(&self, batch: &RowBatch, row: usize) -> u64 {
+        let mut h = Fnv::new();
+        h.bytes(&batch.timestamps[row].to_le_bytes());
+        num(&mut h, batch.values[row]);
+        let mut fields = 0u64;
+        for (col, hashes) in batch.columns.values().zip(&self.columns) {
+            let code = col.codes[row];
+            if code != NULL_CODE {
+                fields = fields.wrapping_add(hashes[code as usize]);
             }
         }
+        mix(mix(h.0) ^ fields)
     }
-    mix(h.0)
+}
+
+/// The hash of one row; for many rows of a batch use a [`RowHasher`].
+pub fn point_hash(batch: &RowBatch, row: usize) -> u64 {
+    RowHasher::new(batch).hash(batch, row)
+}
+
+/// Whether two rows (of any two batches) are the same point: same timestamp, value (an
+/// integer is not a decimal) and the same dimension and tag values.
+pub fn same_point(a: &RowBatch, ra: usize, b: &RowBatch, rb: usize) -> bool {
+    if a.timestamps[ra] != b.timestamps[rb] || !same_num(a.values[ra], b.values[rb]) {
+        return false;
+    }
+    fn fields(batch: &RowBatch, row: usize) -> impl Iterator<Item = (&String, Option<FieldClass>, &FieldValue)> {
+        batch.columns.iter().filter_map(move |(name, col)| col.get(row).map(|v| (name, col.class, v)))
+    }
+    let mut fa = fields(a, ra);
+    let mut fb = fields(b, rb);
+    loop {
+        match (fa.next(), fb.next()) {
+            (None, None) => return true,
+            (Some((na, ca, va)), Some((nb, cb, vb))) => {
+                let same_value = match (va, vb) {
+                    (FieldValue::Int(x), FieldValue::Int(y)) => x == y,
+                    (FieldValue::Dec(x), FieldValue::Dec(y)) => x.to_bits() == y.to_bits(),
+                    (FieldValue::Str(x), FieldValue::Str(y)) => x == y,
+                    _ => false,
+                };
+                if na != nb || ca != cb || !same_value {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+fn same_num(a: Num, b: Num) -> bool {
+    match (a, b) {
+        (Num::Int(x), Num::Int(y)) => x == y,
+        (Num::Dec(x), Num::Dec(y)) => x.to_bits() == y.to_bits(),
+        _ => false,
+    }
 }
 
 struct Fnv(u64);
 
 impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
     fn bytes(&mut self, bytes: &[u8]) {
         for b in bytes {
             self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
@@ -100,5 +175,8 @@ mod tests {
         let mut dec = point(1, 1, "eu");
         dec.value = Num::Dec(1.0);
         assert_ne!(point_hash(&RowBatch::from_points([&dec]).unwrap(), 0), point_hash(&a, 0), "1i is not 1.0");
+        let c = RowBatch::from_points(&[point(2, 5, "us"), point(1, 1, "eu"), dec.clone()]).unwrap();
+        assert!(same_point(&a, 0, &c, 1) && same_point(&a, 1, &b, 0));
+        assert!(!same_point(&a, 0, &c, 2) && !same_point(&a, 0, &c, 0));
     }
 }

@@ -12,7 +12,7 @@ use crate::model::MetricKey;
 use crate::model::batch::RowBatch;
 use dashmap::DashMap;
 pub use digest::BlockDigest;
-pub use shard::{KeepRow, Shard, ShardId};
+pub use shard::{KeepRow, MergeTimes, Shard, ShardId, TOMBSTONE_MARGIN_MS, Tombstone, TombstoneRule};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,6 +35,8 @@ pub struct StorageConfig {
     pub memtable_points_max: usize,
     pub flush_interval: std::time::Duration,
     pub segments_max: usize,
+    /// How long a delete's tombstone filters merged points.
+    pub tombstone_grace_ms: i64,
 }
 
 pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -60,19 +62,33 @@ pub struct Storage {
     cfg: StorageConfig,
     metrics: Arc<Metrics>,
     shards: DashMap<ShardId, Arc<Shard>>,
+    rule: TombstoneRule,
     /// Serializes shard creation so two writers never open the same folder twice.
     opening: tokio::sync::Mutex<()>,
 }
 
 impl Storage {
     /// Opens every shard found under `<data_dir>/shards`, replaying their logs.
-    pub async fn open(data_dir: &Path, cfg: StorageConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, StorageError> {
+    pub async fn open(
+        data_dir: &Path,
+        cfg: StorageConfig,
+        metrics: Arc<Metrics>,
+        rule: TombstoneRule,
+    ) -> Result<Arc<Self>, StorageError> {
         let root = data_dir.join("shards");
         std::fs::create_dir_all(&root)?;
-        let storage =
-            Arc::new(Self { root: root.clone(), cfg, metrics, shards: DashMap::new(), opening: Default::default() });
+        let storage = Arc::new(Self {
+            root: root.clone(),
+            cfg,
+            metrics,
+            shards: DashMap::new(),
+            rule: rule.clone(),
+            opening: Default::default(),
+        });
         for id in discover_shards(&root)? {
-            let shard = Shard::open(&root, id.clone(), cfg.shard_interval_ms, cfg, storage.metrics.clone()).await?;
+            let shard =
+                Shard::open(&root, id.clone(), cfg.shard_interval_ms, cfg, storage.metrics.clone(), rule.clone())
+                    .await?;
             storage.shards.insert(id, shard);
         }
         Ok(storage)
@@ -95,8 +111,15 @@ impl Storage {
         if let Some(s) = self.shards.get(&id) {
             return Ok(s.clone());
         }
-        let shard =
-            Shard::open(&self.root, id.clone(), self.cfg.shard_interval_ms, self.cfg, self.metrics.clone()).await?;
+        let shard = Shard::open(
+            &self.root,
+            id.clone(),
+            self.cfg.shard_interval_ms,
+            self.cfg,
+            self.metrics.clone(),
+            self.rule.clone(),
+        )
+        .await?;
         self.shards.insert(id, shard.clone());
         Ok(shard)
     }
@@ -110,7 +133,7 @@ impl Storage {
         if rows_by_shard.len() == 1 {
             // The common case, a batch inside one shard, is handed over without a copy.
             let start = *rows_by_shard.keys().next().expect("one shard");
-            return self.shard(ShardId { metric: metric.clone(), start }).await?.append(batch).await;
+            return self.shard(ShardId { metric: metric.clone(), start }).await?.append(batch).await.map(|_| ());
         }
         let mut appends = Vec::with_capacity(rows_by_shard.len());
         for (start, rows) in rows_by_shard {
@@ -126,8 +149,14 @@ impl Storage {
 
     /// Stores the points of `batch` (all inside `shard`) that the shard does not hold yet,
     /// creating the shard if needed; returns how many were new.
-    pub async fn merge(&self, shard: &ShardId, batch: RowBatch) -> Result<u64, StorageError> {
-        self.shard(shard.clone()).await?.merge(batch).await
+    pub async fn merge(&self, shard: &ShardId, batch: RowBatch, times: MergeTimes) -> Result<u64, StorageError> {
+        self.shard(shard.clone()).await?.merge(batch, times).await
+    }
+
+    /// Deletes the rows of a shard that `keep` rejects, remembering the delete as a tombstone
+    /// (the shard is created if this node holds none yet, so the tombstone still applies).
+    pub async fn delete(&self, id: &ShardId, keep: KeepRow, tombstone: Tombstone) -> Result<u64, StorageError> {
+        self.shard(id.clone()).await?.delete(keep, Some(tombstone)).await
     }
 
     /// Removes one shard from this node (its replicas live elsewhere now).
@@ -255,7 +284,12 @@ mod tests {
             memtable_points_max,
             flush_interval: std::time::Duration::from_secs(3600),
             segments_max: 3,
+            tombstone_grace_ms: 1000,
         }
+    }
+
+    fn keep_all() -> TombstoneRule {
+        Arc::new(|_| Box::new(|b: &RowBatch| vec![true; b.len()]))
     }
 
     fn count(storage: &Storage, key: &MetricKey) -> (usize, i64) {
@@ -276,7 +310,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = MetricKey::new("d", "n", "m").unwrap();
         let metrics = Arc::new(Metrics::default());
-        let storage = Storage::open(dir.path(), cfg(50), metrics.clone()).await.unwrap();
+        let storage = Storage::open(dir.path(), cfg(50), metrics.clone(), keep_all()).await.unwrap();
         // 10 appends of 30 points over 3 shards: crosses the memtable limit and the merge limit.
         for round in 0..10 {
             let points: Vec<Point> = (0..30)
@@ -296,11 +330,12 @@ mod tests {
             s.close().await;
         }
         drop(storage);
-        let storage = Storage::open(dir.path(), cfg(50), metrics.clone()).await.unwrap();
+        let storage = Storage::open(dir.path(), cfg(50), metrics.clone(), keep_all()).await.unwrap();
         assert_eq!(count(&storage, &key), (300, 300));
         let shard = &storage.shards_of(&key, 0, 1)[0];
         let before = shard.points();
-        let removed = shard.delete(Box::new(|b| b.timestamps.iter().map(|t| t % 20 == 0).collect())).await.unwrap();
+        let removed =
+            shard.delete(Box::new(|b| b.timestamps.iter().map(|t| t % 20 == 0).collect()), None).await.unwrap();
         assert!(removed > 0);
         assert_eq!(shard.points(), before - removed);
         storage.drop_metric(&key).await.unwrap();
@@ -324,8 +359,8 @@ mod tests {
                 .collect();
             RowBatch::from_points(&ps).unwrap()
         };
-        let a = Storage::open(&dir.path().join("a"), cfg(20), Arc::new(Metrics::default())).await.unwrap();
-        let b = Storage::open(&dir.path().join("b"), cfg(20), Arc::new(Metrics::default())).await.unwrap();
+        let a = Storage::open(&dir.path().join("a"), cfg(20), Arc::new(Metrics::default()), keep_all()).await.unwrap();
+        let b = Storage::open(&dir.path().join("b"), cfg(20), Arc::new(Metrics::default()), keep_all()).await.unwrap();
         // a gets 0..600 in pieces (some compacted to segments), b gets 300..1000 in one go.
         for chunk in [0..250, 250..600] {
             a.write(&key, points(chunk)).await.unwrap();
@@ -338,20 +373,80 @@ mod tests {
         let same: Vec<i64> = da.iter().filter(|d| db.contains(d)).map(|d| d.start).collect();
         assert_eq!(same, [300, 400, 500], "blocks with the same points have the same digest");
         // Merging both ways gives both the union, once.
-        assert_eq!(a.merge(&id, sb.points_in(0, 1000).unwrap()).await.unwrap(), 400);
-        assert_eq!(b.merge(&id, sa.points_in(0, 1000).unwrap()).await.unwrap(), 300);
-        assert_eq!(a.merge(&id, points(0..1000)).await.unwrap(), 0, "a repeated merge adds nothing");
+        assert_eq!(
+            a.merge(&id, sb.points_in(0, 1000).unwrap(), MergeTimes { as_of_ms: 0, now_ms: 0 }).await.unwrap(),
+            400
+        );
+        assert_eq!(
+            b.merge(&id, sa.points_in(0, 1000).unwrap(), MergeTimes { as_of_ms: 0, now_ms: 0 }).await.unwrap(),
+            300
+        );
+        assert_eq!(
+            a.merge(&id, points(0..1000), MergeTimes { as_of_ms: 0, now_ms: 0 }).await.unwrap(),
+            0,
+            "a repeated merge adds nothing"
+        );
         assert_eq!((sa.points(), sb.points()), (1000, 1000));
+        // Points are a set whichever path stores them: a repeated write (over segments, the
+        // memtable and itself) stores only what is new.
+        let mut again = points(990..1000);
+        again.timestamps.extend([999, 999]);
+        again.values.extend([Num::Int(999), Num::Int(7)]);
+        a.write(&key, points(0..1000)).await.unwrap();
+        a.write(&key, again).await.unwrap();
+        assert_eq!(sa.points(), 1001, "only (999, 7) was new");
+        assert!(sa.digests(0, 1000, 100).unwrap() != sb.digests(0, 1000, 100).unwrap());
+        b.merge(&id, sa.points_in(0, 1000).unwrap(), MergeTimes { as_of_ms: 0, now_ms: 0 }).await.unwrap();
         assert_eq!(sa.digests(0, 1000, 100).unwrap(), sb.digests(0, 1000, 100).unwrap());
-        assert_eq!(BlockDigest::total(&sa.digests(0, 1000, 1000).unwrap()).0, 1000);
+        assert_eq!(BlockDigest::total(&sa.digests(0, 1000, 1000).unwrap()).0, 1001);
         a.drop_shard(&id).await.unwrap();
         assert!(a.shard_if_held(&id).is_none() && !sa.dir.exists());
     }
 
     #[tokio::test]
+    async fn tombstones_stop_copies_read_before_the_delete_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = MetricKey::new("d", "n", "m").unwrap();
+        let id = ShardId { metric: key.clone(), start: 0 };
+        // The rule is "drop even timestamps"; storage does not care what it encodes.
+        let evens: TombstoneRule =
+            Arc::new(|_| Box::new(|b: &RowBatch| b.timestamps.iter().map(|t| t % 2 != 0).collect()));
+        let batch = |n: i64| {
+            let ps: Vec<Point> = (0..n)
+                .map(|i| Point {
+                    timestamp: i,
+                    value: Num::Int(i),
+                    dimensions: Default::default(),
+                    tags: Default::default(),
+                })
+                .collect();
+            RowBatch::from_points(&ps).unwrap()
+        };
+        let mut c = cfg(1000);
+        c.tombstone_grace_ms = 60_000;
+        let s = Storage::open(dir.path(), c, Arc::new(Metrics::default()), evens.clone()).await.unwrap();
+        s.write(&key, batch(10)).await.unwrap();
+        let tomb = Tombstone { at_ms: 100_000, rule: vec![] };
+        assert_eq!(s.delete(&id, evens("".as_bytes()), tomb).await.unwrap(), 5);
+        // A copy read before the delete: its even points stay deleted.
+        let stale = MergeTimes { as_of_ms: 99_000, now_ms: 100_500 };
+        assert_eq!(s.merge(&id, batch(10), stale).await.unwrap(), 0);
+        drop(s);
+        let s = Storage::open(dir.path(), c, Arc::new(Metrics::default()), evens.clone()).await.unwrap();
+        assert_eq!(s.merge(&id, batch(10), stale).await.unwrap(), 0, "the tombstone was persisted");
+        // Points known well after the delete are new writes: stored. So is everything once
+        // the tombstone has expired.
+        let later = MergeTimes { as_of_ms: 100_000 + TOMBSTONE_MARGIN_MS + 1, now_ms: 120_000 };
+        assert_eq!(s.merge(&id, batch(4), later).await.unwrap(), 2);
+        let expired = MergeTimes { as_of_ms: 0, now_ms: 200_000 };
+        assert_eq!(s.merge(&id, batch(10), expired).await.unwrap(), 3);
+        assert_eq!(s.shard_if_held(&id).unwrap().points(), 10);
+    }
+
+    #[tokio::test]
     async fn shard_buckets_are_half_open_and_floor_negative_times() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path(), cfg(10), Arc::new(Metrics::default())).await.unwrap();
+        let storage = Storage::open(dir.path(), cfg(10), Arc::new(Metrics::default()), keep_all()).await.unwrap();
         let s = |ts| storage.shard_start(ts);
         assert_eq!((s(0), s(999), s(1000), s(-1)), (0, 0, 1000, -1000));
     }

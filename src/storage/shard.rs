@@ -8,7 +8,7 @@
 //! Folder: `MANIFEST` (live segments and the first WAL to replay), `wal-<seq>.log`,
 //! `seg-<seq>.seg`. Files not named by the manifest are leftovers of a crash and are removed.
 
-use super::digest::{BlockDigest, point_hash};
+use super::digest::{BlockDigest, RowHasher, same_point};
 use super::segment::{Segment, segment_path, write_segment};
 use super::wal::{WalWriter, encode_record, list_wal_seqs, replay, wal_path};
 use super::{StorageConfig, StorageError, fsync_dir};
@@ -74,14 +74,77 @@ struct ShardState {
 type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
 
 enum Command {
-    Append { batch: RowBatch, done: Reply<()> },
-    Flush { done: Reply<()> },
-    Delete { keep: KeepRow, done: Reply<u64> },
-    Close { done: oneshot::Sender<()> },
+    /// `merge`: the batch comes from a merge (repair, hint replay, hand-off), so the shard's
+    /// tombstones apply to it.
+    Append {
+        batch: RowBatch,
+        merge: Option<MergeTimes>,
+        done: Reply<u64>,
+    },
+    Flush {
+        done: Reply<()>,
+    },
+    Delete {
+        keep: KeepRow,
+        tombstone: Option<Tombstone>,
+        done: Reply<u64>,
+    },
+    Close {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// Decides which rows of a batch a delete keeps (`true` = keep), one flag per row.
 pub type KeepRow = Box<dyn Fn(&RowBatch) -> Vec<bool> + Send + Sync>;
+
+/// A delete, remembered for a while so that the points it removed cannot come back through a
+/// merge (repair, hint replay, hand-off) carrying copies read before the delete. Storage does
+/// not know what a delete matches: `rule` is the node's encoding, turned into a [`KeepRow`] by
+/// the [`TombstoneRule`] the node gives when it opens storage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub at_ms: i64,
+    pub rule: Vec<u8>,
+}
+
+pub type TombstoneRule = Arc<dyn Fn(&[u8]) -> KeepRow + Send + Sync>;
+
+/// A delete this long before a merged copy was read still filters it: deletes reach the
+/// replicas of a shard within about this long of each other (two internal call timeouts).
+pub const TOMBSTONE_MARGIN_MS: i64 = 10_000;
+
+/// When a merged batch's points were known to exist (`as_of_ms`: read from a replica, or
+/// recorded as a hint) and when it is merged (`now_ms`, to expire old tombstones), both epoch ms
+/// on this node's clock (a hint's record time is the coordinator's: clocks are assumed to be
+/// within the margin of each other).
+#[derive(Debug, Clone, Copy)]
+pub struct MergeTimes {
+    pub as_of_ms: i64,
+    pub now_ms: i64,
+}
+
+/// `<shard>/TOMBSTONES`: the shard's live tombstones, postcard with a crc32.
+fn read_tombstones(dir: &Path) -> Result<Vec<Tombstone>, StorageError> {
+    let path = dir.join("TOMBSTONES");
+    match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() >= 4 => {
+            let (body, crc) = bytes.split_at(bytes.len() - 4);
+            if crc32fast::hash(body).to_le_bytes() != crc {
+                return Err(StorageError::Corrupt(format!("{} fails its checksum", path.display())));
+            }
+            postcard::from_bytes(body).map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display())))
+        }
+        Ok(_) => Err(StorageError::Corrupt(format!("{} is truncated", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn write_tombstones(dir: &Path, tombstones: &[Tombstone]) -> Result<(), StorageError> {
+    let mut bytes = postcard::to_stdvec(tombstones).expect("tombstones encode");
+    bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+    super::write_atomic(&dir.join("TOMBSTONES"), &bytes)
+}
 
 pub struct Shard {
     pub id: ShardId,
@@ -89,9 +152,6 @@ pub struct Shard {
     pub dir: PathBuf,
     state: RwLock<ShardState>,
     tx: mpsc::Sender<Command>,
-    /// Serializes [`Shard::merge`]s, so two merges of the same points cannot both find them
-    /// missing and store them twice.
-    merge_lock: tokio::sync::Mutex<()>,
 }
 
 struct Writer {
@@ -102,6 +162,44 @@ struct Writer {
     compacting: Option<tokio::task::JoinHandle<Result<(), StorageError>>>,
     cfg: StorageConfig,
     metrics: Arc<Metrics>,
+    /// Hash → row of the memtable's points (and of the frozen memtable's while it is being
+    /// compacted), to find a point that is already stored: points are a set (see `dedup`).
+    index: PointIndex,
+    /// How many memtable rows `index` covers; a mismatch (after recovery, or a compaction that
+    /// failed and put its rows back) rebuilds it.
+    index_rows: usize,
+    frozen_index: PointIndex,
+    tombstones: Vec<(Tombstone, KeepRow)>,
+    rule: TombstoneRule,
+}
+
+/// Maps a point's hash to its row. The keys are hashes already, so they are used as they are.
+type PointIndex = HashMap<u64, u32, std::hash::BuildHasherDefault<IdentityHasher>>;
+
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl std::hash::Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+fn index_of(batch: &RowBatch) -> PointIndex {
+    let hasher = RowHasher::new(batch);
+    let mut index = PointIndex::default();
+    for row in 0..batch.len() {
+        index.entry(hasher.hash(batch, row)).or_insert(row as u32);
+    }
+    index
 }
 
 impl Shard {
@@ -112,37 +210,47 @@ impl Shard {
         interval_ms: i64,
         cfg: StorageConfig,
         metrics: Arc<Metrics>,
+        rule: TombstoneRule,
     ) -> Result<Arc<Self>, StorageError> {
         let dir = shard_dir(root, &id);
         let dir2 = dir.clone();
         let metrics2 = metrics.clone();
-        let (state, next_seq) = tokio::task::spawn_blocking(move || recover(&dir2, &metrics2))
-            .await
-            .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
+        let (state, next_seq, tombstones) = tokio::task::spawn_blocking(move || {
+            let (state, next_seq) = recover(&dir2, &metrics2)?;
+            Ok::<_, StorageError>((state, next_seq, read_tombstones(&dir2)?))
+        })
+        .await
+        .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
+        let tombstones = tombstones.into_iter().map(|t| (t.clone(), rule(&t.rule))).collect();
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let end = id.start.saturating_add(interval_ms);
-        let shard = Arc::new(Shard {
-            id,
-            end,
-            dir: dir.clone(),
-            state: RwLock::new(state),
-            tx,
-            merge_lock: Default::default(),
-        });
+        let shard = Arc::new(Shard { id, end, dir: dir.clone(), state: RwLock::new(state), tx });
         let wal_dir = dir.clone();
         let wal = tokio::task::spawn_blocking(move || WalWriter::create(&wal_dir, next_seq))
             .await
             .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
-        let writer =
-            Writer { shard: shard.clone(), wal: Some(wal), next_seq: next_seq + 1, compacting: None, cfg, metrics };
+        let writer = Writer {
+            shard: shard.clone(),
+            wal: Some(wal),
+            next_seq: next_seq + 1,
+            compacting: None,
+            cfg,
+            metrics,
+            index: PointIndex::default(),
+            index_rows: usize::MAX,
+            frozen_index: PointIndex::default(),
+            tombstones,
+            rule,
+        };
         tokio::spawn(writer.run(rx));
         Ok(shard)
     }
 
-    /// Makes `points` durable; returns once they are fsynced and visible to scans.
-    pub async fn append(&self, batch: RowBatch) -> Result<(), StorageError> {
+    /// Makes `points` durable; returns once they are fsynced and visible to scans, with how
+    /// many of them were new (a point equal to a stored one is not stored again).
+    pub async fn append(&self, batch: RowBatch) -> Result<u64, StorageError> {
         let (done, rx) = oneshot::channel();
-        self.tx.send(Command::Append { batch, done }).await.map_err(|_| StorageError::Closed)?;
+        self.tx.send(Command::Append { batch, merge: None, done }).await.map_err(|_| StorageError::Closed)?;
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
@@ -152,10 +260,11 @@ impl Shard {
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
-    /// Removes the points for which `keep` says false; returns how many were removed.
-    pub async fn delete(&self, keep: KeepRow) -> Result<u64, StorageError> {
+    /// Removes the points for which `keep` says false; returns how many were removed. With a
+    /// tombstone, later merges cannot bring those points back until it expires.
+    pub async fn delete(&self, keep: KeepRow, tombstone: Option<Tombstone>) -> Result<u64, StorageError> {
         let (done, rx) = oneshot::channel();
-        self.tx.send(Command::Delete { keep, done }).await.map_err(|_| StorageError::Closed)?;
+        self.tx.send(Command::Delete { keep, tombstone, done }).await.map_err(|_| StorageError::Closed)?;
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
@@ -213,11 +322,12 @@ impl Shard {
         let block_ms = block_ms.max(1);
         let mut blocks: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
         self.scan(from, to, None, &mut |b| {
+            let hasher = RowHasher::new(b);
             for (row, &ts) in b.timestamps.iter().enumerate() {
                 if ts >= from && ts < to {
                     let e = blocks.entry(ts.div_euclid(block_ms) * block_ms).or_default();
                     e.0 += 1;
-                    e.1 = e.1.wrapping_add(point_hash(b, row));
+                    e.1 = e.1.wrapping_add(hasher.hash(b, row));
                 }
             }
         })?;
@@ -236,41 +346,17 @@ impl Shard {
         Ok(out.finish())
     }
 
-    /// Appends the points of `batch` this shard does not hold yet (a point held once and sent
-    /// twice is stored once; copies count, so two equal points sent where one is held add one),
-    /// and returns how many were appended. Hint replay, repair and hand-off all store through
-    /// here, which makes every one of them safe to repeat.
-    pub async fn merge(&self, batch: RowBatch) -> Result<u64, StorageError> {
+    /// Stores the points of `batch` this shard does not hold yet and returns how many. Hint
+    /// replay, repair and hand-off store through here: like [`Shard::append`] (points are a
+    /// set), except that points matched by a tombstone newer than the copy (less the margin)
+    /// are not stored: they are copies read before their delete.
+    pub async fn merge(&self, batch: RowBatch, times: MergeTimes) -> Result<u64, StorageError> {
         if batch.is_empty() {
             return Ok(0);
         }
-        let _guard = self.merge_lock.lock().await;
-        let from = batch.timestamps.iter().copied().min().expect("not empty");
-        let to = batch.timestamps.iter().copied().max().expect("not empty").saturating_add(1);
-        let mut held: HashMap<u64, u64> = HashMap::new();
-        self.scan(from, to, None, &mut |b| {
-            for (row, &ts) in b.timestamps.iter().enumerate() {
-                if ts >= from && ts < to {
-                    *held.entry(point_hash(b, row)).or_default() += 1;
-                }
-            }
-        })?;
-        let keep: Vec<bool> = (0..batch.len())
-            .map(|row| match held.get_mut(&point_hash(&batch, row)) {
-                Some(n) if *n > 0 => {
-                    *n -= 1;
-                    false
-                }
-                _ => true,
-            })
-            .collect();
-        let missing = keep.iter().filter(|k| **k).count() as u64;
-        if missing == 0 {
-            return Ok(0);
-        }
-        let rows: Vec<usize> = (0..batch.len()).filter(|&r| keep[r]).collect();
-        self.append(batch.select(&rows)).await?;
-        Ok(missing)
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Command::Append { batch, merge: Some(times), done }).await.map_err(|_| StorageError::Closed)?;
+        rx.await.map_err(|_| StorageError::Closed)?
     }
 }
 
@@ -338,11 +424,13 @@ impl Writer {
                 },
             };
             match cmd {
-                Command::Append { batch, done } => {
-                    let mut group = vec![(batch, done)];
+                Command::Append { batch, merge, done } => {
+                    let mut group = vec![(self.apply_tombstones(batch, merge), done)];
                     while group.len() < GROUP_APPENDS_MAX {
                         match rx.try_recv() {
-                            Ok(Command::Append { batch, done }) => group.push((batch, done)),
+                            Ok(Command::Append { batch, merge, done }) => {
+                                group.push((self.apply_tombstones(batch, merge), done))
+                            }
                             Ok(other) => {
                                 pending = Some(other);
                                 break;
@@ -355,8 +443,8 @@ impl Writer {
                 Command::Flush { done } => {
                     let _ = done.send(self.flush(true).await);
                 }
-                Command::Delete { keep, done } => {
-                    let _ = done.send(self.delete(keep).await);
+                Command::Delete { keep, tombstone, done } => {
+                    let _ = done.send(self.delete(keep, tombstone).await);
                 }
                 Command::Close { done } => {
                     if let Some(running) = self.compacting.take() {
@@ -369,10 +457,121 @@ impl Writer {
         }
     }
 
-    async fn commit(&mut self, group: Vec<(RowBatch, Reply<()>)>) {
+    /// Drops from each batch the points the shard already holds (in the memtable, the frozen
+    /// memtable or a segment) or that an earlier row of the group carries: a shard stores a
+    /// set of points, so a write that is repeated (a client retry, a hint replayed for a write
+    /// that did arrive, a repair racing the write it repairs) stores nothing twice. Points are
+    /// found by hash and confirmed by comparing the rows, so a hash collision never drops a
+    /// point. Segments are read only for rows inside their time range: appends of new times,
+    /// the common case, never touch the disk here.
+    fn dedup(&mut self, batches: Vec<RowBatch>) -> Result<Vec<RowBatch>, StorageError> {
+        let st = self.shard.state.read().expect("shard lock");
+        let memtable = &st.memtable.batch;
+        if self.index_rows != memtable.len() {
+            self.index = index_of(memtable);
+            self.index_rows = memtable.len();
+        }
+        if st.frozen.is_none() {
+            self.frozen_index.clear();
+        }
+        let blocks: Vec<(&Arc<Segment>, &super::segment::BlockMeta)> =
+            st.segments.iter().flat_map(|seg| seg.blocks.iter().map(move |b| (seg, b))).collect();
+        let (seg_min, seg_max) =
+            blocks.iter().fold((i64::MAX, i64::MIN), |(lo, hi), (_, b)| (lo.min(b.min_ts), hi.max(b.max_ts)));
+        let mut decoded: HashMap<usize, (RowBatch, PointIndex)> = HashMap::new();
+        let mut kept: Vec<RowBatch> = Vec::with_capacity(batches.len());
+        // Global row numbers continue the memtable's: `starts[i]` is where kept batch i begins.
+        let mut starts: Vec<usize> = Vec::with_capacity(batches.len());
+        let mut next = memtable.len();
+        for batch in batches {
+            let hasher = RowHasher::new(&batch);
+            let mut rows: Vec<usize> = Vec::with_capacity(batch.len());
+            for r in 0..batch.len() {
+                let h = hasher.hash(&batch, r);
+                // Where global row `at` is: the memtable, an earlier batch of the group, or a
+                // row of this batch kept so far.
+                let held_at = |at: usize, rows: &[usize]| -> bool {
+                    if at < memtable.len() {
+                        same_point(memtable, at, &batch, r)
+                    } else if at >= next {
+                        rows.get(at - next).is_some_and(|&kept_row| same_point(&batch, kept_row, &batch, r))
+                    } else {
+                        let k = starts.partition_point(|&s| s <= at) - 1;
+                        same_point(&kept[k], at - starts[k], &batch, r)
+                    }
+                };
+                if let Some(&at) = self.index.get(&h)
+                    && held_at(at as usize, &rows)
+                {
+                    continue;
+                }
+                if let (Some(frozen), Some(&at)) = (&st.frozen, self.frozen_index.get(&h))
+                    && same_point(frozen, at as usize, &batch, r)
+                {
+                    continue;
+                }
+                let ts = batch.timestamps[r];
+                if ts >= seg_min && ts <= seg_max {
+                    let mut found = false;
+                    for (i, (seg, meta)) in blocks.iter().enumerate() {
+                        if ts < meta.min_ts || ts > meta.max_ts {
+                            continue;
+                        }
+                        let (block, index) = match decoded.entry(i) {
+                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                let block = seg.read_block(meta, None)?;
+                                let index = index_of(&block);
+                                e.insert((block, index))
+                            }
+                        };
+                        if let Some(&at) = index.get(&h)
+                            && same_point(block, at as usize, &batch, r)
+                        {
+                            found = true;
+                            break;
+                        }
+                    }
+                    if found {
+                        continue;
+                    }
+                }
+                // A new point; a hash already indexed for a different point (a collision)
+                // keeps the first one indexed, which at worst lets a later repeat through.
+                self.index.entry(h).or_insert((next + rows.len()) as u32);
+                rows.push(r);
+            }
+            let batch = if rows.len() == batch.len() { batch } else { batch.select(&rows) };
+            starts.push(next);
+            next += batch.len();
+            kept.push(batch);
+        }
+        Ok(kept)
+    }
+
+    async fn commit(&mut self, group: Vec<(RowBatch, Reply<u64>)>) {
+        let (batches, replies): (Vec<RowBatch>, Vec<Reply<u64>>) = group.into_iter().unzip();
+        let batches = match self.dedup(batches) {
+            Ok(b) => b,
+            Err(e) => {
+                self.index_rows = usize::MAX;
+                tracing::error!(shard = %self.shard.id, error = %e, "cannot check new points against a segment");
+                for done in replies {
+                    let _ = done.send(Err(StorageError::Corrupt(e.to_string())));
+                }
+                return;
+            }
+        };
         let mut bytes = Vec::new();
-        for (batch, _) in &group {
+        for batch in batches.iter().filter(|b| !b.is_empty()) {
             encode_record(batch, &mut bytes);
+        }
+        let group: Vec<(RowBatch, Reply<u64>)> = batches.into_iter().zip(replies).collect();
+        if bytes.is_empty() {
+            for (_, done) in group {
+                let _ = done.send(Ok(0));
+            }
+            return;
         }
         let mut wal = self.wal.take().expect("writer owns the WAL");
         let started = tokio::time::Instant::now();
@@ -385,6 +584,7 @@ impl Writer {
             Ok(x) => x,
             Err(e) => {
                 // The blocking task panicked: the WAL handle is gone; fail this group and all later ones.
+                self.index_rows = usize::MAX;
                 for (_, done) in group {
                     let _ = done.send(Err(StorageError::Io(std::io::Error::other(e.to_string()))));
                 }
@@ -395,6 +595,8 @@ impl Writer {
         self.wal = Some(wal);
         if let Err(e) = res {
             tracing::error!(shard = %self.shard.id, error = %e, "WAL append failed");
+            // The index already lists the rejected rows: rebuild it from the memtable.
+            self.index_rows = usize::MAX;
             for (_, done) in group {
                 let _ = done.send(Err(StorageError::Io(std::io::Error::new(e.kind(), e.to_string()))));
             }
@@ -410,10 +612,11 @@ impl Writer {
             }
             st.memtable.batch.len()
         };
+        self.index_rows = memtable_len;
         let written: usize = group.iter().map(|(p, _)| p.len()).sum();
         self.metrics.points_written.fetch_add(written as u64, std::sync::atomic::Ordering::Relaxed);
-        for (_, done) in group {
-            let _ = done.send(Ok(()));
+        for (batch, done) in group {
+            let _ = done.send(Ok(batch.len() as u64));
         }
         if memtable_len >= self.cfg.memtable_points_max
             && let Err(e) = self.flush(false).await
@@ -450,6 +653,11 @@ impl Writer {
             st.frozen = Some(frozen.clone());
             frozen
         };
+        // The memtable's index now describes the frozen rows.
+        self.frozen_index =
+            if self.index_rows == frozen.len() { std::mem::take(&mut self.index) } else { index_of(&frozen) };
+        self.index.clear();
+        self.index_rows = 0;
         let (wal_seq, seg_seq, merge_seq) = (self.take_seq(), self.take_seq(), self.take_seq());
         let dir = self.shard.dir.clone();
         let new_wal = match blocking(move || Ok(WalWriter::create(&dir, wal_seq)?)).await {
@@ -479,7 +687,37 @@ impl Writer {
         Ok(())
     }
 
-    async fn delete(&mut self, keep: KeepRow) -> Result<u64, StorageError> {
+    /// Drops the rows of a merged batch that a live tombstone matches; forgets tombstones older
+    /// than the grace (they can no longer meet a copy read before their delete).
+    fn apply_tombstones(&mut self, mut batch: RowBatch, merge: Option<MergeTimes>) -> RowBatch {
+        let Some(MergeTimes { as_of_ms, now_ms }) = merge else { return batch };
+        let before = self.tombstones.len();
+        self.tombstones.retain(|(t, _)| now_ms - t.at_ms <= self.cfg.tombstone_grace_ms);
+        if self.tombstones.len() != before {
+            let kept: Vec<Tombstone> = self.tombstones.iter().map(|(t, _)| t.clone()).collect();
+            if let Err(e) = write_tombstones(&self.shard.dir, &kept) {
+                tracing::warn!(shard = %self.shard.id, error = %e, "cannot rewrite the tombstones");
+            }
+        }
+        for (_, keep) in self.tombstones.iter().filter(|(t, _)| t.at_ms + TOMBSTONE_MARGIN_MS >= as_of_ms) {
+            let mask = keep(&batch);
+            if mask.iter().any(|k| !k) {
+                let rows: Vec<usize> = (0..batch.len()).filter(|&r| mask[r]).collect();
+                batch = batch.select(&rows);
+            }
+        }
+        batch
+    }
+
+    async fn delete(&mut self, keep: KeepRow, tombstone: Option<Tombstone>) -> Result<u64, StorageError> {
+        if let Some(t) = tombstone {
+            let mut all: Vec<Tombstone> = self.tombstones.iter().map(|(t, _)| t.clone()).collect();
+            all.push(t.clone());
+            let dir = self.shard.dir.clone();
+            blocking(move || write_tombstones(&dir, &all)).await?;
+            let rule = (self.rule)(&t.rule);
+            self.tombstones.push((t, rule));
+        }
         self.flush(true).await?;
         let wal_from = self.wal.as_ref().expect("writer owns the WAL").seq;
         let seg_seq = self.take_seq();

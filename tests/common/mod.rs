@@ -3,6 +3,7 @@
 #![allow(clippy::disallowed_methods)] // tests read the real clock
 
 pub mod inproc;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
