@@ -41,3 +41,23 @@ impl Env {
         Self { clock: Arc::new(SystemClock) }
     }
 }
+
+/// Set by the simulator: blocking work runs inline on the calling task instead of tokio's
+/// blocking pool, whose threads would make the order of events depend on the OS scheduler.
+static BLOCKING_INLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every later [`spawn_blocking`] in this process run inline (for the simulator only).
+pub fn run_blocking_work_inline() {
+    BLOCKING_INLINE.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Runs file I/O and other blocking work off the async threads (tokio's blocking pool), or
+/// inline under the simulator. Every blocking call in the node goes through here.
+pub fn spawn_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> tokio::task::JoinHandle<T> {
+    if BLOCKING_INLINE.load(std::sync::atomic::Ordering::Relaxed) {
+        let value = f();
+        tokio::spawn(async move { value })
+    } else {
+        tokio::task::spawn_blocking(f)
+    }
+}

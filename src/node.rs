@@ -100,6 +100,17 @@ struct ReplicaOutcome {
     payload: Option<Vec<u8>>,
 }
 
+/// A restart is a new generation: the start time, or one more than the last generation this
+/// data dir used if the clock is behind it (stepped back, skewed), so generations only grow.
+fn next_generation(data_dir: &std::path::Path, now_ms: i64) -> anyhow::Result<u64> {
+    let path = data_dir.join("generation");
+    let last = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    let generation = (now_ms.max(0) as u64).max(last + 1);
+    crate::storage::write_atomic(&path, generation.to_string().as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot record the generation in {}: {e}", path.display()))?;
+    Ok(generation)
+}
+
 /// The rows a delete keeps: those outside its range or not matching its filter.
 fn delete_rule(filter: Option<crate::query::plan::Filter>, from: i64, to: i64) -> crate::storage::KeepRow {
     Box::new(move |batch| {
@@ -201,8 +212,7 @@ impl Node {
         ];
         let membership_cfg = MembershipConfig {
             node_id: cfg.node_id.clone(),
-            // A restart is a new generation: the start time, so it grows across restarts.
-            generation: started_ms as u64,
+            generation: next_generation(&cfg.data_dir, started_ms)?,
             cluster_id: cfg.cluster_id.clone(),
             listen_addr: io.gossip_listen,
             advertise_addr: io.gossip_advertise,
@@ -407,7 +417,7 @@ impl Node {
             loop {
                 tick.tick().await;
                 let Some(mut p) = probe.take() else { return };
-                let Ok((p, capacity)) = tokio::task::spawn_blocking(move || {
+                let Ok((p, capacity)) = crate::env::spawn_blocking(move || {
                     let c = p.sample();
                     (p, c)
                 })
@@ -885,7 +895,7 @@ impl Node {
     ) -> Result<crate::query::exec::Partial, NodeError> {
         let storage = self.storage.clone();
         let max = self.cfg.query_records_max;
-        tokio::task::spawn_blocking(move || {
+        crate::env::spawn_blocking(move || {
             let shards = storage.shard_if_held(&req.shard);
             query::partial_of_shards(shards, &req.plan, (req.from, req.to), max)
         })

@@ -119,7 +119,7 @@ impl Node {
         block_ms: i64,
     ) -> Result<Vec<BlockDigest>, String> {
         let Some(s) = self.storage.shard_if_held(shard) else { return Ok(Vec::new()) };
-        tokio::task::spawn_blocking(move || s.digests(from, to, block_ms))
+        crate::env::spawn_blocking(move || s.digests(from, to, block_ms))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
@@ -127,7 +127,7 @@ impl Node {
 
     async fn local_points(&self, shard: &ShardId, from: i64, to: i64) -> Result<RowBatch, String> {
         let Some(s) = self.storage.shard_if_held(shard) else { return Ok(RowBatch::default()) };
-        tokio::task::spawn_blocking(move || s.points_in(from, to))
+        crate::env::spawn_blocking(move || s.points_in(from, to))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())

@@ -215,7 +215,7 @@ impl Shard {
         let dir = shard_dir(root, &id);
         let dir2 = dir.clone();
         let metrics2 = metrics.clone();
-        let (state, next_seq, tombstones) = tokio::task::spawn_blocking(move || {
+        let (state, next_seq, tombstones) = crate::env::spawn_blocking(move || {
             let (state, next_seq) = recover(&dir2, &metrics2)?;
             Ok::<_, StorageError>((state, next_seq, read_tombstones(&dir2)?))
         })
@@ -226,7 +226,7 @@ impl Shard {
         let end = id.start.saturating_add(interval_ms);
         let shard = Arc::new(Shard { id, end, dir: dir.clone(), state: RwLock::new(state), tx });
         let wal_dir = dir.clone();
-        let wal = tokio::task::spawn_blocking(move || WalWriter::create(&wal_dir, next_seq))
+        let wal = crate::env::spawn_blocking(move || WalWriter::create(&wal_dir, next_seq))
             .await
             .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
         let writer = Writer {
@@ -409,7 +409,7 @@ fn recover(dir: &Path, metrics: &Metrics) -> Result<(ShardState, u64), StorageEr
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, StorageError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| StorageError::Io(std::io::Error::other(e)))?
+    crate::env::spawn_blocking(f).await.map_err(|e| StorageError::Io(std::io::Error::other(e)))?
 }
 
 impl Writer {
@@ -575,7 +575,7 @@ impl Writer {
         }
         let mut wal = self.wal.take().expect("writer owns the WAL");
         let started = tokio::time::Instant::now();
-        let (wal, res) = match tokio::task::spawn_blocking(move || {
+        let (wal, res) = match crate::env::spawn_blocking(move || {
             let r = wal.append_durable(&bytes);
             (wal, r)
         })
