@@ -91,10 +91,12 @@ pub struct Snapshot {
     /// The silence after which each node would be judged dead.
     pub detection_timeout: HashMap<ChitchatId, Duration>,
     pub phi_threshold: f64,
-    /// chitchat files a node under dead until it has heard two heartbeats (and again after
-    /// every reset of its samples); a node whose heartbeat advanced more recently than this is
-    /// not judged dead yet but suspect, so a joining node does not flap through "dead".
+    /// chitchat files a node under dead until it has heard two heartbeats from it. A node that
+    /// was never live here and whose heartbeat advanced more recently than this is not judged
+    /// yet: suspect, not dead, so a joining node does not flap through "dead".
     pub unjudged_grace: Duration,
+    /// Nodes this node has never seen live.
+    pub never_live: BTreeSet<ChitchatId>,
 }
 
 /// Turns a snapshot into members: one per node id (its newest generation), sorted by id.
@@ -125,7 +127,7 @@ pub fn view(s: &Snapshot) -> Vec<Member> {
             } else if s.dead.contains(id) {
                 match age {
                     _ if readiness == "leaving" => Liveness::Left,
-                    Some(age) if age < s.unjudged_grace => Liveness::Suspect,
+                    Some(age) if age < s.unjudged_grace && s.never_live.contains(id) => Liveness::Suspect,
                     _ => Liveness::Dead,
                 }
             } else if s.live.contains(id) {
@@ -160,6 +162,8 @@ pub struct Membership {
     cfg: MembershipConfig,
     /// The heartbeat value last seen per node and when it last advanced here.
     heartbeats: std::sync::Mutex<HashMap<ChitchatId, (u64, Instant)>>,
+    /// Nodes seen live at least once (bounded like `heartbeats`).
+    ever_live: std::sync::Mutex<std::collections::HashSet<ChitchatId>>,
     /// Set when chitchat's gossip task ends: the node is deaf and must say so.
     deaf: Arc<AtomicBool>,
 }
@@ -199,7 +203,7 @@ impl Membership {
             deaf2.store(true, Ordering::SeqCst);
             tracing::error!(?outcome, "the gossip task ended: this node no longer hears the cluster");
         });
-        Ok(Arc::new(Self { handle, cfg, heartbeats: Default::default(), deaf }))
+        Ok(Arc::new(Self { handle, cfg, heartbeats: Default::default(), ever_live: Default::default(), deaf }))
     }
 
     pub fn config(&self) -> &MembershipConfig {
@@ -252,6 +256,10 @@ impl Membership {
         heartbeats.retain(|id, _| guard.node_states().contains_key(id));
         snap.live = guard.live_nodes().cloned().collect();
         snap.dead = guard.dead_nodes().cloned().collect();
+        let mut ever_live = self.ever_live.lock().expect("ever-live lock");
+        ever_live.extend(snap.live.iter().cloned());
+        ever_live.retain(|id| guard.node_states().contains_key(id));
+        snap.never_live = snap.nodes.iter().map(|(id, _)| id).filter(|id| !ever_live.contains(*id)).cloned().collect();
         snap
     }
 
@@ -301,6 +309,7 @@ mod tests {
         let d = id("d", 1);
         let e = id("e", 1);
         let f = id("f", 1);
+        let g = id("g", 1);
         let mut s = Snapshot {
             self_id: Some(me.clone()),
             phi_threshold: 8.0,
@@ -315,11 +324,14 @@ mod tests {
             (d.clone(), keys("ready")),
             (e.clone(), keys("ready")),
             (f.clone(), keys("joining")),
+            (g.clone(), keys("ready")),
         ];
         s.live = [me.clone(), new_b.clone(), e.clone()].into_iter().collect();
-        s.dead = [old_b.clone(), c.clone(), d.clone(), f.clone()].into_iter().collect();
+        s.dead = [old_b.clone(), c.clone(), d.clone(), f.clone(), g.clone()].into_iter().collect();
+        s.heartbeat_age.insert(g.clone(), Duration::from_millis(30));
         s.heartbeat_age.insert(d.clone(), Duration::from_millis(900));
         s.heartbeat_age.insert(f.clone(), Duration::from_millis(30));
+        s.never_live.insert(f.clone());
         for n in [&new_b, &e] {
             s.detection_timeout.insert(n.clone(), Duration::from_millis(800));
         }
@@ -327,7 +339,7 @@ mod tests {
         s.heartbeat_age.insert(e.clone(), Duration::from_millis(500));
         let members = view(&s);
         let by_id: BTreeMap<&str, &Member> = members.iter().map(|m| (m.id.as_str(), m)).collect();
-        assert_eq!(members.len(), 6, "one entry per node id");
+        assert_eq!(members.len(), 7, "one entry per node id");
         assert_eq!(by_id["b"].generation, 2);
         assert_eq!(by_id["b"].state, Liveness::Alive);
         assert_eq!(by_id["b"].phi, Some(1.0));
@@ -335,6 +347,7 @@ mod tests {
         assert_eq!(by_id["d"].state, Liveness::Dead);
         assert_eq!(by_id["e"].state, Liveness::Suspect);
         assert_eq!(by_id["f"].state, Liveness::Suspect, "heard once, not judged yet");
+        assert_eq!(by_id["g"].state, Liveness::Dead, "was live, now judged dead at once");
         assert!(by_id["a"].is_self && by_id["a"].state == Liveness::Alive);
     }
 }
