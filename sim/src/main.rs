@@ -4,7 +4,7 @@
 //!   COUNT seeds from FIRST (default 200 from a seed derived from the time, printed so the run
 //!   can be repeated); `--hashes` prints every seed's trace hash;
 //! - `SHOAL_SIM_SEED=<seed> shoal-sim`: replays one seed with its event log;
-//! - `shoal-sim membership NODES LOSS SEEDS [--detect] [--watch SECONDS]`: membership figures
+//! - `shoal-sim membership NODES LOSS SEEDS [--detect] [--watch SECONDS] [--phi PHI]`: membership figures
 //!   (convergence and detection in gossip rounds, false dead reports) over SEEDS seeds.
 
 fn main() {
@@ -70,9 +70,16 @@ fn main() {
 }
 
 fn membership_figures(args: &[String]) {
-    let num = |i: usize, default: f64| args.get(i).and_then(|a| a.parse::<f64>().ok()).unwrap_or(default);
+    let positional: Vec<&String> = args.iter().take_while(|a| !a.starts_with("--")).collect();
+    let num = |i: usize, default: f64| positional.get(i).and_then(|a| a.parse::<f64>().ok()).unwrap_or(default);
     let (nodes, loss, seeds) = (num(0, 100.0) as usize, num(1, 0.0), num(2, 10.0) as u64);
     let detect = args.iter().any(|a| a == "--detect");
+    let phi: f64 = args
+        .iter()
+        .position(|a| a == "--phi")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(8.0);
     let watch = args
         .iter()
         .position(|a| a == "--watch")
@@ -84,7 +91,8 @@ fn membership_figures(args: &[String]) {
     let started = std::time::Instant::now();
     let (mut converge, mut detected, mut false_dead, mut sampled) = (Vec::new(), Vec::new(), 0, 0);
     for seed in 1..=seeds {
-        let f = shoal_sim::membership::measure_seed(seed, nodes, loss, detect, std::time::Duration::from_secs(watch));
+        let f =
+            shoal_sim::membership::measure_seed(seed, nodes, loss, phi, detect, std::time::Duration::from_secs(watch));
         println!(
             "seed {seed}: converge {:?} rounds, detect {:?} rounds, false dead {} over {} s",
             f.converge_rounds, f.detect_rounds, f.false_dead, f.sampled_seconds
@@ -101,7 +109,7 @@ fn membership_figures(args: &[String]) {
         v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
     };
     println!(
-        "{nodes} nodes, loss {loss}: converge p50 {:.1} p99 {:.1} max {:.1} rounds; detect p50 {:.1} p99 {:.1} max {:.1} rounds; false dead {false_dead} over {sampled} simulated s; {:.1} s real",
+        "{nodes} nodes, loss {loss}, phi {phi}: converge p50 {:.1} p99 {:.1} max {:.1} rounds; detect p50 {:.1} p99 {:.1} max {:.1} rounds; false dead {false_dead} over {sampled} simulated s; {:.1} s real",
         pct(&mut converge, 0.5),
         pct(&mut converge, 0.99),
         pct(&mut converge, 1.0),

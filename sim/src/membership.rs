@@ -20,7 +20,7 @@ pub struct Figures {
     pub sampled_seconds: u64,
 }
 
-async fn start(net: &Net, transport: &SimTransport, i: usize) -> Arc<Membership> {
+async fn start(net: &Net, transport: &SimTransport, i: usize, phi: f64) -> Arc<Membership> {
     let cfg = MembershipConfig {
         node_id: format!("n{i}"),
         generation: 1,
@@ -28,7 +28,7 @@ async fn start(net: &Net, transport: &SimTransport, i: usize) -> Arc<Membership>
         listen_addr: gossip_addr(i),
         advertise_addr: gossip_addr(i),
         gossip_interval: GOSSIP,
-        phi_threshold: 8.0,
+        phi_threshold: phi,
         dead_node_grace: Duration::from_secs(3600),
         seeds: vec![gossip_addr(0).to_string()],
     };
@@ -36,15 +36,15 @@ async fn start(net: &Net, transport: &SimTransport, i: usize) -> Arc<Membership>
     Membership::start(cfg, transport, vec![("readiness".into(), "ready".into())]).await.expect("membership starts")
 }
 
-/// `nodes` nodes from one seed node, at `loss`; then, with `detect`, one node killed; then
+/// `nodes` nodes from one seed node, at `loss`, with failure detector threshold `phi`; then, with `detect`, one node killed; then
 /// `watch` of sampling every survivor's view every second for false dead reports.
-pub async fn measure(seed: u64, nodes: usize, loss: f64, detect: bool, watch: Duration) -> Figures {
+pub async fn measure(seed: u64, nodes: usize, loss: f64, phi: f64, detect: bool, watch: Duration) -> Figures {
     let net = Net::new(seed);
     let transport = SimTransport(net.clone());
     let mut rng = Rng::derive(seed, "membership");
     let mut members = Vec::new();
     for i in 0..nodes {
-        members.push(start(&net, &transport, i).await);
+        members.push(start(&net, &transport, i, phi).await);
         // Start-up jitter: nodes of a real deployment do not start in the same millisecond.
         tokio::time::sleep(Duration::from_millis(rng.between(0, 20))).await;
     }
@@ -110,7 +110,7 @@ pub async fn measure(seed: u64, nodes: usize, loss: f64, detect: bool, watch: Du
 }
 
 /// Runs [`measure`] for one seed on a fresh thread and paused runtime, like a cluster run.
-pub fn measure_seed(seed: u64, nodes: usize, loss: f64, detect: bool, watch: Duration) -> Figures {
+pub fn measure_seed(seed: u64, nodes: usize, loss: f64, phi: f64, detect: bool, watch: Duration) -> Figures {
     crate::entropy::reseed(seed);
     std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
@@ -119,7 +119,7 @@ pub fn measure_seed(seed: u64, nodes: usize, loss: f64, detect: bool, watch: Dur
             .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
             .build()
             .expect("a runtime")
-            .block_on(measure(seed, nodes, loss, detect, watch))
+            .block_on(measure(seed, nodes, loss, phi, detect, watch))
     })
     .join()
     .expect("the measurement does not panic")
