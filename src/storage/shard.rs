@@ -38,26 +38,36 @@ struct Manifest {
 
 impl Manifest {
     fn read(dir: &Path) -> Result<Self, StorageError> {
-        let path = dir.join("MANIFEST");
-        match std::fs::read(&path) {
-            Ok(bytes) if bytes.len() >= 4 => {
-                let (body, crc) = bytes.split_at(bytes.len() - 4);
-                if crc32fast::hash(body).to_le_bytes() != crc {
-                    return Err(StorageError::Corrupt(format!("{} fails its checksum", path.display())));
-                }
-                postcard::from_bytes(body).map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display())))
-            }
-            Ok(_) => Err(StorageError::Corrupt(format!("{} is truncated", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(e.into()),
-        }
+        read_checked(&dir.join("MANIFEST"))
     }
 
     fn write(&self, dir: &Path) -> Result<(), StorageError> {
-        let mut bytes = postcard::to_stdvec(self).expect("manifest encodes");
-        bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
-        super::write_atomic(&dir.join("MANIFEST"), &bytes)
+        write_checked(&dir.join("MANIFEST"), self)
     }
+}
+
+/// Reads a small file written by [`write_checked`]: postcard followed by its crc32. A missing
+/// file is the default value; a bad checksum or a short file is corruption, never ignored.
+fn read_checked<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Result<T, StorageError> {
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.len() >= 4 => {
+            let (body, crc) = bytes.split_at(bytes.len() - 4);
+            if crc32fast::hash(body).to_le_bytes() != crc {
+                return Err(StorageError::Corrupt(format!("{} fails its checksum", path.display())));
+            }
+            postcard::from_bytes(body).map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display())))
+        }
+        Ok(_) => Err(StorageError::Corrupt(format!("{} is truncated", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Replaces `path` atomically with `value` in postcard plus a crc32.
+fn write_checked<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), StorageError> {
+    let mut bytes = postcard::to_stdvec(value).expect("storage metadata encodes");
+    bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+    super::write_atomic(path, &bytes)
 }
 
 #[derive(Default)]
@@ -123,27 +133,13 @@ pub struct MergeTimes {
     pub now_ms: i64,
 }
 
-/// `<shard>/TOMBSTONES`: the shard's live tombstones, postcard with a crc32.
+/// `<shard>/TOMBSTONES`: the shard's live tombstones.
 fn read_tombstones(dir: &Path) -> Result<Vec<Tombstone>, StorageError> {
-    let path = dir.join("TOMBSTONES");
-    match std::fs::read(&path) {
-        Ok(bytes) if bytes.len() >= 4 => {
-            let (body, crc) = bytes.split_at(bytes.len() - 4);
-            if crc32fast::hash(body).to_le_bytes() != crc {
-                return Err(StorageError::Corrupt(format!("{} fails its checksum", path.display())));
-            }
-            postcard::from_bytes(body).map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display())))
-        }
-        Ok(_) => Err(StorageError::Corrupt(format!("{} is truncated", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e.into()),
-    }
+    read_checked(&dir.join("TOMBSTONES"))
 }
 
 fn write_tombstones(dir: &Path, tombstones: &[Tombstone]) -> Result<(), StorageError> {
-    let mut bytes = postcard::to_stdvec(tombstones).expect("tombstones encode");
-    bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
-    super::write_atomic(&dir.join("TOMBSTONES"), &bytes)
+    write_checked(&dir.join("TOMBSTONES"), tombstones)
 }
 
 pub struct Shard {
