@@ -42,6 +42,7 @@ impl From<NodeError> for ApiError {
             NodeError::NotFound(_) => StatusCode::NOT_FOUND,
             NodeError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             NodeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             NodeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self { status, message: e.to_string() }

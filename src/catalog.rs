@@ -192,14 +192,18 @@ impl Catalog {
         Ok(catalog)
     }
 
-    /// Persists `state` and refreshes the read views. Called with the state lock held.
-    fn commit(&self, state: &CatalogState) -> Result<(), CatalogError> {
-        let mut bytes = state.to_bytes();
+    /// Persists `next`, then makes it the state (under the held lock `state`) and refreshes the
+    /// read views. Every change is made on a copy and goes through here: a change that cannot
+    /// be persisted (a full disk) leaves the state as it was, so memory, disk and the digest
+    /// the node gossips never disagree, and the same change can simply come again.
+    fn commit(&self, state: &mut CatalogState, next: CatalogState) -> Result<(), CatalogError> {
+        let mut bytes = next.to_bytes();
         bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
         crate::storage::write_atomic(&self.path, &bytes)
             .map_err(|e| CatalogError::Storage { path: self.path.display().to_string(), message: e.to_string() })?;
-        *self.schemas.write().expect("catalog lock") = state.schemas();
-        self.digest.store(state.digest(), Ordering::SeqCst);
+        *self.schemas.write().expect("catalog lock") = next.schemas();
+        self.digest.store(next.digest(), Ordering::SeqCst);
+        *state = next;
         Ok(())
     }
 
@@ -223,11 +227,11 @@ impl Catalog {
     /// Merges a peer's state; returns whether anything changed here.
     pub fn merge(&self, other: CatalogState) -> Result<bool, CatalogError> {
         let mut state = self.state.lock().expect("catalog lock");
-        let before = state.digest();
-        state.merge(other);
-        let changed = state.digest() != before;
+        let mut next = state.clone();
+        next.merge(other);
+        let changed = next.digest() != state.digest();
         if changed {
-            self.commit(&state)?;
+            self.commit(&mut state, next)?;
         }
         self.mark_synced();
         Ok(changed)
@@ -277,12 +281,13 @@ impl Catalog {
                 }
             }
         }
+        let mut next = state.clone();
         for (key, added) in additions {
             for (name, class, ty) in added {
-                state.add_field(&self.actor, key, &name, (class, ty));
+                next.add_field(&self.actor, key, &name, (class, ty));
             }
         }
-        self.commit(&state)
+        self.commit(&mut state, next)
     }
 
     pub fn drop_metric(&self, key: &MetricKey) -> Result<bool, CatalogError> {
@@ -293,8 +298,9 @@ impl Catalog {
         if !state.schemas().contains_key(key) {
             return Ok(false);
         }
-        state.remove_metric(key);
-        self.commit(&state)?;
+        let mut next = state.clone();
+        next.remove_metric(key);
+        self.commit(&mut state, next)?;
         Ok(true)
     }
 
@@ -341,15 +347,17 @@ impl Catalog {
     /// Removes `node` from a shard's replicas (after its points were copied elsewhere).
     pub fn remove_replica(&self, shard: &ShardId, node: &NodeId) -> Result<(), CatalogError> {
         let mut state = self.state.lock().expect("catalog lock");
-        state.remove_replica(&self.actor, shard, node);
-        self.commit(&state)
+        let mut next = state.clone();
+        next.remove_replica(&self.actor, shard, node);
+        self.commit(&mut state, next)
     }
 
     /// Records replicas of a shard (merged as a union with any concurrent placement).
     pub fn add_replicas(&self, shard: &ShardId, nodes: &[NodeId]) -> Result<(), CatalogError> {
         let mut state = self.state.lock().expect("catalog lock");
-        state.add_replicas(&self.actor, shard, nodes);
-        self.commit(&state)
+        let mut next = state.clone();
+        next.add_replicas(&self.actor, shard, nodes);
+        self.commit(&mut state, next)
     }
 }
 

@@ -11,21 +11,19 @@
 //! file (`<node>.replaying`), so new hints keep appending while older ones are sent.
 
 use crate::metrics::Metrics;
+use crate::storage::wal::AppendLog;
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering::Relaxed;
-
-/// Largest hint record read back: guards against a corrupt length field.
-const RECORD_BYTES_MAX: usize = 256 * 1024 * 1024;
 
 /// One target's hints: the file being appended and, while a replay is under way, the rotated
 /// file being sent.
 #[derive(Default)]
 struct Target {
-    appending: Option<File>,
+    appending: Option<AppendLog>,
     /// Bytes in both files.
     bytes: u64,
     /// When the oldest waiting hint was recorded (epoch ms).
@@ -93,13 +91,9 @@ impl HintStore {
             return Ok(false);
         }
         if t.appending.is_none() {
-            let file = OpenOptions::new().create(true).append(true).open(self.log_path(target))?;
-            crate::storage::fsync_dir(&self.dir)?;
-            t.appending = Some(file);
+            t.appending = Some(AppendLog::open(&self.log_path(target))?);
         }
-        let file = t.appending.as_mut().expect("opened above");
-        file.write_all(&frame)?;
-        file.sync_data()?;
+        t.appending.as_mut().expect("opened above").append_durable(&frame)?;
         t.bytes += frame.len() as u64;
         t.oldest_ms.get_or_insert(now_ms);
         metrics.hints_stored.fetch_add(1, Relaxed);
@@ -138,14 +132,19 @@ impl HintStore {
                     offset = next;
                     hints.push(hint);
                 }
-                None => break,
+                None => {
+                    // The end, or a torn tail from a crash (never acknowledged): either way
+                    // the rotated file is done, and must not be read again forever.
+                    offset = offset.max(std::fs::metadata(&replaying)?.len());
+                    break;
+                }
             }
         }
         Ok(Some((hints, offset)))
     }
 
     /// Records that the hints [`HintStore::next`] returned, up to `offset`, reached the target.
-    /// `done` says the whole rotated file has been sent: it is removed.
+    /// Once the whole rotated file has been sent, it is removed.
     pub fn replayed(&self, target: &str, offset: u64, count: u64, metrics: &Metrics) -> std::io::Result<()> {
         let mut targets = self.targets.lock().expect("hints lock");
         let Some(t) = targets.get_mut(target) else { return Ok(()) };
@@ -153,15 +152,15 @@ impl HintStore {
         let len = std::fs::metadata(&replaying).map(|m| m.len()).unwrap_or(0);
         metrics.hints_replayed.fetch_add(count, Relaxed);
         if offset >= len {
-            // Anything past a valid prefix is a torn tail from a crash: never acknowledged.
             std::fs::remove_file(&replaying)?;
             crate::storage::fsync_dir(&self.dir)?;
-            t.bytes = t.bytes.saturating_sub(len);
-            t.replay_offset = 0;
-            t.oldest_ms = match t.appending {
-                Some(_) => read_frame(&self.log_path(target), 0)?.map(|(h, _)| h.recorded_ms),
-                None => None,
+            // What waits now is the file being appended (recounted: a torn tail is not a hint).
+            t.bytes = match &t.appending {
+                Some(log) => log.len(),
+                None => std::fs::metadata(self.log_path(target)).map_or(0, |m| m.len()),
             };
+            t.replay_offset = 0;
+            t.oldest_ms = read_frame(&self.log_path(target), 0)?.map(|(h, _)| h.recorded_ms);
         } else {
             t.replay_offset = offset;
         }
@@ -201,22 +200,16 @@ fn read_frame(path: &Path, offset: u64) -> std::io::Result<Option<(Hint, u64)>> 
         Err(e) => return Err(e),
     };
     file.seek(SeekFrom::Start(offset))?;
-    let mut header = [0u8; 8];
-    if file.read_exact(&mut header).is_err() {
+    let Some(mut content) = crate::storage::wal::read_record(&mut std::io::BufReader::new(file))? else {
+        return Ok(None);
+    };
+    if content.len() < 8 {
         return Ok(None);
     }
-    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-    if !(8..=RECORD_BYTES_MAX).contains(&len) {
-        return Ok(None);
-    }
-    let mut content = vec![0u8; len];
-    if file.read_exact(&mut content).is_err() || crc32fast::hash(&content) != crc {
-        return Ok(None);
-    }
+    let len = content.len();
     let recorded_ms = i64::from_le_bytes(content[..8].try_into().expect("8 bytes"));
     let hint = Hint { recorded_ms, payload: content.split_off(8) };
-    Ok(Some((hint, offset + 8 + len as u64)))
+    Ok(Some((hint, offset + crate::storage::wal::record_len(len))))
 }
 
 #[cfg(test)]

@@ -25,6 +25,9 @@ pub enum NodeError {
     TooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The disk is full: nothing was stored, and the write may be retried once space is freed.
+    #[error("{0}")]
+    StorageFull(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -43,6 +46,9 @@ impl From<StorageError> for NodeError {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::Closed => NodeError::Unavailable(e.to_string()),
+            StorageError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+                NodeError::StorageFull(format!("the disk is full, nothing was stored: {io}"))
+            }
             other => NodeError::Internal(other.to_string()),
         }
     }
@@ -640,7 +646,7 @@ impl Node {
         // Acknowledged, but some replicas missed it: keep their share for hinted handoff, before
         // the answer for those known now, behind it for the sends still running.
         for outcome in missed {
-            self.record_hint(&outcome)?;
+            self.record_hint(&outcome);
         }
         if !sends.is_empty() {
             let node = self.clone();
@@ -648,9 +654,8 @@ impl Node {
                 while let Some(joined) = sends.next().await {
                     if let Ok(outcome) = joined
                         && outcome.result.is_err()
-                        && let Err(e) = node.record_hint(&outcome)
                     {
-                        tracing::error!(error = %e, "a replica missed an acknowledged write and no hint could be kept; repair will copy it");
+                        node.record_hint(&outcome);
                     }
                 }
             });
@@ -658,13 +663,15 @@ impl Node {
         Ok(total)
     }
 
-    /// Keeps a missed replica's share of an acknowledged write for hinted handoff.
-    fn record_hint(&self, missed: &ReplicaOutcome) -> Result<(), NodeError> {
-        let Some(payload) = &missed.payload else { return Ok(()) };
-        self.hints
-            .record(&missed.replica, payload, self.env.clock.now_ms(), &self.metrics)
-            .map(|_| ())
-            .map_err(|e| NodeError::Internal(format!("cannot store a hint for {}: {e}", missed.replica)))
+    /// Keeps a missed replica's share of an acknowledged write for hinted handoff. A hint that
+    /// cannot be kept (this node's disk is full, say) does not fail the write, which its
+    /// consistency level already made durable: replica repair copies the points instead.
+    fn record_hint(&self, missed: &ReplicaOutcome) {
+        let Some(payload) = &missed.payload else { return };
+        if let Err(e) = self.hints.record(&missed.replica, payload, self.env.clock.now_ms(), &self.metrics) {
+            self.metrics.hints_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(replica = %missed.replica, error = %e, "a replica missed an acknowledged write and no hint could be kept; repair will copy it");
+        }
     }
 
     /// The HTTP address of member `id` if it is live in this node's view.

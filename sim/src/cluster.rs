@@ -66,6 +66,17 @@ pub struct Cluster {
     transport: SimTransport,
 }
 
+impl Drop for Cluster {
+    /// Each node's router sits in the network, and each node reaches the network through its
+    /// peer client: a cycle that would keep every node, its open files and its runtime's
+    /// handles alive after the seed. Taking the routers out breaks it.
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.net.set_router(i, None);
+        }
+    }
+}
+
 impl Cluster {
     pub fn new(net: Net, settings: Vec<String>) -> anyhow::Result<Self> {
         // Memory-backed when the machine has it: fsync then costs nothing, and the simulator
@@ -81,6 +92,7 @@ impl Cluster {
         let idx = self.nodes.len();
         let id = format!("n{idx}");
         let dir = self.root.path().join(&id);
+        crate::disk::add_node(&dir);
         self.nodes.push(SimNode { idx, id, dir, clock: Arc::new(SimClock::new()), capacity, node: None, left: false });
         self.start(idx).await?;
         Ok(idx)
@@ -119,8 +131,9 @@ impl Cluster {
     }
 
     /// Kills node `idx`: it drops off the network at once, its gossip stops and its shards
-    /// close. What it acknowledged was fsynced, so it is on disk for the restart.
-    pub async fn crash(&mut self, idx: usize) {
+    /// close; then its disk loses every byte not fsynced, and maybe ends a log in a torn record.
+    /// Returns what the disk lost, for the trace.
+    pub async fn crash(&mut self, idx: usize) -> String {
         self.net.with(|n| n.down.insert(idx));
         self.net.set_router(idx, None);
         if let Some(node) = self.nodes[idx].node.take() {
@@ -129,6 +142,7 @@ impl Cluster {
                 shard.close().await;
             }
         }
+        crate::disk::crash(&self.nodes[idx].dir)
     }
 
     /// `shoal leave`: hands off the node's shards, then it stops for good.

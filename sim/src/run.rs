@@ -28,6 +28,8 @@ pub struct Report {
     pub sim_ms: u64,
     /// Simulated milliseconds from the heal until every check passed (None if never).
     pub settled_after_ms: Option<u64>,
+    /// The seed never finished: its thread still spins.
+    pub hung: bool,
 }
 
 /// The ordered events of a run; their hash is the run's fingerprint.
@@ -49,39 +51,53 @@ impl Trace {
     }
 }
 
+/// Real time a seed may take before it counts as hung: a task that spins without yielding
+/// stops the simulated clock, so only a wall-clock watchdog can see it.
+const SEED_REAL_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Runs one seed on a fresh thread and runtime (so thread-local generators and hash keys are
-/// drawn after the reseed). A panic is reported as a violation.
+/// drawn after the reseed). A panic, or a seed still running after [`SEED_REAL_TIME_MAX`], is
+/// reported as a violation; a hung seed's thread is left behind, so the caller should stop.
 pub fn run_seed(seed: u64, verbose: bool) -> Report {
     crate::entropy::reseed(seed);
-    let outcome = std::thread::Builder::new()
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
         .name(format!("sim-{seed}"))
         .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .start_paused(true)
-                .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
-                .build()
-                .expect("a runtime");
-            runtime.block_on(simulate(seed, verbose))
+            let outcome = std::panic::catch_unwind(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .start_paused(true)
+                    .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
+                    .build()
+                    .expect("a runtime");
+                runtime.block_on(simulate(seed, verbose))
+            });
+            let _ = tx.send(outcome);
         })
-        .expect("a thread")
-        .join();
-    match outcome {
-        Ok(report) => report,
-        Err(panic) => {
+        .expect("a thread");
+    let failed = |violation: String| Report {
+        seed,
+        trace_hash: 0,
+        violations: vec![violation],
+        sim_ms: 0,
+        settled_after_ms: None,
+        hung: false,
+    };
+    match rx.recv_timeout(SEED_REAL_TIME_MAX) {
+        Ok(Ok(report)) => report,
+        Ok(Err(panic)) => {
             let message = panic
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            Report {
-                seed,
-                trace_hash: 0,
-                violations: vec![format!("panic: {message}")],
-                sim_ms: 0,
-                settled_after_ms: None,
-            }
+            failed(format!("panic: {message}"))
         }
+        Err(_) => Report {
+            hung: true,
+            ..failed(format!("hung: still running after {} s of real time", SEED_REAL_TIME_MAX.as_secs()))
+        },
     }
 }
 
@@ -98,6 +114,8 @@ enum Fault {
     /// nothing lost either.
     Pause(usize),
     Skew(usize),
+    /// Every write on the node's disk stores a random prefix and fails, until space is freed.
+    DiskFull(usize),
 }
 
 /// The acknowledged and attempted points (by their unique value).
@@ -110,6 +128,7 @@ struct History {
 
 async fn simulate(seed: u64, verbose: bool) -> Report {
     let mut trace = Trace { start: tokio::time::Instant::now(), hash: 0xcbf2_9ce4_8422_2325, verbose };
+    crate::disk::reset(seed);
     let mut script = Rng::derive(seed, "script");
     let mut load = Rng::derive(seed, "workload");
     let net = Net::new(seed);
@@ -223,6 +242,7 @@ async fn simulate(seed: u64, verbose: bool) -> Report {
         violations,
         sim_ms: trace.start.elapsed().as_millis() as u64,
         settled_after_ms,
+        hung: false,
     }
 }
 
@@ -299,14 +319,19 @@ async fn start_fault(
     let busy: BTreeSet<usize> = active
         .iter()
         .filter_map(|(f, _)| match f {
-            Fault::Partition(i) | Fault::OneWay(i) | Fault::Crash(i) | Fault::Pause(i) | Fault::Skew(i) => Some(*i),
+            Fault::Partition(i)
+            | Fault::OneWay(i)
+            | Fault::Crash(i)
+            | Fault::Pause(i)
+            | Fault::Skew(i)
+            | Fault::DiskFull(i) => Some(*i),
             _ => None,
         })
         .collect();
     let free: Vec<usize> = live.iter().copied().filter(|i| !busy.contains(i)).collect();
     // At most RF - 1 nodes crashed at once, so acknowledged points always keep a replica.
     let crashed = cluster.nodes.iter().filter(|n| n.node.is_none() && !n.left).count();
-    let fault = match script.below(8) {
+    let fault = match script.below(9) {
         0 => Fault::Partition(*script.pick(&free)?),
         1 => Fault::OneWay(*script.pick(&free)?),
         2 => Fault::Loss,
@@ -315,6 +340,7 @@ async fn start_fault(
         5 if crashed < RF - 1 && live.len() > RF => Fault::Crash(*script.pick(&free)?),
         6 => Fault::Skew(*script.pick(&free)?),
         7 => Fault::Pause(*script.pick(&free)?),
+        8 => Fault::DiskFull(*script.pick(&free)?),
         _ => return None,
     };
     if active.iter().any(|(f, _)| std::mem::discriminant(f) == std::mem::discriminant(&fault)) {
@@ -344,7 +370,11 @@ async fn start_fault(
             trace.event(format!("fault latency 1..{hi} ms"));
         }
         Fault::Duplicate => cluster.net.with(|n| n.faults.duplicate = 0.3),
-        Fault::Crash(i) => cluster.crash(*i).await,
+        Fault::Crash(i) => {
+            let lost = cluster.crash(*i).await;
+            trace.event(format!("crash n{i}: {lost}"));
+        }
+        Fault::DiskFull(i) => crate::disk::set_full(&cluster.nodes[*i].dir, true),
         Fault::Pause(i) => {
             cluster.net.with(|n| n.down.insert(*i));
         }
@@ -373,6 +403,7 @@ async fn end_fault(cluster: &mut Cluster, fault: &Fault, trace: &mut Trace) {
             cluster.net.with(|n| n.down.remove(i));
         }
         Fault::Skew(i) => cluster.nodes[*i].clock.skew_ms.store(0, std::sync::atomic::Ordering::Relaxed),
+        Fault::DiskFull(i) => crate::disk::set_full(&cluster.nodes[*i].dir, false),
     }
     trace.event(format!("fault end {fault:?}"));
 }

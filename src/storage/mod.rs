@@ -45,10 +45,9 @@ pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new content.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
-    use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
+    crate::env::write_file(&mut f, &tmp, bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
     if let Some(parent) = path.parent() {

@@ -11,7 +11,6 @@ use crate::model::batch::{DictColumn, NULL_CODE, RowBatch, RowBatchBuilder};
 use crate::model::{FieldClass, FieldValue, Num};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -145,7 +144,7 @@ pub fn write_segment(path: &Path, batch: &RowBatch) -> Result<Vec<BlockMeta>, Se
     order.sort_by_key(|&r| batch.timestamps[r]);
     let tmp = path.with_extension("tmp");
     let mut file = std::io::BufWriter::new(File::create(&tmp).map_err(io)?);
-    file.write_all(MAGIC).map_err(io)?;
+    crate::env::write_file(&mut file, &tmp, MAGIC).map_err(io)?;
     let mut offset = MAGIC.len() as u64;
     let mut blocks = Vec::new();
     for rows in order.chunks(BLOCK_POINTS) {
@@ -166,14 +165,14 @@ pub fn write_segment(path: &Path, batch: &RowBatch) -> Result<Vec<BlockMeta>, Se
             min_value,
             max_value,
         });
-        file.write_all(&bytes).map_err(io)?;
+        crate::env::write_file(&mut file, &tmp, &bytes).map_err(io)?;
         offset += bytes.len() as u64;
     }
     let footer = postcard::to_stdvec(&Footer { blocks: blocks.clone() }).expect("footer encodes");
-    file.write_all(&footer).map_err(io)?;
-    file.write_all(&(footer.len() as u32).to_le_bytes()).map_err(io)?;
-    file.write_all(&crc32fast::hash(&footer).to_le_bytes()).map_err(io)?;
-    file.write_all(END_MAGIC).map_err(io)?;
+    crate::env::write_file(&mut file, &tmp, &footer).map_err(io)?;
+    crate::env::write_file(&mut file, &tmp, &(footer.len() as u32).to_le_bytes()).map_err(io)?;
+    crate::env::write_file(&mut file, &tmp, &crc32fast::hash(&footer).to_le_bytes()).map_err(io)?;
+    crate::env::write_file(&mut file, &tmp, END_MAGIC).map_err(io)?;
     let file = file.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;

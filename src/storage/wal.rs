@@ -6,7 +6,7 @@
 
 use crate::model::batch::RowBatch;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Largest record accepted on replay: guards against a corrupt length field.
@@ -42,22 +42,123 @@ pub fn frame(payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
-pub struct WalWriter {
+/// An append-only file of framed records: a shard's WAL, or the hints kept for one node.
+/// An append is durable when it returns Ok. One that fails (a full disk, a failed fsync) is
+/// cut off again, so the next record never lands behind a torn one, where replay, which stops
+/// at the first bad record, would not find it.
+pub struct AppendLog {
     file: File,
+    path: PathBuf,
+    durable_len: u64,
+    /// A failed append left bytes that could not be cut off yet.
+    needs_cut: bool,
+}
+
+impl AppendLog {
+    /// Opens (or creates) the log at `path`, cutting off bytes past the last whole record.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).read(true).open(path)?;
+        if let Some(dir) = path.parent() {
+            super::fsync_dir(dir)?;
+        }
+        let file_len = file.metadata()?.len();
+        let mut durable_len = 0;
+        let mut reader = std::io::BufReader::new(&file);
+        while let Some(payload) = read_record(&mut reader)? {
+            durable_len += record_len(payload.len());
+        }
+        let mut log = Self { file, path: path.to_path_buf(), durable_len, needs_cut: durable_len < file_len };
+        if log.needs_cut {
+            log.cut()?;
+        }
+        Ok(log)
+    }
+
+    /// Appends already-framed records and makes them durable before returning.
+    pub fn append_durable(&mut self, records: &[u8]) -> std::io::Result<()> {
+        if self.needs_cut {
+            self.cut()?;
+        }
+        let written = crate::env::write_file(&mut self.file, &self.path, records).and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => {
+                self.durable_len += records.len() as u64;
+                crate::env::log_synced(&self.path, self.durable_len);
+                Ok(())
+            }
+            Err(e) => {
+                self.needs_cut = true;
+                if let Err(cut) = self.cut() {
+                    tracing::warn!(log = %self.path.display(), error = %cut, "cannot cut a failed append yet");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Bytes of whole, durable records.
+    pub fn len(&self) -> u64 {
+        self.durable_len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.durable_len == 0
+    }
+
+    fn cut(&mut self) -> std::io::Result<()> {
+        self.file.set_len(self.durable_len)?;
+        self.file.sync_data()?;
+        self.needs_cut = false;
+        Ok(())
+    }
+}
+
+pub struct WalWriter {
+    log: AppendLog,
     pub seq: u64,
 }
 
 impl WalWriter {
     pub fn create(dir: &Path, seq: u64) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(wal_path(dir, seq))?;
-        super::fsync_dir(dir)?;
-        Ok(Self { file, seq })
+        Ok(Self { log: AppendLog::open(&wal_path(dir, seq))?, seq })
     }
 
     /// Appends already-framed records and makes them durable before returning.
     pub fn append_durable(&mut self, records: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(records)?;
-        self.file.sync_data()
+        self.log.append_durable(records)
+    }
+}
+
+/// Reads the record at the reader's position: its payload, or `None` at the end of the file
+/// or at a record that is short or fails its checksum (a torn tail).
+pub fn read_record(reader: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
+    let mut header = [0u8; HEADER_BYTES];
+    if !read_whole(reader, &mut header)? {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    if len > RECORD_BYTES_MAX {
+        return Ok(None);
+    }
+    let mut payload = vec![0u8; len];
+    if !read_whole(reader, &mut payload)? || crc32fast::hash(&payload) != crc {
+        return Ok(None);
+    }
+    Ok(Some(payload))
+}
+
+/// Bytes a record of `payload_len` takes in the file.
+pub fn record_len(payload_len: usize) -> u64 {
+    (HEADER_BYTES + payload_len) as u64
+}
+
+/// Fills `buf`; false when the file ends first.
+fn read_whole(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
+    match reader.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -71,31 +172,22 @@ pub struct Replay {
 
 /// Reads every valid record of a WAL file and truncates a torn tail.
 pub fn replay(path: &Path) -> std::io::Result<Replay> {
-    let mut bytes = Vec::new();
-    File::open(path)?.read_to_end(&mut bytes)?;
+    let file = File::open(path)?;
+    let file_len = file.metadata()?.len();
+    let mut reader = std::io::BufReader::new(file);
     let mut replay = Replay::default();
-    let mut pos = 0usize;
-    while pos + HEADER_BYTES <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().expect("4 bytes"));
-        let start = pos + HEADER_BYTES;
-        if len > RECORD_BYTES_MAX || start + len > bytes.len() {
-            break;
-        }
-        let payload = &bytes[start..start + len];
-        if crc32fast::hash(payload) != crc {
-            break;
-        }
-        match postcard::from_bytes::<RowBatch>(payload) {
+    let mut pos = 0u64;
+    while let Some(payload) = read_record(&mut reader)? {
+        match postcard::from_bytes::<RowBatch>(&payload) {
             Ok(batch) if batch.validate().is_ok() => replay.batches.push(batch),
             _ => break,
         }
-        pos = start + len;
+        pos += record_len(payload.len());
     }
-    if pos < bytes.len() {
-        replay.torn_bytes = (bytes.len() - pos) as u64;
+    if pos < file_len {
+        replay.torn_bytes = file_len - pos;
         let file = OpenOptions::new().write(true).open(path)?;
-        file.set_len(pos as u64)?;
+        file.set_len(pos)?;
         file.sync_all()?;
     }
     Ok(replay)
