@@ -103,6 +103,8 @@ struct ReplicaOutcome {
     shard: crate::model::ShardId,
     replica: String,
     result: Result<(), String>,
+    /// The replica failed because its disk is full.
+    disk_full: bool,
     payload: Option<Vec<u8>>,
 }
 
@@ -146,6 +148,8 @@ struct ShardTally {
     required: usize,
     acks: usize,
     errors: Vec<String>,
+    /// How many of the errors were full disks.
+    disk_full: usize,
 }
 
 /// Whether this node accepts writes, recomputed every gossip interval from the membership view.
@@ -611,6 +615,7 @@ impl Node {
                 }
                 Err(e) => {
                     t.errors.push(e.clone());
+                    t.disk_full += usize::from(outcome.disk_full);
                     impossible = t.replicas - t.errors.len() < t.required;
                     missed.push(outcome);
                 }
@@ -624,13 +629,20 @@ impl Node {
                     let t = tally.get_mut(&outcome.shard).expect("every send has a tally");
                     match outcome.result {
                         Ok(()) => t.acks += 1,
-                        Err(e) => t.errors.push(e),
+                        Err(e) => {
+                            t.errors.push(e);
+                            t.disk_full += usize::from(outcome.disk_full);
+                        }
                     }
                 }
             }
+            let short_of = |t: &&ShardTally| t.acks < t.required;
+            // Only full disks stood in the way: say so (507), the client should not just retry.
+            let disks_full =
+                tally.values().filter(short_of).all(|t| !t.errors.is_empty() && t.disk_full == t.errors.len());
             let short: Vec<String> = tally
                 .iter()
-                .filter(|(_, t)| t.acks < t.required)
+                .filter(|(_, t)| short_of(t))
                 .map(|(shard, t)| {
                     format!(
                         "{shard}: {} of {} replicas acknowledged, {} needed ({:?})",
@@ -638,10 +650,15 @@ impl Node {
                     )
                 })
                 .collect();
-            return Err(NodeError::Unavailable(format!(
+            let message = format!(
                 "write consistency {consistency:?} not met; the points may be stored on some replicas: {}",
                 short.join("; ")
-            )));
+            );
+            return Err(if disks_full {
+                NodeError::StorageFull(format!("no space left on the disk of the replicas that refused: {message}"))
+            } else {
+                NodeError::Unavailable(message)
+            });
         }
         // Acknowledged, but some replicas missed it: keep their share for hinted handoff, before
         // the answer for those known now, behind it for the sends still running.
@@ -698,18 +715,21 @@ impl Node {
         batch: crate::model::batch::RowBatch,
     ) -> ReplicaOutcome {
         if replica == self.cfg.node_id {
-            let result = self.storage.write(&shard.metric, batch).await.map_err(|e| e.to_string());
-            return ReplicaOutcome { shard, replica, result, payload: None };
+            let result = self.storage.write(&shard.metric, batch).await;
+            let disk_full = matches!(&result, Err(StorageError::Io(e)) if e.kind() == std::io::ErrorKind::StorageFull);
+            let result = result.map_err(|e| e.to_string());
+            return ReplicaOutcome { shard, replica, result, disk_full, payload: None };
         }
         let body = postcard::to_stdvec(&crate::peer::ReplicaWrite { shard: shard.clone(), batch }).expect("encodes");
         let Some(addr) = self.live_http_addr(&replica).await else {
             let result = Err(format!("{replica} is not live"));
-            return ReplicaOutcome { shard, replica, result, payload: Some(body) };
+            return ReplicaOutcome { shard, replica, result, disk_full: false, payload: Some(body) };
         };
-        let result =
-            self.peers.post(&addr, "/internal/v1/write", body.clone()).await.map(|_| ()).map_err(|e| e.to_string());
+        let result = self.peers.post(&addr, "/internal/v1/write", body.clone()).await;
+        let disk_full = matches!(&result, Err(crate::peer::PeerError::Refused { status: 507, .. }));
+        let result = result.map(|_| ()).map_err(|e| e.to_string());
         let payload = result.is_err().then_some(body);
-        ReplicaOutcome { shard, replica, result, payload }
+        ReplicaOutcome { shard, replica, result, disk_full, payload }
     }
 
     /// The read coordinator: asks one replica per shard overlapping `range` (this node first
