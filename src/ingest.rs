@@ -152,15 +152,17 @@ pub fn parse_line_protocol(
     crate::model::validate_name("namespace", namespace).map_err(invalid)?;
     let mut metrics: Vec<(MetricKey, RowBatchBuilder)> = Vec::new();
     // measurement → [(field, index into `metrics`)]: finds a line's metrics without allocating.
-    let mut lookup: HashMap<String, Vec<(String, usize)>> = HashMap::new();
+    let mut lookup: HashMap<String, Vec<(String, usize)>, foldhash::fast::RandomState> = HashMap::default();
     let mut points = 0usize;
+    // Reused from line to line: the hot loop allocates only for a new metric or column value.
+    let mut parsed = Line::default();
     for (idx, line) in body.lines().enumerate() {
         let line = line.trim_start();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
         let at = |e: String| invalid(format!("line {}: {e}", idx + 1));
-        let parsed = parse_line(line).map_err(at)?;
+        parse_line(line, &mut parsed).map_err(at)?;
         let timestamp = match parsed.timestamp {
             Some(t) => precision.to_ms(t).ok_or_else(|| at("timestamp out of range".into()))?,
             None => now_ms,
@@ -197,6 +199,7 @@ pub fn parse_line_protocol(
     Ok(Batch { metrics: metrics.into_iter().map(|(k, b)| (k, b.finish())).collect() })
 }
 
+#[derive(Default)]
 struct Line<'a> {
     measurement: Cow<'a, str>,
     tags: Vec<(Cow<'a, str>, Cow<'a, str>)>,
@@ -244,15 +247,18 @@ fn unescape(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-fn parse_line(line: &str) -> Result<Line<'_>, String> {
+/// Parses one line into `out` (its vectors are cleared first and keep their capacity).
+fn parse_line<'a>(line: &'a str, out: &mut Line<'a>) -> Result<(), String> {
     // measurement[,tags] SP fields [SP timestamp]
+    out.tags.clear();
+    out.fields.clear();
     let (series, rest) = split_unescaped(line, b" ", false);
     let rest = rest.ok_or("missing fields (expected `measurement[,tag=v] field=v [timestamp]`)")?;
     let (fields_part, ts_part) = split_unescaped(rest.trim_start(), b" ", true);
     let (measurement, mut tags_part) = split_unescaped(series, b",", false);
     let measurement = unescape(measurement);
     crate::model::validate_name("measurement", &measurement)?;
-    let mut tags = Vec::new();
+    out.measurement = measurement;
     while let Some(s) = tags_part {
         let (tag, tail) = split_unescaped(s, b",", false);
         let (k, v) = split_unescaped(tag, b"=", false);
@@ -261,10 +267,9 @@ fn parse_line(line: &str) -> Result<Line<'_>, String> {
         if v.is_empty() {
             return Err(format!("tag {k:?} has an empty value"));
         }
-        tags.push((k, v));
+        out.tags.push((k, v));
         tags_part = tail;
     }
-    let mut fields = Vec::new();
     let mut s = fields_part;
     loop {
         let (field, tail) = split_unescaped(s, b",", true);
@@ -272,17 +277,17 @@ fn parse_line(line: &str) -> Result<Line<'_>, String> {
         let v = v.ok_or_else(|| format!("field {field:?} has no '='"))?;
         let k = unescape(k);
         let value = parse_field_value(&k, v)?;
-        fields.push((k, value));
+        out.fields.push((k, value));
         match tail {
             Some(t) => s = t,
             None => break,
         }
     }
-    let timestamp = match ts_part.map(str::trim) {
+    out.timestamp = match ts_part.map(str::trim) {
         None | Some("") => None,
         Some(t) => Some(t.parse::<i64>().map_err(|_| format!("timestamp {t:?} is not an integer"))?),
     };
-    Ok(Line { measurement, tags, fields, timestamp })
+    Ok(())
 }
 
 fn parse_field_value(name: &str, v: &str) -> Result<Num, String> {

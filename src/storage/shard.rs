@@ -496,11 +496,13 @@ impl Writer {
                         same_point(&kept[k], at - starts[k], &batch, r)
                     }
                 };
-                if let Some(&at) = self.index.get(&h)
-                    && held_at(at as usize, &rows)
-                {
-                    continue;
-                }
+                // One probe of the memtable's index finds a stored point or the slot for a new one.
+                let slot = match self.index.entry(h) {
+                    std::collections::hash_map::Entry::Occupied(e) if held_at(*e.get() as usize, &rows) => continue,
+                    // A different point with the same hash keeps the slot (see below).
+                    std::collections::hash_map::Entry::Occupied(_) => None,
+                    std::collections::hash_map::Entry::Vacant(v) => Some(v),
+                };
                 if let (Some(frozen), Some(&at)) = (&st.frozen, self.frozen_index.get(&h))
                     && same_point(frozen, at as usize, &batch, r)
                 {
@@ -534,7 +536,9 @@ impl Writer {
                 }
                 // A new point; a hash already indexed for a different point (a collision)
                 // keeps the first one indexed, which at worst lets a later repeat through.
-                self.index.entry(h).or_insert((next + rows.len()) as u32);
+                if let Some(slot) = slot {
+                    slot.insert((next + rows.len()) as u32);
+                }
                 rows.push(r);
             }
             let batch = if rows.len() == batch.len() { batch } else { batch.select(&rows) };
