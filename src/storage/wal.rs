@@ -141,8 +141,11 @@ pub fn read_record(reader: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
     if len > RECORD_BYTES_MAX {
         return Ok(None);
     }
-    let mut payload = vec![0u8; len];
-    if !read_whole(reader, &mut payload)? || crc32fast::hash(&payload) != crc {
+    // Read through `take`, so a garbage length past the end of the file allocates only what
+    // is there.
+    let mut payload = Vec::new();
+    reader.by_ref().take(len as u64).read_to_end(&mut payload)?;
+    if payload.len() < len || crc32fast::hash(&payload) != crc {
         return Ok(None);
     }
     Ok(Some(payload))
@@ -230,6 +233,28 @@ mod tests {
         // The file was truncated, so a second replay finds nothing torn.
         let r = replay(&wal_path(dir.path(), 1)).unwrap();
         assert_eq!((r.batches.len(), r.torn_bytes), (2, 0));
+    }
+
+    #[test]
+    fn reopened_log_cuts_a_torn_tail_so_later_appends_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = wal_path(dir.path(), 3);
+        let mut buf = Vec::new();
+        encode_record(&points(&[1]), &mut buf);
+        AppendLog::open(&path).unwrap().append_durable(&buf).unwrap();
+        // A crash in the middle of a write: half a record at the end.
+        let mut torn = Vec::new();
+        encode_record(&points(&[2]), &mut torn);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut f, &torn[..torn.len() / 2]).unwrap();
+        let mut log = AppendLog::open(&path).unwrap();
+        assert_eq!(log.len(), buf.len() as u64, "the torn half is not counted");
+        let mut next = Vec::new();
+        encode_record(&points(&[3]), &mut next);
+        log.append_durable(&next).unwrap();
+        let r = replay(&path).unwrap();
+        assert_eq!(r.batches, vec![points(&[1]), points(&[3])], "the record after the cut is found");
+        assert_eq!(r.torn_bytes, 0);
     }
 
     #[test]
