@@ -80,28 +80,13 @@ fn membership_figures(args: &[String]) {
     let num = |i: usize, default: f64| positional.get(i).and_then(|a| a.parse::<f64>().ok()).unwrap_or(default);
     let (nodes, loss, seeds) = (num(0, 100.0) as usize, num(1, 0.0), num(2, 10.0) as u64);
     let detect = args.iter().any(|a| a == "--detect");
-    let phi: f64 = args
-        .iter()
-        .position(|a| a == "--phi")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|w| w.parse().ok())
-        .unwrap_or(8.0);
-    let watch = args
-        .iter()
-        .position(|a| a == "--watch")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|w| w.parse().ok())
-        .unwrap_or(0);
+    let phi: f64 = option(args, "--phi").unwrap_or(8.0);
+    let watch: u64 = option(args, "--watch").unwrap_or(0);
+    let first: u64 = option(args, "--first").unwrap_or(1);
     shoal_sim::prepare(false);
     #[allow(clippy::disallowed_methods)] // real time, for the cost figure
     let started = std::time::Instant::now();
     let (mut converge, mut detected, mut false_dead, mut sampled) = (Vec::new(), Vec::new(), 0, 0);
-    let first: u64 = args
-        .iter()
-        .position(|a| a == "--first")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|w| w.parse().ok())
-        .unwrap_or(1);
     for seed in first..first + seeds {
         let f =
             shoal_sim::membership::measure_seed(seed, nodes, loss, phi, detect, std::time::Duration::from_secs(watch));
@@ -130,4 +115,9 @@ fn membership_figures(args: &[String]) {
         pct(&mut detected, 1.0),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The value after `--name` in `args`, parsed.
+fn option<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
 }
