@@ -46,8 +46,8 @@ impl From<StorageError> for NodeError {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::Closed => NodeError::Unavailable(e.to_string()),
-            StorageError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
-                NodeError::StorageFull(format!("the disk is full, nothing was stored: {io}"))
+            full if full.is_disk_full() => {
+                NodeError::StorageFull(format!("the disk is full, nothing was stored: {full}"))
             }
             other => NodeError::Internal(other.to_string()),
         }
@@ -716,7 +716,7 @@ impl Node {
     ) -> ReplicaOutcome {
         if replica == self.cfg.node_id {
             let result = self.storage.write(&shard.metric, batch).await;
-            let disk_full = matches!(&result, Err(StorageError::Io(e)) if e.kind() == std::io::ErrorKind::StorageFull);
+            let disk_full = result.as_ref().is_err_and(StorageError::is_disk_full);
             let result = result.map_err(|e| e.to_string());
             return ReplicaOutcome { shard, replica, result, disk_full, payload: None };
         }

@@ -29,6 +29,13 @@ pub enum StorageError {
     Closed,
 }
 
+impl StorageError {
+    /// The disk is full: nothing was stored, and the same write can succeed once space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StorageError::Io(e) if e.kind() == std::io::ErrorKind::StorageFull)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct StorageConfig {
     pub shard_interval_ms: i64,
