@@ -156,7 +156,7 @@ pub fn parse_line_protocol(
     crate::model::validate_name("namespace", namespace).map_err(invalid)?;
     let mut measurements: Vec<Measurement> = Vec::new();
     // The series text of a line (measurement and tags, as written) → (measurement, series).
-    let mut known: FastMap<&str, (usize, u32)> = FastMap::default();
+    let mut known: FastMap<&str, (usize, u32)> = FastMap::with_capacity_and_hasher(1024, Default::default());
     let mut points = 0usize;
     let mut fields: Vec<(Cow<str>, Num)> = Vec::new();
     for (idx, line) in body.lines().enumerate() {
@@ -165,7 +165,7 @@ pub fn parse_line_protocol(
             continue;
         }
         let at = |e: String| invalid(format!("line {}: {e}", idx + 1));
-        let (series_text, rest) = split_unescaped(line, b" ", false);
+        let (series_text, rest) = split_unescaped(line, b' ', false);
         let rest =
             rest.ok_or_else(|| at("missing fields (expected `measurement[,tag=v] field=v [timestamp]`)".into()))?;
         let (m, series) = match known.get(series_text) {
@@ -185,12 +185,12 @@ pub fn parse_line_protocol(
                 (m, series)
             }
         };
-        let (fields_text, ts_text) = split_unescaped(rest.trim_start(), b" ", true);
+        let (fields_text, ts_text) = split_unescaped(rest.trim_start(), b' ', true);
         parse_fields(fields_text, &mut fields).map_err(at)?;
         let timestamp = match ts_text.map(str::trim) {
             None | Some("") => now_ms,
             Some(t) => {
-                let t = t.parse::<i64>().map_err(|_| at(format!("timestamp {t:?} is not an integer")))?;
+                let t = parse_i64(t).ok_or_else(|| at(format!("timestamp {t:?} is not an integer")))?;
                 precision.to_ms(t).ok_or_else(|| at("timestamp out of range".into()))?
             }
         };
@@ -293,13 +293,13 @@ impl Measurement<'_> {
 /// Parses a line's series text, `measurement[,tag=value]*`, checking what a client could get
 /// wrong in it.
 fn parse_series(text: &str) -> Result<(Cow<'_, str>, Tags<'_>), String> {
-    let (measurement, mut rest) = split_unescaped(text, b",", false);
+    let (measurement, mut rest) = split_unescaped(text, b',', false);
     let measurement = unescape(measurement);
     crate::model::validate_name("measurement", &measurement)?;
     let mut tags: Tags = Vec::new();
     while let Some(s) = rest {
-        let (tag, tail) = split_unescaped(s, b",", false);
-        let (k, v) = split_unescaped(tag, b"=", false);
+        let (tag, tail) = split_unescaped(s, b',', false);
+        let (k, v) = split_unescaped(tag, b'=', false);
         let v = v.ok_or_else(|| format!("tag {tag:?} has no '='"))?;
         let (k, v) = (unescape(k), unescape(v));
         if v.is_empty() {
@@ -320,8 +320,8 @@ fn parse_fields<'a>(text: &'a str, out: &mut Vec<(Cow<'a, str>, Num)>) -> Result
     out.clear();
     let mut s = text;
     loop {
-        let (field, tail) = split_unescaped(s, b",", true);
-        let (k, v) = split_unescaped(field, b"=", true);
+        let (field, tail) = split_unescaped(s, b',', true);
+        let (k, v) = split_unescaped(field, b'=', true);
         let v = v.ok_or_else(|| format!("field {field:?} has no '='"))?;
         let k = unescape(k);
         let value = parse_field_value(&k, v)?;
@@ -333,15 +333,17 @@ fn parse_fields<'a>(text: &'a str, out: &mut Vec<(Cow<'a, str>, Num)>) -> Result
     }
 }
 
-/// Splits `s` at the first unescaped, unquoted `sep`. Returns (before, after).
-fn split_unescaped<'a>(s: &'a str, seps: &[u8], track_quotes: bool) -> (&'a str, Option<&'a str>) {
+/// Splits `s` at the first unescaped (and, with `track_quotes`, unquoted) `sep`. Returns
+/// (before, after).
+fn split_unescaped(s: &str, sep: u8, track_quotes: bool) -> (&str, Option<&str>) {
     let bytes = s.as_bytes();
     let (mut i, mut in_quotes) = (0, false);
     while i < bytes.len() {
         match bytes[i] {
             b'\\' => i += 1,
             b'"' if track_quotes => in_quotes = !in_quotes,
-            b if !in_quotes && seps.contains(&b) => return (&s[..i], Some(&s[i + 1..])),
+            // `sep` is ASCII, so both sides are on character boundaries.
+            b if b == sep && !in_quotes => return (&s[..i], Some(&s[i + 1..])),
             _ => {}
         }
         i += 1;
@@ -351,7 +353,8 @@ fn split_unescaped<'a>(s: &'a str, seps: &[u8], track_quotes: bool) -> (&'a str,
 
 /// Removes line-protocol escapes; borrows when there is nothing to remove (the usual case).
 fn unescape(s: &str) -> Cow<'_, str> {
-    if !s.contains('\\') {
+    // A byte loop: the strings are short, and most have nothing to remove.
+    if !s.as_bytes().contains(&b'\\') {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len());
@@ -371,6 +374,20 @@ fn unescape(s: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
+}
+
+/// `str::parse::<i64>`, with a fast path for up to 19 digits (a nanosecond timestamp): they
+/// fit a u64 whatever they are, so the digits are summed without a check per digit.
+fn parse_i64(s: &str) -> Option<i64> {
+    let (negative, digits) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest.as_bytes()),
+        None => (false, s.as_bytes()),
+    };
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return s.parse().ok();
+    }
+    let n = digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    if negative { 0i64.checked_sub_unsigned(n) } else { i64::try_from(n).ok() }
 }
 
 fn parse_field_value(name: &str, v: &str) -> Result<Num, String> {
@@ -446,6 +463,16 @@ mod tests {
         assert_eq!(b.metrics[2].1.timestamps[0], 3);
         let b = parse_line_protocol("m value=1 5", "d", "n", Precision::S, 0, 100).unwrap();
         assert_eq!(b.metrics[0].1.timestamps[0], 5000);
+    }
+
+    #[test]
+    fn parse_i64_agrees_with_std() {
+        for s in ["0", "-0", "7", "-7", "1700000000000000000", "9223372036854775807", "-9223372036854775808"] {
+            assert_eq!(parse_i64(s), s.parse().ok(), "{s}");
+        }
+        for s in ["", "-", "9223372036854775808", "-9223372036854775809", "99999999999999999999", "1x", "+5", " 1"] {
+            assert_eq!(parse_i64(s), s.parse().ok(), "{s}");
+        }
     }
 
     #[test]

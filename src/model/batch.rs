@@ -162,7 +162,7 @@ impl ColumnIndex {
 
 /// Checks a dimension or tag a client sent: its name (valid, not reserved) and its value.
 pub fn check_field(name: &str, class: FieldClass, value: FieldRef) -> Result<(), String> {
-    validate_name(&class.to_string(), name)?;
+    validate_name(class.as_str(), name)?;
     if name == "value" || name == "timestamp" {
         return Err(format!("{class} name {name:?} is reserved"));
     }
