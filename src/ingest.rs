@@ -270,8 +270,11 @@ impl Measurement<'_> {
             let mut batch = RowBatch { timestamps: rows.timestamps, values: rows.values, columns: BTreeMap::new() };
             for (name, (dict, of_series)) in &columns {
                 let mut remap = vec![NULL_CODE; dict.len()];
-                let mut col =
-                    DictColumn { class: Some(FieldClass::Tag), dict: Vec::new(), codes: Vec::with_capacity(rows.series.len()) };
+                let mut col = DictColumn {
+                    class: Some(FieldClass::Tag),
+                    dict: Vec::new(),
+                    codes: Vec::with_capacity(rows.series.len()),
+                };
                 for &s in &rows.series {
                     let code = of_series[s as usize];
                     if code != NULL_CODE && remap[code as usize] == NULL_CODE {
