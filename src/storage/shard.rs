@@ -554,7 +554,12 @@ impl Writer {
         let mut kept: Vec<RowBatch> = Vec::with_capacity(batches.len());
         // The group's own points: hash → memtable row once committed. Global row numbers continue
         // the memtable's: `starts[i]` is where kept batch i begins.
-        let mut group = IndexChunk { min_ts: i64::MAX, max_ts: i64::MIN, points: PointIndex::default() };
+        let rows_in_group = batches.iter().map(RowBatch::len).sum();
+        let mut group = IndexChunk {
+            min_ts: i64::MAX,
+            max_ts: i64::MIN,
+            points: PointIndex::with_capacity_and_hasher(rows_in_group, Default::default()),
+        };
         let mut starts: Vec<usize> = Vec::with_capacity(batches.len());
         let mut next = memtable.len();
         for batch in batches {
