@@ -3,10 +3,12 @@
 
 use shoal::ingest::{Precision, parse_line_protocol};
 
+const SERIES: usize = 400;
+
 fn body(first_line: usize) -> String {
     let mut out = String::new();
     for k in first_line..first_line + 1000 {
-        let (series, v) = (k % 400, (k * 37) % 1000);
+        let (series, v) = (k % SERIES, (k * 37) % 1000);
         let seconds = 1_700_000_000 + k / 400;
         out.push_str(&format!(
             "cpu,host=host_{series},region=r{} usage={}.{},idle={}.{} {seconds}000000000\n",
