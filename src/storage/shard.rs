@@ -1006,10 +1006,11 @@ mod tests {
         RowBatch::from_points(&points).unwrap()
     }
 
-    async fn open_shard(dir: &Path, memtable_points_max: usize) -> Arc<Shard> {
+    /// A shard whose memtable holds every test's points until flushed; two segments at most.
+    async fn open_shard(dir: &Path) -> Arc<Shard> {
         let cfg = StorageConfig {
             shard_interval_ms: 1_000_000,
-            memtable_points_max,
+            memtable_points_max: 1_000_000,
             flush_interval: std::time::Duration::from_secs(3600),
             segments_max: 2,
             tombstone_grace_ms: 1000,
@@ -1024,7 +1025,7 @@ mod tests {
     #[tokio::test]
     async fn repeated_points_are_found_in_every_group_of_the_memtable() {
         let dir = tempfile::tempdir().unwrap();
-        let shard = open_shard(dir.path(), 1_000_000).await;
+        let shard = open_shard(dir.path()).await;
         for g in 0..10 {
             assert_eq!(shard.append(rows(g * 100..g * 100 + 100, 1)).await.unwrap(), 100);
         }
@@ -1051,16 +1052,7 @@ mod tests {
     #[tokio::test]
     async fn merge_copies_disjoint_blocks_and_keeps_every_point() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = StorageConfig {
-            shard_interval_ms: 1_000_000,
-            memtable_points_max: 1_000_000,
-            flush_interval: std::time::Duration::from_secs(3600),
-            segments_max: 2,
-            tombstone_grace_ms: 1000,
-        };
-        let id = ShardId { metric: MetricKey::new("d", "n", "m").unwrap(), start: 0 };
-        let keep_all: TombstoneRule = Arc::new(|_| Box::new(|b: &RowBatch| vec![true; b.len()]));
-        let shard = Shard::open(dir.path(), id, 1_000_000, cfg, Arc::new(Metrics::default()), keep_all).await.unwrap();
+        let shard = open_shard(dir.path()).await;
         // Three segments: the second and third overlap in [79_990, 80_000).
         for (range, value) in [(0..40_000, 1), (40_000..80_000, 2), (79_990..100_000, 3)] {
             shard.append(rows(range, value)).await.unwrap();
