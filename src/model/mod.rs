@@ -146,19 +146,13 @@ pub enum FieldClass {
     Tag,
 }
 
-impl FieldClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
+impl fmt::Display for FieldClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
             FieldClass::Value => "value",
             FieldClass::Dimension => "dimension",
             FieldClass::Tag => "tag",
-        }
-    }
-}
-
-impl fmt::Display for FieldClass {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        })
     }
 }
 
