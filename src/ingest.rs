@@ -1,13 +1,13 @@
 //! Turns request bodies into columnar batches: NSDb JSON (`POST /data`) and Influx line
 //! protocol (`POST /write`). Parsing is all-or-nothing: the first bad bit or line fails the
 //! whole batch with its index or line number, so a client never has to guess what was stored.
-//! Lines are parsed into borrowed slices and appended straight to a [`RowBatchBuilder`]; no
-//! point object is built per line.
+//! Lines are parsed into borrowed slices and appended straight to columns; no point object is
+//! built per line.
 
-use crate::model::batch::{FieldEntry, FieldRef, RowBatch, RowBatchBuilder};
+use crate::model::batch::{DictColumn, FieldEntry, FieldRef, NULL_CODE, RowBatch, RowBatchBuilder, check_field};
 use crate::model::{FieldClass, FieldValue, MetricKey, Num};
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Points grouped by metric, each metric's points as one columnar batch.
 #[derive(Debug, Default)]
@@ -140,6 +140,10 @@ impl Precision {
 
 /// Parses Influx line protocol. The field `value` becomes the point's value; any other field
 /// `f` becomes a point of metric `<measurement>_<f>`, so every field is one NSDb metric.
+///
+/// Lines of one series repeat the same measurement and tags, so a series' tags are parsed,
+/// checked and dictionary-coded once per body: a repeated series costs one hash lookup of its
+/// text, and a line's tags are shared by all the metrics its fields become.
 pub fn parse_line_protocol(
     body: &str,
     db: &str,
@@ -150,72 +154,199 @@ pub fn parse_line_protocol(
 ) -> Result<Batch, IngestError> {
     crate::model::validate_name("db", db).map_err(invalid)?;
     crate::model::validate_name("namespace", namespace).map_err(invalid)?;
-    let mut metrics: Vec<(MetricKey, RowBatchBuilder)> = Vec::new();
-    // measurement → [(field, index into `metrics`)]: finds a line's metrics without allocating.
-    let mut lookup: HashMap<String, Vec<(String, usize)>, foldhash::fast::RandomState> = HashMap::default();
+    let mut measurements: Vec<Measurement> = Vec::new();
+    // The series text of a line (measurement and tags, as written) → (measurement, series).
+    let mut known: FastMap<&str, (usize, u32)> = FastMap::with_capacity_and_hasher(1024, Default::default());
     let mut points = 0usize;
-    // Reused from line to line: the hot loop allocates only for a new metric or column value.
-    let mut parsed = Line::default();
+    let mut fields: Vec<(Cow<str>, Num)> = Vec::new();
     for (idx, line) in body.lines().enumerate() {
         let line = line.trim_start();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
         let at = |e: String| invalid(format!("line {}: {e}", idx + 1));
-        parse_line(line, &mut parsed).map_err(at)?;
-        let timestamp = match parsed.timestamp {
-            Some(t) => precision.to_ms(t).ok_or_else(|| at("timestamp out of range".into()))?,
-            None => now_ms,
+        let (series_text, rest) = split_unescaped(line, b' ', false);
+        let rest =
+            rest.ok_or_else(|| at("missing fields (expected `measurement[,tag=v] field=v [timestamp]`)".into()))?;
+        let (m, series) = match known.get(series_text) {
+            Some(&found) => found,
+            None => {
+                let (name, tags) = parse_series(series_text).map_err(at)?;
+                let m = match measurements.iter().position(|m| m.name == name) {
+                    Some(m) => m,
+                    None => {
+                        measurements.push(Measurement { name, fields: Vec::new(), series: Vec::new() });
+                        measurements.len() - 1
+                    }
+                };
+                let series = measurements[m].series.len() as u32;
+                measurements[m].series.push(tags);
+                known.insert(series_text, (m, series));
+                (m, series)
+            }
         };
-        let tag_refs: Vec<FieldEntry> =
-            parsed.tags.iter().map(|(k, v)| (k.as_ref(), FieldClass::Tag, FieldRef::Str(v.as_ref()))).collect();
-        for (field, value) in &parsed.fields {
-            let known = lookup
-                .get(parsed.measurement.as_ref())
-                .and_then(|fields| fields.iter().find(|(f, _)| f == field.as_ref()))
-                .map(|(_, i)| *i);
-            let i = match known {
-                Some(i) => i,
+        let (fields_text, ts_text) = split_unescaped(rest.trim_start(), b' ', true);
+        parse_fields(fields_text, &mut fields).map_err(at)?;
+        let timestamp = match ts_text.map(str::trim) {
+            None | Some("") => now_ms,
+            Some(t) => {
+                let t = parse_i64(t).ok_or_else(|| at(format!("timestamp {t:?} is not an integer")))?;
+                precision.to_ms(t).ok_or_else(|| at("timestamp out of range".into()))?
+            }
+        };
+        let measurement = &mut measurements[m];
+        for (field, value) in fields.drain(..) {
+            let f = match measurement.fields.iter().position(|f| f.field == field) {
+                Some(f) => f,
                 None => {
-                    let metric = if field.as_ref() == "value" {
-                        parsed.measurement.to_string()
+                    let metric = if field == "value" {
+                        measurement.name.to_string()
                     } else {
-                        format!("{}_{field}", parsed.measurement)
+                        format!("{}_{field}", measurement.name)
                     };
                     let key = MetricKey::new(db, namespace, &metric).map_err(at)?;
-                    metrics.push((key, RowBatchBuilder::default()));
-                    let i = metrics.len() - 1;
-                    lookup.entry(parsed.measurement.to_string()).or_default().push((field.to_string(), i));
-                    i
+                    measurement.fields.push(FieldRows {
+                        field: field.into_owned(),
+                        key,
+                        timestamps: Vec::new(),
+                        values: Vec::new(),
+                        series: Vec::new(),
+                    });
+                    measurement.fields.len() - 1
                 }
             };
-            metrics[i].1.push_row(timestamp, *value, &tag_refs).map_err(at)?;
+            let rows = &mut measurement.fields[f];
+            rows.timestamps.push(timestamp);
+            rows.values.push(value);
+            rows.series.push(series);
             points += 1;
             if points > points_max {
                 return Err(IngestError::TooMany { max: points_max });
             }
         }
     }
-    Ok(Batch { metrics: metrics.into_iter().map(|(k, b)| (k, b.finish())).collect() })
+    Ok(Batch { metrics: measurements.into_iter().flat_map(Measurement::finish).collect() })
 }
 
-#[derive(Default)]
-struct Line<'a> {
-    measurement: Cow<'a, str>,
-    tags: Vec<(Cow<'a, str>, Cow<'a, str>)>,
-    fields: Vec<(Cow<'a, str>, Num)>,
-    timestamp: Option<i64>,
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type Tags<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
+
+/// The lines of one measurement in a body: its series (distinct tag sets) and, per field, the
+/// rows of the metric the field becomes.
+struct Measurement<'a> {
+    name: Cow<'a, str>,
+    fields: Vec<FieldRows>,
+    series: Vec<Tags<'a>>,
 }
 
-/// Splits `s` at the first unescaped, unquoted `sep`. Returns (before, after).
-fn split_unescaped<'a>(s: &'a str, seps: &[u8], track_quotes: bool) -> (&'a str, Option<&'a str>) {
+struct FieldRows {
+    field: String,
+    key: MetricKey,
+    timestamps: Vec<i64>,
+    values: Vec<Num>,
+    /// Per row, its series (an index into `Measurement::series`).
+    series: Vec<u32>,
+}
+
+impl Measurement<'_> {
+    /// One columnar batch per field metric. Tag values are coded once per series; each metric
+    /// keeps in its dictionaries only the values its rows use.
+    fn finish(self) -> Vec<(MetricKey, RowBatch)> {
+        let n = self.series.len();
+        // Per tag name: its distinct values and each series' code (NULL_CODE: no such tag).
+        let mut columns: BTreeMap<&str, (Vec<&str>, Vec<u32>)> = BTreeMap::new();
+        let mut codes: FastMap<(&str, &str), u32> = FastMap::default();
+        for (s, tags) in self.series.iter().enumerate() {
+            for (k, v) in tags {
+                let (dict, of_series) = columns.entry(k.as_ref()).or_insert_with(|| (Vec::new(), vec![NULL_CODE; n]));
+                of_series[s] = *codes.entry((k.as_ref(), v.as_ref())).or_insert_with(|| {
+                    dict.push(v.as_ref());
+                    dict.len() as u32 - 1
+                });
+            }
+        }
+        let mut out = Vec::with_capacity(self.fields.len());
+        for rows in self.fields {
+            let mut batch = RowBatch { timestamps: rows.timestamps, values: rows.values, columns: BTreeMap::new() };
+            for (name, (dict, of_series)) in &columns {
+                let mut remap = vec![NULL_CODE; dict.len()];
+                let mut col = DictColumn {
+                    class: Some(FieldClass::Tag),
+                    dict: Vec::new(),
+                    codes: Vec::with_capacity(rows.series.len()),
+                };
+                for &s in &rows.series {
+                    let code = of_series[s as usize];
+                    if code != NULL_CODE && remap[code as usize] == NULL_CODE {
+                        remap[code as usize] = col.dict.len() as u32;
+                        col.dict.push(FieldValue::Str(dict[code as usize].to_string()));
+                    }
+                    col.codes.push(if code == NULL_CODE { NULL_CODE } else { remap[code as usize] });
+                }
+                if !col.dict.is_empty() {
+                    batch.columns.insert(name.to_string(), col);
+                }
+            }
+            out.push((rows.key, batch));
+        }
+        out
+    }
+}
+
+/// Parses a line's series text, `measurement[,tag=value]*`, checking what a client could get
+/// wrong in it.
+fn parse_series(text: &str) -> Result<(Cow<'_, str>, Tags<'_>), String> {
+    let (measurement, mut rest) = split_unescaped(text, b',', false);
+    let measurement = unescape(measurement);
+    crate::model::validate_name("measurement", &measurement)?;
+    let mut tags: Tags = Vec::new();
+    while let Some(s) = rest {
+        let (tag, tail) = split_unescaped(s, b',', false);
+        let (k, v) = split_unescaped(tag, b'=', false);
+        let v = v.ok_or_else(|| format!("tag {tag:?} has no '='"))?;
+        let (k, v) = (unescape(k), unescape(v));
+        if v.is_empty() {
+            return Err(format!("tag {k:?} has an empty value"));
+        }
+        check_field(&k, FieldClass::Tag, FieldRef::Str(&v))?;
+        if tags.iter().any(|(seen, _)| *seen == k) {
+            return Err(format!("field {k:?} appears twice in one point"));
+        }
+        tags.push((k, v));
+        rest = tail;
+    }
+    Ok((measurement, tags))
+}
+
+/// Parses `field=value[,field=value]*` into `out` (cleared first).
+fn parse_fields<'a>(text: &'a str, out: &mut Vec<(Cow<'a, str>, Num)>) -> Result<(), String> {
+    out.clear();
+    let mut s = text;
+    loop {
+        let (field, tail) = split_unescaped(s, b',', true);
+        let (k, v) = split_unescaped(field, b'=', true);
+        let v = v.ok_or_else(|| format!("field {field:?} has no '='"))?;
+        let k = unescape(k);
+        let value = parse_field_value(&k, v)?;
+        out.push((k, value));
+        match tail {
+            Some(t) => s = t,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Splits `s` at the first unescaped (and, with `track_quotes`, unquoted) `sep`. Returns
+/// (before, after).
+fn split_unescaped(s: &str, sep: u8, track_quotes: bool) -> (&str, Option<&str>) {
     let bytes = s.as_bytes();
     let (mut i, mut in_quotes) = (0, false);
     while i < bytes.len() {
         match bytes[i] {
             b'\\' => i += 1,
             b'"' if track_quotes => in_quotes = !in_quotes,
-            b if !in_quotes && seps.contains(&b) => return (&s[..i], Some(&s[i + 1..])),
+            // `sep` is ASCII, so both sides are on character boundaries.
+            b if b == sep && !in_quotes => return (&s[..i], Some(&s[i + 1..])),
             _ => {}
         }
         i += 1;
@@ -225,7 +356,8 @@ fn split_unescaped<'a>(s: &'a str, seps: &[u8], track_quotes: bool) -> (&'a str,
 
 /// Removes line-protocol escapes; borrows when there is nothing to remove (the usual case).
 fn unescape(s: &str) -> Cow<'_, str> {
-    if !s.contains('\\') {
+    // A byte loop: the strings are short, and most have nothing to remove.
+    if !s.as_bytes().contains(&b'\\') {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len());
@@ -247,47 +379,18 @@ fn unescape(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Parses one line into `out` (its vectors are cleared first and keep their capacity).
-fn parse_line<'a>(line: &'a str, out: &mut Line<'a>) -> Result<(), String> {
-    // measurement[,tags] SP fields [SP timestamp]
-    out.tags.clear();
-    out.fields.clear();
-    let (series, rest) = split_unescaped(line, b" ", false);
-    let rest = rest.ok_or("missing fields (expected `measurement[,tag=v] field=v [timestamp]`)")?;
-    let (fields_part, ts_part) = split_unescaped(rest.trim_start(), b" ", true);
-    let (measurement, mut tags_part) = split_unescaped(series, b",", false);
-    let measurement = unescape(measurement);
-    crate::model::validate_name("measurement", &measurement)?;
-    out.measurement = measurement;
-    while let Some(s) = tags_part {
-        let (tag, tail) = split_unescaped(s, b",", false);
-        let (k, v) = split_unescaped(tag, b"=", false);
-        let v = v.ok_or_else(|| format!("tag {tag:?} has no '='"))?;
-        let (k, v) = (unescape(k), unescape(v));
-        if v.is_empty() {
-            return Err(format!("tag {k:?} has an empty value"));
-        }
-        out.tags.push((k, v));
-        tags_part = tail;
-    }
-    let mut s = fields_part;
-    loop {
-        let (field, tail) = split_unescaped(s, b",", true);
-        let (k, v) = split_unescaped(field, b"=", true);
-        let v = v.ok_or_else(|| format!("field {field:?} has no '='"))?;
-        let k = unescape(k);
-        let value = parse_field_value(&k, v)?;
-        out.fields.push((k, value));
-        match tail {
-            Some(t) => s = t,
-            None => break,
-        }
-    }
-    out.timestamp = match ts_part.map(str::trim) {
-        None | Some("") => None,
-        Some(t) => Some(t.parse::<i64>().map_err(|_| format!("timestamp {t:?} is not an integer"))?),
+/// `str::parse::<i64>`, with a fast path for up to 19 digits (a nanosecond timestamp): they
+/// fit a u64 whatever they are, so the digits are summed without a check per digit.
+fn parse_i64(s: &str) -> Option<i64> {
+    let (negative, digits) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest.as_bytes()),
+        None => (false, s.as_bytes()),
     };
-    Ok(())
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return s.parse().ok();
+    }
+    let n = digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    if negative { 0i64.checked_sub_unsigned(n) } else { i64::try_from(n).ok() }
 }
 
 fn parse_field_value(name: &str, v: &str) -> Result<Num, String> {
@@ -363,6 +466,16 @@ mod tests {
         assert_eq!(b.metrics[2].1.timestamps[0], 3);
         let b = parse_line_protocol("m value=1 5", "d", "n", Precision::S, 0, 100).unwrap();
         assert_eq!(b.metrics[0].1.timestamps[0], 5000);
+    }
+
+    #[test]
+    fn parse_i64_agrees_with_std() {
+        for s in ["0", "-0", "7", "-7", "1700000000000000000", "9223372036854775807", "-9223372036854775808"] {
+            assert_eq!(parse_i64(s), s.parse().ok(), "{s}");
+        }
+        for s in ["", "-", "9223372036854775808", "-9223372036854775809", "99999999999999999999", "1x", "+5", " 1"] {
+            assert_eq!(parse_i64(s), s.parse().ok(), "{s}");
+        }
     }
 
     #[test]

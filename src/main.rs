@@ -6,6 +6,11 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+// The ingest path allocates and frees large column vectors all the time; mimalloc keeps freed
+// memory for reuse where glibc malloc maps and unmaps it (page faults on every new buffer).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "Shoal: a masterless clustered time-series database")]
 struct Cli {

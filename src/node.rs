@@ -566,7 +566,9 @@ impl Node {
         let total = batch.len();
         let consistency = consistency.unwrap_or(self.cfg.write_consistency);
         let interval = self.cfg.shard_interval_ms;
-        let mut sends = futures_util::stream::FuturesUnordered::new();
+        let mut sends: futures_util::stream::FuturesUnordered<
+            std::pin::Pin<Box<dyn std::future::Future<Output = ReplicaOutcome> + Send>>,
+        > = Default::default();
         let mut tally: std::collections::BTreeMap<crate::model::ShardId, ShardTally> = Default::default();
         for (key, rows) in batch.metrics {
             let mut by_shard: std::collections::BTreeMap<i64, Vec<usize>> = Default::default();
@@ -591,10 +593,29 @@ impl Node {
                 for (i, replica) in replicas.iter().enumerate() {
                     let batch =
                         if i + 1 == replicas.len() { part.take().expect("once") } else { part.clone().expect("kept") };
-                    // Each send is a task of its own: the answer goes out once the consistency
-                    // level is met, and the slower replicas finish (or get a hint) behind it.
+                    // The answer goes out once the consistency level is met, and the slower
+                    // replicas finish (or get a hint) behind it. A send to another node is a task
+                    // of its own, so that it finishes even if the client goes away; this node's
+                    // own write runs in place (its command is queued at once, and a task more per
+                    // request costs a thread wake-up).
                     let (node, replica, shard) = (self.clone(), replica.clone(), shard.clone());
-                    sends.push(tokio::spawn(async move { node.send_to_replica(replica, shard, batch).await }));
+                    if replica == self.cfg.node_id {
+                        sends.push(Box::pin(async move { node.send_to_replica(replica, shard, batch).await }));
+                    } else {
+                        let task = tokio::spawn({
+                            let (replica, shard) = (replica.clone(), shard.clone());
+                            async move { node.send_to_replica(replica, shard, batch).await }
+                        });
+                        sends.push(Box::pin(async move {
+                            task.await.unwrap_or_else(|e| ReplicaOutcome {
+                                shard,
+                                replica,
+                                result: Err(format!("the send failed: {e}")),
+                                disk_full: false,
+                                payload: None,
+                            })
+                        }));
+                    }
                 }
             }
         }
@@ -603,8 +624,7 @@ impl Node {
         let mut missed: Vec<ReplicaOutcome> = Vec::new();
         let mut impossible = false;
         while unmet > 0 && !impossible {
-            let Some(joined) = sends.next().await else { break };
-            let outcome = joined.map_err(|e| NodeError::Internal(format!("a replica send failed: {e}")))?;
+            let Some(outcome) = sends.next().await else { break };
             let t = tally.get_mut(&outcome.shard).expect("every send has a tally");
             match &outcome.result {
                 Ok(()) => {
@@ -624,15 +644,13 @@ impl Node {
         if impossible || unmet > 0 {
             // Let the sends still running finish (each is bounded by the call timeout), so that
             // the answer says exactly which replicas have the points.
-            while let Some(joined) = sends.next().await {
-                if let Ok(outcome) = joined {
-                    let t = tally.get_mut(&outcome.shard).expect("every send has a tally");
-                    match outcome.result {
-                        Ok(()) => t.acks += 1,
-                        Err(e) => {
-                            t.errors.push(e);
-                            t.disk_full += usize::from(outcome.disk_full);
-                        }
+            while let Some(outcome) = sends.next().await {
+                let t = tally.get_mut(&outcome.shard).expect("every send has a tally");
+                match outcome.result {
+                    Ok(()) => t.acks += 1,
+                    Err(e) => {
+                        t.errors.push(e);
+                        t.disk_full += usize::from(outcome.disk_full);
                     }
                 }
             }
@@ -668,10 +686,8 @@ impl Node {
         if !sends.is_empty() {
             let node = self.clone();
             tokio::spawn(async move {
-                while let Some(joined) = sends.next().await {
-                    if let Ok(outcome) = joined
-                        && outcome.result.is_err()
-                    {
+                while let Some(outcome) = sends.next().await {
+                    if outcome.result.is_err() {
                         node.record_hint(&outcome);
                     }
                 }

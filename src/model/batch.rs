@@ -160,6 +160,26 @@ impl ColumnIndex {
     }
 }
 
+/// Checks a dimension or tag a client sent: its name (valid, not reserved) and its value.
+pub fn check_field(name: &str, class: FieldClass, value: FieldRef) -> Result<(), String> {
+    validate_name(class.as_str(), name)?;
+    if name == "value" || name == "timestamp" {
+        return Err(format!("{class} name {name:?} is reserved"));
+    }
+    check_value(name, class, value)
+}
+
+/// Checks a dimension or tag value: a finite number or a string of bounded length.
+fn check_value(name: &str, class: FieldClass, value: FieldRef) -> Result<(), String> {
+    match value {
+        FieldRef::Dec(d) if !d.is_finite() => Err(format!("{class} {name:?} value {d} is not a finite number")),
+        FieldRef::Str(s) if s.len() > STRING_VALUE_LEN_MAX => {
+            Err(format!("{class} {name:?} is longer than {STRING_VALUE_LEN_MAX} bytes"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Appends rows to a `RowBatch`, keeping one dictionary per column.
 #[derive(Debug, Default)]
 pub struct RowBatchBuilder {
@@ -182,26 +202,12 @@ impl RowBatchBuilder {
             return Err(format!("value {d} is not a finite number"));
         }
         for &(name, class, v) in fields {
-            match v {
-                FieldRef::Dec(d) if !d.is_finite() => {
-                    return Err(format!("{class} {name:?} value {d} is not a finite number"));
-                }
-                FieldRef::Str(s) if s.len() > STRING_VALUE_LEN_MAX => {
-                    return Err(format!("{class} {name:?} is longer than {STRING_VALUE_LEN_MAX} bytes"));
-                }
-                _ => {}
-            }
             match self.index.get(name) {
                 Some(col) if col.class != class => {
                     return Err(format!("field {name:?} is sent both as a {} and as a {class}", col.class));
                 }
-                Some(_) => {}
-                None => {
-                    validate_name(&class.to_string(), name)?;
-                    if name == "value" || name == "timestamp" {
-                        return Err(format!("{class} name {name:?} is reserved"));
-                    }
-                }
+                Some(_) => check_value(name, class, v)?,
+                None => check_field(name, class, v)?,
             }
         }
         let row = self.batch.len();

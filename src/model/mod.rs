@@ -146,13 +146,19 @@ pub enum FieldClass {
     Tag,
 }
 
-impl fmt::Display for FieldClass {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl FieldClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
             FieldClass::Value => "value",
             FieldClass::Dimension => "dimension",
             FieldClass::Tag => "tag",
-        })
+        }
+    }
+}
+
+impl fmt::Display for FieldClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

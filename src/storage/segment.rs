@@ -139,44 +139,94 @@ fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock {
 
 /// Writes `batch` (any order) as a new segment at `path`, fsynced. Returns the blocks written.
 pub fn write_segment(path: &Path, batch: &RowBatch) -> Result<Vec<BlockMeta>, SegmentError> {
-    let io = |source| SegmentError::Io { path: path.display().to_string(), source };
-    let mut order: Vec<usize> = (0..batch.len()).collect();
-    order.sort_by_key(|&r| batch.timestamps[r]);
-    let tmp = path.with_extension("tmp");
-    let mut file = std::io::BufWriter::new(File::create(&tmp).map_err(io)?);
-    crate::env::write_file(&mut file, &tmp, MAGIC).map_err(io)?;
-    let mut offset = MAGIC.len() as u64;
-    let mut blocks = Vec::new();
-    for rows in order.chunks(BLOCK_POINTS) {
-        let bytes = postcard::to_stdvec(&encode_block(batch, rows)).expect("block encodes");
-        let (mut min_value, mut max_value) = (f64::INFINITY, f64::NEG_INFINITY);
-        for &r in rows {
-            let v = batch.values[r].as_f64();
-            min_value = min_value.min(v);
-            max_value = max_value.max(v);
-        }
-        blocks.push(BlockMeta {
-            offset,
-            len: bytes.len() as u64,
-            crc: crc32fast::hash(&bytes),
-            count: rows.len() as u32,
-            min_ts: batch.timestamps[rows[0]],
-            max_ts: batch.timestamps[*rows.last().expect("chunks are non-empty")],
-            min_value,
-            max_value,
-        });
-        crate::env::write_file(&mut file, &tmp, &bytes).map_err(io)?;
-        offset += bytes.len() as u64;
+    let mut writer = SegmentWriter::create(path)?;
+    writer.add_rows(batch)?;
+    writer.finish()
+}
+
+/// Builds a segment file block by block: from rows (sorted and encoded here) or from blocks of
+/// other segments copied as they are (a merge of segments that do not overlap in time costs a
+/// copy, not a decode and re-encode). The file appears under its name only once complete and
+/// fsynced.
+pub struct SegmentWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: std::io::BufWriter<File>,
+    offset: u64,
+    blocks: Vec<BlockMeta>,
+}
+
+impl SegmentWriter {
+    pub fn create(path: &Path) -> Result<Self, SegmentError> {
+        let tmp = path.with_extension("tmp");
+        let file = File::create(&tmp).map_err(|source| SegmentError::Io { path: tmp.display().to_string(), source })?;
+        let mut writer =
+            Self { path: path.to_path_buf(), tmp, file: std::io::BufWriter::new(file), offset: 0, blocks: Vec::new() };
+        writer.write(MAGIC)?;
+        Ok(writer)
     }
-    let footer = postcard::to_stdvec(&Footer { blocks: blocks.clone() }).expect("footer encodes");
-    crate::env::write_file(&mut file, &tmp, &footer).map_err(io)?;
-    crate::env::write_file(&mut file, &tmp, &(footer.len() as u32).to_le_bytes()).map_err(io)?;
-    crate::env::write_file(&mut file, &tmp, &crc32fast::hash(&footer).to_le_bytes()).map_err(io)?;
-    crate::env::write_file(&mut file, &tmp, END_MAGIC).map_err(io)?;
-    let file = file.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    Ok(blocks)
+
+    fn io(&self, source: std::io::Error) -> SegmentError {
+        SegmentError::Io { path: self.path.display().to_string(), source }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), SegmentError> {
+        crate::env::write_file(&mut self.file, &self.tmp, bytes).map_err(|e| self.io(e))?;
+        self.offset += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Appends the rows of `batch` (any order) as blocks sorted by timestamp.
+    pub fn add_rows(&mut self, batch: &RowBatch) -> Result<(), SegmentError> {
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&r| batch.timestamps[r]);
+        for rows in order.chunks(BLOCK_POINTS) {
+            let bytes = postcard::to_stdvec(&encode_block(batch, rows)).expect("block encodes");
+            let (mut min_value, mut max_value) = (f64::INFINITY, f64::NEG_INFINITY);
+            for &r in rows {
+                let v = batch.values[r].as_f64();
+                min_value = min_value.min(v);
+                max_value = max_value.max(v);
+            }
+            self.blocks.push(BlockMeta {
+                offset: self.offset,
+                len: bytes.len() as u64,
+                crc: crc32fast::hash(&bytes),
+                count: rows.len() as u32,
+                min_ts: batch.timestamps[rows[0]],
+                max_ts: batch.timestamps[*rows.last().expect("chunks are non-empty")],
+                min_value,
+                max_value,
+            });
+            self.write(&bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Appends block `meta` of segment `from` as it is, after checking its checksum (a merge
+    /// never carries a corrupt block on under a new name).
+    pub fn copy_block(&mut self, from: &Segment, meta: &BlockMeta) -> Result<(), SegmentError> {
+        let bytes = from.read_block_bytes(meta)?;
+        self.blocks.push(BlockMeta { offset: self.offset, ..meta.clone() });
+        self.write(&bytes)
+    }
+
+    /// Writes the footer, fsyncs and renames the file into place; returns the blocks written.
+    pub fn finish(mut self) -> Result<Vec<BlockMeta>, SegmentError> {
+        let footer = postcard::to_stdvec(&Footer { blocks: self.blocks.clone() }).expect("footer encodes");
+        self.write(&footer)?;
+        self.write(&(footer.len() as u32).to_le_bytes())?;
+        self.write(&crc32fast::hash(&footer).to_le_bytes())?;
+        self.write(END_MAGIC)?;
+        let file = self
+            .file
+            .into_inner()
+            .map_err(|e| SegmentError::Io { path: self.path.display().to_string(), source: e.into_error() })?;
+        let io = |source| SegmentError::Io { path: self.path.display().to_string(), source };
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&self.tmp, &self.path).map_err(io)?;
+        Ok(self.blocks)
+    }
 }
 
 /// An open segment: its footer in memory, blocks read on demand.
@@ -225,13 +275,7 @@ impl Segment {
     pub fn read_block(&self, meta: &BlockMeta, columns: Option<&[String]>) -> Result<RowBatch, SegmentError> {
         let p = self.path.display().to_string();
         let corrupt = |what: String| SegmentError::Corrupt { path: p.clone(), what };
-        let mut bytes = vec![0u8; meta.len as usize];
-        self.file
-            .read_exact_at(&mut bytes, meta.offset)
-            .map_err(|source| SegmentError::Io { path: p.clone(), source })?;
-        if crc32fast::hash(&bytes) != meta.crc {
-            return Err(corrupt(format!("block at {} fails its checksum", meta.offset)));
-        }
+        let bytes = self.read_block_bytes(meta)?;
         let block: EncodedBlock = postcard::from_bytes(&bytes).map_err(|e| corrupt(format!("block: {e}")))?;
         let timestamps: Vec<i64> = pco_decompress(&block.timestamps).map_err(corrupt)?;
         let ints: Vec<i64> = pco_decompress(&block.ints).map_err(corrupt)?;
@@ -264,6 +308,22 @@ impl Segment {
             batch.columns.insert(f.name, DictColumn { class: Some(f.class), dict, codes });
         }
         Ok(batch)
+    }
+
+    /// The encoded bytes of one block, checked against its checksum.
+    fn read_block_bytes(&self, meta: &BlockMeta) -> Result<Vec<u8>, SegmentError> {
+        let p = self.path.display().to_string();
+        let mut bytes = vec![0u8; meta.len as usize];
+        self.file
+            .read_exact_at(&mut bytes, meta.offset)
+            .map_err(|source| SegmentError::Io { path: p.clone(), source })?;
+        if crc32fast::hash(&bytes) != meta.crc {
+            return Err(SegmentError::Corrupt {
+                path: p,
+                what: format!("block at {} fails its checksum", meta.offset),
+            });
+        }
+        Ok(bytes)
     }
 
     /// Reads the whole segment back into one batch (for merges and deletes).

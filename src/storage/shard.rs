@@ -9,7 +9,7 @@
 //! `seg-<seq>.seg`. Files not named by the manifest are leftovers of a crash and are removed.
 
 use super::digest::{BlockDigest, RowHasher, same_point};
-use super::segment::{Segment, segment_path, write_segment};
+use super::segment::{BLOCK_POINTS, BlockMeta, Segment, SegmentWriter, segment_path, write_segment};
 use super::wal::{WalWriter, encode_record, list_wal_seqs, replay, wal_path};
 use super::{StorageConfig, StorageError, fsync_dir};
 use crate::metrics::Metrics;
@@ -158,13 +158,10 @@ struct Writer {
     compacting: Option<tokio::task::JoinHandle<Result<(), StorageError>>>,
     cfg: StorageConfig,
     metrics: Arc<Metrics>,
-    /// Hash → row of the memtable's points (and of the frozen memtable's while it is being
-    /// compacted), to find a point that is already stored: points are a set (see `dedup`).
-    index: PointIndex,
-    /// How many memtable rows `index` covers; a mismatch (after recovery, or a compaction that
-    /// failed and put its rows back) rebuilds it.
-    index_rows: usize,
-    frozen_index: PointIndex,
+    /// The memtable's points by hash (and the frozen memtable's while it is being compacted),
+    /// to find a point that is already stored: points are a set (see `dedup`).
+    index: MemtableIndex,
+    frozen_index: MemtableIndex,
     tombstones: Vec<(Tombstone, KeepRow)>,
     rule: TombstoneRule,
 }
@@ -196,6 +193,82 @@ fn index_of(batch: &RowBatch) -> PointIndex {
         index.entry(hasher.hash(batch, row)).or_insert(row as u32);
     }
     index
+}
+
+/// Time range of a batch's rows (`None` when empty).
+fn time_range(batch: &RowBatch) -> Option<(i64, i64)> {
+    let lo = *batch.timestamps.iter().min()?;
+    Some((lo, *batch.timestamps.iter().max()?))
+}
+
+/// The points of a memtable by hash, as one index per group commit with the group's time range.
+/// A new row is looked up only in the groups whose time range holds it: points mostly arrive in
+/// time order, so a row usually falls in no group, or in the last one or two. Small indexes also
+/// stay in the CPU cache, where one index of a whole memtable does not.
+#[derive(Default)]
+struct MemtableIndex {
+    /// How many memtable rows the chunks cover; a mismatch (after recovery, or a compaction that
+    /// failed and put its rows back) rebuilds the index.
+    rows: usize,
+    chunks: Vec<IndexChunk>,
+}
+
+#[derive(Default)]
+struct IndexChunk {
+    min_ts: i64,
+    max_ts: i64,
+    /// Hash → row in the memtable.
+    points: PointIndex,
+}
+
+/// When more chunks than this overlap a batch (points arriving out of time order), they are
+/// merged into one, so that a row costs one lookup rather than one per chunk.
+const CHUNKS_PROBED_MAX: usize = 4;
+
+impl MemtableIndex {
+    fn of(batch: &RowBatch) -> Self {
+        let chunks = match time_range(batch) {
+            Some((min_ts, max_ts)) => vec![IndexChunk { min_ts, max_ts, points: index_of(batch) }],
+            None => Vec::new(),
+        };
+        Self { rows: batch.len(), chunks }
+    }
+
+    fn stale() -> Self {
+        Self { rows: usize::MAX, chunks: Vec::new() }
+    }
+
+    /// The chunks whose time range meets `[lo, hi]`, as a range of `self.chunks`.
+    fn overlapping(&mut self, lo: i64, hi: i64) -> std::ops::Range<usize> {
+        let (mut hit, rest): (Vec<IndexChunk>, Vec<IndexChunk>) =
+            std::mem::take(&mut self.chunks).into_iter().partition(|c| c.min_ts <= hi && lo <= c.max_ts);
+        self.chunks = rest;
+        if hit.len() > CHUNKS_PROBED_MAX {
+            hit.sort_by_key(|c| std::cmp::Reverse(c.points.len()));
+            let mut merged = hit.swap_remove(0);
+            for c in hit.drain(..) {
+                merged.min_ts = merged.min_ts.min(c.min_ts);
+                merged.max_ts = merged.max_ts.max(c.max_ts);
+                for (h, row) in c.points {
+                    merged.points.entry(h).or_insert(row);
+                }
+            }
+            hit.push(merged);
+        }
+        let start = self.chunks.len();
+        self.chunks.extend(hit);
+        start..self.chunks.len()
+    }
+
+    /// Whether row `r` of `batch` (hash `h`) is one of the points of `chunks` in `memtable`.
+    fn holds(&self, chunks: &std::ops::Range<usize>, memtable: &RowBatch, batch: &RowBatch, r: usize, h: u64) -> bool {
+        let ts = batch.timestamps[r];
+        self.chunks[chunks.clone()].iter().any(|c| {
+            ts >= c.min_ts
+                && ts <= c.max_ts
+                && c.points.get(&h).is_some_and(|&at| same_point(memtable, at as usize, batch, r))
+        })
+    }
 }
 
 impl Shard {
@@ -232,9 +305,8 @@ impl Shard {
             compacting: None,
             cfg,
             metrics,
-            index: PointIndex::default(),
-            index_rows: usize::MAX,
-            frozen_index: PointIndex::default(),
+            index: MemtableIndex::stale(),
+            frozen_index: MemtableIndex::default(),
             tombstones,
             rule,
         };
@@ -460,51 +532,67 @@ impl Writer {
     /// found by hash and confirmed by comparing the rows, so a hash collision never drops a
     /// point. Segments are read only for rows inside their time range: appends of new times,
     /// the common case, never touch the disk here.
-    fn dedup(&mut self, batches: Vec<RowBatch>) -> Result<Vec<RowBatch>, StorageError> {
+    fn dedup(&mut self, batches: Vec<RowBatch>) -> Result<(Vec<RowBatch>, Option<IndexChunk>), StorageError> {
         let st = self.shard.state.read().expect("shard lock");
         let memtable = &st.memtable.batch;
-        if self.index_rows != memtable.len() {
-            self.index = index_of(memtable);
-            self.index_rows = memtable.len();
+        if self.index.rows != memtable.len() {
+            self.index = MemtableIndex::of(memtable);
         }
-        if st.frozen.is_none() {
-            self.frozen_index.clear();
-        }
-        let blocks: Vec<(&Arc<Segment>, &super::segment::BlockMeta)> =
+        let no_frozen = RowBatch::default();
+        let frozen = match &st.frozen {
+            Some(f) => f.as_ref(),
+            None => {
+                self.frozen_index = MemtableIndex::default();
+                &no_frozen
+            }
+        };
+        let blocks: Vec<(&Arc<Segment>, &BlockMeta)> =
             st.segments.iter().flat_map(|seg| seg.blocks.iter().map(move |b| (seg, b))).collect();
         let (seg_min, seg_max) =
             blocks.iter().fold((i64::MAX, i64::MIN), |(lo, hi), (_, b)| (lo.min(b.min_ts), hi.max(b.max_ts)));
         let mut decoded: HashMap<usize, (RowBatch, PointIndex)> = HashMap::new();
         let mut kept: Vec<RowBatch> = Vec::with_capacity(batches.len());
-        // Global row numbers continue the memtable's: `starts[i]` is where kept batch i begins.
+        // The group's own points: hash → memtable row once committed. Global row numbers continue
+        // the memtable's: `starts[i]` is where kept batch i begins.
+        let rows_in_group = batches.iter().map(RowBatch::len).sum();
+        let mut group = IndexChunk {
+            min_ts: i64::MAX,
+            max_ts: i64::MIN,
+            points: PointIndex::with_capacity_and_hasher(rows_in_group, Default::default()),
+        };
         let mut starts: Vec<usize> = Vec::with_capacity(batches.len());
         let mut next = memtable.len();
         for batch in batches {
+            let Some((lo, hi)) = time_range(&batch) else {
+                starts.push(next);
+                kept.push(batch);
+                continue;
+            };
+            let in_memtable = self.index.overlapping(lo, hi);
+            let in_frozen = self.frozen_index.overlapping(lo, hi);
             let hasher = RowHasher::new(&batch);
             let mut rows: Vec<usize> = Vec::with_capacity(batch.len());
             for r in 0..batch.len() {
                 let h = hasher.hash(&batch, r);
-                // Where global row `at` is: the memtable, an earlier batch of the group, or a
-                // row of this batch kept so far.
+                // Where global row `at` of this group is: an earlier batch, or a row of this
+                // batch kept so far.
                 let held_at = |at: usize, rows: &[usize]| -> bool {
-                    if at < memtable.len() {
-                        same_point(memtable, at, &batch, r)
-                    } else if at >= next {
+                    if at >= next {
                         rows.get(at - next).is_some_and(|&kept_row| same_point(&batch, kept_row, &batch, r))
                     } else {
                         let k = starts.partition_point(|&s| s <= at) - 1;
                         same_point(&kept[k], at - starts[k], &batch, r)
                     }
                 };
-                // One probe of the memtable's index finds a stored point or the slot for a new one.
-                let slot = match self.index.entry(h) {
+                // One probe of the group's index finds a repeat or the slot for a new point.
+                let slot = match group.points.entry(h) {
                     std::collections::hash_map::Entry::Occupied(e) if held_at(*e.get() as usize, &rows) => continue,
                     // A different point with the same hash keeps the slot (see below).
                     std::collections::hash_map::Entry::Occupied(_) => None,
                     std::collections::hash_map::Entry::Vacant(v) => Some(v),
                 };
-                if let (Some(frozen), Some(&at)) = (&st.frozen, self.frozen_index.get(&h))
-                    && same_point(frozen, at as usize, &batch, r)
+                if self.index.holds(&in_memtable, memtable, &batch, r, h)
+                    || self.frozen_index.holds(&in_frozen, frozen, &batch, r, h)
                 {
                     continue;
                 }
@@ -539,6 +627,8 @@ impl Writer {
                 if let Some(slot) = slot {
                     slot.insert((next + rows.len()) as u32);
                 }
+                group.min_ts = group.min_ts.min(ts);
+                group.max_ts = group.max_ts.max(ts);
                 rows.push(r);
             }
             let batch = if rows.len() == batch.len() { batch } else { batch.select(&rows) };
@@ -546,15 +636,14 @@ impl Writer {
             next += batch.len();
             kept.push(batch);
         }
-        Ok(kept)
+        Ok((kept, (!group.points.is_empty()).then_some(group)))
     }
 
     async fn commit(&mut self, group: Vec<(RowBatch, Reply<u64>)>) {
         let (batches, replies): (Vec<RowBatch>, Vec<Reply<u64>>) = group.into_iter().unzip();
-        let batches = match self.dedup(batches) {
+        let (batches, chunk) = match self.dedup(batches) {
             Ok(b) => b,
             Err(e) => {
-                self.index_rows = usize::MAX;
                 tracing::error!(shard = %self.shard.id, error = %e, "cannot check new points against a segment");
                 for done in replies {
                     let _ = done.send(Err(StorageError::Corrupt(e.to_string())));
@@ -584,7 +673,6 @@ impl Writer {
             Ok(x) => x,
             Err(e) => {
                 // The blocking task panicked: the WAL handle is gone; fail this group and all later ones.
-                self.index_rows = usize::MAX;
                 for (_, done) in group {
                     let _ = done.send(Err(StorageError::Io(std::io::Error::other(e.to_string()))));
                 }
@@ -595,25 +683,31 @@ impl Writer {
         self.wal = Some(wal);
         if let Err(e) = res {
             tracing::error!(shard = %self.shard.id, error = %e, "WAL append failed");
-            // The index already lists the rejected rows: rebuild it from the memtable.
-            self.index_rows = usize::MAX;
             for (_, done) in group {
                 let _ = done.send(Err(StorageError::Io(std::io::Error::new(e.kind(), e.to_string()))));
             }
             return;
         }
+        let written: usize = group.iter().map(|(p, _)| p.len()).sum();
         let memtable_len = {
             let mut st = self.shard.state.write().expect("shard lock");
+            // The group's index names rows from where the memtable ended at `dedup`; had the
+            // memtable changed since (a failed compaction put rows back), rebuild it instead.
+            let in_place = st.memtable.batch.len() == self.index.rows;
             for (batch, _) in &group {
                 st.memtable.extend_from(batch, None);
             }
             if st.memtable_since.is_none() {
                 st.memtable_since = Some(tokio::time::Instant::now());
             }
+            if in_place {
+                self.index.rows += written;
+                self.index.chunks.extend(chunk);
+            } else {
+                self.index = MemtableIndex::stale();
+            }
             st.memtable.batch.len()
         };
-        self.index_rows = memtable_len;
-        let written: usize = group.iter().map(|(p, _)| p.len()).sum();
         self.metrics.points_written.fetch_add(written as u64, std::sync::atomic::Ordering::Relaxed);
         for (batch, done) in group {
             let _ = done.send(Ok(batch.len() as u64));
@@ -654,10 +748,8 @@ impl Writer {
             frozen
         };
         // The memtable's index now describes the frozen rows.
-        self.frozen_index =
-            if self.index_rows == frozen.len() { std::mem::take(&mut self.index) } else { index_of(&frozen) };
-        self.index.clear();
-        self.index_rows = 0;
+        let index = std::mem::take(&mut self.index);
+        self.frozen_index = if index.rows == frozen.len() { index } else { MemtableIndex::of(&frozen) };
         let (wal_seq, seg_seq, merge_seq) = (self.take_seq(), self.take_seq(), self.take_seq());
         let dir = self.shard.dir.clone();
         let new_wal = match blocking(move || Ok(WalWriter::create(&dir, wal_seq)?)).await {
@@ -723,6 +815,32 @@ impl Writer {
         let seg_seq = self.take_seq();
         rewrite(&self.shard, seg_seq, wal_from, Some(keep)).await
     }
+}
+
+/// Per segment, per block: whether a merge may copy the block as it is (see [`rewrite`]).
+fn blocks_to_copy(segments: &[Arc<Segment>]) -> Vec<Vec<bool>> {
+    let mut copy: Vec<Vec<bool>> =
+        segments.iter().map(|seg| seg.blocks.iter().map(|b| b.count as usize >= BLOCK_POINTS / 2).collect()).collect();
+    // (min_ts, max_ts, segment, block), by start: a block overlaps a later-starting one exactly
+    // when that one starts before this one ends.
+    let mut spans: Vec<(i64, i64, usize, usize)> = segments
+        .iter()
+        .enumerate()
+        .flat_map(|(s, seg)| seg.blocks.iter().enumerate().map(move |(b, m)| (m.min_ts, m.max_ts, s, b)))
+        .collect();
+    spans.sort_unstable();
+    for (i, &(_, end, seg, block)) in spans.iter().enumerate() {
+        for &(start, _, other_seg, other_block) in &spans[i + 1..] {
+            if start > end {
+                break;
+            }
+            if other_seg != seg {
+                copy[seg][block] = false;
+                copy[other_seg][other_block] = false;
+            }
+        }
+    }
+    copy
 }
 
 /// Puts a frozen memtable back after a failed compaction; its points are still in the old WAL.
@@ -804,6 +922,11 @@ impl Compaction {
 /// Replaces all segments of `shard` by one (`seg_seq`), keeping the rows `keep` accepts (all
 /// when `None`). Returns how many rows were dropped. Callers make sure no other compaction of
 /// the shard runs meanwhile.
+///
+/// A block that overlaps no block of another segment in time, is at least half full and loses
+/// no row is copied as it is: points mostly arrive in time order, so merging a shard's segments
+/// is mostly a file copy. The other blocks' rows are sorted together and encoded anew, so
+/// out-of-order points end up in blocks with narrow time ranges.
 async fn rewrite(shard: &Arc<Shard>, seg_seq: u64, wal_from: u64, keep: Option<KeepRow>) -> Result<u64, StorageError> {
     let old: Vec<Arc<Segment>> = shard.state.read().expect("shard lock").segments.clone();
     if old.is_empty() {
@@ -812,27 +935,41 @@ async fn rewrite(shard: &Arc<Shard>, seg_seq: u64, wal_from: u64, keep: Option<K
     let dir = shard.dir.clone();
     let old2 = old.clone();
     let (replacement, dropped) = blocking(move || {
-        let mut merged = RowBatchBuilder::default();
+        let copyable = blocks_to_copy(&old2);
+        let mut copied: Vec<(&Segment, &BlockMeta)> = Vec::new();
+        let mut rest = RowBatchBuilder::default();
         let mut dropped = 0u64;
-        for seg in &old2 {
-            for meta in &seg.blocks {
+        for (seg, flags) in old2.iter().zip(&copyable) {
+            for (meta, &copy) in seg.blocks.iter().zip(flags) {
+                if copy && keep.is_none() {
+                    copied.push((seg, meta));
+                    continue;
+                }
                 let batch = seg.read_block(meta, None)?;
                 let mask = keep.as_ref().map(|k| k(&batch));
-                if let Some(m) = &mask {
-                    dropped += m.iter().filter(|keep| !**keep).count() as u64;
+                let removed = mask.as_ref().map_or(0, |m| m.iter().filter(|keep| !**keep).count() as u64);
+                dropped += removed;
+                if copy && removed == 0 {
+                    copied.push((seg, meta));
+                } else {
+                    rest.extend_from(&batch, mask.as_deref());
                 }
-                merged.extend_from(&batch, mask.as_deref());
             }
         }
         if keep.is_some() && dropped == 0 {
             return Ok((None, 0));
         }
-        let merged = merged.finish();
-        let seg = if merged.is_empty() {
+        let rest = rest.finish();
+        let seg = if rest.is_empty() && copied.is_empty() {
             None
         } else {
             let path = segment_path(&dir, seg_seq);
-            write_segment(&path, &merged)?;
+            let mut writer = SegmentWriter::create(&path)?;
+            for (seg, meta) in copied {
+                writer.copy_block(seg, meta)?;
+            }
+            writer.add_rows(&rest)?;
+            writer.finish()?;
             fsync_dir(&dir)?;
             Some(Segment::open(&path, seg_seq)?)
         };
@@ -850,4 +987,103 @@ async fn rewrite(shard: &Arc<Shard>, seg_seq: u64, wal_from: u64, keep: Option<K
         let _ = std::fs::remove_file(&seg.path);
     }
     Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{MetricKey, Num, Point};
+
+    fn rows(range: std::ops::Range<i64>, value: i64) -> RowBatch {
+        let points: Vec<Point> = range
+            .map(|t| Point {
+                timestamp: t,
+                value: Num::Int(value),
+                dimensions: Default::default(),
+                tags: Default::default(),
+            })
+            .collect();
+        RowBatch::from_points(&points).unwrap()
+    }
+
+    /// A shard whose memtable holds every test's points until flushed; two segments at most.
+    async fn open_shard(dir: &Path) -> Arc<Shard> {
+        let cfg = StorageConfig {
+            shard_interval_ms: 1_000_000,
+            memtable_points_max: 1_000_000,
+            flush_interval: std::time::Duration::from_secs(3600),
+            segments_max: 2,
+            tombstone_grace_ms: 1000,
+        };
+        let id = ShardId { metric: MetricKey::new("d", "n", "m").unwrap(), start: 0 };
+        let keep_all: TombstoneRule = Arc::new(|_| Box::new(|b: &RowBatch| vec![true; b.len()]));
+        Shard::open(dir, id, 1_000_000, cfg, Arc::new(Metrics::default()), keep_all).await.unwrap()
+    }
+
+    /// Points are a set however the memtable's index is cut: a write in time order, a write
+    /// spanning many earlier groups (their indexes get merged) and repeats of both.
+    #[tokio::test]
+    async fn repeated_points_are_found_in_every_group_of_the_memtable() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = open_shard(dir.path()).await;
+        for g in 0..10 {
+            assert_eq!(shard.append(rows(g * 100..g * 100 + 100, 1)).await.unwrap(), 100);
+        }
+        // Every tenth point of every group again, plus 10 new ones (value 2), in one batch that
+        // spans all ten groups' time ranges.
+        let mut spanning = rows(0..0, 1);
+        for t in (0..1000).step_by(10) {
+            spanning.timestamps.extend([t, t]);
+            spanning.values.extend([Num::Int(1), Num::Int(if t % 100 == 0 { 2 } else { 1 })]);
+        }
+        assert_eq!(shard.append(spanning.clone()).await.unwrap(), 10);
+        assert_eq!(shard.append(spanning).await.unwrap(), 0);
+        assert_eq!(shard.append(rows(0..1000, 1)).await.unwrap(), 0);
+        assert_eq!(shard.append(rows(995..1005, 1)).await.unwrap(), 5);
+        assert_eq!(shard.points(), 1015);
+        // The same after a flush: the points now sit in a segment.
+        shard.flush().await.unwrap();
+        assert_eq!(shard.append(rows(990..1010, 1)).await.unwrap(), 5);
+        assert_eq!(shard.points(), 1020);
+    }
+
+    /// A merge copies the blocks that overlap no other segment and re-encodes the rest, and
+    /// either way every point survives it.
+    #[tokio::test]
+    async fn merge_copies_disjoint_blocks_and_keeps_every_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = open_shard(dir.path()).await;
+        // Three segments: the second and third overlap in [79_990, 80_000).
+        for (range, value) in [(0..40_000, 1), (40_000..80_000, 2), (79_990..100_000, 3)] {
+            shard.append(rows(range, value)).await.unwrap();
+            shard.flush().await.unwrap();
+        }
+        let segments = shard.state.read().unwrap().segments.clone();
+        assert_eq!(segments.len(), 1, "three segments over a limit of two merge into one");
+        let merged = &segments[0];
+        assert_eq!(merged.points(), 100_010);
+        // Full blocks away from the overlap come through as they were: the second segment's
+        // first block starts at 40_000, where a merge that re-encoded everything would have cut
+        // its blocks at multiples of 16_384.
+        let spans: Vec<(i64, i64)> = merged.blocks.iter().map(|b| (b.min_ts, b.max_ts)).collect();
+        assert!(spans.contains(&(0, 16_383)) && spans.contains(&(40_000, 56_383)), "{spans:?}");
+        let mut seen: Vec<(i64, i64)> = Vec::new();
+        shard
+            .scan(i64::MIN, i64::MAX, None, &mut |b| {
+                seen.extend(b.timestamps.iter().zip(&b.values).map(|(&t, v)| (t, v.as_f64() as i64)))
+            })
+            .unwrap();
+        seen.sort_unstable();
+        let mut expected: Vec<(i64, i64)> = (0..40_000)
+            .map(|t| (t, 1))
+            .chain((40_000..80_000).map(|t| (t, 2)))
+            .chain((79_990..100_000).map(|t| (t, 3)))
+            .collect();
+        expected.sort_unstable();
+        assert_eq!(seen, expected);
+        // No block of the merged segment overlaps the overlap's other copy: the overlap rows sit
+        // in one sorted run.
+        let overlapping = merged.blocks.iter().filter(|b| b.min_ts <= 79_999 && b.max_ts >= 79_990).count();
+        assert_eq!(overlapping, 1, "{spans:?}");
+    }
 }
