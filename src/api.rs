@@ -440,12 +440,18 @@ async fn cluster_members(State(node): State<Arc<Node>>) -> Json<serde_json::Valu
     Json(serde_json::json!({ "members": node.members().await }))
 }
 
-/// Starts a graceful leave; the node exits once its peers had time to hear it.
+/// Starts a graceful leave; the node exits once its peers had time to hear it. An abandoned
+/// leave shows in `GET /status` (`repair.leave.abandoned`) and the node keeps running.
 async fn cluster_leave(State(node): State<Arc<Node>>) -> Response {
+    if let Err(e) = node.begin_leave() {
+        return ApiError { status: StatusCode::CONFLICT, message: e.to_string() }.into_response();
+    }
     let leaving = node.clone();
     tokio::spawn(async move {
-        leaving.leave().await;
-        leaving.request_stop();
+        match leaving.complete_leave().await {
+            Ok(()) => leaving.request_stop(),
+            Err(e) => tracing::error!(error = %e, "the leave did not complete"),
+        }
     });
     (StatusCode::ACCEPTED, Json(serde_json::json!({ "leaving": node.cfg.node_id }))).into_response()
 }

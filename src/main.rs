@@ -205,7 +205,10 @@ async fn members(node: &str, json: bool) -> anyhow::Result<()> {
 async fn leave(node: &str) -> anyhow::Result<()> {
     let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build()?;
     let resp = http.post(format!("{node}/cluster/leave")).send().await.context("cannot reach the node (see --node)")?;
-    anyhow::ensure!(resp.status().is_success(), "the node answered {}", resp.status());
+    if !resp.status().is_success() {
+        let status = resp.status();
+        anyhow::bail!("the node answered {status}: {}", resp.text().await.unwrap_or_default());
+    }
     println!("leaving: announced to the cluster; handing off shards");
     // Progress comes from the node's status until it stops answering; the wait is bounded.
     let mut last = None;
@@ -226,7 +229,7 @@ async fn leave(node: &str) -> anyhow::Result<()> {
                 leave["moved"],
                 leave["total"],
                 if leave["kept"].as_u64().unwrap_or(0) > 0 {
-                    format!(", {} kept (no other storage node could take them)", leave["kept"])
+                    format!(", {} waiting (no other storage node could take them yet)", leave["kept"])
                 } else {
                     String::new()
                 },
@@ -236,10 +239,26 @@ async fn leave(node: &str) -> anyhow::Result<()> {
                 println!("{line}");
                 last = Some(line);
             }
+            if leave["abandoned"] == true {
+                anyhow::bail!(
+                    "the leave was abandoned: {} of {} shards found no other storage node to take them within \
+                     shoal.cluster.leave-timeout; the node stays in the cluster and keeps them",
+                    leave["kept"],
+                    leave["total"]
+                );
+            }
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     anyhow::bail!("the node is still running after {deadline:?}")
+}
+
+/// A signal asks for a graceful leave; if it is abandoned the node stops anyway, without
+/// saying `left`: peers see it dead, and it brings its shards back when it restarts.
+async fn leave_before_stopping(node: &shoal::node::Node) {
+    if let Err(e) = node.leave().await {
+        tracing::warn!(error = %e, "stopping without a hand-off: peers will see this node as dead until it returns");
+    }
 }
 
 /// The UDP address to gossip on. chitchat binds the socket itself, so port 0 is resolved here
@@ -305,8 +324,8 @@ async fn start(config: Option<PathBuf>, sets: Vec<String>) -> anyhow::Result<()>
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => stopping.leave().await,
-            _ = term.recv() => stopping.leave().await,
+            _ = tokio::signal::ctrl_c() => leave_before_stopping(&stopping).await,
+            _ = term.recv() => leave_before_stopping(&stopping).await,
             _ = stopping.stopped() => {}
         }
         tracing::info!("shutting down");

@@ -14,6 +14,18 @@ use crate::query::{self, QueryError, plan};
 use crate::storage::{Storage, StorageConfig, StorageError};
 use std::sync::Arc;
 
+/// Why a graceful leave did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaveError {
+    #[error("a leave is already in progress on this node")]
+    InProgress,
+    #[error(
+        "leave abandoned: {kept} of {total} shards found no other storage node to take them within \
+         shoal.cluster.leave-timeout; the node stays in the cluster and keeps them"
+    )]
+    Abandoned { kept: usize, total: usize },
+}
+
 /// What can go wrong serving a request, with enough detail to pick the HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -392,18 +404,45 @@ impl Node {
 
     /// Leaves the cluster gracefully: announces `leaving` (no new shard is placed here), hands
     /// each shard to a new replica, gives the news a few gossip rounds to spread, then stops
-    /// gossiping so that peers see this node as `left`, not dead.
-    pub async fn leave(&self) {
+    /// gossiping so that peers see this node as `left`, not dead. When some shard finds no new
+    /// replica within `shoal.cluster.leave-timeout` the leave is abandoned: the node announces
+    /// itself ready again and keeps its shards, because it may hold the only copy of some
+    /// acknowledged points.
+    pub async fn leave(&self) -> Result<(), LeaveError> {
+        self.begin_leave()?;
+        self.complete_leave().await
+    }
+
+    /// The part of [`Node::leave`] that must happen before the caller answers: a second leave
+    /// is refused, and a previous abandoned leave's progress is cleared.
+    pub fn begin_leave(&self) -> Result<(), LeaveError> {
         if self.leaving.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            return;
+            return Err(LeaveError::InProgress);
         }
+        self.repair.clear_leave_progress();
+        Ok(())
+    }
+
+    /// The rest of [`Node::leave`], after [`Node::begin_leave`] succeeded.
+    pub async fn complete_leave(&self) -> Result<(), LeaveError> {
+        use std::sync::atomic::Ordering::SeqCst;
         tracing::info!("leaving the cluster");
         self.membership.set(KEY_READINESS, "leaving").await;
         self.update_readiness().await;
-        self.hand_off().await;
+        let total = self.catalog.placement().values().filter(|r| r.contains(&self.cfg.node_id)).count();
+        let kept = self.hand_off().await;
+        if kept > 0 {
+            tracing::error!(kept, total, "leave abandoned: no storage node could take some shards; staying a member");
+            self.leaving.store(false, SeqCst);
+            let bootstrapped = self.readiness.read().expect("readiness lock").bootstrapped;
+            self.membership.set(KEY_READINESS, if bootstrapped { "ready" } else { "joining" }).await;
+            self.update_readiness().await;
+            return Err(LeaveError::Abandoned { kept, total });
+        }
         let spread = (self.cfg.gossip_interval * 10).max(std::time::Duration::from_millis(500));
         tokio::time::sleep(spread).await;
         self.membership.shutdown().await;
+        Ok(())
     }
 
     /// Asks the process to stop (after a leave); `main` waits on [`Node::stopped`].

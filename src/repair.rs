@@ -55,9 +55,12 @@ pub struct RepairState {
 pub struct LeaveProgress {
     pub moved: usize,
     pub total: usize,
-    /// Shards that could not be moved (no other storage node to take them).
+    /// Shards not moved yet (no other storage node could take them so far).
     pub kept: usize,
     pub done: bool,
+    /// The leave gave up after `shoal.cluster.leave-timeout` with `kept` shards still here;
+    /// the node stays a member.
+    pub abandoned: bool,
 }
 
 impl RepairState {
@@ -67,6 +70,10 @@ impl RepairState {
             "rounds": self.rounds.load(Relaxed),
             "leave": *self.leave.lock().expect("repair lock"),
         })
+    }
+
+    pub fn clear_leave_progress(&self) {
+        *self.leave.lock().expect("repair lock") = None;
     }
 
     pub fn handed_off(&self) -> bool {
@@ -478,48 +485,60 @@ impl Node {
     }
 
     /// Graceful leave, part one: hands each shard placed on this node to a new replica and
-    /// removes this node from its placement, reporting progress in `GET /status`.
-    pub(crate) async fn hand_off(&self) {
+    /// removes this node from its placement, reporting progress in `GET /status`. A shard that
+    /// no other storage node can take yet (this node may have just come out of a partition and
+    /// see no one live) is retried until `shoal.cluster.leave-timeout`: this node may hold the
+    /// only copy of some points, so it must not go while it still owns a shard. Returns how
+    /// many shards it still owns; only when that is 0 does it stop taking replica writes.
+    pub(crate) async fn hand_off(&self) -> usize {
         let me = self.cfg.node_id.clone();
-        let mine: Vec<(ShardId, BTreeSet<String>)> =
-            self.catalog.placement().into_iter().filter(|(_, r)| r.contains(&me)).collect();
+        let mut pending: Vec<ShardId> =
+            self.catalog.placement().into_iter().filter(|(_, r)| r.contains(&me)).map(|(s, _)| s).collect();
+        let mine = pending.clone();
         let set_progress = |p: LeaveProgress| *self.repair.leave.lock().expect("repair lock") = Some(p);
         let mut progress = LeaveProgress { total: mine.len(), ..Default::default() };
         set_progress(progress.clone());
         let _running = Running::start(&self.repair.running);
-        for (shard, replicas) in &mine {
-            let members = self.membership.members().await;
-            let candidates = self.new_replica_candidates(&members, &me);
-            let others: BTreeSet<String> =
-                replicas.iter().filter(|r| **r != me && live_addr(&members, r).is_some()).cloned().collect();
-            let storage_nodes = candidates.iter().filter(|c| c.storage).count();
-            let rf = self.cfg.replication_factor.min(storage_nodes);
-            let chosen = crate::placement::place(shard, &candidates, self.cfg.metrics_selector, rf, &others);
-            let moved = match chosen {
-                Ok(chosen) if !chosen.is_empty() => {
-                    let new: Vec<String> = chosen.into_iter().filter(|c| !others.contains(c)).collect();
-                    self.copy_to_new_replicas(shard, &new, &members).await
+        let deadline = tokio::time::Instant::now() + self.cfg.leave_timeout;
+        let retry_every = (self.cfg.gossip_interval * 10).max(std::time::Duration::from_millis(500));
+        loop {
+            let mut kept = Vec::new();
+            for shard in pending {
+                if self.hand_off_shard(&shard, &me).await {
+                    progress.moved += 1;
+                } else {
+                    kept.push(shard);
                 }
-                _ => false,
-            };
-            if moved {
-                if let Err(e) = self.catalog.remove_replica(shard, &me) {
-                    tracing::warn!(%shard, error = %e, "cannot remove this node from a shard's placement");
-                }
-                self.publish_catalog().await;
-                progress.moved += 1;
-            } else {
-                tracing::warn!(%shard, "no storage node could take this shard; it stays on this node's disk");
-                progress.kept += 1;
+                progress.kept = kept.len();
+                set_progress(progress.clone());
+                tracing::info!(moved = progress.moved, total = progress.total, "leave: handing off shards");
             }
-            set_progress(progress.clone());
-            tracing::info!(moved = progress.moved, total = progress.total, "leave: handing off shards");
+            pending = kept;
+            if pending.is_empty() || tokio::time::Instant::now() + retry_every > deadline {
+                break;
+            }
+            // With no other storage node known at all (a cluster of one) no retry can succeed.
+            let members = self.membership.members().await;
+            let someone = members.iter().any(|m| {
+                !m.is_self && m.state != crate::membership::Liveness::Left && m.roles.iter().any(|r| r == "storage")
+            });
+            if !someone {
+                break;
+            }
+            tracing::warn!(shards = pending.len(), "leave: no storage node could take some shards yet; retrying");
+            tokio::time::sleep(retry_every).await;
+        }
+        if !pending.is_empty() {
+            progress.abandoned = true;
+            progress.done = true;
+            set_progress(progress);
+            return pending.len();
         }
         // Writes routed here by coordinators that had not yet heard of the new placement are
         // refused from now on, and those that arrived are copied to the owners once more.
         self.repair.handed_off.store(true, Relaxed);
         let members = self.membership.members().await;
-        for (shard, _) in &mine {
+        for shard in &mine {
             for owner in self.catalog.replicas(shard) {
                 if owner == me {
                     continue;
@@ -533,6 +552,38 @@ impl Node {
         }
         progress.done = true;
         set_progress(progress);
+        0
+    }
+
+    /// Copies one shard to a new replica and takes this node out of its placement; false when
+    /// no live storage node could take it or the copy failed.
+    async fn hand_off_shard(&self, shard: &ShardId, me: &String) -> bool {
+        let replicas = self.catalog.replicas(shard);
+        if !replicas.contains(me) {
+            return true;
+        }
+        let members = self.membership.members().await;
+        let candidates = self.new_replica_candidates(&members, me);
+        let others: BTreeSet<String> =
+            replicas.iter().filter(|r| *r != me && live_addr(&members, r).is_some()).cloned().collect();
+        let storage_nodes = candidates.iter().filter(|c| c.storage).count();
+        let rf = self.cfg.replication_factor.min(storage_nodes);
+        let moved = match crate::placement::place(shard, &candidates, self.cfg.metrics_selector, rf, &others) {
+            Ok(chosen) if !chosen.is_empty() => {
+                let new: Vec<String> = chosen.into_iter().filter(|c| !others.contains(c)).collect();
+                self.copy_to_new_replicas(shard, &new, &members).await
+            }
+            _ => false,
+        };
+        if !moved {
+            tracing::warn!(%shard, "no storage node could take this shard yet");
+            return false;
+        }
+        if let Err(e) = self.catalog.remove_replica(shard, me) {
+            tracing::warn!(%shard, error = %e, "cannot remove this node from a shard's placement");
+        }
+        self.publish_catalog().await;
+        true
     }
 
     /// `(points, digest)` of `replica`'s copy of `shard` as it reports them (0 and 0 when it

@@ -413,6 +413,15 @@ fn cli_insert_query_status() {
     assert_eq!(v["records"][0]["value"], 6);
     let (ok, out, _) = run(&["status"]);
     assert!(ok && out.contains("\"points\": 2"), "{out}");
+    // A cluster of one has no node to hand its shard to: the leave is abandoned at once, the
+    // command fails saying why, and the node stays up, ready, with its points.
+    let (ok, _, err) = run(&["leave"]);
+    assert!(!ok && err.contains("the leave was abandoned: 1 of 1 shards"), "{err}");
+    assert!(node.is_running());
+    assert_eq!(node.get("/readyz").0, 200, "ready again after the abandoned leave");
+    let (ok, out, err) = run(&["query", "--db", DB, "--namespace", NS, "SELECT sum(value) FROM load"]);
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["records"][0]["value"], 6);
     let (ok, _, err) = run(&["query", "--db", DB, "--namespace", NS, "SELECT * FROM nope"]);
     assert!(!ok && err.contains("404") && err.contains("nope"), "{err}");
 }

@@ -145,13 +145,15 @@ impl Cluster {
         crate::disk::crash(&self.nodes[idx].dir)
     }
 
-    /// `shoal leave`: hands off the node's shards, then it stops for good.
-    pub async fn leave(&mut self, idx: usize) {
+    /// `shoal leave`: hands off the node's shards, then it stops for good and its disk is
+    /// gone. An abandoned leave (some shard found no new replica) leaves the node running.
+    pub async fn leave(&mut self, idx: usize) -> Result<(), shoal::node::LeaveError> {
         if let Some(node) = self.nodes[idx].node.clone() {
-            node.leave().await;
+            node.leave().await?;
         }
         self.nodes[idx].left = true;
         self.crash(idx).await;
+        Ok(())
     }
 
     pub fn live(&self) -> Vec<usize> {

@@ -22,7 +22,11 @@ pub mod run;
 ///   the gossiped digest kept the old value; the node's catalog never converged again.
 /// - 1037: a crash left a torn record at the end of a hint log, and hint replay spun on it
 ///   forever without yielding (the whole node hung).
-pub const REGRESSION_SEEDS: &[u64] = &[795774592, 795774684, 795774691, 795774751, 795774760, 1016, 1037];
+/// - 795802023: a node left right after a one-way partition healed, while it still saw no peer
+///   live; no node could take its shards, it left anyway and took the only copy of 14
+///   acknowledged points with it (a write at consistency one while the other replica's disk
+///   was full). A leave now retries such shards, and is abandoned rather than finished.
+pub const REGRESSION_SEEDS: &[u64] = &[795774592, 795774684, 795774691, 795774751, 795774760, 1016, 1037, 795802023];
 
 /// Sets the process up for simulation: blocking work inline (no thread pool deciding the
 /// order of events), file writes through the simulated disk and, when `verbose`, logs from

@@ -208,7 +208,9 @@ async fn simulate(seed: u64, verbose: bool) -> Report {
             if live.len() > RF + 1 && !crashed && active.is_empty() {
                 let idx = *script.pick(&live).expect("live nodes");
                 trace.event(format!("leave n{idx}"));
-                cluster.leave(idx).await;
+                if let Err(e) = cluster.leave(idx).await {
+                    trace.event(format!("leave n{idx}: {e}"));
+                }
             }
         }
     }

@@ -40,6 +40,7 @@ const KEYS: &[(&str, &str)] = &[
     ("shoal.cluster.roles", "a non-empty list of \"storage\" and/or \"query\""),
     ("shoal.cluster.replica-replace-after", "a duration such as 10m"),
     ("shoal.cluster.capacity-interval", "a duration of at least 100ms, such as 5s"),
+    ("shoal.cluster.leave-timeout", "a duration such as 2m"),
     ("shoal.sharding.interval", "a duration of at least 1s, such as 1d"),
     ("shoal.write.consistency", "one of one, quorum, all"),
     ("shoal.write.max-batch-points", "an integer >= 1"),
@@ -128,6 +129,8 @@ pub struct Config {
     pub roles: Vec<Role>,
     pub replica_replace_after: Duration,
     pub capacity_interval: Duration,
+    /// How long a graceful leave keeps retrying shards no other node could take yet.
+    pub leave_timeout: Duration,
     pub shard_interval_ms: i64,
     pub write_consistency: Consistency,
     pub write_batch_points_max: usize,
@@ -386,6 +389,7 @@ impl Reader<'_> {
                 d if d >= Duration::from_millis(100) => d,
                 _ => return Err(self.err("shoal.cluster.capacity-interval")),
             },
+            leave_timeout: self.duration("shoal.cluster.leave-timeout")?,
             shard_interval_ms: shard_interval.as_millis().min(i64::MAX as u128) as i64,
             write_consistency: self.choice(
                 "shoal.write.consistency",
