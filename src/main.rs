@@ -240,12 +240,8 @@ async fn leave(node: &str) -> anyhow::Result<()> {
                 last = Some(line);
             }
             if leave["abandoned"] == true {
-                anyhow::bail!(
-                    "the leave was abandoned: {} of {} shards found no other storage node to take them within \
-                     shoal.cluster.leave-timeout; the node stays in the cluster and keeps them",
-                    leave["kept"],
-                    leave["total"]
-                );
+                let count = |k: &str| leave[k].as_u64().unwrap_or(0) as usize;
+                anyhow::bail!(shoal::node::LeaveError::Abandoned { kept: count("kept"), total: count("total") });
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -429,9 +429,9 @@ impl Node {
         tracing::info!("leaving the cluster");
         self.membership.set(KEY_READINESS, "leaving").await;
         self.update_readiness().await;
-        let total = self.catalog.placement().values().filter(|r| r.contains(&self.cfg.node_id)).count();
-        let kept = self.hand_off().await;
-        if kept > 0 {
+        let progress = self.hand_off().await;
+        if progress.abandoned {
+            let (kept, total) = (progress.kept, progress.total);
             tracing::error!(kept, total, "leave abandoned: no storage node could take some shards; staying a member");
             self.leaving.store(false, SeqCst);
             let bootstrapped = self.readiness.read().expect("readiness lock").bootstrapped;

@@ -488,9 +488,9 @@ impl Node {
     /// removes this node from its placement, reporting progress in `GET /status`. A shard that
     /// no other storage node can take yet (this node may have just come out of a partition and
     /// see no one live) is retried until `shoal.cluster.leave-timeout`: this node may hold the
-    /// only copy of some points, so it must not go while it still owns a shard. Returns how
-    /// many shards it still owns; only when that is 0 does it stop taking replica writes.
-    pub(crate) async fn hand_off(&self) -> usize {
+    /// only copy of some points, so it must not go while it still owns a shard. Returns
+    /// the final progress; only when nothing is kept does it stop taking replica writes.
+    pub(crate) async fn hand_off(&self) -> LeaveProgress {
         let me = self.cfg.node_id.clone();
         let mut pending: Vec<ShardId> =
             self.catalog.placement().into_iter().filter(|(_, r)| r.contains(&me)).map(|(s, _)| s).collect();
@@ -531,8 +531,8 @@ impl Node {
         if !pending.is_empty() {
             progress.abandoned = true;
             progress.done = true;
-            set_progress(progress);
-            return pending.len();
+            set_progress(progress.clone());
+            return progress;
         }
         // Writes routed here by coordinators that had not yet heard of the new placement are
         // refused from now on, and those that arrived are copied to the owners once more.
@@ -551,8 +551,8 @@ impl Node {
             }
         }
         progress.done = true;
-        set_progress(progress);
-        0
+        set_progress(progress.clone());
+        progress
     }
 
     /// Copies one shard to a new replica and takes this node out of its placement; false when
