@@ -159,6 +159,8 @@ pub fn parse_line_protocol(
     let mut known: FastMap<&str, (usize, u32)> = FastMap::with_capacity_and_hasher(1024, Default::default());
     let mut points = 0usize;
     let mut fields: Vec<(Cow<str>, Num)> = Vec::new();
+    // Rows of a field metric: one per line, the usual case, so they are allocated once.
+    let rows_expected = lines_expected(body).min(ROWS_RESERVED_MAX);
     for (idx, line) in body.lines().enumerate() {
         let line = line.trim_start();
         if line.is_empty() || line.starts_with('#') {
@@ -185,8 +187,7 @@ pub fn parse_line_protocol(
                 (m, series)
             }
         };
-        let (fields_text, ts_text) = split_unescaped(rest.trim_start(), b' ', true);
-        parse_fields(fields_text, &mut fields).map_err(at)?;
+        let ts_text = parse_fields_and_time(rest.trim_start(), &mut fields).map_err(at)?;
         let timestamp = match ts_text.map(str::trim) {
             None | Some("") => now_ms,
             Some(t) => {
@@ -208,9 +209,9 @@ pub fn parse_line_protocol(
                     measurement.fields.push(FieldRows {
                         field: field.into_owned(),
                         key,
-                        timestamps: Vec::new(),
-                        values: Vec::new(),
-                        series: Vec::new(),
+                        timestamps: Vec::with_capacity(rows_expected),
+                        values: Vec::with_capacity(rows_expected),
+                        series: Vec::with_capacity(rows_expected),
                     });
                     measurement.fields.len() - 1
                 }
@@ -226,6 +227,16 @@ pub fn parse_line_protocol(
         }
     }
     Ok(Batch { metrics: measurements.into_iter().flat_map(Measurement::finish).collect() })
+}
+
+/// Most rows a field metric reserves up front: a body of many measurements must not reserve
+/// its line count for each of them.
+const ROWS_RESERVED_MAX: usize = 16 * 1024;
+
+/// The number of lines in `body` if all were as long as the first: a guess that costs nothing.
+fn lines_expected(body: &str) -> usize {
+    let first = body.find('\n').unwrap_or(body.len());
+    body.len() / (first + 1) + 1
 }
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -318,6 +329,44 @@ fn parse_series(text: &str) -> Result<(Cow<'_, str>, Tags<'_>), String> {
     Ok((measurement, tags))
 }
 
+/// Parses `field=value[,field=value]*[ timestamp]` into `out` (cleared first) and returns the
+/// timestamp's text. Fields without escapes or quotes, nearly all, are read in one pass;
+/// the first `\\` or `"` hands the whole text to the general path.
+fn parse_fields_and_time<'a>(text: &'a str, out: &mut Vec<(Cow<'a, str>, Num)>) -> Result<Option<&'a str>, String> {
+    out.clear();
+    let b = text.as_bytes();
+    let (mut start, mut i) = (0, 0);
+    loop {
+        while i < b.len() && !matches!(b[i], b'=' | b',' | b' ' | b'\\' | b'"') {
+            i += 1;
+        }
+        if i == b.len() || b[i] != b'=' {
+            break;
+        }
+        let key = &text[start..i];
+        i += 1;
+        let value_start = i;
+        while i < b.len() && !matches!(b[i], b',' | b' ' | b'\\' | b'"') {
+            i += 1;
+        }
+        if i < b.len() && matches!(b[i], b'\\' | b'"') {
+            break;
+        }
+        out.push((Cow::Borrowed(key), parse_field_value(key, &text[value_start..i])?));
+        match b.get(i) {
+            None => return Ok(None),
+            Some(b' ') => return Ok(Some(&text[i + 1..])),
+            _ => {
+                i += 1;
+                start = i;
+            }
+        }
+    }
+    let (fields_text, ts_text) = split_unescaped(text, b' ', true);
+    parse_fields(fields_text, out)?;
+    Ok(ts_text)
+}
+
 /// Parses `field=value[,field=value]*` into `out` (cleared first).
 fn parse_fields<'a>(text: &'a str, out: &mut Vec<(Cow<'a, str>, Num)>) -> Result<(), String> {
     out.clear();
@@ -393,6 +442,36 @@ fn parse_i64(s: &str) -> Option<i64> {
     if negative { 0i64.checked_sub_unsigned(n) } else { i64::try_from(n).ok() }
 }
 
+/// `str::parse::<f64>`, with a fast path for plain decimals of up to 15 digits (`12.5`,
+/// `-0.25`): the digits are an integer below 2^53 and the divisor a power of ten below 10^16,
+/// both exact in an f64, so one division is correctly rounded (Clinger's fast path) and gives
+/// the very bits `str::parse` gives. Exponents, signs other than `-` and longer numbers take
+/// the general path.
+fn parse_f64(s: &str) -> Option<f64> {
+    const POW10: [f64; 16] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15];
+    let (negative, bytes) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest.as_bytes()),
+        None => (false, s.as_bytes()),
+    };
+    let (mut mantissa, mut digits, mut dot) = (0u64, 0usize, None);
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'0'..=b'9' if digits < POW10.len() - 1 => {
+                mantissa = mantissa * 10 + u64::from(b - b'0');
+                digits += 1;
+            }
+            b'.' if dot.is_none() => dot = Some(i),
+            _ => return s.parse().ok(),
+        }
+    }
+    if digits == 0 {
+        return s.parse().ok();
+    }
+    let fraction_digits = dot.map_or(0, |at| bytes.len() - at - 1);
+    let v = mantissa as f64 / POW10[fraction_digits];
+    Some(if negative { -v } else { v })
+}
+
 fn parse_field_value(name: &str, v: &str) -> Result<Num, String> {
     if v.starts_with('"') {
         return Err(format!("field {name:?} is a string; only numeric fields are supported"));
@@ -400,8 +479,15 @@ fn parse_field_value(name: &str, v: &str) -> Result<Num, String> {
     if matches!(v, "t" | "T" | "true" | "True" | "TRUE" | "f" | "F" | "false" | "False" | "FALSE") {
         return Err(format!("field {name:?} is a boolean; only numeric fields are supported"));
     }
+    // A decimal, the usual case, ends in a digit or a dot; anything else is checked below.
+    if v.ends_with(|c: char| c.is_ascii_digit() || c == '.') {
+        return match parse_f64(v) {
+            Some(f) if f.is_finite() => Ok(Num::Dec(f)),
+            _ => Err(format!("field {name:?}: {v:?} is not a number")),
+        };
+    }
     if let Some(int) = v.strip_suffix('i') {
-        return int.parse::<i64>().map(Num::Int).map_err(|_| format!("field {name:?}: {v:?} is not an integer"));
+        return parse_i64(int).map(Num::Int).ok_or_else(|| format!("field {name:?}: {v:?} is not an integer"));
     }
     if let Some(uint) = v.strip_suffix('u') {
         return uint
@@ -475,6 +561,52 @@ mod tests {
         }
         for s in ["", "-", "9223372036854775808", "-9223372036854775809", "99999999999999999999", "1x", "+5", " 1"] {
             assert_eq!(parse_i64(s), s.parse().ok(), "{s}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_f64_agrees_with_std(s in "-?[0-9]{0,18}(\\.[0-9]{0,18})?|[-+.e0-9]{1,12}") {
+            let ours = parse_f64(&s).map(f64::to_bits);
+            proptest::prop_assert_eq!(ours, s.parse::<f64>().ok().map(f64::to_bits), "{:?}", s);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn one_pass_fields_agree_with_the_general_path(text in "[ab0-9=,. \"\\\\i-]{0,16}") {
+            let mut fast = Vec::new();
+            let fast = parse_fields_and_time(&text, &mut fast).map(|ts| (fast, ts));
+            let (fields_text, ts) = split_unescaped(&text, b' ', true);
+            let mut general = Vec::new();
+            let general = parse_fields(fields_text, &mut general).map(|()| (general, ts));
+            proptest::prop_assert_eq!(format!("{fast:?}"), format!("{general:?}"));
+        }
+    }
+
+    #[test]
+    fn parse_f64_agrees_with_std_at_the_edges() {
+        for s in [
+            "0",
+            "-0",
+            "-0.0",
+            ".5",
+            "5.",
+            ".",
+            "-",
+            "",
+            "999999999999999",
+            "9999999999999999",
+            "0.1",
+            "-12.75",
+            "1.000000000000001",
+            "0.000000000000001",
+            "1e3",
+            "+2",
+            "1..2",
+            "inf",
+        ] {
+            assert_eq!(parse_f64(s).map(f64::to_bits), s.parse::<f64>().ok().map(f64::to_bits), "{s:?}");
         }
     }
 
