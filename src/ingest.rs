@@ -161,7 +161,7 @@ pub fn parse_line_protocol(
     let mut fields: Vec<(Cow<str>, Num)> = Vec::new();
     // Rows of a field metric: one per line, the usual case, so they are allocated once.
     let rows_expected = lines_expected(body).min(ROWS_RESERVED_MAX);
-    for (idx, line) in body.lines().enumerate() {
+    for (idx, line) in lines(body).enumerate() {
         let line = line.trim_start();
         if line.is_empty() || line.starts_with('#') {
             continue;
@@ -232,6 +232,21 @@ pub fn parse_line_protocol(
 /// Most rows a field metric reserves up front: a body of many measurements must not reserve
 /// its line count for each of them.
 const ROWS_RESERVED_MAX: usize = 16 * 1024;
+
+/// `str::lines` (a line ends at `\n` or `\r\n`), with the newlines found by `memchr`'s
+/// vectorized search: `str::lines` was a tenth of the parsing time.
+fn lines(body: &str) -> impl Iterator<Item = &str> {
+    let mut start = 0;
+    let last = (!body.is_empty() && !body.ends_with('\n')).then_some(body.len());
+    memchr::memchr_iter(b'\n', body.as_bytes()).chain(last).map(move |end| {
+        let line = &body[start..end];
+        start = end + 1;
+        match body.as_bytes().get(end) {
+            Some(b'\n') => line.strip_suffix('\r').unwrap_or(line),
+            _ => line,
+        }
+    })
+}
 
 /// The number of lines in `body` if all were as long as the first: a guess that costs nothing.
 fn lines_expected(body: &str) -> usize {
@@ -581,6 +596,13 @@ mod tests {
             let mut general = Vec::new();
             let general = parse_fields(fields_text, &mut general).map(|()| (general, ts));
             proptest::prop_assert_eq!(format!("{fast:?}"), format!("{general:?}"));
+        }
+    }
+
+    #[test]
+    fn lines_agree_with_std() {
+        for body in ["", "\n", "a", "a\n", "a\nb", "a\r\nb\r\n", "\n\na\n\n", "a\r", "\r\n"] {
+            assert_eq!(lines(body).collect::<Vec<_>>(), body.lines().collect::<Vec<_>>(), "{body:?}");
         }
     }
 
