@@ -185,9 +185,20 @@ fn check_value(name: &str, class: FieldClass, value: FieldRef) -> Result<(), Str
 pub struct RowBatchBuilder {
     pub batch: RowBatch,
     index: FastMap<String, ColumnIndex>,
+    /// Rows each column is allocated for when it is created.
+    rows_reserved: usize,
 }
 
 impl RowBatchBuilder {
+    /// An empty builder whose columns are allocated for `rows` rows from the start: a memtable
+    /// that expects as many points as the last one held grows without copying them.
+    pub fn with_capacity(rows: usize) -> Self {
+        let mut builder = Self { rows_reserved: rows, ..Self::default() };
+        builder.batch.timestamps.reserve(rows);
+        builder.batch.values.reserve(rows);
+        builder
+    }
+
     /// Appends one row, validating what a client could get wrong: names, the class of a name
     /// (dimension or tag), string lengths, finite numbers.
     pub fn push_row(
@@ -242,7 +253,9 @@ impl RowBatchBuilder {
             let index =
                 ColumnIndex { class, strs: FastMap::default(), ints: FastMap::default(), decs: FastMap::default() };
             self.index.insert(name.to_string(), index);
-            let col = DictColumn { class: Some(class), dict: Vec::new(), codes: vec![NULL_CODE; rows] };
+            let mut codes = Vec::with_capacity(self.rows_reserved.max(rows));
+            codes.resize(rows, NULL_CODE);
+            let col = DictColumn { class: Some(class), dict: Vec::new(), codes };
             self.batch.columns.insert(name.to_string(), col);
         }
         let index = self.index.get_mut(name).expect("inserted above");
@@ -264,17 +277,24 @@ impl RowBatchBuilder {
     pub fn extend_from(&mut self, batch: &RowBatch, keep: Option<&[bool]>) {
         let selected = |r: usize| keep.is_none_or(|k| k[r]);
         let start = self.batch.len();
-        for r in (0..batch.len()).filter(|&r| selected(r)) {
-            self.batch.timestamps.push(batch.timestamps[r]);
-            self.batch.values.push(batch.values[r]);
+        if keep.is_none() {
+            self.batch.timestamps.extend_from_slice(&batch.timestamps);
+            self.batch.values.extend_from_slice(&batch.values);
+        } else {
+            for r in (0..batch.len()).filter(|&r| selected(r)) {
+                self.batch.timestamps.push(batch.timestamps[r]);
+                self.batch.values.push(batch.values[r]);
+            }
         }
         for (name, src) in &batch.columns {
             let class = src.class.unwrap_or(FieldClass::Dimension);
             let (index, col) = self.column(name, class, start);
             let remap: Vec<u32> = src.dict.iter().map(|v| index.code(&mut col.dict, v.into())).collect();
-            for r in (0..batch.len()).filter(|&r| selected(r)) {
-                let c = src.codes[r];
-                col.codes.push(if c == NULL_CODE { NULL_CODE } else { remap[c as usize] });
+            let recode = |c: u32| if c == NULL_CODE { NULL_CODE } else { remap[c as usize] };
+            if keep.is_none() {
+                col.codes.extend(src.codes.iter().map(|&c| recode(c)));
+            } else {
+                col.codes.extend((0..batch.len()).filter(|&r| selected(r)).map(|r| recode(src.codes[r])));
             }
         }
         self.pad_nulls(self.batch.len());

@@ -73,6 +73,9 @@ fn write_checked<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), St
 #[derive(Default)]
 struct ShardState {
     memtable: RowBatchBuilder,
+    /// How many points the last memtable held when it was flushed: the next one, likely to fill
+    /// as that one did, is allocated for as many when its first points arrive.
+    memtable_rows_expected: usize,
     /// When the oldest point in the memtable arrived (for flushing idle shards).
     memtable_since: Option<tokio::time::Instant>,
     /// A memtable being written to a segment: still visible to scans until the segment is.
@@ -694,6 +697,9 @@ impl Writer {
             // The group's index names rows from where the memtable ended at `dedup`; had the
             // memtable changed since (a failed compaction put rows back), rebuild it instead.
             let in_place = st.memtable.batch.len() == self.index.rows;
+            if st.memtable.batch.is_empty() && st.memtable_rows_expected > 0 {
+                st.memtable = RowBatchBuilder::with_capacity(st.memtable_rows_expected);
+            }
             for (batch, _) in &group {
                 st.memtable.extend_from(batch, None);
             }
@@ -742,6 +748,7 @@ impl Writer {
             if st.memtable.batch.is_empty() {
                 return Ok(());
             }
+            st.memtable_rows_expected = st.memtable.batch.len().min(2 * self.cfg.memtable_points_max);
             let frozen = Arc::new(std::mem::take(&mut st.memtable).finish());
             st.memtable_since = None;
             st.frozen = Some(frozen.clone());
