@@ -3,6 +3,11 @@
 //! Appends are batched by the shard's writer (group commit) and made durable with one
 //! `fdatasync` per batch. Replay stops at the first record that is short or fails its checksum
 //! and truncates the file there: that is a torn tail from a crash, never an acknowledged write.
+//!
+//! A WAL file is zero-filled ahead of its appends, so that an append overwrites blocks the file
+//! already has and its `fdatasync` writes only those: an append that grew the file would also
+//! make the filesystem write the inode (and block maps) on every commit. A zero length field
+//! reads as the end of the log, so the zeros are never taken for records or for a torn tail.
 
 use crate::model::batch::RowBatch;
 use std::fs::{File, OpenOptions};
@@ -42,6 +47,10 @@ pub fn frame(payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// Zeros written ahead of a WAL's appends: the first extension, and the largest.
+const ZEROS_AHEAD_MIN: u64 = 64 * 1024;
+const ZEROS_AHEAD_MAX: u64 = 4 * 1024 * 1024;
+
 /// An append-only file of framed records: a shard's WAL, or the hints kept for one node.
 /// An append is durable when it returns Ok. One that fails (a full disk, a failed fsync) is
 /// cut off again, so the next record never lands behind a torn one, where replay, which stops
@@ -50,6 +59,10 @@ pub struct AppendLog {
     file: File,
     path: PathBuf,
     durable_len: u64,
+    /// The file's length: `durable_len` plus any zeros written ahead.
+    file_len: u64,
+    /// Whether appends zero-fill the file ahead of themselves (a WAL, see the module comment).
+    zero_fill: bool,
     /// A failed append left bytes that could not be cut off yet.
     needs_cut: bool,
 }
@@ -57,7 +70,7 @@ pub struct AppendLog {
 impl AppendLog {
     /// Opens (or creates) the log at `path`, cutting off bytes past the last whole record.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).read(true).open(path)?;
+        let file = OpenOptions::new().create(true).write(true).read(true).open(path)?;
         if let Some(dir) = path.parent() {
             super::fsync_dir(dir)?;
         }
@@ -67,7 +80,14 @@ impl AppendLog {
         while let Some(payload) = read_record(&mut reader)? {
             durable_len += record_len(payload.len());
         }
-        let mut log = Self { file, path: path.to_path_buf(), durable_len, needs_cut: durable_len < file_len };
+        let mut log = Self {
+            file,
+            path: path.to_path_buf(),
+            durable_len,
+            file_len,
+            zero_fill: false,
+            needs_cut: durable_len < file_len,
+        };
         if log.needs_cut {
             log.cut()?;
         }
@@ -79,7 +99,7 @@ impl AppendLog {
         if self.needs_cut {
             self.cut()?;
         }
-        let written = crate::env::write_file(&mut self.file, &self.path, records).and_then(|()| self.file.sync_data());
+        let written = self.write_at_end(records).and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {
                 self.durable_len += records.len() as u64;
@@ -105,9 +125,36 @@ impl AppendLog {
         self.durable_len == 0
     }
 
+    /// Writes `records` after the durable ones and, for a WAL whose zeros they reach, zeros
+    /// ahead of them: as many as the file holds already (so a busy WAL extends itself rarely),
+    /// within bounds. The zeros are only an optimization: when they cannot be written (a full
+    /// disk), the file ends after the records.
+    fn write_at_end(&mut self, records: &[u8]) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        self.file.seek(SeekFrom::Start(self.durable_len))?;
+        crate::env::write_file(&mut self.file, &self.path, records)?;
+        let end = self.durable_len + records.len() as u64;
+        self.file_len = self.file_len.max(end);
+        if !self.zero_fill || end < self.file_len {
+            return Ok(());
+        }
+        let ahead = end.clamp(ZEROS_AHEAD_MIN, ZEROS_AHEAD_MAX);
+        let zeros = vec![0u8; ahead as usize];
+        match crate::env::write_file(&mut self.file, &self.path, &zeros) {
+            Ok(()) => self.file_len = end + ahead,
+            Err(e) => {
+                tracing::debug!(log = %self.path.display(), error = %e, "cannot zero-fill ahead of the WAL");
+                self.file.set_len(end)?;
+                self.file_len = end;
+            }
+        }
+        Ok(())
+    }
+
     fn cut(&mut self) -> std::io::Result<()> {
         self.file.set_len(self.durable_len)?;
         self.file.sync_data()?;
+        self.file_len = self.durable_len;
         self.needs_cut = false;
         Ok(())
     }
@@ -120,7 +167,9 @@ pub struct WalWriter {
 
 impl WalWriter {
     pub fn create(dir: &Path, seq: u64) -> std::io::Result<Self> {
-        Ok(Self { log: AppendLog::open(&wal_path(dir, seq))?, seq })
+        let mut log = AppendLog::open(&wal_path(dir, seq))?;
+        log.zero_fill = true;
+        Ok(Self { log, seq })
     }
 
     /// Appends already-framed records and makes them durable before returning.
@@ -138,7 +187,8 @@ pub fn read_record(reader: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
     }
     let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-    if len > RECORD_BYTES_MAX {
+    // No record is empty: a zero length is where a WAL's zero-filled space begins.
+    if len == 0 || len > RECORD_BYTES_MAX {
         return Ok(None);
     }
     // Read through `take`, so a garbage length past the end of the file allocates only what
@@ -188,7 +238,12 @@ pub fn replay(path: &Path) -> std::io::Result<Replay> {
         pos += record_len(payload.len());
     }
     if pos < file_len {
-        replay.torn_bytes = file_len - pos;
+        // Zeros written ahead of the appends are not a torn record: count up to the last byte
+        // that is not zero.
+        let mut rest = Vec::new();
+        std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(pos))?;
+        reader.read_to_end(&mut rest)?;
+        replay.torn_bytes = rest.iter().rposition(|&b| b != 0).map_or(0, |at| at as u64 + 1);
         let file = OpenOptions::new().write(true).open(path)?;
         file.set_len(pos)?;
         file.sync_all()?;
@@ -222,14 +277,22 @@ mod tests {
         encode_record(&points(&[1, 2]), &mut buf);
         encode_record(&points(&[3]), &mut buf);
         w.append_durable(&buf).unwrap();
+        let path = wal_path(dir.path(), 1);
+        let zero_filled = std::fs::metadata(&path).unwrap().len();
+        assert!(zero_filled >= ZEROS_AHEAD_MIN, "the WAL is zero-filled ahead of its records");
+        let r = replay(&path).unwrap();
+        assert_eq!((r.batches.len(), r.torn_bytes), (2, 0), "zeros ahead are neither records nor torn");
         // A torn third record: header and half the payload.
+        let mut w = WalWriter::create(dir.path(), 1).unwrap();
         let mut torn = Vec::new();
         encode_record(&points(&[4]), &mut torn);
         w.append_durable(&torn[..torn.len() - 2]).unwrap();
-        let r = replay(&wal_path(dir.path(), 1)).unwrap();
+        let r = replay(&path).unwrap();
         assert_eq!(r.batches.len(), 2);
         assert_eq!(r.batches[1], points(&[3]));
-        assert_eq!(r.torn_bytes, torn.len() as u64 - 2);
+        // Counted up to its last byte that is not zero.
+        let torn_nonzero = torn[..torn.len() - 2].iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
+        assert_eq!(r.torn_bytes, torn_nonzero);
         // The file was truncated, so a second replay finds nothing torn.
         let r = replay(&wal_path(dir.path(), 1)).unwrap();
         assert_eq!((r.batches.len(), r.torn_bytes), (2, 0));
