@@ -70,7 +70,7 @@ pub struct AppendLog {
 impl AppendLog {
     /// Opens (or creates) the log at `path`, cutting off bytes past the last whole record.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).write(true).read(true).open(path)?;
+        let file = OpenOptions::new().create(true).truncate(false).write(true).read(true).open(path)?;
         if let Some(dir) = path.parent() {
             super::fsync_dir(dir)?;
         }
