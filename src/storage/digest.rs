@@ -22,65 +22,58 @@ impl BlockDigest {
     }
 }
 
-/// Hashes the rows of one batch: each distinct dimension/tag value is hashed once per batch
-/// (its column's dictionary), so a row costs a hash of its timestamp and value plus one add
-/// per field. The result depends only on the point, never on the batch it sits in, and is
-/// stable across processes (FNV-1a over a canonical encoding, splitmix finalizers).
-pub struct RowHasher {
-    /// Per column, the hash of each dictionary entry.
-    columns: Vec<Vec<u64>>,
-}
-
-impl RowHasher {
-    pub fn new(batch: &RowBatch) -> Self {
-        let columns = batch
-            .columns
+/// The hash of every row of a batch, in row order. Each distinct dimension/tag value is hashed
+/// once (its column's dictionary), and the columns are walked one after the other, so a row
+/// costs a hash of its timestamp and value plus one add per field. The result depends only on
+/// the point, never on the batch it sits in, and is stable across processes (FNV-1a over a
+/// canonical encoding of field values, splitmix finalizers).
+pub fn row_hashes(batch: &RowBatch) -> Vec<u64> {
+    let mut fields = vec![0u64; batch.len()];
+    for (name, col) in &batch.columns {
+        let dict: Vec<u64> = col
+            .dict
             .iter()
-            .map(|(name, col)| {
-                col.dict
-                    .iter()
-                    .map(|v| {
-                        let mut h = Fnv::new();
-                        h.bytes(name.as_bytes());
-                        h.bytes(&[0xff, col.class.map_or(0, |c| c as u8)]);
-                        match v {
-                            FieldValue::Int(i) => num(&mut h, Num::Int(*i)),
-                            FieldValue::Dec(d) => num(&mut h, Num::Dec(*d)),
-                            FieldValue::Str(s) => {
-                                h.bytes(&[3]);
-                                h.bytes(s.as_bytes());
-                            }
-                        }
-                        mix(h.0)
-                    })
-                    .collect()
+            .map(|v| {
+                let mut h = Fnv::new();
+                h.bytes(name.as_bytes());
+                h.bytes(&[0xff, col.class.map_or(0, |c| c as u8)]);
+                match v {
+                    FieldValue::Int(i) => num(&mut h, Num::Int(*i)),
+                    FieldValue::Dec(d) => num(&mut h, Num::Dec(*d)),
+                    FieldValue::Str(s) => {
+                        h.bytes(&[3]);
+                        h.bytes(s.as_bytes());
+                    }
+                }
+                mix(h.0)
             })
             .collect();
-        Self { columns }
-    }
-
-    pub fn hash(&self, batch: &RowBatch, row: usize) -> u64 {
-        // Whole words through the splitmix finalizer: the timestamp and value are hashed for
-        // every row, where FNV's byte loop was a chain of 17 dependent multiplications.
-        let value = match batch.values[row] {
-            Num::Int(i) => i as u64,
-            Num::Dec(d) => d.to_bits() ^ DECIMAL_SALT,
-        };
-        let point = mix(mix(batch.timestamps[row] as u64 ^ TIMESTAMP_SALT) ^ value);
-        let mut fields = 0u64;
-        for (col, hashes) in batch.columns.values().zip(&self.columns) {
-            let code = col.codes[row];
+        for (sum, &code) in fields.iter_mut().zip(&col.codes) {
             if code != NULL_CODE {
-                fields = fields.wrapping_add(hashes[code as usize]);
+                *sum = sum.wrapping_add(dict[code as usize]);
             }
         }
-        mix(point ^ fields)
     }
+    // The timestamp and value as whole words through the splitmix finalizer: FNV's byte loop
+    // was a chain of 17 dependent multiplications per row.
+    batch
+        .timestamps
+        .iter()
+        .zip(&batch.values)
+        .zip(&fields)
+        .map(|((&ts, &value), &fields)| {
+            let value = match value {
+                Num::Int(i) => i as u64,
+                Num::Dec(d) => d.to_bits() ^ DECIMAL_SALT,
+            };
+            mix(mix(mix(ts as u64 ^ TIMESTAMP_SALT) ^ value) ^ fields)
+        })
+        .collect()
 }
 
-/// The hash of one row; for many rows of a batch use a [`RowHasher`].
+/// The hash of one row; for many rows of a batch use [`row_hashes`].
 pub fn point_hash(batch: &RowBatch, row: usize) -> u64 {
-    RowHasher::new(batch).hash(batch, row)
+    row_hashes(batch)[row]
 }
 
 /// Whether two rows (of any two batches) are the same point: same timestamp, value (an

@@ -8,7 +8,7 @@
 //! Folder: `MANIFEST` (live segments and the first WAL to replay), `wal-<seq>.log`,
 //! `seg-<seq>.seg`. Files not named by the manifest are leftovers of a crash and are removed.
 
-use super::digest::{BlockDigest, RowHasher, same_point};
+use super::digest::{BlockDigest, row_hashes, same_point};
 use super::segment::{BLOCK_POINTS, BlockMeta, Segment, SegmentWriter, segment_path, write_segment};
 use super::wal::{WalWriter, encode_record, list_wal_seqs, replay, wal_path};
 use super::{StorageConfig, StorageError, fsync_dir};
@@ -190,10 +190,9 @@ impl std::hash::Hasher for IdentityHasher {
 }
 
 fn index_of(batch: &RowBatch) -> PointIndex {
-    let hasher = RowHasher::new(batch);
     let mut index = PointIndex::default();
-    for row in 0..batch.len() {
-        index.entry(hasher.hash(batch, row)).or_insert(row as u32);
+    for (row, h) in row_hashes(batch).into_iter().enumerate() {
+        index.entry(h).or_insert(row as u32);
     }
     index
 }
@@ -393,12 +392,11 @@ impl Shard {
         let block_ms = block_ms.max(1);
         let mut blocks: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
         self.scan(from, to, None, &mut |b| {
-            let hasher = RowHasher::new(b);
-            for (row, &ts) in b.timestamps.iter().enumerate() {
+            for (&ts, h) in b.timestamps.iter().zip(row_hashes(b)) {
                 if ts >= from && ts < to {
                     let e = blocks.entry(ts.div_euclid(block_ms) * block_ms).or_default();
                     e.0 += 1;
-                    e.1 = e.1.wrapping_add(hasher.hash(b, row));
+                    e.1 = e.1.wrapping_add(h);
                 }
             }
         })?;
@@ -549,10 +547,14 @@ impl Writer {
                 &no_frozen
             }
         };
-        let blocks: Vec<(&Arc<Segment>, &BlockMeta)> =
-            st.segments.iter().flat_map(|seg| seg.blocks.iter().map(move |b| (seg, b))).collect();
-        let (seg_min, seg_max) =
-            blocks.iter().fold((i64::MAX, i64::MIN), |(lo, hi), (_, b)| (lo.min(b.min_ts), hi.max(b.max_ts)));
+        let (seg_min, seg_max) = st
+            .segments
+            .iter()
+            .flat_map(|seg| &seg.blocks)
+            .fold((i64::MAX, i64::MIN), |(lo, hi), b| (lo.min(b.min_ts), hi.max(b.max_ts)));
+        // Listed when a row first falls inside the segments' time range: appends of new times,
+        // the common case, never need them.
+        let mut blocks: Option<Vec<(&Arc<Segment>, &BlockMeta)>> = None;
         let mut decoded: HashMap<usize, (RowBatch, PointIndex)> = HashMap::new();
         let mut kept: Vec<RowBatch> = Vec::with_capacity(batches.len());
         // The group's own points: hash → memtable row once committed. Global row numbers continue
@@ -573,10 +575,10 @@ impl Writer {
             };
             let in_memtable = self.index.overlapping(lo, hi);
             let in_frozen = self.frozen_index.overlapping(lo, hi);
-            let hasher = RowHasher::new(&batch);
+            let hashes = row_hashes(&batch);
             let mut rows: Vec<usize> = Vec::with_capacity(batch.len());
             for r in 0..batch.len() {
-                let h = hasher.hash(&batch, r);
+                let h = hashes[r];
                 // Where global row `at` of this group is: an earlier batch, or a row of this
                 // batch kept so far.
                 let held_at = |at: usize, rows: &[usize]| -> bool {
@@ -602,6 +604,9 @@ impl Writer {
                 let ts = batch.timestamps[r];
                 if ts >= seg_min && ts <= seg_max {
                     let mut found = false;
+                    let blocks = blocks.get_or_insert_with(|| {
+                        st.segments.iter().flat_map(|seg| seg.blocks.iter().map(move |b| (seg, b))).collect()
+                    });
                     for (i, (seg, meta)) in blocks.iter().enumerate() {
                         if ts < meta.min_ts || ts > meta.max_ts {
                             continue;

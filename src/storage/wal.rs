@@ -139,8 +139,17 @@ impl AppendLog {
             return Ok(());
         }
         let ahead = end.clamp(ZEROS_AHEAD_MIN, ZEROS_AHEAD_MAX);
-        let zeros = vec![0u8; ahead as usize];
-        match crate::env::write_file(&mut self.file, &self.path, &zeros) {
+        static ZEROS: [u8; ZEROS_AHEAD_MIN as usize] = [0; ZEROS_AHEAD_MIN as usize];
+        let mut write_zeros = || -> std::io::Result<()> {
+            let mut left = ahead as usize;
+            while left > 0 {
+                let n = left.min(ZEROS.len());
+                crate::env::write_file(&mut self.file, &self.path, &ZEROS[..n])?;
+                left -= n;
+            }
+            Ok(())
+        };
+        match write_zeros() {
             Ok(()) => self.file_len = end + ahead,
             Err(e) => {
                 tracing::debug!(log = %self.path.display(), error = %e, "cannot zero-fill ahead of the WAL");
