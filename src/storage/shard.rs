@@ -575,10 +575,8 @@ impl Writer {
             };
             let in_memtable = self.index.overlapping(lo, hi);
             let in_frozen = self.frozen_index.overlapping(lo, hi);
-            let hashes = row_hashes(&batch);
             let mut rows: Vec<usize> = Vec::with_capacity(batch.len());
-            for r in 0..batch.len() {
-                let h = hashes[r];
+            for (r, h) in row_hashes(&batch).into_iter().enumerate() {
                 // Where global row `at` of this group is: an earlier batch, or a row of this
                 // batch kept so far.
                 let held_at = |at: usize, rows: &[usize]| -> bool {
