@@ -10,7 +10,6 @@
 use crate::model::batch::{DictColumn, NULL_CODE, RowBatch, RowBatchBuilder};
 use crate::model::{FieldClass, FieldValue, Num};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -68,42 +67,12 @@ struct EncodedField {
     codes: Vec<u8>,
 }
 
-/// The delta encoding pco chose for each column in a segment's first block, reused for the
-/// blocks after it: choosing costs a fifth of compressing, and the blocks of one segment hold
-/// points of the same shape.
-#[derive(Default)]
-struct DeltaChoices(HashMap<String, pco::DeltaSpec>);
-
-/// Compresses `nums` as one standalone pco chunk (what `pco::standalone::simple_decompress`
-/// reads), with the delta encoding chosen earlier for `column`, or choosing and remembering it.
-fn pco_compress<T: pco::data_types::Number>(nums: &[T], column: &str, choices: &mut DeltaChoices) -> Vec<u8> {
-    use pco::metadata::DeltaEncoding;
+fn pco_compress<T: pco::data_types::Number>(nums: &[T]) -> Vec<u8> {
     if nums.is_empty() {
         return Vec::new();
     }
-    let chosen = choices.0.get(column).cloned();
-    let config = pco::ChunkConfig::default()
-        .with_compression_level(PCO_LEVEL)
-        .with_delta_spec(chosen.clone().unwrap_or(pco::DeltaSpec::Auto));
-    let file = pco::standalone::FileCompressor::default().with_n_hint(nums.len());
-    let compress = || -> pco::errors::PcoResult<(Vec<u8>, DeltaEncoding)> {
-        let out = file.write_header(Vec::new())?;
-        let mut chunk = file.chunk_compressor(nums, &config)?;
-        let delta = chunk.meta().delta_encoding.clone();
-        let out = chunk.write(out)?;
-        Ok((file.write_footer(out)?, delta))
-    };
-    let (bytes, delta) = compress().expect("pco compresses any numbers");
-    if chosen.is_none() {
-        let spec = match delta {
-            DeltaEncoding::NoOp => pco::DeltaSpec::NoOp,
-            DeltaEncoding::Consecutive { order, .. } => pco::DeltaSpec::TryConsecutive(order),
-            DeltaEncoding::Lookback { .. } => pco::DeltaSpec::TryLookback,
-            _ => pco::DeltaSpec::Auto,
-        };
-        choices.0.insert(column.to_string(), spec);
-    }
-    bytes
+    let config = pco::ChunkConfig::default().with_compression_level(PCO_LEVEL);
+    pco::standalone::simple_compress(nums, &config).expect("pco compresses any numbers")
 }
 
 fn pco_decompress<T: pco::data_types::Number>(bytes: &[u8]) -> Result<Vec<T>, String> {
@@ -113,7 +82,7 @@ fn pco_decompress<T: pco::data_types::Number>(bytes: &[u8]) -> Result<Vec<T>, St
     pco::standalone::simple_decompress(bytes).map_err(|e| e.to_string())
 }
 
-fn encode_block(batch: &RowBatch, rows: &[usize], choices: &mut DeltaChoices) -> EncodedBlock {
+fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock {
     let timestamps: Vec<i64> = rows.iter().map(|&r| batch.timestamps[r]).collect();
     let mut kinds = Vec::with_capacity(rows.len());
     let (mut ints, mut decs) = (Vec::new(), Vec::new());
@@ -156,14 +125,14 @@ fn encode_block(batch: &RowBatch, rows: &[usize], choices: &mut DeltaChoices) ->
             name: name.clone(),
             class: col.class.unwrap_or(FieldClass::Dimension),
             dict: zstd::encode_all(&dict_bytes[..], 3).expect("in memory"),
-            codes: pco_compress(&codes, name, choices),
+            codes: pco_compress(&codes),
         });
     }
     EncodedBlock {
-        timestamps: pco_compress(&timestamps, "\0timestamps", choices),
+        timestamps: pco_compress(&timestamps),
         value_kinds,
-        ints: pco_compress(&ints, "\0ints", choices),
-        decs: pco_compress(&decs, "\0decs", choices),
+        ints: pco_compress(&ints),
+        decs: pco_compress(&decs),
         fields,
     }
 }
@@ -185,21 +154,14 @@ pub struct SegmentWriter {
     file: std::io::BufWriter<File>,
     offset: u64,
     blocks: Vec<BlockMeta>,
-    deltas: DeltaChoices,
 }
 
 impl SegmentWriter {
     pub fn create(path: &Path) -> Result<Self, SegmentError> {
         let tmp = path.with_extension("tmp");
         let file = File::create(&tmp).map_err(|source| SegmentError::Io { path: tmp.display().to_string(), source })?;
-        let mut writer = Self {
-            path: path.to_path_buf(),
-            tmp,
-            file: std::io::BufWriter::new(file),
-            offset: 0,
-            blocks: Vec::new(),
-            deltas: DeltaChoices::default(),
-        };
+        let mut writer =
+            Self { path: path.to_path_buf(), tmp, file: std::io::BufWriter::new(file), offset: 0, blocks: Vec::new() };
         writer.write(MAGIC)?;
         Ok(writer)
     }
@@ -224,7 +186,7 @@ impl SegmentWriter {
         }
         let order: Vec<usize> = keyed.into_iter().map(|(_, r)| r).collect();
         for rows in order.chunks(BLOCK_POINTS) {
-            let bytes = postcard::to_stdvec(&encode_block(batch, rows, &mut self.deltas)).expect("block encodes");
+            let bytes = postcard::to_stdvec(&encode_block(batch, rows)).expect("block encodes");
             let (mut min_value, mut max_value) = (f64::INFINITY, f64::NEG_INFINITY);
             for &r in rows {
                 let v = batch.values[r].as_f64();
