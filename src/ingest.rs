@@ -450,10 +450,21 @@ fn parse_i64(s: &str) -> Option<i64> {
         Some(rest) => (true, rest.as_bytes()),
         None => (false, s.as_bytes()),
     };
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+    if digits.is_empty() || digits.len() > 19 {
         return s.parse().ok();
     }
-    let n = digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    // The leading digits one by one, then eight at a time.
+    let (head, tail) = digits.split_at(digits.len() % 8);
+    if !head.iter().all(u8::is_ascii_digit) {
+        return s.parse().ok();
+    }
+    let mut n = head.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    for chunk in tail.chunks_exact(8) {
+        match eight_digits(chunk.try_into().expect("chunks of 8")) {
+            Some(v) => n = n * 100_000_000 + v,
+            None => return s.parse().ok(),
+        }
+    }
     if negative { 0i64.checked_sub_unsigned(n) } else { i64::try_from(n).ok() }
 }
 
@@ -485,6 +496,21 @@ fn parse_f64(s: &str) -> Option<f64> {
     let fraction_digits = dot.map_or(0, |at| bytes.len() - at - 1);
     let v = mantissa as f64 / POW10[fraction_digits];
     Some(if negative { -v } else { v })
+}
+
+/// The value of eight ASCII digits, `None` if any byte is not one, in a few word operations
+/// (the SWAR method of simdjson's `parse_eight_digits_unrolled`).
+fn eight_digits(bytes: [u8; 8]) -> Option<u64> {
+    let v = u64::from_le_bytes(bytes);
+    let all_digits =
+        (v & 0xF0F0_F0F0_F0F0_F0F0) | ((v.wrapping_add(0x0606_0606_0606_0606) & 0xF0F0_F0F0_F0F0_F0F0) >> 4);
+    if all_digits != 0x3333_3333_3333_3333 {
+        return None;
+    }
+    let v = v - 0x3030_3030_3030_3030;
+    let v = v.wrapping_mul(10).wrapping_add(v >> 8);
+    let (mask, mul1, mul2) = (0x0000_00FF_0000_00FFu64, 100 + (1_000_000u64 << 32), 1 + (10_000u64 << 32));
+    Some(((v & mask).wrapping_mul(mul1).wrapping_add(((v >> 16) & mask).wrapping_mul(mul2))) >> 32)
 }
 
 fn parse_field_value(name: &str, v: &str) -> Result<Num, String> {
@@ -596,6 +622,13 @@ mod tests {
             let mut general = Vec::new();
             let general = parse_fields(fields_text, &mut general).map(|()| (general, ts));
             proptest::prop_assert_eq!(format!("{fast:?}"), format!("{general:?}"));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_i64_agrees_with_std_on_any_digits(s in "-?[0-9]{1,20}|[0-9:/ a-]{1,20}") {
+            proptest::prop_assert_eq!(parse_i64(&s), s.parse::<i64>().ok(), "{:?}", s);
         }
     }
 

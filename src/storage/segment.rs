@@ -75,6 +75,21 @@ fn pco_compress<T: pco::data_types::Number>(nums: &[T]) -> Vec<u8> {
     pco::standalone::simple_compress(nums, &config).expect("pco compresses any numbers")
 }
 
+/// zstd at level 3 through one compression context per thread: a context is a few hundred KiB
+/// to set up, and a segment compresses two or three small buffers per block.
+fn zstd_compress(bytes: &[u8]) -> Vec<u8> {
+    thread_local! {
+        static CONTEXT: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    }
+    CONTEXT.with(|context| {
+        let mut context = context.borrow_mut();
+        if context.is_none() {
+            *context = Some(zstd::bulk::Compressor::new(3).expect("zstd level 3 exists"));
+        }
+        context.as_mut().expect("set above").compress(bytes).expect("in memory")
+    })
+}
+
 fn pco_decompress<T: pco::data_types::Number>(bytes: &[u8]) -> Result<Vec<T>, String> {
     if bytes.is_empty() {
         return Ok(Vec::new());
@@ -98,7 +113,7 @@ fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock {
             }
         }
     }
-    let value_kinds = if decs.is_empty() { Vec::new() } else { zstd::encode_all(&kinds[..], 3).expect("in memory") };
+    let value_kinds = if decs.is_empty() { Vec::new() } else { zstd_compress(&kinds) };
     let mut fields = Vec::new();
     for (name, col) in &batch.columns {
         // Re-number the dictionary to the values these rows use, so blocks stay self-contained.
@@ -124,7 +139,7 @@ fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock {
         fields.push(EncodedField {
             name: name.clone(),
             class: col.class.unwrap_or(FieldClass::Dimension),
-            dict: zstd::encode_all(&dict_bytes[..], 3).expect("in memory"),
+            dict: zstd_compress(&dict_bytes),
             codes: pco_compress(&codes),
         });
     }

@@ -36,8 +36,14 @@ pub fn list_wal_seqs(dir: &Path) -> std::io::Result<Vec<u64>> {
     Ok(seqs)
 }
 
+/// Appends `batch` to `out` as one framed record, encoded in place (no copy of the payload).
 pub fn encode_record(batch: &RowBatch, out: &mut Vec<u8>) {
-    frame(&postcard::to_stdvec(batch).expect("batches always encode"), out);
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_BYTES]);
+    *out = postcard::to_extend(batch, std::mem::take(out)).expect("batches always encode");
+    let payload = &out[start + HEADER_BYTES..];
+    let header = [(payload.len() as u32).to_le_bytes(), crc32fast::hash(payload).to_le_bytes()].concat();
+    out[start..start + HEADER_BYTES].copy_from_slice(&header);
 }
 
 /// `[len u32 LE][crc32 u32 LE][payload]`: the record framing shared by the WAL and hint files.
@@ -276,6 +282,15 @@ mod tests {
             })
             .collect();
         RowBatch::from_points(&points).unwrap()
+    }
+
+    #[test]
+    fn a_record_encoded_in_place_is_the_framed_payload() {
+        let mut out = b"earlier".to_vec();
+        encode_record(&points(&[5, 6]), &mut out);
+        let mut expected = b"earlier".to_vec();
+        frame(&postcard::to_stdvec(&points(&[5, 6])).unwrap(), &mut expected);
+        assert_eq!(out, expected);
     }
 
     #[test]
