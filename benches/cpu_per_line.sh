@@ -1,0 +1,27 @@
+#!/bin/bash
+# Server CPU per ingested line: starts the given Shoal binary alone on a fresh data dir, runs the
+# ingest benchmark's wrk load against it (1 thread, 4 connections, 1000-line bodies, 400 series,
+# 2 fields) for DUR seconds (default 20), and prints lines/s and µs of server CPU (user + system,
+# from /proc/<pid>/stat) per line. CPU per line moves less than lines/s from run to run, so
+# compare two builds by alternating runs of this script:
+#   bash benches/cpu_per_line.sh /tmp/shoal-before; bash benches/cpu_per_line.sh target/release/shoal
+# Needs wrk (benches/ingest.sh installs it).
+set -euo pipefail
+BIN=$(realpath "$1")
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DIR=$(mktemp -d /tmp/shoal-cpu.XXXXXX)
+"$BIN" start --set shoal.data-dir="$DIR" --set shoal.http.port=0 --set shoal.node.id=bench \
+  --set shoal.gossip.port=0 --set shoal.log-level=warn > "$DIR.log" 2>&1 &
+PID=$!
+trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DIR" "$DIR.log"' EXIT
+for _ in $(seq 1 100); do [ -s "$DIR/http.addr" ] && break; sleep 0.1; done
+ADDR=$(cat "$DIR/http.addr")
+ticks() { awk '{print $14 + $15}' "/proc/$PID/stat"; }
+before=$(ticks)
+result=$(BENCH_BASE_S=$(( $(date +%s) - 100000 )) BENCH_PATH="/write?db=bench&namespace=bench" \
+  wrk -t1 -c4 -d"${DUR:-20}s" --timeout 30s -s "$ROOT/benches/lineproto.lua" "http://$ADDR" | grep RESULT)
+after=$(ticks)
+echo "$result" | awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" -v name="$(basename "$BIN")" '{
+  split($2, r, "="); split($3, d, "=");
+  lines = r[2] * 1000;
+  printf "%-14s %9.0f lines/s  %.3f us cpu/line\n", name, lines / (d[2] / 1e6), ticks / hz * 1e6 / lines }'
