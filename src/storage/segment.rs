@@ -83,10 +83,8 @@ fn zstd_compress(bytes: &[u8]) -> Vec<u8> {
     }
     CONTEXT.with(|context| {
         let mut context = context.borrow_mut();
-        if context.is_none() {
-            *context = Some(zstd::bulk::Compressor::new(3).expect("zstd level 3 exists"));
-        }
-        context.as_mut().expect("set above").compress(bytes).expect("in memory")
+        let context = context.get_or_insert_with(|| zstd::bulk::Compressor::new(3).expect("zstd level 3 exists"));
+        context.compress(bytes).expect("in memory")
     })
 }
 

@@ -41,16 +41,21 @@ pub fn encode_record(batch: &RowBatch, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_BYTES]);
     *out = postcard::to_extend(batch, std::mem::take(out)).expect("batches always encode");
-    let payload = &out[start + HEADER_BYTES..];
-    let header = [(payload.len() as u32).to_le_bytes(), crc32fast::hash(payload).to_le_bytes()].concat();
+    let header = header(&out[start + HEADER_BYTES..]);
     out[start..start + HEADER_BYTES].copy_from_slice(&header);
 }
 
 /// `[len u32 LE][crc32 u32 LE][payload]`: the record framing shared by the WAL and hint files.
 pub fn frame(payload: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(&header(payload));
     out.extend_from_slice(payload);
+}
+
+fn header(payload: &[u8]) -> [u8; HEADER_BYTES] {
+    let mut header = [0; HEADER_BYTES];
+    header[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    header[4..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    header
 }
 
 /// Zeros written ahead of a WAL's appends: the first extension, and the largest.
