@@ -7,10 +7,14 @@ local lines_per_req = 1000
 local base_s = tonumber(os.getenv("BENCH_BASE_S"))
 local limit = tonumber(os.getenv("BENCH_REQUESTS") or "1000000000")
 local path = os.getenv("BENCH_PATH")
+-- Measurements the series are spread over (cpu, or cpu0..cpuN-1): each field of each
+-- measurement is a metric of its own in Shoal, so a request touches 2 * N shards.
+local measurements = tonumber(os.getenv("BENCH_MEASUREMENTS") or "1")
 
 local prefixes, values = {}, {}
 for i = 0, series - 1 do
-  prefixes[i] = string.format("cpu,host=host_%d,region=r%d usage=", i, i % 4)
+  local name = measurements > 1 and string.format("cpu%d", i % measurements) or "cpu"
+  prefixes[i] = string.format("%s,host=host_%d,region=r%d usage=", name, i, i % 4)
 end
 for v = 0, 999 do
   values[v] = string.format("%d.%d,idle=%d.%d ", v % 100, v % 10, (v * 7) % 100, (v * 3) % 10)

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! config ─▶ env (seams: clock, …) ─▶ model ─▶ ingest (NSDb JSON, line protocol)
-//!        ─▶ catalog (schemas) ─▶ storage (shard folders: WAL + segments)
+//!        ─▶ catalog (schemas) ─▶ storage (node WAL + shard folders of segments)
 //!        ─▶ query (plan, per-shard partials, merge) ─▶ node (assembly: coordinators)
 //!        ─▶ hints, repair (recovery) ─▶ api (HTTP)
 //! ```

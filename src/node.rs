@@ -212,6 +212,7 @@ impl Node {
             segments_max: cfg.segments_max,
             // Long enough to outlive any copy read before a delete: hints live this long.
             tombstone_grace_ms: cfg.hints_age_max.as_millis() as i64,
+            wal_file_bytes: crate::storage::wal::WAL_FILE_BYTES,
         };
         let storage = Storage::open(&cfg.data_dir, storage_cfg, metrics.clone(), tombstone_rule()).await?;
         let started_ms = env.clock.now_ms();

@@ -1,6 +1,7 @@
-//! Durable shard storage on this node: one folder per shard under `<data-dir>/shards`, each with
-//! its own write-ahead log and immutable segments (see `shard.rs`). This layer knows nothing of
-//! schemas, placement or queries: it stores points and hands batches to a scan callback.
+//! Durable shard storage on this node: one folder per shard under `<data-dir>/shards` with its
+//! immutable segments (see `shard.rs`), and one write-ahead log for all of them under
+//! `<data-dir>/wal` (see `wal.rs`). This layer knows nothing of schemas, placement or queries:
+//! it stores points and hands batches to a scan callback.
 
 pub mod digest;
 pub mod segment;
@@ -16,6 +17,7 @@ pub use shard::{KeepRow, MergeTimes, Shard, ShardId, TOMBSTONE_MARGIN_MS, Tombst
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use wal::NodeWal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -44,6 +46,8 @@ pub struct StorageConfig {
     pub segments_max: usize,
     /// How long a delete's tombstone filters merged points.
     pub tombstone_grace_ms: i64,
+    /// A new WAL file begins past this many bytes ([`wal::WAL_FILE_BYTES`] but in tests).
+    pub wal_file_bytes: u64,
 }
 
 pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -63,10 +67,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// When the WAL holds more than this many files' worth, the shards whose records keep its
+/// oldest file compact, however few points they hold: a shard written to rarely would otherwise
+/// keep every file written since its first point for up to `flush-interval`.
+const WAL_FILES_MAX: u64 = 4;
+
 pub struct Storage {
     root: PathBuf,
     cfg: StorageConfig,
     metrics: Arc<Metrics>,
+    wal: Arc<NodeWal>,
     shards: DashMap<ShardId, Arc<Shard>>,
     rule: TombstoneRule,
     /// Serializes shard creation so two writers never open the same folder twice.
@@ -74,7 +84,7 @@ pub struct Storage {
 }
 
 impl Storage {
-    /// Opens every shard found under `<data_dir>/shards`, replaying their logs.
+    /// Opens every shard found under `<data_dir>/shards`, then replays the WAL into them.
     pub async fn open(
         data_dir: &Path,
         cfg: StorageConfig,
@@ -83,20 +93,42 @@ impl Storage {
     ) -> Result<Arc<Self>, StorageError> {
         let root = data_dir.join("shards");
         std::fs::create_dir_all(&root)?;
+        let wal = NodeWal::new(&data_dir.join("wal"), cfg.wal_file_bytes, metrics.clone());
         let storage = Arc::new(Self {
             root: root.clone(),
             cfg,
             metrics,
+            wal: wal.clone(),
             shards: DashMap::new(),
             rule: rule.clone(),
             opening: Default::default(),
         });
         for id in discover_shards(&root)? {
-            let shard =
-                Shard::open(&root, id.clone(), cfg.shard_interval_ms, cfg, storage.metrics.clone(), rule.clone())
-                    .await?;
+            let dir = shard::shard_dir(&root, &id);
+            if !dir.join("MANIFEST").exists() && wal::list_wal_seqs(&dir)?.is_empty() {
+                // Its creation stopped before the MANIFEST was written, so it holds nothing;
+                // WAL records with its id are of a shard that was dropped.
+                std::fs::remove_dir_all(&dir)?;
+                continue;
+            }
+            let shard = Shard::open(&root, id.clone(), cfg, wal.clone(), storage.metrics.clone(), rule.clone()).await?;
             storage.shards.insert(id, shard);
         }
+        let lsn_floor = storage.shards.iter().map(|s| s.flushed_lsn()).max().unwrap_or(0);
+        let replaying = storage.clone();
+        crate::env::spawn_blocking(move || {
+            replaying.wal.recover(lsn_floor, |end, payload| {
+                let (id, batch) = postcard::take_from_bytes::<ShardId>(payload)
+                    .map_err(|e| StorageError::Corrupt(format!("the WAL record ending at {end}: {e}")))?;
+                match replaying.shards.get(&id) {
+                    Some(shard) => shard.replay(end - wal::record_len(payload.len()), end, batch),
+                    // A shard dropped since.
+                    None => Ok(()),
+                }
+            })
+        })
+        .await
+        .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
         Ok(storage)
     }
 
@@ -117,15 +149,9 @@ impl Storage {
         if let Some(s) = self.shards.get(&id) {
             return Ok(s.clone());
         }
-        let shard = Shard::open(
-            &self.root,
-            id.clone(),
-            self.cfg.shard_interval_ms,
-            self.cfg,
-            self.metrics.clone(),
-            self.rule.clone(),
-        )
-        .await?;
+        let shard =
+            Shard::open(&self.root, id.clone(), self.cfg, self.wal.clone(), self.metrics.clone(), self.rule.clone())
+                .await?;
         self.shards.insert(id, shard.clone());
         Ok(shard)
     }
@@ -225,16 +251,35 @@ impl Storage {
         Ok(())
     }
 
-    /// Compacts the memtables of shards that have held points longer than the flush interval.
+    /// Compacts the memtables of shards that have held points longer than the flush interval,
+    /// and of those that keep the WAL's oldest file when it has grown past its bound; then
+    /// deletes the WAL files whose records are all in segments.
     pub async fn flush_idle(&self) {
         let now = tokio::time::Instant::now();
+        let (wal_bytes, oldest_file_end) = self.wal.size();
+        let keeps_oldest_file = |shard: &Shard| {
+            wal_bytes > WAL_FILES_MAX * self.cfg.wal_file_bytes
+                && oldest_file_end.is_some_and(|end| shard.unflushed_from().is_some_and(|from| from < end))
+        };
         for shard in self.all_shards() {
-            if shard.needs_flush(now, self.cfg.flush_interval)
+            if (shard.needs_flush(now, self.cfg.flush_interval) || keeps_oldest_file(&shard))
                 && let Err(e) = shard.flush().await
             {
                 tracing::error!(shard = %shard.id, error = %e, "background compaction failed");
             }
         }
+        if let Err(e) = self.collect_wal() {
+            tracing::warn!(error = %e, "cannot delete old WAL files");
+        }
+    }
+
+    /// Deletes the WAL files that no shard needs: those before the oldest record not yet in a
+    /// segment. A shard dropped since needs none of its records.
+    fn collect_wal(&self) -> std::io::Result<()> {
+        // Read before the shards: a record appended meanwhile begins after it.
+        let end = self.wal.end();
+        let needed_from = self.shards.iter().filter_map(|s| s.unflushed_from()).min().unwrap_or(end).min(end);
+        self.wal.remove_before(needed_from)
     }
 
     pub async fn flush_all(&self) -> Result<(), StorageError> {
@@ -291,6 +336,7 @@ mod tests {
             flush_interval: std::time::Duration::from_secs(3600),
             segments_max: 3,
             tombstone_grace_ms: 1000,
+            wal_file_bytes: wal::WAL_FILE_BYTES,
         }
     }
 
@@ -347,6 +393,86 @@ mod tests {
         storage.drop_metric(&key).await.unwrap();
         assert_eq!(count(&storage, &key).0, 0);
         assert!(!dir.path().join("shards/d/n/m").exists());
+    }
+
+    fn points(range: std::ops::Range<i64>, value: i64) -> RowBatch {
+        let ps: Vec<Point> = range
+            .map(|i| Point {
+                timestamp: i,
+                value: Num::Int(value),
+                dimensions: Default::default(),
+                tags: Default::default(),
+            })
+            .collect();
+        RowBatch::from_points(&ps).unwrap()
+    }
+
+    async fn reopen(storage: Arc<Storage>, dir: &Path, c: StorageConfig) -> Arc<Storage> {
+        for s in storage.all_shards() {
+            s.close().await;
+        }
+        drop(storage);
+        Storage::open(dir, c, Arc::new(Metrics::default()), keep_all()).await.unwrap()
+    }
+
+    /// The WAL keeps a dropped shard's records until its files go: they must not come back into
+    /// a shard of the same id created since. Files go once every shard has their records in
+    /// segments.
+    #[tokio::test]
+    async fn a_dropped_shard_stays_dropped_and_wal_files_go_once_in_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = MetricKey::new("d", "n", "m").unwrap();
+        let other = MetricKey::new("d", "n", "other").unwrap();
+        let c = StorageConfig { wal_file_bytes: 256, ..cfg(1_000_000) };
+        let storage = Storage::open(dir.path(), c, Arc::new(Metrics::default()), keep_all()).await.unwrap();
+        for t in (0..1000).step_by(100) {
+            storage.write(&key, points(t..t + 100, 1)).await.unwrap();
+            storage.write(&other, points(t..t + 10, 5)).await.unwrap();
+        }
+        storage.drop_metric(&key).await.unwrap();
+        storage.write(&key, points(0..10, 2)).await.unwrap();
+        let storage = reopen(storage, dir.path(), c).await;
+        assert_eq!(count(&storage, &key), (10, 20), "only the points written since the drop");
+        assert_eq!(count(&storage, &other), (100, 500));
+        let wal_files = || wal::list_wal_seqs(&dir.path().join("wal")).unwrap().len();
+        assert!(wal_files() > 2, "256-byte WAL files");
+        // One shard compacts: the files before its other records stay.
+        storage.shard_if_held(&ShardId { metric: key.clone(), start: 0 }).unwrap().flush().await.unwrap();
+        storage.collect_wal().unwrap();
+        let after_one = wal_files();
+        assert!(after_one > 1);
+        storage.flush_all().await.unwrap();
+        storage.collect_wal().unwrap();
+        assert_eq!(wal_files(), 1, "only the file appended to");
+        storage.write(&other, points(50..60, 7)).await.unwrap();
+        let storage = reopen(storage, dir.path(), c).await;
+        assert_eq!(count(&storage, &key), (10, 20));
+        assert_eq!(count(&storage, &other), (110, 570));
+    }
+
+    /// A shard from before the node WAL (a WAL of its own, a manifest without a WAL position)
+    /// opens with every point, and is moved to the current layout.
+    #[tokio::test]
+    async fn a_shard_with_its_own_wal_is_read_and_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = MetricKey::new("d", "n", "m").unwrap();
+        let shard_dir = dir.path().join("shards/d/n/m/0");
+        std::fs::create_dir_all(&shard_dir).unwrap();
+        // Legacy MANIFEST: no segments, first WAL 2; WAL 1 is older (already compacted).
+        let mut manifest = postcard::to_stdvec(&(Vec::<u64>::new(), 2u64)).unwrap();
+        manifest.extend_from_slice(&crc32fast::hash(&manifest).to_le_bytes());
+        std::fs::write(shard_dir.join("MANIFEST"), manifest).unwrap();
+        for (seq, batch) in [(1, points(0..5, 9)), (2, points(0..10, 1)), (3, points(10..20, 1))] {
+            let mut record = Vec::new();
+            wal::encode_record(&batch, &mut record);
+            wal::AppendLog::open(&wal::wal_path(&shard_dir, seq)).unwrap().append_durable(&record).unwrap();
+        }
+        let storage = Storage::open(dir.path(), cfg(1000), Arc::new(Metrics::default()), keep_all()).await.unwrap();
+        assert_eq!(count(&storage, &key), (20, 20), "WAL 1 was before the manifest's first");
+        assert!(wal::list_wal_seqs(&shard_dir).unwrap().is_empty(), "the shard's own WAL is gone");
+        storage.write(&key, points(20..30, 1)).await.unwrap();
+        let storage = reopen(storage, dir.path(), cfg(1000)).await;
+        assert_eq!(count(&storage, &key), (30, 30));
     }
 
     #[tokio::test]

@@ -1,16 +1,18 @@
 //! One shard: a metric's points in one time bucket `[start, end)`, in one folder.
 //!
-//! A single writer task per shard owns the WAL. It takes every append waiting in its queue,
-//! writes them as one group, fsyncs once and only then makes the points visible and answers the
-//! callers (group commit). The same task compacts the in-memory points into segments, merges
-//! segments and applies deletes, so those never race with appends.
+//! A single writer task per shard takes every append waiting in its queue, drops the points the
+//! shard holds already, hands the rest to the node's WAL as one submission (which fsyncs it with
+//! other shards' submissions) and only then makes the points visible and answers the callers
+//! (group commit). The same task compacts the in-memory points into segments, merges segments
+//! and applies deletes, so those never race with appends.
 //!
-//! Folder: `MANIFEST` (live segments and the first WAL to replay), `wal-<seq>.log`,
-//! `seg-<seq>.seg`. Files not named by the manifest are leftovers of a crash and are removed.
+//! Folder: `MANIFEST` (live segments, and the WAL position up to which the shard's records are
+//! in them), `seg-<seq>.seg`. Files not named by the manifest are leftovers of a crash and are
+//! removed.
 
 use super::digest::{BlockDigest, row_hashes, same_point};
 use super::segment::{BLOCK_POINTS, BlockMeta, Segment, SegmentWriter, segment_path, write_segment};
-use super::wal::{WalWriter, encode_record, list_wal_seqs, replay, wal_path};
+use super::wal::{NodeWal, encode_record, list_wal_seqs, replay_shard_wal, wal_path};
 use super::{StorageConfig, StorageError, fsync_dir};
 use crate::metrics::Metrics;
 pub use crate::model::ShardId;
@@ -33,12 +35,40 @@ pub fn shard_dir(root: &Path, id: &ShardId) -> PathBuf {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Manifest {
     segments: Vec<u64>,
+    /// The shard's records in the node WAL that end at or before this LSN are in the segments
+    /// (or were dropped before the shard was created anew): replay skips them.
+    flushed_lsn: u64,
+    format: u32,
+}
+
+/// `format` of a manifest written since the node WAL.
+const MANIFEST_FORMAT: u32 = 2;
+
+/// The manifest of a shard from before the node WAL, which had a WAL of its own.
+#[derive(Deserialize)]
+struct LegacyManifest {
+    segments: Vec<u64>,
+    /// The first of the shard's own WAL files not in segments.
     wal_from: u64,
 }
 
 impl Manifest {
-    fn read(dir: &Path) -> Result<Self, StorageError> {
-        read_checked(&dir.join("MANIFEST"))
+    /// The manifest, and for a shard from before the node WAL, its first WAL to replay;
+    /// `None` when the shard has no manifest.
+    fn read(dir: &Path) -> Result<Option<(Self, Option<u64>)>, StorageError> {
+        let path = dir.join("MANIFEST");
+        let Some(body) = read_checked_bytes(&path)? else { return Ok(None) };
+        let corrupt = |e: postcard::Error| StorageError::Corrupt(format!("{}: {e}", path.display()));
+        // A legacy manifest is one field short, so it never reads as a current one.
+        match postcard::from_bytes::<Manifest>(&body) {
+            Ok(m) if m.format == MANIFEST_FORMAT => Ok(Some((m, None))),
+            Ok(m) => Err(StorageError::Corrupt(format!("{}: unknown format {}", path.display(), m.format))),
+            Err(_) => {
+                let legacy: LegacyManifest = postcard::from_bytes(&body).map_err(corrupt)?;
+                let m = Manifest { segments: legacy.segments, flushed_lsn: 0, format: MANIFEST_FORMAT };
+                Ok(Some((m, Some(legacy.wal_from))))
+            }
+        }
     }
 
     fn write(&self, dir: &Path) -> Result<(), StorageError> {
@@ -49,16 +79,26 @@ impl Manifest {
 /// Reads a small file written by [`write_checked`]: postcard followed by its crc32. A missing
 /// file is the default value; a bad checksum or a short file is corruption, never ignored.
 fn read_checked<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Result<T, StorageError> {
+    match read_checked_bytes(path)? {
+        Some(body) => {
+            postcard::from_bytes(&body).map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display())))
+        }
+        None => Ok(T::default()),
+    }
+}
+
+/// The body of a file written by [`write_checked`], its checksum verified; `None` when missing.
+fn read_checked_bytes(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
     match std::fs::read(path) {
-        Ok(bytes) if bytes.len() >= 4 => {
-            let (body, crc) = bytes.split_at(bytes.len() - 4);
-            if crc32fast::hash(body).to_le_bytes() != crc {
+        Ok(mut bytes) if bytes.len() >= 4 => {
+            let crc = bytes.split_off(bytes.len() - 4);
+            if crc32fast::hash(&bytes).to_le_bytes()[..] != crc[..] {
                 return Err(StorageError::Corrupt(format!("{} fails its checksum", path.display())));
             }
-            postcard::from_bytes(body).map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display())))
+            Ok(Some(bytes))
         }
         Ok(_) => Err(StorageError::Corrupt(format!("{} is truncated", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -81,6 +121,16 @@ struct ShardState {
     /// A memtable being written to a segment: still visible to scans until the segment is.
     frozen: Option<Arc<RowBatch>>,
     segments: Vec<Arc<Segment>>,
+    /// WAL positions: no record of the memtable (of the frozen memtable) begins before
+    /// `memtable_wal_from` (`frozen_wal_from`); `None` when it holds none. The oldest of them
+    /// keeps the node WAL's files from there on.
+    memtable_wal_from: Option<u64>,
+    frozen_wal_from: Option<u64>,
+    /// Where the last record in the memtable ends: once the memtable is in a segment, the
+    /// shard's records up to here need no replay.
+    memtable_lsn: u64,
+    /// As in the MANIFEST (see [`Manifest::flushed_lsn`]).
+    flushed_lsn: u64,
 }
 
 /// Where the writer sends a command's outcome.
@@ -155,7 +205,8 @@ pub struct Shard {
 
 struct Writer {
     shard: Arc<Shard>,
-    wal: Option<WalWriter>,
+    wal: Arc<NodeWal>,
+    /// Sequence number of the next segment file.
     next_seq: u64,
     /// The compaction running in the background, if any (at most one per shard).
     compacting: Option<tokio::task::JoinHandle<Result<(), StorageError>>>,
@@ -274,36 +325,35 @@ impl MemtableIndex {
 }
 
 impl Shard {
-    /// Opens (or creates) the shard folder, replays its WAL and starts its writer task.
+    /// Opens (or creates) the shard folder and starts its writer task. Its records in the node
+    /// WAL are replayed into it afterwards, through [`Shard::replay`].
     pub async fn open(
         root: &Path,
         id: ShardId,
-        interval_ms: i64,
         cfg: StorageConfig,
+        wal: Arc<NodeWal>,
         metrics: Arc<Metrics>,
         rule: TombstoneRule,
     ) -> Result<Arc<Self>, StorageError> {
         let dir = shard_dir(root, &id);
         let dir2 = dir.clone();
         let metrics2 = metrics.clone();
-        let (state, next_seq, tombstones) = crate::env::spawn_blocking(move || {
-            let (state, next_seq) = recover(&dir2, &metrics2)?;
-            Ok::<_, StorageError>((state, next_seq, read_tombstones(&dir2)?))
+        let wal_end = wal.end();
+        let (recovered, tombstones) = crate::env::spawn_blocking(move || {
+            let recovered = recover(&dir2, wal_end, &metrics2)?;
+            Ok::<_, StorageError>((recovered, read_tombstones(&dir2)?))
         })
         .await
         .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
+        let Recovered { state, next_seq, legacy_wal } = recovered;
         let tombstones = tombstones.into_iter().map(|t| (t.clone(), rule(&t.rule))).collect();
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let end = id.start.saturating_add(interval_ms);
+        let end = id.start.saturating_add(cfg.shard_interval_ms);
         let shard = Arc::new(Shard { id, end, dir: dir.clone(), state: RwLock::new(state), tx });
-        let wal_dir = dir.clone();
-        let wal = crate::env::spawn_blocking(move || WalWriter::create(&wal_dir, next_seq))
-            .await
-            .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
         let writer = Writer {
             shard: shard.clone(),
-            wal: Some(wal),
-            next_seq: next_seq + 1,
+            wal,
+            next_seq,
             compacting: None,
             cfg,
             metrics,
@@ -313,7 +363,47 @@ impl Shard {
             rule,
         };
         tokio::spawn(writer.run(rx));
+        if legacy_wal {
+            // The shard's own WAL, from before the node WAL: its points go into a segment now,
+            // and then the files go.
+            shard.flush().await?;
+            blocking(move || {
+                for seq in list_wal_seqs(&dir)? {
+                    std::fs::remove_file(wal_path(&dir, seq))?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
         Ok(shard)
+    }
+
+    /// Replays one of the shard's node WAL records, `[start, end)`: `batch` is its postcard
+    /// `RowBatch`. Records already in segments are skipped. Only before the first append.
+    pub fn replay(&self, start: u64, end: u64, batch: &[u8]) -> Result<(), StorageError> {
+        let mut st = self.state.write().expect("shard lock");
+        if end <= st.flushed_lsn {
+            return Ok(());
+        }
+        let batch = postcard::from_bytes::<RowBatch>(batch).ok().filter(|b| b.validate().is_ok()).ok_or_else(|| {
+            StorageError::Corrupt(format!("the WAL record ending at {end} for {} is not a batch", self.id))
+        })?;
+        st.memtable.extend_from(&batch, None);
+        st.memtable_wal_from.get_or_insert(start);
+        st.memtable_lsn = end;
+        st.memtable_since.get_or_insert_with(tokio::time::Instant::now);
+        Ok(())
+    }
+
+    /// Where the shard's oldest record not in a segment begins in the node WAL (`None`: none).
+    pub fn unflushed_from(&self) -> Option<u64> {
+        let st = self.state.read().expect("shard lock");
+        st.memtable_wal_from.into_iter().chain(st.frozen_wal_from).min()
+    }
+
+    /// The LSN its MANIFEST names.
+    pub fn flushed_lsn(&self) -> u64 {
+        self.state.read().expect("shard lock").flushed_lsn
     }
 
     /// Makes `points` durable; returns once they are fsynced and visible to scans, with how
@@ -429,15 +519,34 @@ impl Shard {
     }
 }
 
-/// Reads the manifest, opens its segments, removes crash leftovers and replays the WAL.
-fn recover(dir: &Path, metrics: &Metrics) -> Result<(ShardState, u64), StorageError> {
+struct Recovered {
+    state: ShardState,
+    next_seq: u64,
+    /// The shard's memtable holds points from its own WAL files (from before the node WAL).
+    legacy_wal: bool,
+}
+
+/// Reads the manifest, opens its segments and removes crash leftovers. A new shard gets a
+/// manifest naming `wal_end`: any record of the node WAL for a shard of the same id is from
+/// one that was dropped. A shard from before the node WAL replays its own WAL files.
+fn recover(dir: &Path, wal_end: u64, metrics: &Metrics) -> Result<Recovered, StorageError> {
     std::fs::create_dir_all(dir)?;
     if let Some(parent) = dir.parent() {
         fsync_dir(parent)?;
     }
-    let manifest = Manifest::read(dir)?;
-    let mut state = ShardState::default();
-    let mut max_seq = manifest.wal_from;
+    let legacy_seqs = list_wal_seqs(dir)?;
+    let (manifest, legacy_wal_from) = match Manifest::read(dir)? {
+        Some(found) => found,
+        // A shard from before the node WAL that never compacted has WAL files only.
+        None if !legacy_seqs.is_empty() => (Manifest { format: MANIFEST_FORMAT, ..Default::default() }, Some(0)),
+        None => {
+            let manifest = Manifest { segments: Vec::new(), flushed_lsn: wal_end, format: MANIFEST_FORMAT };
+            manifest.write(dir)?;
+            (manifest, None)
+        }
+    };
+    let mut state = ShardState { flushed_lsn: manifest.flushed_lsn, ..Default::default() };
+    let mut max_seq = 0;
     for &seq in &manifest.segments {
         state.segments.push(Arc::new(Segment::open(&segment_path(dir, seq), seq)?));
         max_seq = max_seq.max(seq);
@@ -453,26 +562,39 @@ fn recover(dir: &Path, metrics: &Metrics) -> Result<(ShardState, u64), StorageEr
             std::fs::remove_file(dir.join(&name))?;
         }
     }
-    for seq in list_wal_seqs(dir)? {
-        max_seq = max_seq.max(seq);
-        let path = wal_path(dir, seq);
-        if seq < manifest.wal_from {
-            std::fs::remove_file(&path)?;
-            continue;
+    let mut legacy_wal = false;
+    if let Some(wal_from) = legacy_wal_from {
+        for seq in legacy_seqs {
+            // Segment and WAL files shared one sequence.
+            max_seq = max_seq.max(seq);
+            let path = wal_path(dir, seq);
+            if seq < wal_from {
+                std::fs::remove_file(&path)?;
+                continue;
+            }
+            let (batches, torn) = replay_shard_wal(&path)?;
+            if torn > 0 {
+                tracing::warn!(wal = %path.display(), torn_bytes = torn, "dropped a torn WAL tail");
+                metrics.wal_torn_bytes.fetch_add(torn, std::sync::atomic::Ordering::Relaxed);
+            }
+            for batch in batches {
+                state.memtable.extend_from(&batch, None);
+            }
         }
-        let r = replay(&path)?;
-        if r.torn_bytes > 0 {
-            tracing::warn!(wal = %path.display(), torn_bytes = r.torn_bytes, "dropped a torn WAL tail");
-            metrics.wal_torn_bytes.fetch_add(r.torn_bytes, std::sync::atomic::Ordering::Relaxed);
-        }
-        for batch in r.batches {
-            state.memtable.extend_from(&batch, None);
+        legacy_wal = true;
+        if state.memtable.batch.is_empty() {
+            // Nothing to compact: the manifest is rewritten in the current format at once.
+            manifest.write(dir)?;
+            for seq in list_wal_seqs(dir)? {
+                std::fs::remove_file(wal_path(dir, seq))?;
+            }
+            legacy_wal = false;
         }
     }
     if !state.memtable.batch.is_empty() {
         state.memtable_since = Some(tokio::time::Instant::now());
     }
-    Ok((state, max_seq + 1))
+    Ok(Recovered { state, next_seq: max_seq + 1, legacy_wal })
 }
 
 async fn blocking<T: Send + 'static>(
@@ -659,7 +781,7 @@ impl Writer {
         };
         let mut bytes = Vec::new();
         for batch in batches.iter().filter(|b| !b.is_empty()) {
-            encode_record(batch, &mut bytes);
+            encode_record(&(&self.shard.id, batch), &mut bytes);
         }
         let group: Vec<(RowBatch, Reply<u64>)> = batches.into_iter().zip(replies).collect();
         if bytes.is_empty() {
@@ -668,32 +790,23 @@ impl Writer {
             }
             return;
         }
-        let mut wal = self.wal.take().expect("writer owns the WAL");
-        let started = tokio::time::Instant::now();
-        let (wal, res) = match crate::env::spawn_blocking(move || {
-            let r = wal.append_durable(&bytes);
-            (wal, r)
-        })
-        .await
-        {
-            Ok(x) => x,
+        // The records will begin at or after the WAL's end now; the memtable keeps the log
+        // from there on until it is in a segment.
+        self.shard.state.write().expect("shard lock").memtable_wal_from.get_or_insert(self.wal.end());
+        let lsn = match self.wal.append(bytes).await {
+            Ok(lsn) => lsn,
             Err(e) => {
-                // The blocking task panicked: the WAL handle is gone; fail this group and all later ones.
+                let mut st = self.shard.state.write().expect("shard lock");
+                if st.memtable.batch.is_empty() {
+                    st.memtable_wal_from = None;
+                }
+                drop(st);
                 for (_, done) in group {
-                    let _ = done.send(Err(StorageError::Io(std::io::Error::other(e.to_string()))));
+                    let _ = done.send(Err(StorageError::Io(std::io::Error::new(e.kind(), e.to_string()))));
                 }
                 return;
             }
         };
-        self.metrics.observe_fsync(started.elapsed());
-        self.wal = Some(wal);
-        if let Err(e) = res {
-            tracing::error!(shard = %self.shard.id, error = %e, "WAL append failed");
-            for (_, done) in group {
-                let _ = done.send(Err(StorageError::Io(std::io::Error::new(e.kind(), e.to_string()))));
-            }
-            return;
-        }
         let written: usize = group.iter().map(|(p, _)| p.len()).sum();
         let memtable_len = {
             let mut st = self.shard.state.write().expect("shard lock");
@@ -709,6 +822,7 @@ impl Writer {
             if st.memtable_since.is_none() {
                 st.memtable_since = Some(tokio::time::Instant::now());
             }
+            st.memtable_lsn = lsn;
             if in_place {
                 self.index.rows += written;
                 self.index.chunks.extend(chunk);
@@ -746,37 +860,30 @@ impl Writer {
             }
             running.await.map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
         }
-        let frozen = {
+        let (frozen, flushed_lsn) = {
             let mut st = self.shard.state.write().expect("shard lock");
             if st.memtable.batch.is_empty() {
+                // No record of a failed append keeps the WAL (see `commit`).
+                st.memtable_wal_from = None;
                 return Ok(());
             }
             st.memtable_rows_expected = st.memtable.batch.len().min(2 * self.cfg.memtable_points_max);
             let frozen = Arc::new(std::mem::take(&mut st.memtable).finish());
             st.memtable_since = None;
             st.frozen = Some(frozen.clone());
-            frozen
+            st.frozen_wal_from = st.memtable_wal_from.take();
+            (frozen, st.memtable_lsn)
         };
         // The memtable's index now describes the frozen rows.
         let index = std::mem::take(&mut self.index);
         self.frozen_index = if index.rows == frozen.len() { index } else { MemtableIndex::of(&frozen) };
-        let (wal_seq, seg_seq, merge_seq) = (self.take_seq(), self.take_seq(), self.take_seq());
-        let dir = self.shard.dir.clone();
-        let new_wal = match blocking(move || Ok(WalWriter::create(&dir, wal_seq)?)).await {
-            Ok(w) => w,
-            Err(e) => {
-                unfreeze(&self.shard);
-                return Err(e);
-            }
-        };
-        let old_wal = self.wal.replace(new_wal).map(|w| w.seq);
+        let (seg_seq, merge_seq) = (self.take_seq(), self.take_seq());
         let job = Compaction {
             shard: self.shard.clone(),
             frozen,
             seg_seq,
             merge_seq,
-            wal_from: wal_seq,
-            old_wal,
+            flushed_lsn,
             segments_max: self.cfg.segments_max,
             metrics: self.metrics.clone(),
         };
@@ -821,9 +928,9 @@ impl Writer {
             self.tombstones.push((t, rule));
         }
         self.flush(true).await?;
-        let wal_from = self.wal.as_ref().expect("writer owns the WAL").seq;
+        let flushed_lsn = self.shard.flushed_lsn();
         let seg_seq = self.take_seq();
-        rewrite(&self.shard, seg_seq, wal_from, Some(keep)).await
+        rewrite(&self.shard, seg_seq, flushed_lsn, Some(keep)).await
     }
 }
 
@@ -853,10 +960,11 @@ fn blocks_to_copy(segments: &[Arc<Segment>]) -> Vec<Vec<bool>> {
     copy
 }
 
-/// Puts a frozen memtable back after a failed compaction; its points are still in the old WAL.
+/// Puts a frozen memtable back after a failed compaction; its points are still in the WAL.
 fn unfreeze(shard: &Shard) {
     let mut st = shard.state.write().expect("shard lock");
     if let Some(frozen) = st.frozen.take() {
+        st.memtable_wal_from = st.frozen_wal_from.take().into_iter().chain(st.memtable_wal_from).min();
         let mut restored = RowBatchBuilder::default();
         restored.extend_from(&frozen, None);
         restored.extend_from(&st.memtable.batch, None);
@@ -872,9 +980,8 @@ struct Compaction {
     seg_seq: u64,
     /// Sequence number for the merged segment, if the segment count calls for a merge.
     merge_seq: u64,
-    /// The first WAL not covered by segments once this compaction is done.
-    wal_from: u64,
-    old_wal: Option<u64>,
+    /// Where the frozen memtable's last record ends in the WAL.
+    flushed_lsn: u64,
     segments_max: usize,
     metrics: Arc<Metrics>,
 }
@@ -894,14 +1001,14 @@ impl Compaction {
             let st = self.shard.state.read().expect("shard lock");
             st.segments.iter().map(|s| s.seq).chain([self.seg_seq]).collect()
         };
-        let (dir, frozen, seg_seq, wal_from) =
-            (self.shard.dir.clone(), self.frozen.clone(), self.seg_seq, self.wal_from);
+        let (dir, frozen, seg_seq, flushed_lsn) =
+            (self.shard.dir.clone(), self.frozen.clone(), self.seg_seq, self.flushed_lsn);
         let seg = blocking(move || {
             let path = segment_path(&dir, seg_seq);
             write_segment(&path, &frozen)?;
             fsync_dir(&dir)?;
             let seg = Segment::open(&path, seg_seq)?;
-            Manifest { segments, wal_from }.write(&dir)?;
+            Manifest { segments, flushed_lsn, format: MANIFEST_FORMAT }.write(&dir)?;
             Ok(seg)
         })
         .await?;
@@ -909,21 +1016,13 @@ impl Compaction {
             let mut st = self.shard.state.write().expect("shard lock");
             st.segments.push(Arc::new(seg));
             st.frozen = None;
+            st.frozen_wal_from = None;
+            st.flushed_lsn = flushed_lsn;
         }
         self.metrics.segments_written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(old) = self.old_wal {
-            let dir = self.shard.dir.clone();
-            blocking(move || {
-                for seq in list_wal_seqs(&dir)?.into_iter().filter(|&s| s <= old) {
-                    std::fs::remove_file(wal_path(&dir, seq))?;
-                }
-                Ok(())
-            })
-            .await?;
-        }
         let too_many = self.shard.state.read().expect("shard lock").segments.len() > self.segments_max;
         if too_many {
-            rewrite(&self.shard, self.merge_seq, self.wal_from, None).await?;
+            rewrite(&self.shard, self.merge_seq, flushed_lsn, None).await?;
         }
         Ok(())
     }
@@ -937,7 +1036,12 @@ impl Compaction {
 /// no row is copied as it is: points mostly arrive in time order, so merging a shard's segments
 /// is mostly a file copy. The other blocks' rows are sorted together and encoded anew, so
 /// out-of-order points end up in blocks with narrow time ranges.
-async fn rewrite(shard: &Arc<Shard>, seg_seq: u64, wal_from: u64, keep: Option<KeepRow>) -> Result<u64, StorageError> {
+async fn rewrite(
+    shard: &Arc<Shard>,
+    seg_seq: u64,
+    flushed_lsn: u64,
+    keep: Option<KeepRow>,
+) -> Result<u64, StorageError> {
     let old: Vec<Arc<Segment>> = shard.state.read().expect("shard lock").segments.clone();
     if old.is_empty() {
         return Ok(0);
@@ -983,7 +1087,7 @@ async fn rewrite(shard: &Arc<Shard>, seg_seq: u64, wal_from: u64, keep: Option<K
             fsync_dir(&dir)?;
             Some(Segment::open(&path, seg_seq)?)
         };
-        Manifest { segments: seg.iter().map(|s| s.seq).collect(), wal_from }.write(&dir)?;
+        Manifest { segments: seg.iter().map(|s| s.seq).collect(), flushed_lsn, format: MANIFEST_FORMAT }.write(&dir)?;
         Ok((Some(seg), dropped))
     })
     .await?;
@@ -1024,10 +1128,14 @@ mod tests {
             flush_interval: std::time::Duration::from_secs(3600),
             segments_max: 2,
             tombstone_grace_ms: 1000,
+            wal_file_bytes: super::super::wal::WAL_FILE_BYTES,
         };
         let id = ShardId { metric: MetricKey::new("d", "n", "m").unwrap(), start: 0 };
         let keep_all: TombstoneRule = Arc::new(|_| Box::new(|b: &RowBatch| vec![true; b.len()]));
-        Shard::open(dir, id, 1_000_000, cfg, Arc::new(Metrics::default()), keep_all).await.unwrap()
+        let metrics = Arc::new(Metrics::default());
+        let wal = NodeWal::new(&dir.join("wal"), cfg.wal_file_bytes, metrics.clone());
+        wal.recover(0, |_, _| Ok::<(), std::io::Error>(())).unwrap();
+        Shard::open(dir, id, cfg, wal, metrics, keep_all).await.unwrap()
     }
 
     /// Points are a set however the memtable's index is cut: a write in time order, a write

@@ -1,18 +1,33 @@
-//! Write-ahead log of one shard. A record is `[len: u32 LE][crc32 of payload: u32 LE][payload]`,
-//! the payload a postcard-encoded [`RowBatch`] (one ingest request's points for this shard).
-//! Appends are batched by the shard's writer (group commit) and made durable with one
-//! `fdatasync` per batch. Replay stops at the first record that is short or fails its checksum
-//! and truncates the file there: that is a torn tail from a crash, never an acknowledged write.
+//! The node's write-ahead log, shared by all its shards. A record is
+//! `[len: u32 LE][crc32 of payload: u32 LE][payload]`, the payload a postcard-encoded
+//! `(ShardId, RowBatch)`: one ingest request's points for one shard. One writer task takes the
+//! records every shard has waiting, writes them with one `write` and makes them durable with one
+//! `fdatasync` (group commit across shards): a request that touches several shards pays one
+//! fsync, not one per shard.
+//!
+//! A record's position is its log sequence number (LSN): the byte offset of its end in the
+//! log, counted across files. `wal-<start>.log` holds the log from byte `start`; past
+//! [`WAL_FILE_BYTES`] a new file begins. A shard's MANIFEST names the LSN up to which its
+//! records are in segments; replay skips those, and a file is deleted once every shard's
+//! records in it are in segments (see `Storage::collect_wal`).
+//!
+//! Replay stops at the first record that is short or fails its checksum and truncates the file
+//! there: that is a torn tail from a crash, never an acknowledged write.
 //!
 //! A WAL file is zero-filled ahead of its appends, so that an append overwrites blocks the file
 //! already has and its `fdatasync` writes only those: an append that grew the file would also
 //! make the filesystem write the inode (and block maps) on every commit. A zero length field
 //! reads as the end of the log, so the zeros are never taken for records or for a torn tail.
 
+use crate::metrics::Metrics;
 use crate::model::batch::RowBatch;
+use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
 
 /// Largest record accepted on replay: guards against a corrupt length field.
 pub const RECORD_BYTES_MAX: usize = 256 * 1024 * 1024;
@@ -36,11 +51,11 @@ pub fn list_wal_seqs(dir: &Path) -> std::io::Result<Vec<u64>> {
     Ok(seqs)
 }
 
-/// Appends `batch` to `out` as one framed record, encoded in place (no copy of the payload).
-pub fn encode_record(batch: &RowBatch, out: &mut Vec<u8>) {
+/// Appends `value` to `out` as one framed record, encoded in place (no copy of the payload).
+pub fn encode_record<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_BYTES]);
-    *out = postcard::to_extend(batch, std::mem::take(out)).expect("batches always encode");
+    *out = postcard::to_extend(value, std::mem::take(out)).expect("records always encode");
     let header = header(&out[start + HEADER_BYTES..]);
     out[start..start + HEADER_BYTES].copy_from_slice(&header);
 }
@@ -62,7 +77,8 @@ fn header(payload: &[u8]) -> [u8; HEADER_BYTES] {
 const ZEROS_AHEAD_MIN: u64 = 64 * 1024;
 const ZEROS_AHEAD_MAX: u64 = 4 * 1024 * 1024;
 
-/// An append-only file of framed records: a shard's WAL, or the hints kept for one node.
+/// An append-only file of framed records: a file of the node's WAL, or the hints kept for one
+/// node.
 /// An append is durable when it returns Ok. One that fails (a full disk, a failed fsync) is
 /// cut off again, so the next record never lands behind a torn one, where replay, which stops
 /// at the first bad record, would not find it.
@@ -180,21 +196,194 @@ impl AppendLog {
     }
 }
 
-pub struct WalWriter {
-    log: AppendLog,
-    pub seq: u64,
+/// A new WAL file begins once the current one holds this many bytes of records, so that the
+/// log can be deleted a file at a time as shards compact.
+pub const WAL_FILE_BYTES: u64 = 64 * 1024 * 1024;
+/// Submissions waiting beyond this many make shard writers wait. Each shard writer has at most
+/// one submission under way, so this is rarely reached.
+const QUEUE_DEPTH: usize = 1024;
+/// Most submissions, and bytes, one group commit takes.
+const GROUP_SUBMISSIONS_MAX: usize = 1024;
+const GROUP_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// One shard writer's records for one group commit, and where to say where they ended.
+struct Submission {
+    records: Vec<u8>,
+    done: oneshot::Sender<std::io::Result<u64>>,
 }
 
-impl WalWriter {
-    pub fn create(dir: &Path, seq: u64) -> std::io::Result<Self> {
-        let mut log = AppendLog::open(&wal_path(dir, seq))?;
-        log.zero_fill = true;
-        Ok(Self { log, seq })
+/// What the writer task and the handles share.
+struct Shared {
+    dir: PathBuf,
+    /// LSN of the end of the durable records.
+    end: AtomicU64,
+    /// Where each file starts, ascending; the last one is appended to.
+    files: Mutex<Vec<u64>>,
+    /// A new file begins once the current one holds this many bytes.
+    file_bytes: u64,
+}
+
+/// The node's write-ahead log (see the module comment). Created with [`NodeWal::new`], which
+/// reads nothing; [`NodeWal::recover`] replays the files and starts the writer task, so that
+/// shards can be opened (with this handle) before their records are replayed into them.
+pub struct NodeWal {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Submission>,
+    rx: Mutex<Option<mpsc::Receiver<Submission>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl NodeWal {
+    /// A log in `dir` that starts a new file past `file_bytes` ([`WAL_FILE_BYTES`] but in tests).
+    pub fn new(dir: &Path, file_bytes: u64, metrics: Arc<Metrics>) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let files = Mutex::new(Vec::new());
+        let shared = Shared { dir: dir.to_path_buf(), end: AtomicU64::new(0), files, file_bytes };
+        Arc::new(Self { shared: Arc::new(shared), tx, rx: Mutex::new(Some(rx)), metrics })
     }
 
-    /// Appends already-framed records and makes them durable before returning.
-    pub fn append_durable(&mut self, records: &[u8]) -> std::io::Result<()> {
-        self.log.append_durable(records)
+    /// Replays the log: calls `apply(lsn, payload)` for every valid record in order, cutting
+    /// torn tails off (counted in `shoal_wal_torn_bytes_total`), then starts the writer task.
+    /// An error from `apply` stops the replay and is returned. A log with no file yet begins
+    /// at `lsn_floor` (the highest LSN a shard's MANIFEST names), so that its records can never
+    /// be taken for ones already in segments.
+    pub fn recover<E: From<std::io::Error>>(
+        &self,
+        lsn_floor: u64,
+        mut apply: impl FnMut(u64, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let dir = &self.shared.dir;
+        std::fs::create_dir_all(dir)?;
+        let starts = list_wal_seqs(dir)?;
+        for &start in &starts {
+            let path = wal_path(dir, start);
+            let torn = replay_records(&path, |file_end, payload| apply(start + file_end, payload))?;
+            if torn > 0 {
+                tracing::warn!(wal = %path.display(), torn_bytes = torn, "dropped a torn WAL tail");
+                self.metrics.wal_torn_bytes.fetch_add(torn, Ordering::Relaxed);
+            }
+        }
+        let start = starts.last().copied().unwrap_or(lsn_floor);
+        let mut log = AppendLog::open(&wal_path(dir, start))?;
+        log.zero_fill = true;
+        *self.shared.files.lock().expect("wal files lock") = if starts.is_empty() { vec![start] } else { starts };
+        self.shared.end.store(start + log.len(), Ordering::SeqCst);
+        let rx = self.rx.lock().expect("wal rx lock").take().expect("the WAL is recovered once");
+        tokio::spawn(run(self.shared.clone(), log, start, rx, self.metrics.clone()));
+        Ok(())
+    }
+
+    /// LSN of the end of the durable records: every record appended from now on ends after it.
+    pub fn end(&self) -> u64 {
+        self.shared.end.load(Ordering::SeqCst)
+    }
+
+    /// Makes `records` (framed by [`encode_record`]) durable together with whatever other shards
+    /// have waiting; returns the LSN of their end.
+    pub async fn append(&self, records: Vec<u8>) -> std::io::Result<u64> {
+        let closed = || std::io::Error::other("the WAL writer stopped");
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Submission { records, done }).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// Deletes the files whose records all end at or before `lsn` (every shard has them in
+    /// segments). The file appended to is kept.
+    pub fn remove_before(&self, lsn: u64) -> std::io::Result<()> {
+        let mut files = self.shared.files.lock().expect("wal files lock");
+        while files.len() > 1 && files[1] <= lsn {
+            std::fs::remove_file(wal_path(&self.shared.dir, files[0]))?;
+            files.remove(0);
+        }
+        Ok(())
+    }
+
+    /// Bytes the log holds, and where its oldest file ends (`None` when there is one file).
+    pub fn size(&self) -> (u64, Option<u64>) {
+        let files = self.shared.files.lock().expect("wal files lock");
+        (self.end().saturating_sub(files[0]), files.get(1).copied())
+    }
+}
+
+/// The writer task: one group commit at a time, each taking every submission waiting.
+async fn run(
+    shared: Arc<Shared>,
+    mut log: AppendLog,
+    mut start: u64,
+    mut rx: mpsc::Receiver<Submission>,
+    metrics: Arc<Metrics>,
+) {
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        let mut bytes = group[0].records.len();
+        while group.len() < GROUP_SUBMISSIONS_MAX && bytes < GROUP_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(s) => {
+                    bytes += s.records.len();
+                    group.push(s);
+                }
+                Err(_) => break,
+            }
+        }
+        buf.clear();
+        let base = start + log.len();
+        let mut ends = Vec::with_capacity(group.len());
+        for s in &group {
+            buf.extend_from_slice(&s.records);
+            ends.push(base + buf.len() as u64);
+        }
+        let rotate = log.len() >= shared.file_bytes;
+        let dir = shared.dir.clone();
+        let started = tokio::time::Instant::now();
+        let joined = crate::env::spawn_blocking(move || {
+            if rotate {
+                match AppendLog::open(&wal_path(&dir, base)) {
+                    Ok(mut next) => {
+                        next.zero_fill = true;
+                        log = next;
+                        start = base;
+                    }
+                    Err(e) => return (log, start, buf, Err(e), false),
+                }
+            }
+            let written = log.append_durable(&buf);
+            (log, start, buf, written, rotate)
+        })
+        .await;
+        let rotated;
+        let written;
+        match joined {
+            Ok((l, s, b, w, r)) => {
+                (log, start, buf, written, rotated) = (l, s, b, w, r);
+            }
+            Err(e) => {
+                // The blocking task panicked and the file handle is gone: fail this group; the
+                // dropped receiver fails every later one.
+                for s in group {
+                    let _ = s.done.send(Err(std::io::Error::other(e.to_string())));
+                }
+                return;
+            }
+        }
+        if rotated {
+            shared.files.lock().expect("wal files lock").push(start);
+        }
+        match written {
+            Ok(()) => {
+                metrics.observe_fsync(started.elapsed());
+                shared.end.store(start + log.len(), Ordering::SeqCst);
+                for (s, end) in group.into_iter().zip(ends) {
+                    let _ = s.done.send(Ok(end));
+                }
+            }
+            Err(e) => {
+                tracing::error!(wal = %shared.dir.display(), error = %e, "WAL append failed");
+                for s in group {
+                    let _ = s.done.send(Err(std::io::Error::new(e.kind(), e.to_string())));
+                }
+            }
+        }
     }
 }
 
@@ -235,40 +424,47 @@ fn read_whole(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
     }
 }
 
-/// What replaying one WAL file found.
-#[derive(Debug, Default)]
-pub struct Replay {
-    pub batches: Vec<RowBatch>,
-    /// Bytes cut from the end because they did not form a whole, valid record.
-    pub torn_bytes: u64,
-}
-
-/// Reads every valid record of a WAL file and truncates a torn tail.
-pub fn replay(path: &Path) -> std::io::Result<Replay> {
+/// Reads every valid record of a log file, calling `apply(end, payload)` with the offset where
+/// each ends, and truncates a torn tail; returns how many torn bytes it cut (zeros written ahead
+/// of the appends are not torn: counted up to the last byte that is not zero).
+pub fn replay_records<E: From<std::io::Error>>(
+    path: &Path,
+    mut apply: impl FnMut(u64, &[u8]) -> Result<(), E>,
+) -> Result<u64, E> {
     let file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut reader = std::io::BufReader::new(file);
-    let mut replay = Replay::default();
     let mut pos = 0u64;
     while let Some(payload) = read_record(&mut reader)? {
-        match postcard::from_bytes::<RowBatch>(&payload) {
-            Ok(batch) if batch.validate().is_ok() => replay.batches.push(batch),
-            _ => break,
-        }
         pos += record_len(payload.len());
+        apply(pos, &payload)?;
     }
+    let mut torn = 0;
     if pos < file_len {
-        // Zeros written ahead of the appends are not a torn record: count up to the last byte
-        // that is not zero.
         let mut rest = Vec::new();
         std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(pos))?;
         reader.read_to_end(&mut rest)?;
-        replay.torn_bytes = rest.iter().rposition(|&b| b != 0).map_or(0, |at| at as u64 + 1);
+        torn = rest.iter().rposition(|&b| b != 0).map_or(0, |at| at as u64 + 1);
         let file = OpenOptions::new().write(true).open(path)?;
         file.set_len(pos)?;
         file.sync_all()?;
     }
-    Ok(replay)
+    Ok(torn)
+}
+
+/// Reads a WAL file of a shard from before the node WAL (one file per shard, the payload a
+/// bare `RowBatch`), truncating a torn tail; returns its batches and the torn bytes.
+pub fn replay_shard_wal(path: &Path) -> std::io::Result<(Vec<RowBatch>, u64)> {
+    let mut batches = Vec::new();
+    let torn = replay_records(path, |_, payload| {
+        let batch = postcard::from_bytes::<RowBatch>(payload)
+            .ok()
+            .filter(|b| b.validate().is_ok())
+            .ok_or_else(|| std::io::Error::other(format!("{}: a record is not a batch of points", path.display())))?;
+        batches.push(batch);
+        Ok::<(), std::io::Error>(())
+    })?;
+    Ok((batches, torn))
 }
 
 #[cfg(test)]
@@ -298,71 +494,120 @@ mod tests {
         assert_eq!(out, expected);
     }
 
-    #[test]
-    fn replay_drops_torn_tail_only() {
+    fn record(ts: &[i64]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_record(&points(ts), &mut out);
+        out
+    }
+
+    /// Recovers the log in `dir`: the (LSN, batch) of every record, and the running log.
+    fn recover(dir: &Path, file_bytes: u64) -> (Vec<(u64, RowBatch)>, Arc<NodeWal>) {
+        let wal = NodeWal::new(dir, file_bytes, Arc::new(Metrics::default()));
+        let mut found = Vec::new();
+        wal.recover(0, |lsn, payload| {
+            found.push((lsn, postcard::from_bytes::<RowBatch>(payload).unwrap()));
+            Ok::<(), std::io::Error>(())
+        })
+        .unwrap();
+        (found, wal)
+    }
+
+    #[tokio::test]
+    async fn records_replay_at_their_lsn_across_files_and_old_files_go() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = WalWriter::create(dir.path(), 1).unwrap();
-        let mut buf = Vec::new();
-        encode_record(&points(&[1, 2]), &mut buf);
-        encode_record(&points(&[3]), &mut buf);
-        w.append_durable(&buf).unwrap();
-        let path = wal_path(dir.path(), 1);
-        let zero_filled = std::fs::metadata(&path).unwrap().len();
-        assert!(zero_filled >= ZEROS_AHEAD_MIN, "the WAL is zero-filled ahead of its records");
-        let r = replay(&path).unwrap();
-        assert_eq!((r.batches.len(), r.torn_bytes), (2, 0), "zeros ahead are neither records nor torn");
-        // A torn third record: header and half the payload.
-        let mut w = WalWriter::create(dir.path(), 1).unwrap();
-        let mut torn = Vec::new();
-        encode_record(&points(&[4]), &mut torn);
-        w.append_durable(&torn[..torn.len() - 2]).unwrap();
-        let r = replay(&path).unwrap();
-        assert_eq!(r.batches.len(), 2);
-        assert_eq!(r.batches[1], points(&[3]));
-        // Counted up to its last byte that is not zero.
+        let (found, wal) = recover(dir.path(), 50);
+        assert!(found.is_empty());
+        let mut ends = Vec::new();
+        for t in 0..10 {
+            ends.push(wal.append(record(&[t, t + 1])).await.unwrap());
+        }
+        assert!(ends.windows(2).all(|w| w[0] < w[1]), "{ends:?}");
+        assert_eq!(wal.end(), ends[9]);
+        let files = list_wal_seqs(dir.path()).unwrap();
+        assert!(files.len() > 2, "50-byte files: {files:?}");
+        drop(wal);
+        let (found, wal) = recover(dir.path(), 50);
+        let expected: Vec<(u64, RowBatch)> = (0..10).map(|t| (ends[t as usize], points(&[t, t + 1]))).collect();
+        assert_eq!(found, expected);
+        // Records up to the fourth's end are in segments: the files holding only those go.
+        wal.remove_before(ends[3]).unwrap();
+        let kept = list_wal_seqs(dir.path()).unwrap();
+        assert!(kept.len() < files.len() && kept[0] < ends[3] && kept.get(1).is_none_or(|&s| s > ends[3]), "{kept:?}");
+        assert!(wal.size().0 >= ends[9] - ends[3]);
+        // Appends go on after the end, and replay from the kept files still finds them.
+        let next = wal.append(record(&[99])).await.unwrap();
+        assert!(next > ends[9]);
+        drop(wal);
+        let (found, _) = recover(dir.path(), 50);
+        assert_eq!(found.last().unwrap(), &(next, points(&[99])));
+        for t in 4..10 {
+            assert!(found.contains(&(ends[t as usize], points(&[t, t + 1]))), "record {t} is kept");
+        }
+    }
+
+    #[tokio::test]
+    async fn replay_drops_a_torn_tail_only_and_appends_follow_the_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, wal) = recover(dir.path(), WAL_FILE_BYTES);
+        let first = wal.append(record(&[1, 2])).await.unwrap();
+        let second = wal.append(record(&[3])).await.unwrap();
+        drop(wal);
+        let path = wal_path(dir.path(), 0);
+        assert!(std::fs::metadata(&path).unwrap().len() >= ZEROS_AHEAD_MIN, "zero-filled ahead of its records");
+        // A torn third record: header and half its payload, over the zeros.
+        let torn = record(&[4]);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &torn[..torn.len() - 2], second).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let wal = NodeWal::new(dir.path(), WAL_FILE_BYTES, metrics.clone());
+        let mut found = Vec::new();
+        wal.recover(0, |lsn, _| {
+            found.push(lsn);
+            Ok::<(), std::io::Error>(())
+        })
+        .unwrap();
+        assert_eq!(found, vec![first, second]);
         let torn_nonzero = torn[..torn.len() - 2].iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
-        assert_eq!(r.torn_bytes, torn_nonzero);
-        // The file was truncated, so a second replay finds nothing torn.
-        let r = replay(&wal_path(dir.path(), 1)).unwrap();
-        assert_eq!((r.batches.len(), r.torn_bytes), (2, 0));
+        assert_eq!(metrics.wal_torn_bytes.load(Ordering::Relaxed), torn_nonzero, "zeros ahead are not torn");
+        assert_eq!(wal.end(), second, "the log goes on where the torn record began");
+        let third = wal.append(record(&[5])).await.unwrap();
+        drop(wal);
+        let (found, _) = recover(dir.path(), WAL_FILE_BYTES);
+        assert_eq!(found.iter().map(|(lsn, _)| *lsn).collect::<Vec<_>>(), vec![first, second, third]);
+        assert_eq!(found[2].1, points(&[5]));
     }
 
     #[test]
     fn reopened_log_cuts_a_torn_tail_so_later_appends_replay() {
         let dir = tempfile::tempdir().unwrap();
         let path = wal_path(dir.path(), 3);
-        let mut buf = Vec::new();
-        encode_record(&points(&[1]), &mut buf);
+        let buf = record(&[1]);
         AppendLog::open(&path).unwrap().append_durable(&buf).unwrap();
         // A crash in the middle of a write: half a record at the end.
-        let mut torn = Vec::new();
-        encode_record(&points(&[2]), &mut torn);
+        let torn = record(&[2]);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         std::io::Write::write_all(&mut f, &torn[..torn.len() / 2]).unwrap();
         let mut log = AppendLog::open(&path).unwrap();
         assert_eq!(log.len(), buf.len() as u64, "the torn half is not counted");
-        let mut next = Vec::new();
-        encode_record(&points(&[3]), &mut next);
-        log.append_durable(&next).unwrap();
-        let r = replay(&path).unwrap();
-        assert_eq!(r.batches, vec![points(&[1]), points(&[3])], "the record after the cut is found");
-        assert_eq!(r.torn_bytes, 0);
+        log.append_durable(&record(&[3])).unwrap();
+        let (batches, torn) = replay_shard_wal(&path).unwrap();
+        assert_eq!(batches, vec![points(&[1]), points(&[3])], "the record after the cut is found");
+        assert_eq!(torn, 0);
     }
 
     #[test]
     fn replay_stops_at_bad_checksum() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = WalWriter::create(dir.path(), 7).unwrap();
-        let mut buf = Vec::new();
-        encode_record(&points(&[1]), &mut buf);
+        let path = wal_path(dir.path(), 7);
+        let mut buf = record(&[1]);
         let first = buf.len();
-        encode_record(&points(&[2]), &mut buf);
+        buf.extend(record(&[2]));
         let last = buf.len() - 1;
         buf[last] ^= 0xff;
-        w.append_durable(&buf).unwrap();
-        let r = replay(&wal_path(dir.path(), 7)).unwrap();
-        assert_eq!(r.batches.len(), 1);
-        assert_eq!(r.torn_bytes, (buf.len() - first) as u64);
+        AppendLog::open(&path).unwrap().append_durable(&buf).unwrap();
+        let (batches, torn) = replay_shard_wal(&path).unwrap();
+        assert_eq!(batches.len(), 1);
+        assert_eq!(torn, (buf.len() - first) as u64);
         assert_eq!(list_wal_seqs(dir.path()).unwrap(), vec![7]);
     }
 }
