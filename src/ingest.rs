@@ -159,6 +159,7 @@ pub fn parse_line_protocol(
     let mut known: FastMap<&str, (usize, u32)> = FastMap::with_capacity_and_hasher(1024, Default::default());
     let mut points = 0usize;
     let mut fields: Vec<(Cow<str>, Num)> = Vec::new();
+    let mut tags: Tags = Vec::new();
     // Rows of a field metric: one per line, the usual case, so they are allocated once.
     let rows_expected = lines_expected(body).min(ROWS_RESERVED_MAX);
     for (idx, line) in lines(body).enumerate() {
@@ -173,16 +174,20 @@ pub fn parse_line_protocol(
         let (m, series) = match known.get(series_text) {
             Some(&found) => found,
             None => {
-                let (name, tags) = parse_series(series_text).map_err(at)?;
+                let name = parse_series(series_text, &mut tags).map_err(at)?;
                 let m = match measurements.iter().position(|m| m.name == name) {
                     Some(m) => m,
                     None => {
-                        measurements.push(Measurement { name, fields: Vec::new(), series: Vec::new() });
+                        let new = Measurement { name, fields: Vec::new(), tags: Vec::new(), series: Vec::new() };
+                        measurements.push(new);
                         measurements.len() - 1
                     }
                 };
-                let series = measurements[m].series.len() as u32;
-                measurements[m].series.push(tags);
+                let measurement = &mut measurements[m];
+                let series = measurement.series.len() as u32;
+                let from = measurement.tags.len() as u32;
+                measurement.tags.append(&mut tags);
+                measurement.series.push(from..measurement.tags.len() as u32);
                 known.insert(series_text, (m, series));
                 (m, series)
             }
@@ -262,7 +267,10 @@ type Tags<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
 struct Measurement<'a> {
     name: Cow<'a, str>,
     fields: Vec<FieldRows>,
-    series: Vec<Tags<'a>>,
+    /// The tags of every series, one after the other (one allocation, not one per series).
+    tags: Tags<'a>,
+    /// Per series, its tags in `tags`.
+    series: Vec<std::ops::Range<u32>>,
 }
 
 struct FieldRows {
@@ -281,9 +289,10 @@ impl Measurement<'_> {
         let n = self.series.len();
         // Per tag name: its distinct values and each series' code (NULL_CODE: no such tag).
         let mut columns: BTreeMap<&str, (Vec<&str>, Vec<u32>)> = BTreeMap::new();
-        let mut codes: FastMap<(&str, &str), u32> = FastMap::default();
-        for (s, tags) in self.series.iter().enumerate() {
-            for (k, v) in tags {
+        let mut codes: FastMap<(&str, &str), u32> =
+            FastMap::with_capacity_and_hasher(self.tags.len(), Default::default());
+        for (s, range) in self.series.iter().enumerate() {
+            for (k, v) in &self.tags[range.start as usize..range.end as usize] {
                 let (dict, of_series) = columns.entry(k.as_ref()).or_insert_with(|| (Vec::new(), vec![NULL_CODE; n]));
                 of_series[s] = *codes.entry((k.as_ref(), v.as_ref())).or_insert_with(|| {
                     dict.push(v.as_ref());
@@ -320,12 +329,12 @@ impl Measurement<'_> {
 }
 
 /// Parses a line's series text, `measurement[,tag=value]*`, checking what a client could get
-/// wrong in it.
-fn parse_series(text: &str) -> Result<(Cow<'_, str>, Tags<'_>), String> {
+/// wrong in it: returns the measurement, and the tags in `tags` (cleared first).
+fn parse_series<'a>(text: &'a str, tags: &mut Tags<'a>) -> Result<Cow<'a, str>, String> {
+    tags.clear();
     let (measurement, mut rest) = split_unescaped(text, b',', false);
     let measurement = unescape(measurement);
     crate::model::validate_name("measurement", &measurement)?;
-    let mut tags: Tags = Vec::new();
     while let Some(s) = rest {
         let (tag, tail) = split_unescaped(s, b',', false);
         let (k, v) = split_unescaped(tag, b'=', false);
@@ -341,7 +350,7 @@ fn parse_series(text: &str) -> Result<(Cow<'_, str>, Tags<'_>), String> {
         tags.push((k, v));
         rest = tail;
     }
-    Ok((measurement, tags))
+    Ok(measurement)
 }
 
 /// Parses `field=value[,field=value]*[ timestamp]` into `out` (cleared first) and returns the
