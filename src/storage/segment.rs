@@ -136,14 +136,13 @@ fn decode_codes(bytes: &[u8]) -> Result<Vec<u32>, String> {
     if raw.len() % width != 0 {
         return Err(format!("{} bytes of codes of width {width}", raw.len()));
     }
-    Ok(raw
-        .chunks_exact(width)
-        .map(|c| {
-            let mut le = [0u8; 4];
-            le[..width].copy_from_slice(c);
-            u32::from_le_bytes(le).wrapping_sub(1)
-        })
-        .collect())
+    // One loop per width, so that each compiles to a plain widening loop.
+    let codes = match width {
+        1 => raw.iter().map(|&b| u32::from(b).wrapping_sub(1)).collect(),
+        2 => raw.chunks_exact(2).map(|c| u32::from(u16::from_le_bytes([c[0], c[1]])).wrapping_sub(1)).collect(),
+        _ => raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]).wrapping_sub(1)).collect(),
+    };
+    Ok(codes)
 }
 
 /// Bound on a block's decompressed codes (4 bytes per row at most): guards against a corrupt
