@@ -8,13 +8,7 @@
 set -euo pipefail
 BIN=$(realpath "$1")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-DIR=$(mktemp -d /tmp/shoal-cpu.XXXXXX)
-"$BIN" start --set shoal.data-dir="$DIR" --set shoal.http.port=0 --set shoal.node.id=bench \
-  --set shoal.gossip.port=0 --set shoal.log-level=warn > "$DIR.log" 2>&1 &
-PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DIR" "$DIR.log"' EXIT
-for _ in $(seq 1 100); do [ -s "$DIR/http.addr" ] && break; sleep 0.1; done
-ADDR=$(cat "$DIR/http.addr")
+source "$ROOT/benches/node.sh"
 # wrk stops sending after 10,000 answers but runs on for its duration.
 BENCH_REQUESTS=10000 BENCH_BASE_S=$(( $(date +%s) - 100000 )) BENCH_PATH="/write?db=bench&namespace=bench" \
   wrk -t1 -c4 -d20s --timeout 30s -s "$ROOT/benches/lineproto.lua" "http://$ADDR" | grep RESULT

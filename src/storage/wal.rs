@@ -97,22 +97,39 @@ pub struct AppendLog {
 impl AppendLog {
     /// Opens (or creates) the log at `path`, cutting off bytes past the last whole record.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).truncate(false).write(true).read(true).open(path)?;
-        if let Some(dir) = path.parent() {
-            super::fsync_dir(dir)?;
-        }
-        let file_len = file.metadata()?.len();
+        let file = Self::open_file(path)?;
         let mut durable_len = 0;
         let mut reader = std::io::BufReader::new(&file);
         while let Some(payload) = read_record(&mut reader)? {
             durable_len += record_len(payload.len());
         }
+        Self::with_records(file, path, durable_len, false)
+    }
+
+    /// Opens (or creates) a file of the node WAL, whose records, `records_len` bytes, were just
+    /// replayed (so they are not read again); appends zero-fill ahead of themselves.
+    fn open_wal(path: &Path, records_len: u64) -> std::io::Result<Self> {
+        Self::with_records(Self::open_file(path)?, path, records_len, true)
+    }
+
+    fn open_file(path: &Path) -> std::io::Result<File> {
+        let file = OpenOptions::new().create(true).truncate(false).write(true).read(true).open(path)?;
+        if let Some(dir) = path.parent() {
+            super::fsync_dir(dir)?;
+        }
+        Ok(file)
+    }
+
+    /// The log over `file`, whose first `durable_len` bytes are whole records; anything after
+    /// them is cut off.
+    fn with_records(file: File, path: &Path, durable_len: u64, zero_fill: bool) -> std::io::Result<Self> {
+        let file_len = file.metadata()?.len();
         let mut log = Self {
             file,
             path: path.to_path_buf(),
             durable_len,
             file_len,
-            zero_fill: false,
+            zero_fill,
             needs_cut: durable_len < file_len,
         };
         if log.needs_cut {
@@ -255,17 +272,18 @@ impl NodeWal {
         let dir = &self.shared.dir;
         std::fs::create_dir_all(dir)?;
         let starts = list_wal_seqs(dir)?;
+        let mut last_records_len = 0;
         for &start in &starts {
             let path = wal_path(dir, start);
-            let torn = replay_records(&path, |file_end, payload| apply(start + file_end, payload))?;
+            let (records_len, torn) = replay_records(&path, |file_end, payload| apply(start + file_end, payload))?;
             if torn > 0 {
                 tracing::warn!(wal = %path.display(), torn_bytes = torn, "dropped a torn WAL tail");
                 self.metrics.wal_torn_bytes.fetch_add(torn, Ordering::Relaxed);
             }
+            last_records_len = records_len;
         }
         let start = starts.last().copied().unwrap_or(lsn_floor);
-        let mut log = AppendLog::open(&wal_path(dir, start))?;
-        log.zero_fill = true;
+        let log = AppendLog::open_wal(&wal_path(dir, start), last_records_len)?;
         *self.shared.files.lock().expect("wal files lock") = if starts.is_empty() { vec![start] } else { starts };
         self.shared.end.store(start + log.len(), Ordering::SeqCst);
         let rx = self.rx.lock().expect("wal rx lock").take().expect("the WAL is recovered once");
@@ -338,9 +356,8 @@ async fn run(
         let started = tokio::time::Instant::now();
         let joined = crate::env::spawn_blocking(move || {
             if rotate {
-                match AppendLog::open(&wal_path(&dir, base)) {
-                    Ok(mut next) => {
-                        next.zero_fill = true;
+                match AppendLog::open_wal(&wal_path(&dir, base), 0) {
+                    Ok(next) => {
                         log = next;
                         start = base;
                     }
@@ -425,12 +442,13 @@ fn read_whole(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
 }
 
 /// Reads every valid record of a log file, calling `apply(end, payload)` with the offset where
-/// each ends, and truncates a torn tail; returns how many torn bytes it cut (zeros written ahead
-/// of the appends are not torn: counted up to the last byte that is not zero).
+/// each ends, and truncates a torn tail; returns the bytes of valid records and how many torn
+/// bytes it cut (zeros written ahead of the appends are not torn: counted up to the last byte
+/// that is not zero).
 pub fn replay_records<E: From<std::io::Error>>(
     path: &Path,
     mut apply: impl FnMut(u64, &[u8]) -> Result<(), E>,
-) -> Result<u64, E> {
+) -> Result<(u64, u64), E> {
     let file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut reader = std::io::BufReader::new(file);
@@ -449,14 +467,14 @@ pub fn replay_records<E: From<std::io::Error>>(
         file.set_len(pos)?;
         file.sync_all()?;
     }
-    Ok(torn)
+    Ok((pos, torn))
 }
 
 /// Reads a WAL file of a shard from before the node WAL (one file per shard, the payload a
 /// bare `RowBatch`), truncating a torn tail; returns its batches and the torn bytes.
 pub fn replay_shard_wal(path: &Path) -> std::io::Result<(Vec<RowBatch>, u64)> {
     let mut batches = Vec::new();
-    let torn = replay_records(path, |_, payload| {
+    let (_, torn) = replay_records(path, |_, payload| {
         let batch = postcard::from_bytes::<RowBatch>(payload)
             .ok()
             .filter(|b| b.validate().is_ok())
