@@ -3,8 +3,11 @@
 //! A single writer task per shard takes every append waiting in its queue, drops the points the
 //! shard holds already, hands the rest to the node's WAL as one submission (which fsyncs it with
 //! other shards' submissions) and only then makes the points visible and answers the callers
-//! (group commit). The same task compacts the in-memory points into segments, merges segments
-//! and applies deletes, so those never race with appends.
+//! (group commit). While a group is on its way to disk the writer checks and submits the next
+//! ones (up to [`IN_FLIGHT_MAX`]), so a shard's appends meet the WAL's next fsync rather than
+//! the one after; groups become visible and are answered in the order they were submitted. The
+//! same task compacts the in-memory points into segments, merges segments and applies deletes,
+//! so those never race with appends.
 //!
 //! Folder: `MANIFEST` (live segments, and the WAL position up to which the shard's records are
 //! in them), `seg-<seq>.seg`. Files not named by the manifest are leftovers of a crash and are
@@ -12,13 +15,13 @@
 
 use super::digest::{BlockDigest, row_hashes, same_point};
 use super::segment::{BLOCK_POINTS, BlockMeta, Segment, SegmentWriter, segment_path, write_segment};
-use super::wal::{NodeWal, encode_record, list_wal_seqs, replay_shard_wal, wal_path};
+use super::wal::{Durable, NodeWal, encode_record, list_wal_seqs, replay_shard_wal, wal_path};
 use super::{StorageConfig, StorageError, fsync_dir};
 use crate::metrics::Metrics;
 pub use crate::model::ShardId;
 use crate::model::batch::{RowBatch, RowBatchBuilder};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot};
@@ -27,6 +30,9 @@ use tokio::sync::{mpsc, oneshot};
 const QUEUE_DEPTH: usize = 1024;
 /// Most appends one group commit takes, bounding one write's size.
 const GROUP_APPENDS_MAX: usize = 256;
+/// Groups submitted to the WAL and not yet durable, per shard; the writer takes no new appends
+/// beyond them (their memory is bounded by this times [`GROUP_APPENDS_MAX`] appends).
+const IN_FLIGHT_MAX: usize = 4;
 
 pub fn shard_dir(root: &Path, id: &ShardId) -> PathBuf {
     root.join(&id.metric.db).join(&id.metric.namespace).join(&id.metric.metric).join(id.start.to_string())
@@ -218,6 +224,47 @@ struct Writer {
     frozen_index: MemtableIndex,
     tombstones: Vec<(Tombstone, KeepRow)>,
     rule: TombstoneRule,
+    /// Groups submitted to the WAL, oldest first: not yet in the memtable, but new appends are
+    /// checked against them too.
+    in_flight: VecDeque<InFlight>,
+}
+
+/// A group commit whose records are on their way to disk.
+struct InFlight {
+    /// The points kept (after `dedup`), one batch per append, and where to answer each.
+    batches: Vec<RowBatch>,
+    replies: Vec<Reply<u64>>,
+    /// Where each batch begins among the group's rows.
+    starts: Vec<usize>,
+    /// The group's points by hash (rows counted from the group's first row).
+    chunk: Option<IndexChunk>,
+    /// `None` when every point was already held: nothing to write.
+    durable: Option<Durable>,
+}
+
+impl InFlight {
+    /// Whether row `r` of `batch` (hash `h`) is one of the group's points.
+    fn holds(&self, batch: &RowBatch, r: usize, h: u64) -> bool {
+        let Some(chunk) = &self.chunk else { return false };
+        let ts = batch.timestamps[r];
+        ts >= chunk.min_ts
+            && ts <= chunk.max_ts
+            && chunk.points.get(&h).is_some_and(|&at| {
+                let (k, row) = locate(&self.starts, at as usize);
+                same_point(&self.batches[k], row, batch, r)
+            })
+    }
+
+    fn rows(&self) -> usize {
+        self.batches.iter().map(RowBatch::len).sum()
+    }
+}
+
+/// Which batch of a group holds the group's row `at`, and its row there (`starts`: where each
+/// batch begins; an empty batch begins where the next one does).
+fn locate(starts: &[usize], at: usize) -> (usize, usize) {
+    let k = starts.partition_point(|&s| s <= at) - 1;
+    (k, at - starts[k])
 }
 
 /// Maps a point's hash to its row. The keys are hashes already, so they are used as they are.
@@ -270,8 +317,9 @@ struct MemtableIndex {
 struct IndexChunk {
     min_ts: i64,
     max_ts: i64,
-    /// Hash → row in the memtable.
+    /// Hash → row, counted from `base`: the memtable row where the chunk's group begins.
     points: PointIndex,
+    base: usize,
 }
 
 /// When more chunks than this overlap a batch (points arriving out of time order), they are
@@ -281,7 +329,7 @@ const CHUNKS_PROBED_MAX: usize = 4;
 impl MemtableIndex {
     fn of(batch: &RowBatch) -> Self {
         let chunks = match time_range(batch) {
-            Some((min_ts, max_ts)) => vec![IndexChunk { min_ts, max_ts, points: index_of(batch) }],
+            Some((min_ts, max_ts)) => vec![IndexChunk { min_ts, max_ts, points: index_of(batch), base: 0 }],
             None => Vec::new(),
         };
         Self { rows: batch.len(), chunks }
@@ -297,13 +345,18 @@ impl MemtableIndex {
             std::mem::take(&mut self.chunks).into_iter().partition(|c| c.min_ts <= hi && lo <= c.max_ts);
         self.chunks = rest;
         if hit.len() > CHUNKS_PROBED_MAX {
-            hit.sort_by_key(|c| std::cmp::Reverse(c.points.len()));
-            let mut merged = hit.swap_remove(0);
+            let points = hit.iter().map(|c| c.points.len()).sum();
+            let mut merged = IndexChunk {
+                min_ts: i64::MAX,
+                max_ts: i64::MIN,
+                points: PointIndex::with_capacity_and_hasher(points, Default::default()),
+                base: 0,
+            };
             for c in hit.drain(..) {
                 merged.min_ts = merged.min_ts.min(c.min_ts);
                 merged.max_ts = merged.max_ts.max(c.max_ts);
                 for (h, row) in c.points {
-                    merged.points.entry(h).or_insert(row);
+                    merged.points.entry(h).or_insert((c.base + row as usize) as u32);
                 }
             }
             hit.push(merged);
@@ -319,7 +372,7 @@ impl MemtableIndex {
         self.chunks[chunks.clone()].iter().any(|c| {
             ts >= c.min_ts
                 && ts <= c.max_ts
-                && c.points.get(&h).is_some_and(|&at| same_point(memtable, at as usize, batch, r))
+                && c.points.get(&h).is_some_and(|&at| same_point(memtable, c.base + at as usize, batch, r))
         })
     }
 }
@@ -361,6 +414,7 @@ impl Shard {
             frozen_index: MemtableIndex::default(),
             tombstones,
             rule,
+            in_flight: VecDeque::new(),
         };
         tokio::spawn(writer.run(rx));
         if legacy_wal {
@@ -603,16 +657,41 @@ async fn blocking<T: Send + 'static>(
     crate::env::spawn_blocking(f).await.map_err(|e| StorageError::Io(std::io::Error::other(e)))?
 }
 
+/// What the WAL says of the oldest group in flight (see [`Writer::settle`]); cancel-safe.
+async fn oldest_durable(in_flight: &mut VecDeque<InFlight>) -> std::io::Result<Option<u64>> {
+    match in_flight.front_mut().and_then(|g| g.durable.as_mut()) {
+        Some(durable) => durable.wait().await.map(Some),
+        None => Ok(None),
+    }
+}
+
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut pending: Option<Command> = None;
         loop {
             let cmd = match pending.take() {
                 Some(c) => c,
-                None => match rx.recv().await {
-                    Some(c) => c,
-                    None => return,
-                },
+                None => {
+                    let settle = !self.in_flight.is_empty();
+                    let take = self.in_flight.len() < IN_FLIGHT_MAX;
+                    tokio::select! {
+                        // Answering a durable group comes first: its callers wait.
+                        biased;
+                        durable = oldest_durable(&mut self.in_flight), if settle => {
+                            if self.settle(durable) {
+                                self.compact_full().await;
+                            }
+                            continue;
+                        }
+                        cmd = rx.recv(), if take => match cmd {
+                            Some(c) => c,
+                            None => {
+                                self.settle_all().await;
+                                return;
+                            }
+                        },
+                    }
+                }
             };
             match cmd {
                 Command::Append { batch, merge, done } => {
@@ -629,15 +708,19 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
-                    self.commit(group).await;
+                    self.submit(group).await;
                 }
+                // Other commands see every append before them in the memtable.
                 Command::Flush { done } => {
+                    self.settle_all().await;
                     let _ = done.send(self.flush(true).await);
                 }
                 Command::Delete { keep, tombstone, done } => {
+                    self.settle_all().await;
                     let _ = done.send(self.delete(keep, tombstone).await);
                 }
                 Command::Close { done } => {
+                    self.settle_all().await;
                     if let Some(running) = self.compacting.take() {
                         let _ = running.await;
                     }
@@ -649,13 +732,19 @@ impl Writer {
     }
 
     /// Drops from each batch the points the shard already holds (in the memtable, the frozen
-    /// memtable or a segment) or that an earlier row of the group carries: a shard stores a
+    /// memtable, a segment or a group in flight) or that an earlier row of the group carries:
+    /// a shard stores a
     /// set of points, so a write that is repeated (a client retry, a hint replayed for a write
     /// that did arrive, a repair racing the write it repairs) stores nothing twice. Points are
     /// found by hash and confirmed by comparing the rows, so a hash collision never drops a
     /// point. Segments are read only for rows inside their time range: appends of new times,
     /// the common case, never touch the disk here.
-    fn dedup(&mut self, batches: Vec<RowBatch>) -> Result<(Vec<RowBatch>, Option<IndexChunk>), StorageError> {
+    /// Returns the kept batches, where each begins among the group's rows, and their index.
+    #[allow(clippy::type_complexity)]
+    fn dedup(
+        &mut self,
+        batches: Vec<RowBatch>,
+    ) -> Result<(Vec<RowBatch>, Vec<usize>, Option<IndexChunk>), StorageError> {
         let st = self.shard.state.read().expect("shard lock");
         let memtable = &st.memtable.batch;
         if self.index.rows != memtable.len() {
@@ -679,16 +768,17 @@ impl Writer {
         let mut blocks: Option<Vec<(&Arc<Segment>, &BlockMeta)>> = None;
         let mut decoded: HashMap<usize, (RowBatch, PointIndex)> = HashMap::new();
         let mut kept: Vec<RowBatch> = Vec::with_capacity(batches.len());
-        // The group's own points: hash → memtable row once committed. Global row numbers continue
-        // the memtable's: `starts[i]` is where kept batch i begins.
+        // The group's own points: hash → row among the group's rows (`starts[i]`: where kept
+        // batch i begins).
         let rows_in_group = batches.iter().map(RowBatch::len).sum();
         let mut group = IndexChunk {
             min_ts: i64::MAX,
             max_ts: i64::MIN,
             points: PointIndex::with_capacity_and_hasher(rows_in_group, Default::default()),
+            base: 0,
         };
         let mut starts: Vec<usize> = Vec::with_capacity(batches.len());
-        let mut next = memtable.len();
+        let mut next = 0;
         for batch in batches {
             let Some((lo, hi)) = time_range(&batch) else {
                 starts.push(next);
@@ -699,14 +789,14 @@ impl Writer {
             let in_frozen = self.frozen_index.overlapping(lo, hi);
             let mut rows: Vec<usize> = Vec::with_capacity(batch.len());
             for (r, h) in row_hashes(&batch).into_iter().enumerate() {
-                // Where global row `at` of this group is: an earlier batch, or a row of this
-                // batch kept so far.
+                // Where row `at` of this group is: an earlier batch, or a row of this batch kept
+                // so far.
                 let held_at = |at: usize, rows: &[usize]| -> bool {
                     if at >= next {
                         rows.get(at - next).is_some_and(|&kept_row| same_point(&batch, kept_row, &batch, r))
                     } else {
-                        let k = starts.partition_point(|&s| s <= at) - 1;
-                        same_point(&kept[k], at - starts[k], &batch, r)
+                        let (k, row) = locate(&starts, at);
+                        same_point(&kept[k], row, &batch, r)
                     }
                 };
                 // One probe of the group's index finds a repeat or the slot for a new point.
@@ -716,7 +806,8 @@ impl Writer {
                     std::collections::hash_map::Entry::Occupied(_) => None,
                     std::collections::hash_map::Entry::Vacant(v) => Some(v),
                 };
-                if self.index.holds(&in_memtable, memtable, &batch, r, h)
+                if self.in_flight.iter().any(|g| g.holds(&batch, r, h))
+                    || self.index.holds(&in_memtable, memtable, &batch, r, h)
                     || self.frozen_index.holds(&in_frozen, frozen, &batch, r, h)
                 {
                     continue;
@@ -764,12 +855,14 @@ impl Writer {
             next += batch.len();
             kept.push(batch);
         }
-        Ok((kept, (!group.points.is_empty()).then_some(group)))
+        Ok((kept, starts, (!group.points.is_empty()).then_some(group)))
     }
 
-    async fn commit(&mut self, group: Vec<(RowBatch, Reply<u64>)>) {
+    /// Checks a group of appends and hands its new points to the WAL; they are answered by
+    /// [`Writer::settle`] once durable.
+    async fn submit(&mut self, group: Vec<(RowBatch, Reply<u64>)>) {
         let (batches, replies): (Vec<RowBatch>, Vec<Reply<u64>>) = group.into_iter().unzip();
-        let (batches, chunk) = match self.dedup(batches) {
+        let (batches, starts, chunk) = match self.dedup(batches) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(shard = %self.shard.id, error = %e, "cannot check new points against a segment");
@@ -783,61 +876,103 @@ impl Writer {
         for batch in batches.iter().filter(|b| !b.is_empty()) {
             encode_record(&(&self.shard.id, batch), &mut bytes);
         }
-        let group: Vec<(RowBatch, Reply<u64>)> = batches.into_iter().zip(replies).collect();
-        if bytes.is_empty() {
-            for (_, done) in group {
-                let _ = done.send(Ok(0));
+        // A group with nothing new still waits its turn: its points may be those of a group
+        // in flight, and are held only once that one is durable.
+        let mut group = InFlight { batches, replies, starts, chunk, durable: None };
+        if !bytes.is_empty() {
+            // The records will begin at or after the WAL's end now; the memtable keeps the log
+            // from there on until it is in a segment.
+            self.shard.state.write().expect("shard lock").memtable_wal_from.get_or_insert(self.wal.end());
+            match self.wal.submit(bytes).await {
+                Ok(durable) => group.durable = Some(durable),
+                Err(e) => {
+                    // The WAL writer is gone: the groups in flight fail with it.
+                    for done in group.replies {
+                        let _ = done.send(Err(StorageError::Io(std::io::Error::new(e.kind(), e.to_string()))));
+                    }
+                    return;
+                }
             }
-            return;
         }
-        // The records will begin at or after the WAL's end now; the memtable keeps the log
-        // from there on until it is in a segment.
-        self.shard.state.write().expect("shard lock").memtable_wal_from.get_or_insert(self.wal.end());
-        let lsn = match self.wal.append(bytes).await {
+        self.in_flight.push_back(group);
+    }
+
+    /// Makes the oldest group in flight visible and answers its callers, given what the WAL
+    /// said of it (`Ok(None)`: it had nothing to write). Returns whether the memtable is full.
+    fn settle(&mut self, durable: std::io::Result<Option<u64>>) -> bool {
+        let lsn = match durable {
             Ok(lsn) => lsn,
             Err(e) => {
-                let mut st = self.shard.state.write().expect("shard lock");
-                if st.memtable.batch.is_empty() {
-                    st.memtable_wal_from = None;
-                }
-                drop(st);
-                for (_, done) in group {
-                    let _ = done.send(Err(StorageError::Io(std::io::Error::new(e.kind(), e.to_string()))));
-                }
-                return;
+                self.fail_in_flight(&e);
+                return false;
             }
         };
-        let written: usize = group.iter().map(|(p, _)| p.len()).sum();
+        let group = self.in_flight.pop_front().expect("settled group is in flight");
+        let written = group.rows();
         let memtable_len = {
             let mut st = self.shard.state.write().expect("shard lock");
-            // The group's index names rows from where the memtable ended at `dedup`; had the
-            // memtable changed since (a failed compaction put rows back), rebuild it instead.
-            let in_place = st.memtable.batch.len() == self.index.rows;
-            if st.memtable.batch.is_empty() && st.memtable_rows_expected > 0 {
-                st.memtable = RowBatchBuilder::with_capacity(st.memtable_rows_expected);
-            }
-            for (batch, _) in &group {
-                st.memtable.extend_from(batch, None);
-            }
-            if st.memtable_since.is_none() {
-                st.memtable_since = Some(tokio::time::Instant::now());
-            }
-            st.memtable_lsn = lsn;
-            if in_place {
-                self.index.rows += written;
-                self.index.chunks.extend(chunk);
-            } else {
-                self.index = MemtableIndex::stale();
+            if let Some(lsn) = lsn {
+                // The group's index names rows from where the memtable ends now; had the
+                // memtable changed since the index was built (a failed compaction put rows
+                // back), it is rebuilt instead.
+                let in_place = st.memtable.batch.len() == self.index.rows;
+                if st.memtable.batch.is_empty() && st.memtable_rows_expected > 0 {
+                    st.memtable = RowBatchBuilder::with_capacity(st.memtable_rows_expected);
+                }
+                let base = st.memtable.batch.len();
+                for batch in &group.batches {
+                    st.memtable.extend_from(batch, None);
+                }
+                if st.memtable_since.is_none() {
+                    st.memtable_since = Some(tokio::time::Instant::now());
+                }
+                st.memtable_lsn = lsn;
+                if in_place {
+                    self.index.rows += written;
+                    self.index.chunks.extend(group.chunk.map(|c| IndexChunk { base, ..c }));
+                } else {
+                    self.index = MemtableIndex::stale();
+                }
             }
             st.memtable.batch.len()
         };
         self.metrics.points_written.fetch_add(written as u64, std::sync::atomic::Ordering::Relaxed);
-        for (batch, done) in group {
+        for (batch, done) in group.batches.iter().zip(group.replies) {
             let _ = done.send(Ok(batch.len() as u64));
         }
-        if memtable_len >= self.cfg.memtable_points_max
-            && let Err(e) = self.flush(false).await
-        {
+        memtable_len >= self.cfg.memtable_points_max
+    }
+
+    /// The oldest group in flight could not be written: it fails, and so does every later one,
+    /// since their points were checked against it.
+    fn fail_in_flight(&mut self, e: &std::io::Error) {
+        for (i, group) in std::mem::take(&mut self.in_flight).into_iter().enumerate() {
+            for done in group.replies {
+                let error = match i {
+                    0 => std::io::Error::new(e.kind(), e.to_string()),
+                    _ => std::io::Error::new(e.kind(), format!("an earlier write to the WAL failed: {e}")),
+                };
+                let _ = done.send(Err(StorageError::Io(error)));
+            }
+        }
+        let mut st = self.shard.state.write().expect("shard lock");
+        if st.memtable.batch.is_empty() {
+            st.memtable_wal_from = None;
+        }
+    }
+
+    /// Waits for every group in flight and settles it.
+    async fn settle_all(&mut self) {
+        while !self.in_flight.is_empty() {
+            let durable = oldest_durable(&mut self.in_flight).await;
+            self.settle(durable);
+        }
+    }
+
+    /// A full memtable goes to a segment, after the groups in flight join it.
+    async fn compact_full(&mut self) {
+        self.settle_all().await;
+        if let Err(e) = self.flush(false).await {
             tracing::error!(shard = %self.shard.id, error = %e, "compaction failed; points stay in the WAL");
         }
     }
@@ -1163,6 +1298,36 @@ mod tests {
         shard.flush().await.unwrap();
         assert_eq!(shard.append(rows(990..1010, 1)).await.unwrap(), 5);
         assert_eq!(shard.points(), 1020);
+    }
+
+    /// Appends that overlap arrive while earlier groups are on their way to disk: each point
+    /// is stored once and counted as new by exactly one append, whichever group it meets.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_racing_groups_in_flight_store_each_point_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = open_shard(dir.path()).await;
+        let mut tasks = Vec::new();
+        for task in 0..8i64 {
+            let shard = shard.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut new = 0;
+                for round in 0..50i64 {
+                    // Windows of 100 that overlap the next task's and the next round's.
+                    let start = round * 40 + task * 20;
+                    new += shard.append(rows(start..start + 100, 1)).await.unwrap();
+                }
+                new
+            }));
+        }
+        let mut new = 0;
+        for t in tasks {
+            new += t.await.unwrap();
+        }
+        let distinct = (49 * 40 + 7 * 20 + 100) as u64;
+        assert_eq!(new, distinct, "each point counted as new once");
+        assert_eq!(shard.points(), distinct);
+        shard.flush().await.unwrap();
+        assert_eq!(shard.points(), distinct);
     }
 
     /// A merge copies the blocks that overlap no other segment and re-encodes the rest, and

@@ -299,10 +299,15 @@ impl NodeWal {
     /// Makes `records` (framed by [`encode_record`]) durable together with whatever other shards
     /// have waiting; returns the LSN of their end.
     pub async fn append(&self, records: Vec<u8>) -> std::io::Result<u64> {
-        let closed = || std::io::Error::other("the WAL writer stopped");
+        self.submit(records).await?.wait().await
+    }
+
+    /// Queues `records` behind every earlier submission and returns without waiting for them to
+    /// be durable: a shard writer goes on checking its next appends meanwhile.
+    pub async fn submit(&self, records: Vec<u8>) -> std::io::Result<Durable> {
         let (done, rx) = oneshot::channel();
-        self.tx.send(Submission { records, done }).await.map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+        self.tx.send(Submission { records, done }).await.map_err(|_| writer_stopped())?;
+        Ok(Durable(rx))
     }
 
     /// Deletes the files whose records all end at or before `lsn` (every shard has them in
@@ -321,6 +326,21 @@ impl NodeWal {
         let files = self.shared.files.lock().expect("wal files lock");
         (self.end().saturating_sub(files[0]), files.get(1).copied())
     }
+}
+
+/// Submitted records on their way to disk.
+pub struct Durable(oneshot::Receiver<std::io::Result<u64>>);
+
+impl Durable {
+    /// The LSN where the records end, once they are durable. Cancel-safe: a `select!` may
+    /// drop this future and wait again later.
+    pub async fn wait(&mut self) -> std::io::Result<u64> {
+        (&mut self.0).await.map_err(|_| writer_stopped())?
+    }
+}
+
+fn writer_stopped() -> std::io::Error {
+    std::io::Error::other("the WAL writer stopped")
 }
 
 /// The writer task: one group commit at a time, each taking every submission waiting.
