@@ -1,6 +1,6 @@
 //! The seams through which nondeterminism enters a node, so the simulator can drive it: the
-//! wall clock ([`Clock`], skewable), blocking work ([`spawn_blocking`], inline under the
-//! simulator), the disk ([`write_file`]: full, or crashing before an fsync); the gossip
+//! wall clock ([`Clock`], skewable), blocking work ([`spawn_blocking`] and
+//! [`spawn_background`], inline under the simulator), the disk ([`write_file`]: full, or crashing before an fsync); the gossip
 //! transport, the peer client and the capacity probe come in through `node::NodeIo`.
 
 use std::path::Path;
@@ -62,6 +62,107 @@ pub fn spawn_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
     } else {
         tokio::task::spawn_blocking(f)
     }
+}
+
+/// How much CPU background work (compaction, segment merges) may take from the work that
+/// requests wait for (`shoal.storage.compaction-priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackgroundPriority {
+    /// Linux `SCHED_IDLE`: runs when a core would otherwise be idle (and gets a sliver of CPU
+    /// when none is), so it never delays a request.
+    Idle,
+    /// Nice 19: yields to the node's other threads, but keeps a small share under full load.
+    Low,
+    /// The same as request work.
+    Normal,
+}
+
+static BACKGROUND_PRIORITY: std::sync::Mutex<BackgroundPriority> = std::sync::Mutex::new(BackgroundPriority::Low);
+static BACKGROUND_POOL: std::sync::OnceLock<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>> =
+    std::sync::OnceLock::new();
+
+/// Sets the priority of the background threads; only before the first [`spawn_background`]
+/// (the threads keep the priority they start with: an unprivileged thread cannot raise its
+/// priority again).
+pub fn set_background_priority(priority: BackgroundPriority) {
+    *BACKGROUND_PRIORITY.lock().expect("background priority lock") = priority;
+}
+
+/// Runs CPU-heavy work that no request waits for on the node's background threads, whose
+/// lower CPU priority keeps the writes and queries running beside it fast: compaction on
+/// tokio's blocking pool took turns with the request threads on a busy core, and a request
+/// behind it waited a whole scheduler slice. Inline under the simulator.
+///
+/// The queue has no bound of its own: each shard writer has at most one job in it.
+pub fn spawn_background<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, BackgroundPanicked>> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    let job = move || {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let _ = done.send(outcome.map_err(|_| BackgroundPanicked));
+    };
+    if BLOCKING_INLINE.load(std::sync::atomic::Ordering::Relaxed) {
+        job();
+    } else {
+        let pool = BACKGROUND_POOL.get_or_init(start_background_pool);
+        pool.send(Box::new(job)).expect("background threads run as long as the process");
+    }
+    async move { result.await.unwrap_or(Err(BackgroundPanicked)) }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("background work panicked")]
+pub struct BackgroundPanicked;
+
+/// One thread per core: background work uses all the idle CPU there is.
+fn start_background_pool() -> std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    let priority = *BACKGROUND_PRIORITY.lock().expect("background priority lock");
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+    for i in 0..threads {
+        let rx = rx.clone();
+        std::thread::Builder::new()
+            .name(format!("shoal-background-{i}"))
+            .spawn(move || {
+                lower_thread_priority(priority);
+                loop {
+                    let job = rx.lock().expect("background queue lock").recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            })
+            .expect("cannot start a background thread");
+    }
+    tx
+}
+
+/// Applies `priority` to the calling thread (Linux schedules threads one by one; elsewhere
+/// background work runs at normal priority).
+fn lower_thread_priority(priority: BackgroundPriority) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: both calls take plain values (and a pointer to one that outlives the call)
+        // and change only the calling thread's scheduling.
+        let failed = unsafe {
+            match priority {
+                BackgroundPriority::Idle => {
+                    let param = libc::sched_param { sched_priority: 0 };
+                    libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0
+                }
+                BackgroundPriority::Low => libc::setpriority(libc::PRIO_PROCESS, 0, 19) != 0,
+                BackgroundPriority::Normal => false,
+            }
+        };
+        if failed {
+            tracing::warn!(?priority, error = %std::io::Error::last_os_error(), "cannot lower the priority of a background thread");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = priority;
 }
 
 /// The disk as the simulator sees it: it may refuse writes (a full disk), and it learns how

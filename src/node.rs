@@ -214,6 +214,7 @@ impl Node {
             tombstone_grace_ms: cfg.hints_age_max.as_millis() as i64,
             wal_file_bytes: crate::storage::wal::WAL_FILE_BYTES,
         };
+        crate::env::set_background_priority(cfg.compaction_priority);
         let storage = Storage::open(&cfg.data_dir, storage_cfg, metrics.clone(), tombstone_rule()).await?;
         let started_ms = env.clock.now_ms();
         let bootstrapped = cfg.data_dir.join("bootstrapped").exists() || cfg.bootstrap_expect <= 1;

@@ -43,6 +43,7 @@ const KEYS: &[(&str, &str)] = &[
     ("shoal.cluster.leave-timeout", "a duration such as 2m"),
     ("shoal.sharding.interval", "a duration of at least 1s, such as 1d"),
     ("shoal.write.consistency", "one of one, quorum, all"),
+    ("shoal.storage.compaction-priority", "one of idle, low, normal"),
     ("shoal.write.max-batch-points", "an integer >= 1"),
     ("shoal.storage.memtable-max-points", "an integer >= 1"),
     ("shoal.storage.flush-interval", "a duration such as 30s"),
@@ -137,6 +138,7 @@ pub struct Config {
     pub memtable_points_max: usize,
     pub flush_interval: Duration,
     pub segments_max: usize,
+    pub compaction_priority: crate::env::BackgroundPriority,
     pub query_records_max: usize,
     pub hints_bytes_max_per_node: u64,
     pub hints_age_max: Duration,
@@ -399,6 +401,10 @@ impl Reader<'_> {
             memtable_points_max: self.count("shoal.storage.memtable-max-points")?,
             flush_interval: self.duration("shoal.storage.flush-interval")?,
             segments_max: self.count("shoal.storage.segments-max")?,
+            compaction_priority: {
+                use crate::env::BackgroundPriority::*;
+                self.choice("shoal.storage.compaction-priority", &[("idle", Idle), ("low", Low), ("normal", Normal)])?
+            },
             query_records_max: self.count("shoal.query.max-records")?,
             hints_bytes_max_per_node: self.bytes("shoal.hints.max-bytes-per-node")? as u64,
             hints_age_max: self.duration("shoal.hints.max-age")?,
@@ -455,6 +461,7 @@ mod tests {
             ("shoal.http.port = 70000", &[], "shoal.http.port"),
             ("shoal.http.port = abc", &[], "shoal.http.port"),
             ("", &["shoal.write.consistency=most"], "shoal.write.consistency"),
+            ("", &["shoal.storage.compaction-priority=lowest"], "shoal.storage.compaction-priority"),
             ("", &["shoal.sharding.interval=10ms"], "shoal.sharding.interval"),
             ("", &["shoal.cluster.roles=[\"compute\"]"], "shoal.cluster.roles"),
             ("", &["shoal.cluster.seeds=[\"nohostport\"]"], "shoal.cluster.seeds"),

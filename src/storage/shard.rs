@@ -665,6 +665,13 @@ async fn oldest_durable(in_flight: &mut VecDeque<InFlight>) -> std::io::Result<O
     }
 }
 
+/// Compaction and merges: on the background threads (see [`crate::env::spawn_background`]).
+async fn background<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    crate::env::spawn_background(f).await.map_err(|e| StorageError::Io(std::io::Error::other(e)))?
+}
+
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut pending: Option<Command> = None;
@@ -1138,7 +1145,7 @@ impl Compaction {
         };
         let (dir, frozen, seg_seq, flushed_lsn) =
             (self.shard.dir.clone(), self.frozen.clone(), self.seg_seq, self.flushed_lsn);
-        let seg = blocking(move || {
+        let seg = background(move || {
             let path = segment_path(&dir, seg_seq);
             write_segment(&path, &frozen)?;
             fsync_dir(&dir)?;
@@ -1183,7 +1190,7 @@ async fn rewrite(
     }
     let dir = shard.dir.clone();
     let old2 = old.clone();
-    let (replacement, dropped) = blocking(move || {
+    let (replacement, dropped) = background(move || {
         let copyable = blocks_to_copy(&old2);
         let mut copied: Vec<(&Segment, &BlockMeta)> = Vec::new();
         let mut rest = RowBatchBuilder::default();
