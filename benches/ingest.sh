@@ -6,6 +6,10 @@
 # field metric), then bytes on disk per point after compaction and the best-of-3 latency of an
 # avg-by-region query over those points. Prints Shoal's ratio to each.
 #
+# Lines/s on this kind of machine drift by 10% or more over minutes, so the Shoal / VM ingest
+# ratio also comes from BENCH_ROUNDS (default 3) paired timed runs on fresh data, Shoal and VM
+# back to back, in alternating order; the median of the rounds' ratios is printed.
+#
 #   bash benches/ingest.sh            # run by hand, not in CI; installs what it needs (root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,13 +35,19 @@ BASE_S=$(( $(date +%s) - 2 * LINES / 400 - 3600 ))
 
 wait_http() { for _ in $(seq 1 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; return 1; }
 
-run_wrk() { # url_path host:port -> prints lines/s of a timed run, then tops up to $LINES lines
+timed_run() { # url_path host:port -> prints lines/s of a timed run (sets reqs, dur)
+  sync   # the previous run's dirty pages are written back before, not during, this one
   BENCH_BASE_S=$BASE_S BENCH_PATH="$1" wrk -t1 -c4 -d"${SECONDS_TIMED}s" --timeout 30s \
     -s benches/lineproto.lua "http://$2" | tee "$WORK/wrk.out" >&2
-  local reqs dur bad
+  local bad
   read -r reqs dur bad < <(awk '/^RESULT/ { split($2,a,"="); split($3,b,"="); split($4,c,"="); print a[2], b[2], c[2] }' "$WORK/wrk.out")
   [ "$bad" = 0 ] || { echo "ERRORS"; return; }
   awk -v r="$reqs" -v d="$dur" 'BEGIN { printf "%.0f\n", r * 1000 / (d / 1e6) }'
+}
+
+run_wrk() { # url_path host:port -> prints lines/s of a timed run, then tops up to $LINES lines
+  local reqs dur
+  timed_run "$1" "$2"
   local rest=$(( LINES / 1000 - reqs ))
   if [ "$rest" -gt 0 ]; then
     # Continue the stream where the timed run stopped; wrk stops sending at exactly $rest.
@@ -60,14 +70,48 @@ time_query() { # command... -> seconds of the best of 3
   echo "$best"
 }
 
+start_vm() { # data dir
+  victoria-metrics -storageDataPath="$1" -httpListenAddr=127.0.0.1:18428 -retentionPeriod=10y \
+    -loggerLevel=ERROR > "$1.log" 2>&1 &
+  VM_PID=$!
+  wait_http "http://127.0.0.1:18428/health"
+}
+
+start_shoal() { # data dir; sets SHOAL_PID and SH
+  mkdir -p "$1"
+  $SHOAL start --set shoal.data-dir="$1" --set shoal.http.port=0 --set shoal.node.id=bench \
+    --set shoal.gossip.port=0 --set shoal.log-level=warn > "$1.log" 2>&1 &
+  SHOAL_PID=$!
+  for _ in $(seq 1 100); do [ -s "$1/http.addr" ] && break; sleep 0.1; done
+  SH=$(cat "$1/http.addr")
+  wait_http "http://$SH/livez"
+}
+
+ROUNDS=${BENCH_ROUNDS:-3}
+RATIOS=()
+for round in $(seq 1 "$ROUNDS"); do
+  order="shoal vm"; [ $((round % 2)) = 0 ] && order="vm shoal"
+  for system in $order; do
+    echo "== round $round: $system" >&2
+    if [ "$system" = shoal ]; then
+      start_shoal "$WORK/round-shoal"
+      R_SHOAL=$(timed_run "/write?db=bench&namespace=bench" "$SH")
+      kill -TERM $SHOAL_PID; wait $SHOAL_PID || true
+      rm -rf "$WORK/round-shoal" "$WORK/round-shoal.log"
+    else
+      start_vm "$WORK/round-vm"
+      R_VM=$(timed_run "/write" "127.0.0.1:18428")
+      kill -TERM $VM_PID; wait $VM_PID || true
+      rm -rf "$WORK/round-vm" "$WORK/round-vm.log"
+    fi
+  done
+  RATIOS+=("$(echo "$R_SHOAL / $R_VM" | bc -l | xargs printf %.2f)")
+  echo "round $round: shoal $R_SHOAL, victoria-metrics $R_VM lines/s, ratio ${RATIOS[-1]}" | tee -a "$WORK/rounds" >&2
+done
+MEDIAN_RATIO=$(printf "%s\n" "${RATIOS[@]}" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }')
+
 echo "== Shoal (fsync before every acknowledgement)" >&2
-mkdir -p "$WORK/shoal"
-$SHOAL start --set shoal.data-dir="$WORK/shoal" --set shoal.http.port=0 --set shoal.node.id=bench \
-  --set shoal.log-level=warn > "$WORK/shoal.log" 2>&1 &
-SHOAL_PID=$!
-for _ in $(seq 1 100); do [ -s "$WORK/shoal/http.addr" ] && break; sleep 0.1; done
-SH=$(cat "$WORK/shoal/http.addr")
-wait_http "http://$SH/livez"
+start_shoal "$WORK/shoal"
 run_wrk "/write?db=bench&namespace=bench" "$SH" > "$WORK/rate"; SHOAL_RATE=$(head -1 "$WORK/rate")
 SHOAL_Q=$(time_query curl -sf -XPOST "http://$SH/query" \
   -d '{"db":"bench","namespace":"bench","queryString":"SELECT avg(value) FROM cpu_usage GROUP BY region"}')
@@ -103,10 +147,7 @@ head -c 300 "$WORK/q.out" >&2; echo >&2
 kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
 
 echo "== VictoriaMetrics $(victoria-metrics -version 2>&1 | head -1)" >&2
-victoria-metrics -storageDataPath="$WORK/vm" -httpListenAddr=127.0.0.1:18428 -retentionPeriod=10y \
-  -loggerLevel=ERROR > "$WORK/vm.log" 2>&1 &
-VM_PID=$!
-wait_http "http://127.0.0.1:18428/health"
+start_vm "$WORK/vm"
 run_wrk "/write" "127.0.0.1:18428" > "$WORK/rate"; VM_RATE=$(head -1 "$WORK/rate")
 curl -sf "http://127.0.0.1:18428/internal/force_flush" > /dev/null
 END=$(( BASE_S + 2 * LINES / 400 + 10 ))
@@ -153,5 +194,7 @@ printf "%-16s %12s %14.2f %16.3f\n" shoal "$SHOAL_RATE" "$SHOAL_BPP" "$SHOAL_Q"
 printf "%-16s %12s %14.2f %16.3f\n" victoria-metrics "$VM_RATE" "$VM_BPP" "$VM_Q"
 printf "%-16s %12s %14.2f %16.3f\n" influxdb "$INFLUX_RATE" "$INFLUX_BPP" "$INFLUX_Q"
 echo "shoal 3 nodes RF 2: $CLUSTER_RATE lines/s through one node = $(echo "$CLUSTER_RATE / $SHOAL_RATE" | bc -l | xargs printf %.2f) x the single node; avg-by-region through c1/c2/c3: ${CLUSTER_Q[0]} / ${CLUSTER_Q[1]} / ${CLUSTER_Q[2]} s"
-echo "shoal / victoria-metrics ingest: $(echo "$SHOAL_RATE / $VM_RATE" | bc -l | xargs printf %.2f)"
+echo "shoal / victoria-metrics ingest: $(echo "$SHOAL_RATE / $VM_RATE" | bc -l | xargs printf %.2f) in the runs above"
+cat "$WORK/rounds"
+echo "shoal / victoria-metrics ingest, median of $ROUNDS paired rounds: $MEDIAN_RATIO"
 echo "shoal / influxdb ingest:         $(echo "$SHOAL_RATE / $INFLUX_RATE" | bc -l | xargs printf %.2f)"
