@@ -197,6 +197,22 @@ const CATALOG_PULL_EVERY: std::time::Duration = std::time::Duration::from_secs(5
 /// After a change, the new state is pushed to at most this many peers (gossip does the rest).
 const CATALOG_PUSH_FANOUT: usize = 3;
 
+/// The rows of a metric's batch by the start of their shard's time bucket. A batch inside one
+/// shard, the usual case, gets an empty row list: it goes on whole.
+fn rows_by_shard(timestamps: &[i64], interval: i64) -> std::collections::BTreeMap<i64, Vec<usize>> {
+    let bucket = |ts: i64| ts.div_euclid(interval) * interval;
+    let mut by_shard: std::collections::BTreeMap<i64, Vec<usize>> = Default::default();
+    let (lo, hi) = timestamps.iter().fold((i64::MAX, i64::MIN), |(lo, hi), &t| (lo.min(t), hi.max(t)));
+    if !timestamps.is_empty() && bucket(lo) == bucket(hi) {
+        by_shard.insert(bucket(lo), Vec::new());
+    } else {
+        for (row, &ts) in timestamps.iter().enumerate() {
+            by_shard.entry(bucket(ts)).or_default().push(row);
+        }
+    }
+    by_shard
+}
+
 impl Node {
     pub async fn open(cfg: Config, env: Env, io: NodeIo<'_>) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(&cfg.data_dir)
@@ -490,10 +506,7 @@ impl Node {
         let interval = self.cfg.shard_interval_ms;
         let mut new_shards = Vec::new();
         for (key, rows) in &batch.metrics {
-            let mut starts: Vec<i64> = rows.timestamps.iter().map(|t| t.div_euclid(interval) * interval).collect();
-            starts.sort_unstable();
-            starts.dedup();
-            for start in starts {
+            for start in rows_by_shard(&rows.timestamps, interval).into_keys() {
                 let shard = crate::model::ShardId { metric: key.clone(), start };
                 if !self.catalog.has_placement(&shard) {
                     new_shards.push(shard);
@@ -612,10 +625,7 @@ impl Node {
         > = Default::default();
         let mut tally: std::collections::BTreeMap<crate::model::ShardId, ShardTally> = Default::default();
         for (key, rows) in batch.metrics {
-            let mut by_shard: std::collections::BTreeMap<i64, Vec<usize>> = Default::default();
-            for (row, ts) in rows.timestamps.iter().enumerate() {
-                by_shard.entry(ts.div_euclid(interval) * interval).or_default().push(row);
-            }
+            let by_shard = rows_by_shard(&rows.timestamps, interval);
             let single = by_shard.len() == 1;
             let mut rows = Some(rows);
             for (start, picked) in by_shard {
@@ -1028,5 +1038,22 @@ impl Node {
             "hints_pending_bytes": self.hints.pending(),
             "repair": self.repair.status(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rows_by_shard;
+
+    #[test]
+    fn rows_are_split_by_shard_only_when_a_batch_spans_several() {
+        let one = rows_by_shard(&[1000, 1500, 1999], 1000);
+        assert_eq!(one.into_iter().collect::<Vec<_>>(), vec![(1000, vec![])]);
+        let spanning = rows_by_shard(&[-1, 0, 999, 1000, -1000], 1000);
+        assert_eq!(
+            spanning.into_iter().collect::<Vec<_>>(),
+            vec![(-1000, vec![0, 4]), (0, vec![1, 2]), (1000, vec![3])]
+        );
+        assert!(rows_by_shard(&[], 1000).is_empty());
     }
 }
