@@ -1,7 +1,8 @@
 //! The seams through which nondeterminism enters a node, so the simulator can drive it: the
 //! wall clock ([`Clock`], skewable), blocking work ([`spawn_blocking`] and
-//! [`spawn_background`], inline under the simulator), the disk ([`write_file`]: full, or crashing before an fsync); the gossip
-//! transport, the peer client and the capacity probe come in through `node::NodeIo`.
+//! [`spawn_background`], inline under the simulator), the disk ([`write_file`]: full, or
+//! crashing before an fsync); the gossip transport, the peer client and the capacity probe
+//! come in through `node::NodeIo`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -85,13 +86,21 @@ static BACKGROUND_POOL: std::sync::OnceLock<std::sync::mpsc::Sender<Box<dyn FnOn
 /// (the threads keep the priority they start with: an unprivileged thread cannot raise its
 /// priority again).
 pub fn set_background_priority(priority: BackgroundPriority) {
-    *BACKGROUND_PRIORITY.lock().expect("background priority lock") = priority;
+    let mut current = BACKGROUND_PRIORITY.lock().expect("background priority lock");
+    if BACKGROUND_POOL.get().is_some() && *current != priority {
+        tracing::warn!(?priority, running = ?*current, "the background threads run already; their priority stays");
+    }
+    *current = priority;
 }
 
 /// Runs CPU-heavy work that no request waits for on the node's background threads, whose
 /// lower CPU priority keeps the writes and queries running beside it fast: compaction on
 /// tokio's blocking pool took turns with the request threads on a busy core, and a request
 /// behind it waited a whole scheduler slice. Inline under the simulator.
+///
+/// A shard writer does wait for a compaction when its memtable reaches twice its limit, and
+/// flush, delete and shutdown wait for theirs: the writer then takes no CPU itself, which is
+/// what the compaction gets instead.
 ///
 /// The queue has no bound of its own: each shard writer has at most one job in it.
 pub fn spawn_background<T: Send + 'static>(
@@ -115,7 +124,7 @@ pub fn spawn_background<T: Send + 'static>(
 #[error("background work panicked")]
 pub struct BackgroundPanicked;
 
-/// One thread per core: background work uses all the idle CPU there is.
+/// One thread per core (eight at most): background work uses all the idle CPU there is.
 fn start_background_pool() -> std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>> {
     let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
     let rx = Arc::new(std::sync::Mutex::new(rx));

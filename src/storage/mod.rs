@@ -587,4 +587,107 @@ mod tests {
         let s = |ts| storage.shard_start(ts);
         assert_eq!((s(0), s(999), s(1000), s(-1)), (0, 0, 1000, -1000));
     }
+
+    /// Holds the first WAL write under a directory once armed, then fails it as a full disk
+    /// does: the test decides what else is queued behind it meanwhile.
+    mod held_write {
+        use std::path::{Path, PathBuf};
+        use std::sync::{Condvar, Mutex};
+
+        pub enum Hold {
+            Off,
+            Armed(PathBuf),
+            Holding,
+            Released,
+        }
+
+        pub static HOLD: (Mutex<Hold>, Condvar) = (Mutex::new(Hold::Off), Condvar::new());
+
+        pub struct Seam;
+
+        impl crate::env::DiskSeam for Seam {
+            fn writable(&self, path: &Path, len: usize) -> usize {
+                let mut hold = HOLD.0.lock().unwrap();
+                if !matches!(&*hold, Hold::Armed(dir) if path.starts_with(dir)) {
+                    return len;
+                }
+                *hold = Hold::Holding;
+                while !matches!(*hold, Hold::Released) {
+                    hold = HOLD.1.wait(hold).unwrap();
+                }
+                *hold = Hold::Off;
+                0
+            }
+
+            fn synced(&self, _: &Path, _: u64) {}
+        }
+
+        pub fn is_holding() -> bool {
+            matches!(*HOLD.0.lock().unwrap(), Hold::Holding)
+        }
+
+        pub fn set(to: Hold) {
+            *HOLD.0.lock().unwrap() = to;
+            HOLD.1.notify_all();
+        }
+    }
+
+    async fn await_condition(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    fn copy_tree(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                copy_tree(&entry.path(), &to.join(entry.file_name()));
+            } else {
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+        }
+    }
+
+    /// A group in flight behind one whose WAL write fails is answered with an error (it was
+    /// checked against the failed group's points), but its own records reach the WAL in the
+    /// next commit, so it joins the memtable: a retry then stores each point once, also after
+    /// a crash that replays the WAL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_behind_a_failed_wal_write_stays_consistent_with_the_wal() {
+        crate::env::install_disk_seam(Box::new(held_write::Seam));
+        let dir = tempfile::tempdir().unwrap();
+        let key = MetricKey::new("d", "n", "m").unwrap();
+        let c = cfg(1_000_000);
+        let storage = Storage::open(dir.path(), c, Arc::new(Metrics::default()), keep_all()).await.unwrap();
+        let shard = storage.shard(ShardId { metric: key.clone(), start: 0 }).await.unwrap();
+        held_write::set(held_write::Hold::Armed(dir.path().join("wal")));
+        let first = tokio::spawn({
+            let shard = shard.clone();
+            async move { shard.append(points(0..100, 1)).await }
+        });
+        await_condition("the first WAL write", held_write::is_holding).await;
+        // Checked against the first group while it is in flight: only 100..150 is new.
+        let second = tokio::spawn({
+            let shard = shard.clone();
+            async move { shard.append(points(50..150, 1)).await }
+        });
+        await_condition("the second group's submission", || storage.wal.queued() == 1).await;
+        held_write::set(held_write::Hold::Released);
+        let first = first.await.unwrap().unwrap_err().to_string();
+        assert!(first.contains("no space left"), "{first}");
+        let second = second.await.unwrap().unwrap_err().to_string();
+        assert!(second.contains("an earlier write to the WAL failed"), "{second}");
+        assert_eq!(shard.points(), 50, "the second group's own points are in the WAL and the memtable");
+        assert_eq!(shard.append(points(50..150, 1)).await.unwrap(), 50, "the retry stores the rest");
+        assert_eq!(count(&storage, &key), (100, 100));
+        // A crash now: the WAL as it is on disk, replayed into a new node.
+        let crashed = tempfile::tempdir().unwrap();
+        copy_tree(dir.path(), crashed.path());
+        let replayed = Storage::open(crashed.path(), c, Arc::new(Metrics::default()), keep_all()).await.unwrap();
+        assert_eq!(count(&replayed, &key), (100, 100), "each point once after replay");
+    }
 }

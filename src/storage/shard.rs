@@ -240,6 +240,9 @@ struct InFlight {
     chunk: Option<IndexChunk>,
     /// `None` when every point was already held: nothing to write.
     durable: Option<Durable>,
+    /// Set when an earlier group failed: this one was checked against that group's points, so
+    /// it is answered with this error, though what it wrote still joins the memtable.
+    earlier_failed: Option<String>,
 }
 
 impl InFlight {
@@ -740,8 +743,7 @@ impl Writer {
 
     /// Drops from each batch the points the shard already holds (in the memtable, the frozen
     /// memtable, a segment or a group in flight) or that an earlier row of the group carries:
-    /// a shard stores a
-    /// set of points, so a write that is repeated (a client retry, a hint replayed for a write
+    /// a shard stores a set of points, so a write that is repeated (a client retry, a hint replayed for a write
     /// that did arrive, a repair racing the write it repairs) stores nothing twice. Points are
     /// found by hash and confirmed by comparing the rows, so a hash collision never drops a
     /// point. Segments are read only for rows inside their time range: appends of new times,
@@ -885,7 +887,7 @@ impl Writer {
         }
         // A group with nothing new still waits its turn: its points may be those of a group
         // in flight, and are held only once that one is durable.
-        let mut group = InFlight { batches, replies, starts, chunk, durable: None };
+        let mut group = InFlight { batches, replies, starts, chunk, durable: None, earlier_failed: None };
         if !bytes.is_empty() {
             // The records will begin at or after the WAL's end now; the memtable keeps the log
             // from there on until it is in a segment.
@@ -893,7 +895,7 @@ impl Writer {
             match self.wal.submit(bytes).await {
                 Ok(durable) => group.durable = Some(durable),
                 Err(e) => {
-                    // The WAL writer is gone: the groups in flight fail with it.
+                    // The WAL writer is gone; the groups in flight learn it from their `Durable`.
                     for done in group.replies {
                         let _ = done.send(Err(StorageError::Io(std::io::Error::new(e.kind(), e.to_string()))));
                     }
@@ -945,25 +947,32 @@ impl Writer {
         };
         self.metrics.points_written.fetch_add(written as u64, std::sync::atomic::Ordering::Relaxed);
         for (batch, done) in group.batches.iter().zip(group.replies) {
-            let _ = done.send(Ok(batch.len() as u64));
+            let answer = match &group.earlier_failed {
+                None => Ok(batch.len() as u64),
+                Some(e) => {
+                    Err(StorageError::Io(std::io::Error::other(format!("an earlier write to the WAL failed: {e}"))))
+                }
+            };
+            let _ = done.send(answer);
         }
         memtable_len >= self.cfg.memtable_points_max
     }
 
-    /// The oldest group in flight could not be written: it fails, and so does every later one,
-    /// since their points were checked against it.
+    /// The oldest group in flight could not be written: it fails. The later ones were checked
+    /// against its points (a point it held was dropped from them), so they fail too; but their
+    /// own records may still reach the WAL in a later commit, and a record in the WAL must be in
+    /// the memtable, or a retry of its points would be stored twice after a restart. So they
+    /// stay in flight and settle as usual, answered with the error.
     fn fail_in_flight(&mut self, e: &std::io::Error) {
-        for (i, group) in std::mem::take(&mut self.in_flight).into_iter().enumerate() {
-            for done in group.replies {
-                let error = match i {
-                    0 => std::io::Error::new(e.kind(), e.to_string()),
-                    _ => std::io::Error::new(e.kind(), format!("an earlier write to the WAL failed: {e}")),
-                };
-                let _ = done.send(Err(StorageError::Io(error)));
-            }
+        let group = self.in_flight.pop_front().expect("failed group is in flight");
+        for done in group.replies {
+            let _ = done.send(Err(StorageError::Io(std::io::Error::new(e.kind(), e.to_string()))));
+        }
+        for later in &mut self.in_flight {
+            later.earlier_failed.get_or_insert_with(|| e.to_string());
         }
         let mut st = self.shard.state.write().expect("shard lock");
-        if st.memtable.batch.is_empty() {
+        if st.memtable.batch.is_empty() && self.in_flight.is_empty() {
             st.memtable_wal_from = None;
         }
     }
@@ -1005,7 +1014,7 @@ impl Writer {
         let (frozen, flushed_lsn) = {
             let mut st = self.shard.state.write().expect("shard lock");
             if st.memtable.batch.is_empty() {
-                // No record of a failed append keeps the WAL (see `commit`).
+                // No record of a failed append keeps the WAL (see `fail_in_flight`).
                 st.memtable_wal_from = None;
                 return Ok(());
             }

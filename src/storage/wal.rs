@@ -217,7 +217,7 @@ impl AppendLog {
 /// log can be deleted a file at a time as shards compact.
 pub const WAL_FILE_BYTES: u64 = 64 * 1024 * 1024;
 /// Submissions waiting beyond this many make shard writers wait. Each shard writer has at most
-/// one submission under way, so this is rarely reached.
+/// a few submissions under way (its groups in flight), so this is rarely reached.
 const QUEUE_DEPTH: usize = 1024;
 /// Most submissions, and bytes, one group commit takes.
 const GROUP_SUBMISSIONS_MAX: usize = 1024;
@@ -308,6 +308,12 @@ impl NodeWal {
         let (done, rx) = oneshot::channel();
         self.tx.send(Submission { records, done }).await.map_err(|_| writer_stopped())?;
         Ok(Durable(rx))
+    }
+
+    /// Submissions waiting for the writer task.
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     /// Deletes the files whose records all end at or before `lsn` (every shard has them in
