@@ -197,7 +197,9 @@ pub fn parse_line_protocol(
             None | Some("") => now_ms,
             Some(t) => {
                 let t = parse_i64(t).ok_or_else(|| at(format!("timestamp {t:?} is not an integer")))?;
-                precision.to_ms(t).ok_or_else(|| at("timestamp out of range".into()))?
+                let ms = precision.to_ms(t).ok_or_else(|| at(format!("timestamp {t} is out of range")))?;
+                crate::model::check_timestamp(ms).map_err(at)?;
+                ms
             }
         };
         let measurement = &mut measurements[m];

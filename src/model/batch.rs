@@ -199,14 +199,15 @@ impl RowBatchBuilder {
         builder
     }
 
-    /// Appends one row, validating what a client could get wrong: names, the class of a name
-    /// (dimension or tag), string lengths, finite numbers.
+    /// Appends one row, validating what a client could get wrong: the timestamp's range, names,
+    /// the class of a name (dimension or tag), string lengths, finite numbers.
     pub fn push_row(
         &mut self,
         timestamp: i64,
         value: Num,
         fields: &[(&str, FieldClass, FieldRef)],
     ) -> Result<(), String> {
+        super::check_timestamp(timestamp)?;
         if let Num::Dec(d) = value
             && !d.is_finite()
         {

@@ -13,6 +13,22 @@ pub const NAME_LEN_MAX: usize = 128;
 /// Longest accepted string field value, so one point cannot blow up a block.
 pub const STRING_VALUE_LEN_MAX: usize = 4096;
 
+/// Timestamps (epoch milliseconds) a point may carry: the span of InfluxDB's nanosecond
+/// timestamps, 1677-09-21 to 2262-04-11. Far inside `i64`, so that the bounds of the shard
+/// holding any accepted point (`start + interval`) cannot overflow.
+pub const TIMESTAMP_MIN_MS: i64 = i64::MIN / 1_000_000;
+pub const TIMESTAMP_MAX_MS: i64 = i64::MAX / 1_000_000;
+
+pub fn check_timestamp(timestamp: i64) -> Result<(), String> {
+    if (TIMESTAMP_MIN_MS..=TIMESTAMP_MAX_MS).contains(&timestamp) {
+        Ok(())
+    } else {
+        Err(format!(
+            "timestamp {timestamp} is out of range: epoch milliseconds from {TIMESTAMP_MIN_MS} to {TIMESTAMP_MAX_MS} (years 1677 to 2262)"
+        ))
+    }
+}
+
 /// A db, namespace, metric, dimension or tag name must match NSDb's `^[a-zA-Z][a-zA-Z0-9_]*$`.
 /// The same rule keeps names safe to use as folder names.
 pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
