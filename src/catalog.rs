@@ -340,8 +340,17 @@ impl Catalog {
             .collect()
     }
 
+    /// Whether the shard has replicas. An entry can outlive its last replica (a metric drop
+    /// merged with a concurrent `remove_replica` of one of its shards keeps the entry, empty):
+    /// such a shard is placed again like a new one.
     pub fn has_placement(&self, shard: &ShardId) -> bool {
-        self.state.lock().expect("catalog lock").placement.get(shard).val.is_some()
+        self.state
+            .lock()
+            .expect("catalog lock")
+            .placement
+            .get(shard)
+            .val
+            .is_some_and(|replicas| !replicas.read().val.is_empty())
     }
 
     /// Removes `node` from a shard's replicas (after its points were copied elsewhere).
@@ -366,6 +375,23 @@ mod tests {
     use super::*;
     use crate::model::{FieldValue, Num, Point};
     use proptest::prelude::*;
+
+    /// A placement whose last replica was removed is no placement: the shard is placed again
+    /// rather than written to no one.
+    #[test]
+    fn a_shard_without_replicas_has_no_placement() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(dir.path(), "a", false).unwrap();
+        let shard = ShardId { metric: MetricKey::new("d", "n", "m").unwrap(), start: 0 };
+        assert!(!cat.has_placement(&shard));
+        cat.add_replicas(&shard, &["a".to_string()]).unwrap();
+        assert!(cat.has_placement(&shard));
+        cat.remove_replica(&shard, &"a".to_string()).unwrap();
+        assert!(cat.replicas(&shard).is_empty());
+        assert!(!cat.has_placement(&shard), "an empty replica set is no placement");
+        cat.add_replicas(&shard, &["b".to_string()]).unwrap();
+        assert_eq!(cat.replicas(&shard).into_iter().collect::<Vec<_>>(), ["b"]);
+    }
 
     #[test]
     fn admit_is_all_or_nothing_and_persists() {

@@ -111,7 +111,17 @@ impl HintStore {
 
     /// The next hints for `target`, oldest first, at most about `bytes_max` of them; `None`
     /// when nothing waits. Call [`HintStore::replayed`] once they are stored on the target.
-    pub fn next(&self, target: &str, bytes_max: u64) -> std::io::Result<Option<(Vec<Hint>, u64)>> {
+    ///
+    /// Hints older than the age bound at `now_ms` are dropped (and counted) instead: a delete's
+    /// tombstone lives only that long, so an older hint could bring back points deleted since.
+    /// Replica repair brings the replica up to date instead.
+    pub fn next(
+        &self,
+        target: &str,
+        bytes_max: u64,
+        now_ms: i64,
+        metrics: &Metrics,
+    ) -> std::io::Result<Option<(Vec<Hint>, u64)>> {
         let mut targets = self.targets.lock().expect("hints lock");
         let Some(t) = targets.get_mut(target) else { return Ok(None) };
         let replaying = self.replaying_path(target);
@@ -130,7 +140,11 @@ impl HintStore {
                 Some((hint, next)) => {
                     read += next - offset;
                     offset = next;
-                    hints.push(hint);
+                    if now_ms - hint.recorded_ms > self.age_max_ms {
+                        metrics.hints_dropped.fetch_add(1, Relaxed);
+                    } else {
+                        hints.push(hint);
+                    }
                 }
                 None => {
                     // The end, or a torn tail from a crash (never acknowledged): either way
@@ -225,7 +239,7 @@ mod tests {
             assert!(store.record("b", &[i; 10], 1000 + i64::from(i), &m).unwrap());
         }
         // A replay takes the first two, then more hints arrive, then the store is reopened.
-        let (hints, offset) = store.next("b", 30).unwrap().unwrap();
+        let (hints, offset) = store.next("b", 30, 2000, &m).unwrap().unwrap();
         assert_eq!(hints.iter().map(|h| h.payload[0]).collect::<Vec<_>>(), [0, 1]);
         store.replayed("b", offset, 2, &m).unwrap();
         assert!(store.record("b", &[9; 10], 2000, &m).unwrap());
@@ -233,7 +247,7 @@ mod tests {
         let store = HintStore::open(dir.path(), 1 << 20, std::time::Duration::from_secs(60)).unwrap();
         assert_eq!(store.oldest_ms("b"), Some(1000));
         let mut seen = Vec::new();
-        while let Some((hints, offset)) = store.next("b", 1 << 20).unwrap() {
+        while let Some((hints, offset)) = store.next("b", 1 << 20, 2000, &m).unwrap() {
             if hints.is_empty() {
                 // The rotated file is finished; the next call rotates the newer file.
                 store.replayed("b", offset, 0, &m).unwrap();
@@ -258,5 +272,21 @@ mod tests {
         small.discard("c", &m).unwrap();
         assert!(small.pending().is_empty());
         assert_eq!(m.hints_dropped.load(Relaxed), 3);
+    }
+
+    /// A hint that waited past the age bound is not replayed: a delete since then may have
+    /// outlived its tombstone.
+    #[test]
+    fn hints_past_the_age_bound_are_dropped_at_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Metrics::default();
+        let store = HintStore::open(dir.path(), 1 << 20, std::time::Duration::from_secs(60)).unwrap();
+        assert!(store.record("b", &[1; 10], 0, &m).unwrap());
+        assert!(store.record("b", &[2; 10], 30_000, &m).unwrap());
+        let (hints, offset) = store.next("b", 1 << 20, 70_000, &m).unwrap().unwrap();
+        assert_eq!(hints.iter().map(|h| h.payload[0]).collect::<Vec<_>>(), [2], "the hint of t=0 is 70 s old");
+        assert_eq!(m.hints_dropped.load(Relaxed), 1);
+        store.replayed("b", offset, 1, &m).unwrap();
+        assert!(store.pending().is_empty());
     }
 }

@@ -429,7 +429,8 @@ impl Node {
         for (target, _) in pending {
             let Some(addr) = live_addr(&members, &target) else { continue };
             loop {
-                let (hints, offset) = match self.hints.next(&target, HINT_REPLAY_BYTES) {
+                let now_ms = self.env.clock.now_ms();
+                let (hints, offset) = match self.hints.next(&target, HINT_REPLAY_BYTES, now_ms, &self.metrics) {
                     Ok(Some(next)) => next,
                     Ok(None) => break,
                     Err(e) => {

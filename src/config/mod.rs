@@ -12,6 +12,10 @@ use std::time::Duration;
 
 const REFERENCE: &str = include_str!("reference.conf");
 
+/// Largest `shoal.http.max-body`: the records of one body stay well inside
+/// [`crate::storage::wal::RECORD_BYTES_MAX`].
+pub const HTTP_BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
+
 /// Every key a user may set, with what its value must look like. Unknown `shoal.*` keys are
 /// rejected so that a typo does not silently fall back to a default.
 const KEYS: &[(&str, &str)] = &[
@@ -20,7 +24,7 @@ const KEYS: &[(&str, &str)] = &[
     ("shoal.log-level", "one of trace, debug, info, warn, error"),
     ("shoal.http.host", "a host name or IP address"),
     ("shoal.http.port", "an integer port 0..65535"),
-    ("shoal.http.max-body", "a byte size such as 16MiB"),
+    ("shoal.http.max-body", "a byte size from 1 byte to 64MiB, such as 16MiB"),
     ("shoal.gossip.host", "a host name or IP address"),
     ("shoal.gossip.port", "an integer port 0..65535"),
     ("shoal.gossip.advertise", "host:port"),
@@ -74,9 +78,10 @@ impl Consistency {
     /// Acknowledgements needed out of `replicas`.
     pub fn required(self, replicas: usize) -> usize {
         match self {
-            Self::One => 1.min(replicas),
+            // At least one: a shard with no replicas cannot meet any level.
+            Self::One => 1,
             Self::Quorum => replicas / 2 + 1,
-            Self::All => replicas,
+            Self::All => replicas.max(1),
         }
     }
 }
@@ -359,7 +364,12 @@ impl Reader<'_> {
             log_level,
             http_host: self.string("shoal.http.host")?,
             http_port: self.int("shoal.http.port", 0, 65535)? as u16,
-            http_body_bytes_max: self.bytes("shoal.http.max-body")?,
+            // A body becomes WAL records, which replay reads only up to a bound (a body's points
+            // can take about three times its bytes there).
+            http_body_bytes_max: match self.bytes("shoal.http.max-body")? {
+                n if n > HTTP_BODY_BYTES_MAX => return Err(self.err("shoal.http.max-body")),
+                n => n,
+            },
             gossip_host: self.string("shoal.gossip.host")?,
             gossip_port: self.int("shoal.gossip.port", 0, 65535)? as u16,
             gossip_advertise: self.opt_string("shoal.gossip.advertise")?,
@@ -425,6 +435,16 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// Every level needs at least one acknowledgement, also of a shard with no replicas.
+    #[test]
+    fn consistency_levels_need_at_least_one_ack() {
+        for (replicas, one, quorum, all) in [(0, 1, 1, 1), (1, 1, 1, 1), (2, 1, 2, 2), (3, 1, 2, 3)] {
+            assert_eq!(Consistency::One.required(replicas), one);
+            assert_eq!(Consistency::Quorum.required(replicas), quorum);
+            assert_eq!(Consistency::All.required(replicas), all);
+        }
+    }
+
     fn load(file: &str, env: &[(&str, &str)], sets: &[&str]) -> Result<Config, ConfigError> {
         let env: HashMap<_, _> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
@@ -463,6 +483,7 @@ mod tests {
             ("", &["shoal.write.consistency=most"], "shoal.write.consistency"),
             ("", &["shoal.storage.compaction-priority=lowest"], "shoal.storage.compaction-priority"),
             ("", &["shoal.sharding.interval=10ms"], "shoal.sharding.interval"),
+            ("", &["shoal.http.max-body=1GiB"], "from 1 byte to 64MiB"),
             ("", &["shoal.cluster.roles=[\"compute\"]"], "shoal.cluster.roles"),
             ("", &["shoal.cluster.seeds=[\"nohostport\"]"], "shoal.cluster.seeds"),
             ("shoal.htp.port = 1", &[], "shoal.htp.port"),

@@ -54,6 +54,19 @@ pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Removes a shard's folder so that a crash part way leaves a folder that start-up removes too:
+/// the MANIFEST goes first (a folder without one holds nothing, see [`Storage::open`]), then the
+/// rest. Removed in whatever order the directory lists them, a segment could go before the
+/// MANIFEST that names it, and the node would not start again.
+fn remove_shard_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(dir.join("MANIFEST")) {
+        Ok(()) => fsync_dir(dir)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::remove_dir_all(dir)
+}
+
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new content.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
     let tmp = path.with_extension("tmp");
@@ -196,7 +209,7 @@ impl Storage {
         let _guard = self.opening.lock().await;
         if let Some((_, shard)) = self.shards.remove(id) {
             shard.close().await;
-            std::fs::remove_dir_all(&shard.dir)?;
+            remove_shard_dir(&shard.dir)?;
             if let Some(parent) = shard.dir.parent() {
                 fsync_dir(parent)?;
             }
@@ -243,6 +256,12 @@ impl Storage {
         }
         let dir = self.root.join(&metric.db).join(&metric.namespace).join(&metric.metric);
         if dir.exists() {
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    remove_shard_dir(&entry.path())?;
+                }
+            }
             std::fs::remove_dir_all(&dir)?;
             if let Some(parent) = dir.parent() {
                 fsync_dir(parent)?;
