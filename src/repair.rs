@@ -274,6 +274,20 @@ impl Node {
         true
     }
 
+    /// Pushes what this node holds of `shard` to replicas that hold it already: a leaving node
+    /// may have the only copy of points written at consistency `one` while they were away, and
+    /// must not leave until they have them. False if a push failed.
+    async fn push_to_replicas(&self, shard: &ShardId, replicas: &BTreeSet<String>, members: &[Member]) -> bool {
+        for r in replicas {
+            let Some(addr) = live_addr(members, r) else { return false };
+            if let Err(e) = self.sync_shard(shard, &addr, true).await {
+                tracing::warn!(%shard, to = %r, error = %e, "pushing a shard to a replica before leaving failed; retrying later");
+                return false;
+            }
+        }
+        true
+    }
+
     /// Pushes the catalog to every live peer now (rather than waiting for anti-entropy), so
     /// write coordinators learn new placements quickly.
     async fn publish_catalog(&self) {
@@ -573,6 +587,7 @@ impl Node {
             Ok(chosen) if !chosen.is_empty() => {
                 let new: Vec<String> = chosen.into_iter().filter(|c| !others.contains(c)).collect();
                 self.copy_to_new_replicas(shard, &new, &members).await
+                    && self.push_to_replicas(shard, &others, &members).await
             }
             _ => false,
         };
