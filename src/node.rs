@@ -813,6 +813,7 @@ impl Node {
             let mut order: Vec<String> = replicas.iter().filter(|r| **r == self.cfg.node_id).cloned().collect();
             order.extend(replicas.iter().filter(|r| **r != self.cfg.node_id).cloned());
             let mut errors = Vec::new();
+            let mut none_held = false;
             for replica in order {
                 let req = crate::peer::PartialRequest {
                     shard: shard.clone(),
@@ -837,9 +838,16 @@ impl Node {
                     }
                 };
                 match answer {
-                    Ok(partial) => return Ok(partial),
+                    Ok(Some(partial)) => return Ok(partial),
+                    // A placed replica without a copy (a new disk, a copy not made yet) would
+                    // answer with nothing: the next replica is asked instead.
+                    Ok(None) => none_held = true,
                     Err(e) => errors.push(format!("{replica}: {e}")),
                 }
+            }
+            if none_held {
+                // No replica that could be reached holds a copy: no point of it is visible.
+                return Ok(query::exec::Partial::empty(plan));
             }
             Err(format!("shard {shard} has no reachable replica ({})", errors.join("; ")))
         });
@@ -982,20 +990,19 @@ impl Node {
         Ok(removed)
     }
 
-    /// This node's partial result for one shard (the replica side of the internal query API).
+    /// This node's partial result for one shard (the replica side of the internal query API);
+    /// `None` when this node holds no copy of it.
     pub async fn replica_partial(
         &self,
         req: crate::peer::PartialRequest,
-    ) -> Result<crate::query::exec::Partial, NodeError> {
-        let storage = self.storage.clone();
+    ) -> Result<Option<crate::query::exec::Partial>, NodeError> {
+        let Some(shard) = self.storage.shard_if_held(&req.shard) else { return Ok(None) };
         let max = self.cfg.query_records_max;
-        crate::env::spawn_blocking(move || {
-            let shards = storage.shard_if_held(&req.shard);
-            query::partial_of_shards(shards, &req.plan, (req.from, req.to), max)
-        })
-        .await
-        .map_err(|e| NodeError::Internal(e.to_string()))?
-        .map_err(NodeError::from)
+        crate::env::spawn_blocking(move || query::partial_of_shards(Some(shard), &req.plan, (req.from, req.to), max))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?
+            .map(Some)
+            .map_err(NodeError::from)
     }
 
     /// Drops a metric everywhere: its schema and placements leave the catalog (and spread by

@@ -34,7 +34,8 @@ pub struct ReplicaDrop {
 }
 
 /// `POST /internal/v1/partial`: this replica's partial result of a select over one shard,
-/// within `[from, to)`; answered with a postcard `query::exec::Partial`.
+/// within `[from, to)`; answered with a postcard `Option<query::exec::Partial>`, `None` when this
+/// node holds no copy of the shard (the coordinator then asks the next replica).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartialRequest {
     pub shard: ShardId,

@@ -39,16 +39,16 @@ async fn replica_write_and_partial_through_the_peer_client() {
     let plan = select("SELECT sum(value) FROM cpu GROUP BY region");
     let req = PartialRequest { shard: shard.clone(), plan: plan.clone(), from: i64::MIN, to: i64::MAX };
     let bytes = peers.post(&addr, "/internal/v1/partial", postcard::to_stdvec(&req).unwrap()).await.unwrap();
-    let partial: Partial = postcard::from_bytes(&bytes).unwrap();
+    let partial: Partial = postcard::from_bytes::<Option<Partial>>(&bytes).unwrap().expect("the replica holds it");
     let records = finish(&plan, partial);
     let sums: Vec<(String, f64)> =
         records.iter().map(|r| (format!("{:?}", r.tags["region"]), r.value.as_f64())).collect();
     assert_eq!(sums, [("Str(\"eu\")".to_string(), 4.0), ("Str(\"us\")".to_string(), 5.0)]);
 
-    // A shard this node does not hold answers an empty partial, not an error.
+    // A shard this node does not hold answers "none held", not an error.
     let other = PartialRequest { shard: ShardId { metric: key.clone(), start: 3_600_000 }, ..req.clone() };
     let bytes = peers.post(&addr, "/internal/v1/partial", postcard::to_stdvec(&other).unwrap()).await.unwrap();
-    assert_eq!(postcard::from_bytes::<Partial>(&bytes).unwrap().rows(), 0);
+    assert!(postcard::from_bytes::<Option<Partial>>(&bytes).unwrap().is_none());
 
     // Points outside the named shard are refused.
     let wrong = ReplicaWrite {
@@ -71,5 +71,43 @@ async fn replica_write_and_partial_through_the_peer_client() {
     match peers.post(&addr, "/internal/v1/partial", vec![0xff; 10]).await {
         Err(PeerError::Refused { status: 400, .. }) => {}
         other => panic!("{other:?}"),
+    }
+}
+
+/// A replica that is placed but has lost its copy (a new disk, say) is passed over by the read
+/// coordinator, even when it is the coordinator itself: the query answers from the replica
+/// that holds the points, not with nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_its_copy_is_passed_over_by_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = ChannelTransport::with_mtu(65_507);
+    let sets = ["shoal.sharding.interval=1h", "shoal.cluster.replication-factor=2", "shoal.repair.interval=1h"];
+    let a = start(&transport, dir.path(), 1, &sets).await;
+    let b = start(&transport, dir.path(), 2, &sets).await;
+    common::inproc::eventually("both nodes to see each other", async || {
+        a.members().await.iter().filter(|m| m.is_live()).count() == 2
+            && b.members().await.iter().filter(|m| m.is_live()).count() == 2
+    })
+    .await;
+    let lines: String = (0..100).map(|i| format!("cpu,region=eu value={i}i {}\n", 1000 + i)).collect();
+    let batch = parse_line_protocol(&lines, "db", "ns", Precision::Ms, 0, 1000).unwrap();
+    a.ingest(batch, Some(shoal::config::Consistency::All)).await.unwrap();
+    let key = MetricKey::new("db", "ns", "cpu").unwrap();
+    let shard = ShardId { metric: key.clone(), start: 0 };
+    assert_eq!(b.storage.shard_if_held(&shard).unwrap().points(), 100, "written to both replicas");
+    // b loses its copy; the placement still names it.
+    b.storage.drop_metric(&key).await.unwrap();
+    assert_eq!(b.catalog.replicas(&shard).len(), 2);
+    let req = shoal::node::QueryRequest {
+        db: "db".into(),
+        namespace: "ns".into(),
+        metric: None,
+        query_string: "SELECT count(*) FROM cpu".into(),
+        from: None,
+        to: None,
+    };
+    match b.query(req).await.unwrap() {
+        shoal::node::QueryOutcome::Records(r) => assert_eq!(r[0].value.as_f64(), 100.0, "{r:?}"),
+        shoal::node::QueryOutcome::Deleted(_) => panic!("a select answers records"),
     }
 }
