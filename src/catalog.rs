@@ -344,13 +344,7 @@ impl Catalog {
     /// merged with a concurrent `remove_replica` of one of its shards keeps the entry, empty):
     /// such a shard is placed again like a new one.
     pub fn has_placement(&self, shard: &ShardId) -> bool {
-        self.state
-            .lock()
-            .expect("catalog lock")
-            .placement
-            .get(shard)
-            .val
-            .is_some_and(|replicas| !replicas.read().val.is_empty())
+        !self.replicas(shard).is_empty()
     }
 
     /// Removes `node` from a shard's replicas (after its points were copied elsewhere).

@@ -397,11 +397,10 @@ mod tests {
         assert_eq!(count(&storage, &key), (300, 300));
         assert_eq!(storage.shard_count(), 4, "timestamps -500..2500 span 4 one-second shards");
         // Compaction runs behind the writes, on the background threads.
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        while metrics.segments_written.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-            assert!(tokio::time::Instant::now() < deadline, "no segment written past the memtable limit");
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        await_condition("a segment written past the memtable limit", || {
+            metrics.segments_written.load(std::sync::atomic::Ordering::Relaxed) > 0
+        })
+        .await;
         for s in storage.all_shards() {
             s.close().await;
         }
@@ -696,10 +695,11 @@ mod tests {
         });
         await_condition("the second group's submission", || storage.wal.queued() == 1).await;
         held_write::set(held_write::Hold::Released);
-        let first = first.await.unwrap().unwrap_err().to_string();
-        assert!(first.contains("no space left"), "{first}");
-        let second = second.await.unwrap().unwrap_err().to_string();
-        assert!(second.contains("an earlier write to the WAL failed"), "{second}");
+        let first = first.await.unwrap().unwrap_err();
+        assert!(first.is_disk_full() && first.to_string().contains("no space left"), "{first}");
+        // Answered as the failure it followed: a full disk (507), not an internal error.
+        let second = second.await.unwrap().unwrap_err();
+        assert!(second.is_disk_full() && second.to_string().contains("an earlier write to the WAL failed"), "{second}");
         assert_eq!(shard.points(), 50, "the second group's own points are in the WAL and the memtable");
         assert_eq!(shard.append(points(50..150, 1)).await.unwrap(), 50, "the retry stores the rest");
         assert_eq!(count(&storage, &key), (100, 100));

@@ -242,7 +242,8 @@ struct InFlight {
     durable: Option<Durable>,
     /// Set when an earlier group failed: this one was checked against that group's points, so
     /// it is answered with this error, though what it wrote still joins the memtable.
-    earlier_failed: Option<String>,
+    /// (Its kind is kept: a full disk answers 507, not 500.)
+    earlier_failed: Option<(std::io::ErrorKind, String)>,
 }
 
 impl InFlight {
@@ -743,10 +744,10 @@ impl Writer {
 
     /// Drops from each batch the points the shard already holds (in the memtable, the frozen
     /// memtable, a segment or a group in flight) or that an earlier row of the group carries:
-    /// a shard stores a set of points, so a write that is repeated (a client retry, a hint replayed for a write
-    /// that did arrive, a repair racing the write it repairs) stores nothing twice. Points are
-    /// found by hash and confirmed by comparing the rows, so a hash collision never drops a
-    /// point. Segments are read only for rows inside their time range: appends of new times,
+    /// a shard stores a set of points, so a write that is repeated (a client retry, a hint
+    /// replayed for a write that did arrive, a repair racing the write it repairs) stores
+    /// nothing twice. Points are found by hash and confirmed by comparing the rows, so a hash
+    /// collision never drops a point. Segments are read only for rows inside their time range: appends of new times,
     /// the common case, never touch the disk here.
     /// Returns the kept batches, where each begins among the group's rows, and their index.
     #[allow(clippy::type_complexity)]
@@ -949,9 +950,10 @@ impl Writer {
         for (batch, done) in group.batches.iter().zip(group.replies) {
             let answer = match &group.earlier_failed {
                 None => Ok(batch.len() as u64),
-                Some(e) => {
-                    Err(StorageError::Io(std::io::Error::other(format!("an earlier write to the WAL failed: {e}"))))
-                }
+                Some((kind, e)) => Err(StorageError::Io(std::io::Error::new(
+                    *kind,
+                    format!("an earlier write to the WAL failed: {e}"),
+                ))),
             };
             let _ = done.send(answer);
         }
@@ -969,7 +971,7 @@ impl Writer {
             let _ = done.send(Err(StorageError::Io(std::io::Error::new(e.kind(), e.to_string()))));
         }
         for later in &mut self.in_flight {
-            later.earlier_failed.get_or_insert_with(|| e.to_string());
+            later.earlier_failed.get_or_insert_with(|| (e.kind(), e.to_string()));
         }
         let mut st = self.shard.state.write().expect("shard lock");
         if st.memtable.batch.is_empty() && self.in_flight.is_empty() {
