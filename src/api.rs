@@ -42,6 +42,7 @@ impl From<NodeError> for ApiError {
             NodeError::NotFound(_) => StatusCode::NOT_FOUND,
             NodeError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             NodeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::Dropped(_) => StatusCode::CONFLICT,
             NodeError::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             NodeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -94,7 +95,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/internal/v1/points", post(internal_points))
         .route("/internal/v1/partial", post(internal_partial))
         .route("/internal/v1/delete", post(internal_delete))
-        .route("/internal/v1/drop", post(internal_drop))
+        .route("/internal/v1/tombstones", post(internal_tombstones))
         .route(
             "/internal/v1/catalog",
             get(internal_catalog_get)
@@ -172,12 +173,24 @@ async fn post_write(
 
 async fn post_query(
     State(node): State<Arc<Node>>,
+    Query(params): Query<HashMap<String, String>>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let raw = body(&node, raw)?;
     let req: QueryRequest = serde_json::from_slice(&raw).map_err(|e| ApiError::bad(format!("query body: {e}")))?;
-    match node.query(req).await? {
-        QueryOutcome::Records(records) => Ok(Json(crate::query::records_json(&records))),
+    let allow_partial = match params.get("partial").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(ApiError::bad(format!("parameter partial: expected true or false, got {other:?}"))),
+    };
+    match node.query(req, allow_partial).await? {
+        QueryOutcome::Records { records, missing } => {
+            let mut answer = crate::query::records_json(&records);
+            if !missing.is_empty() {
+                answer["partial"] = serde_json::json!(missing);
+            }
+            Ok(Json(answer))
+        }
         QueryOutcome::Deleted(n) => Ok(Json(serde_json::json!({ "records": [], "deleted": n }))),
     }
 }
@@ -303,7 +316,7 @@ async fn internal_catalog_push(
     let raw = body(&node, raw)?;
     let state =
         crate::catalog::CatalogState::from_bytes(&raw).map_err(|e| ApiError::bad(format!("catalog state: {e}")))?;
-    node.catalog.merge(state).map_err(|e| ApiError::from(NodeError::from(e)))?;
+    node.merge_catalog(state).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -415,15 +428,14 @@ async fn internal_delete(
     encoded(&node.replica_delete(req).await?)
 }
 
-async fn internal_drop(
+async fn internal_tombstones(
     State(node): State<Arc<Node>>,
     headers: axum::http::HeaderMap,
     raw: Result<Bytes, BytesRejection>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
     check_cluster(&node, &headers)?;
-    let req = decode("replica drop", &body(&node, raw)?)?;
-    node.replica_drop(req).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let req = decode("tombstones request", &body(&node, raw)?)?;
+    encoded(&node.replica_tombstones(req).await?)
 }
 
 async fn internal_partial(

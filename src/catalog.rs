@@ -34,6 +34,16 @@ pub const STATE_BYTES_MAX: usize = 64 * 1024 * 1024;
 pub struct CatalogState {
     schemas: Map<MetricKey, Fields, NodeId>,
     placement: Map<ShardId, Orswot<NodeId, NodeId>, NodeId>,
+    /// Each dropped metric's drop epoch (see [`Catalog::drop_epoch`]), merged by max: a
+    /// join-semilattice, so it merges as the CRDTs above do.
+    drops: BTreeMap<MetricKey, u64>,
+}
+
+/// The state as catalog files written before drop epochs hold it.
+#[derive(Deserialize)]
+struct StateWithoutDrops {
+    schemas: Map<MetricKey, Fields, NodeId>,
+    placement: Map<ShardId, Orswot<NodeId, NodeId>, NodeId>,
 }
 
 /// The deterministic resolution of a field's concurrent definitions.
@@ -45,6 +55,10 @@ impl CatalogState {
     pub fn merge(&mut self, other: CatalogState) {
         self.schemas.merge(other.schemas);
         self.placement.merge(other.placement);
+        for (key, epoch) in other.drops {
+            let known = self.drops.entry(key).or_default();
+            *known = (*known).max(epoch);
+        }
     }
 
     pub fn add_field(&mut self, actor: &NodeId, key: &MetricKey, name: &str, def: FieldDef) {
@@ -55,8 +69,11 @@ impl CatalogState {
         self.schemas.apply(op);
     }
 
-    /// Removes a metric's schema and the placements of its shards.
-    pub fn remove_metric(&mut self, key: &MetricKey) {
+    /// Removes a metric's schema and the placements of its shards, and raises its drop epoch
+    /// to `epoch`.
+    pub fn remove_metric(&mut self, key: &MetricKey, epoch: u64) {
+        let known = self.drops.entry(key.clone()).or_default();
+        *known = (*known).max(epoch);
         let ctx = self.schemas.get(key).derive_rm_ctx();
         let op = self.schemas.rm(key.clone(), ctx);
         self.schemas.apply(op);
@@ -103,6 +120,10 @@ impl CatalogState {
         out
     }
 
+    pub fn drop_epochs(&self) -> &BTreeMap<MetricKey, u64> {
+        &self.drops
+    }
+
     pub fn placement(&self) -> BTreeMap<ShardId, BTreeSet<NodeId>> {
         self.placement.iter().map(|e| (e.val.0.clone(), e.val.1.read().val.into_iter().collect())).collect()
     }
@@ -121,7 +142,7 @@ impl CatalogState {
                 map.insert(name, defs);
             }
         }
-        let bytes = postcard::to_stdvec(&(schemas, self.placement())).expect("content encodes");
+        let bytes = postcard::to_stdvec(&(schemas, self.placement(), &self.drops)).expect("content encodes");
         // FNV-1a: stable across processes and versions, unlike std's hasher.
         bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
     }
@@ -134,7 +155,10 @@ impl CatalogState {
         if bytes.len() > STATE_BYTES_MAX {
             return Err(format!("catalog state larger than {STATE_BYTES_MAX} bytes"));
         }
-        postcard::from_bytes(bytes).map_err(|e| e.to_string())
+        postcard::from_bytes(bytes).or_else(|e| match postcard::from_bytes::<StateWithoutDrops>(bytes) {
+            Ok(old) => Ok(Self { schemas: old.schemas, placement: old.placement, drops: BTreeMap::new() }),
+            Err(_) => Err(e.to_string()),
+        })
     }
 }
 
@@ -156,6 +180,9 @@ pub struct Catalog {
     state: Mutex<CatalogState>,
     /// Resolved schemas, rebuilt after every change: the read path never touches the CRDT.
     schemas: RwLock<BTreeMap<MetricKey, Schema>>,
+    /// The drop epochs, read by every internal request: kept apart from the state's lock,
+    /// which a commit holds across its fsync.
+    drops: RwLock<BTreeMap<MetricKey, u64>>,
     digest: std::sync::atomic::AtomicU64,
     synced: AtomicBool,
 }
@@ -185,6 +212,7 @@ impl Catalog {
             actor: actor.to_string(),
             path,
             schemas: RwLock::new(state.schemas()),
+            drops: RwLock::new(state.drops.clone()),
             digest: state.digest().into(),
             state: Mutex::new(state),
             synced: AtomicBool::new(synced),
@@ -202,6 +230,9 @@ impl Catalog {
         crate::storage::write_atomic(&self.path, &bytes)
             .map_err(|e| CatalogError::Storage { path: self.path.display().to_string(), message: e.to_string() })?;
         *self.schemas.write().expect("catalog lock") = next.schemas();
+        if next.drops != state.drops {
+            *self.drops.write().expect("catalog lock") = next.drops.clone();
+        }
         self.digest.store(next.digest(), Ordering::SeqCst);
         *state = next;
         Ok(())
@@ -290,18 +321,42 @@ impl Catalog {
         self.commit(&mut state, next)
     }
 
-    pub fn drop_metric(&self, key: &MetricKey) -> Result<bool, CatalogError> {
+    /// Drops a metric: its schema and placements go, and its drop epoch rises to `now_ms` (or
+    /// one past the current epoch if the clock is behind it). `None` when it does not exist;
+    /// otherwise the new epoch.
+    pub fn drop_metric(&self, key: &MetricKey, now_ms: i64) -> Result<Option<u64>, CatalogError> {
         if !self.is_synced() {
             return Err(CatalogError::NotSynced);
         }
         let mut state = self.state.lock().expect("catalog lock");
         if !state.schemas().contains_key(key) {
-            return Ok(false);
+            return Ok(None);
+        }
+        let epoch = (now_ms.max(0) as u64).max(state.drops.get(key).map_or(0, |e| e + 1));
+        let mut next = state.clone();
+        next.remove_metric(key, epoch);
+        self.commit(&mut state, next)?;
+        Ok(Some(epoch))
+    }
+
+    /// A metric's drop epoch: 0 if it was never dropped, otherwise the epoch of its latest
+    /// drop. Data of a metric belongs to one epoch; every internal request about a shard
+    /// carries the sender's epoch, so data from before a drop (a hint, a repair copy, a node
+    /// that was away) is never stored into, nor read as, the metric created after it.
+    pub fn drop_epoch(&self, key: &MetricKey) -> u64 {
+        self.drops.read().expect("catalog lock").get(key).copied().unwrap_or(0)
+    }
+
+    /// Raises a metric's drop epoch to `epoch`, learnt from a peer's request before its
+    /// catalog arrives.
+    pub fn note_drop(&self, key: &MetricKey, epoch: u64) -> Result<(), CatalogError> {
+        let mut state = self.state.lock().expect("catalog lock");
+        if state.drops.get(key).copied().unwrap_or(0) >= epoch {
+            return Ok(());
         }
         let mut next = state.clone();
-        next.remove_metric(key);
-        self.commit(&mut state, next)?;
-        Ok(true)
+        next.drops.insert(key.clone(), epoch);
+        self.commit(&mut state, next)
     }
 
     pub fn metrics(&self) -> Vec<MetricKey> {
@@ -404,15 +459,22 @@ mod tests {
         let err = cat.admit(&batch).unwrap_err().to_string();
         assert!(err.contains("region") && err.contains("one batch"), "{err}");
         assert!(cat.schema(&key).is_none() && cat.schema(&other).is_none(), "a rejected batch changes no schema");
-        cat.admit(&[(key.clone(), rows(&[a]))]).unwrap();
+        cat.admit(&[(key.clone(), rows(&[a.clone()]))]).unwrap();
         let shard = ShardId { metric: key.clone(), start: 0 };
         cat.add_replicas(&shard, &["a".into(), "b".into()]).unwrap();
         drop(cat);
         let cat = Catalog::open(dir.path(), "a", false).unwrap();
         assert_eq!(cat.field(&key, "region"), Some((FieldClass::Tag, FieldType::Str)));
         assert_eq!(cat.placement()[&shard].len(), 2);
-        assert!(cat.drop_metric(&key).unwrap());
+        assert_eq!(cat.drop_metric(&key, 5000).unwrap(), Some(5000));
         assert!(cat.metrics().is_empty());
+        // A later drop with a clock behind the first still raises the epoch.
+        cat.admit(&[(key.clone(), rows(&[a]))]).unwrap();
+        assert_eq!(cat.drop_metric(&key, 10).unwrap(), Some(5001));
+        drop(cat);
+        let cat = Catalog::open(dir.path(), "a", false).unwrap();
+        assert_eq!(cat.drop_epoch(&key), 5001, "drop epochs persist");
+        assert_eq!(cat.drop_metric(&key, 6000).unwrap(), None, "a dropped metric cannot be dropped again");
     }
 
     #[test]
@@ -467,7 +529,7 @@ mod tests {
             Op::Field { metric: m, field, ty } => {
                 state.add_field(actor, &metric(*m), &format!("f{field}"), (FieldClass::Tag, types[*ty as usize]))
             }
-            Op::Drop { metric: m } => state.remove_metric(&metric(*m)),
+            Op::Drop { metric: m } => state.remove_metric(&metric(*m), u64::from(*m) + 1),
             Op::Place { metric: m, start, node } => {
                 state.add_replicas(actor, &shard(*m, *start), &[format!("n{node}")])
             }

@@ -36,6 +36,12 @@ enum Command {
         /// Override one key, e.g. --set shoal.http.port=9001 (repeatable; beats file and environment).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// Start even though a WAL file (not the last) has a corrupt record: cut that file at
+        /// the record and go on. The records behind it in that file are lost on this node
+        /// (repair copies them back from other replicas). Without it such a node refuses to
+        /// start, naming the file and offset.
+        #[arg(long)]
+        salvage_wal: bool,
     },
     /// Run a query (NSDb SQL) and print the records as JSON.
     Query {
@@ -96,7 +102,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Start { config, sets } => start(config, sets).await,
+            Command::Start { config, sets, salvage_wal } => start(config, sets, salvage_wal).await,
             Command::Query { node, db, namespace, sql } => {
                 let body = serde_json::json!({ "db": db, "namespace": namespace, "queryString": sql });
                 client(reqwest::Client::new().post(format!("{}/query", node.node)).json(&body)).await
@@ -249,14 +255,6 @@ async fn leave(node: &str) -> anyhow::Result<()> {
     anyhow::bail!("the node is still running after {deadline:?}")
 }
 
-/// A signal asks for a graceful leave; if it is abandoned the node stops anyway, without
-/// saying `left`: peers see it dead, and it brings its shards back when it restarts.
-async fn leave_before_stopping(node: &shoal::node::Node) {
-    if let Err(e) = node.leave().await {
-        tracing::warn!(error = %e, "stopping without a hand-off: peers will see this node as dead until it returns");
-    }
-}
-
 /// The UDP address to gossip on. chitchat binds the socket itself, so port 0 is resolved here
 /// by letting the OS pick a free port and handing that number on.
 async fn gossip_listen_addr(cfg: &shoal::config::Config) -> anyhow::Result<std::net::SocketAddr> {
@@ -270,8 +268,9 @@ async fn gossip_listen_addr(cfg: &shoal::config::Config) -> anyhow::Result<std::
     Ok(probe.local_addr()?)
 }
 
-async fn start(config: Option<PathBuf>, sets: Vec<String>) -> anyhow::Result<()> {
-    let cfg = shoal::config::Config::load(config.as_deref(), &sets)?;
+async fn start(config: Option<PathBuf>, sets: Vec<String>, salvage_wal: bool) -> anyhow::Result<()> {
+    let mut cfg = shoal::config::Config::load(config.as_deref(), &sets)?;
+    cfg.wal_salvage = salvage_wal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
     tracing_subscriber::fmt()
@@ -319,9 +318,12 @@ async fn start(config: Option<PathBuf>, sets: Vec<String>) -> anyhow::Result<()>
     let shutdown = async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        // A signal is a stop, not a decommission: a rolling restart or a reboot must not take
+        // this node out of its shards' placements (only `shoal leave` does). Peers see it dead,
+        // hint its writes, and repair it when it returns with its disk.
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => leave_before_stopping(&stopping).await,
-            _ = term.recv() => leave_before_stopping(&stopping).await,
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
             _ = stopping.stopped() => {}
         }
         tracing::info!("shutting down");

@@ -37,6 +37,9 @@ pub enum NodeError {
     TooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The request was made against data of a metric that has since been dropped.
+    #[error("{0}")]
+    Dropped(String),
     /// The disk is full: nothing was stored, and the write may be retried once space is freed.
     #[error("{0}")]
     StorageFull(String),
@@ -93,7 +96,12 @@ pub struct QueryRequest {
 }
 
 pub enum QueryOutcome {
-    Records(Vec<Point>),
+    /// A select's records. `missing` names the shards no replica could answer for: empty
+    /// unless the request allowed a partial answer (otherwise they fail it with a 503).
+    Records {
+        records: Vec<Point>,
+        missing: Vec<String>,
+    },
     Deleted(u64),
 }
 
@@ -143,7 +151,7 @@ fn delete_rule(filter: Option<crate::query::plan::Filter>, from: i64, to: i64) -
 }
 
 /// Turns a stored tombstone (an encoded `ReplicaDelete`) back into its rule.
-fn tombstone_rule() -> crate::storage::TombstoneRule {
+pub(crate) fn tombstone_rule() -> crate::storage::TombstoneRule {
     Arc::new(|bytes| match postcard::from_bytes::<crate::peer::ReplicaDelete>(bytes) {
         Ok(d) => delete_rule(d.filter, d.from, d.to),
         Err(e) => {
@@ -191,6 +199,10 @@ pub struct Node {
     pub(crate) peers: Arc<dyn crate::peer::PeerClient>,
     pub(crate) hints: crate::hints::HintStore,
     pub(crate) repair: crate::repair::RepairState,
+    /// Taken shared by every request that stores points at a checked drop epoch, and
+    /// exclusively while a drop removes this node's shards: no point of the old epoch lands
+    /// after the drop, none of the new one before it (see [`Node::fence_epoch`]).
+    drop_fence: tokio::sync::RwLock<()>,
 }
 /// Anti-entropy also pulls from one live peer this often when all digests agree.
 const CATALOG_PULL_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -229,6 +241,7 @@ impl Node {
             // Long enough to outlive any copy read before a delete: hints live this long.
             tombstone_grace_ms: cfg.hints_age_max.as_millis() as i64,
             wal_file_bytes: crate::storage::wal::WAL_FILE_BYTES,
+            wal_salvage: cfg.wal_salvage,
         };
         crate::env::set_background_priority(cfg.compaction_priority);
         let storage = Storage::open(&cfg.data_dir, storage_cfg, metrics.clone(), tombstone_rule()).await?;
@@ -301,6 +314,7 @@ impl Node {
             peers: io.peers,
             hints,
             repair: Default::default(),
+            drop_fence: Default::default(),
         });
         node.update_readiness().await;
         node.spawn_background();
@@ -406,10 +420,57 @@ impl Node {
     async fn pull_catalog(&self, addr: &str) -> anyhow::Result<()> {
         let bytes = self.peers.get(addr, "/internal/v1/catalog").await?;
         let state = crate::catalog::CatalogState::from_bytes(&bytes).map_err(|e| anyhow::anyhow!(e))?;
-        if self.catalog.merge(state)? {
+        if self.merge_catalog(state).await? {
             tracing::debug!(peer = %addr, "catalog updated from a peer");
         }
         Ok(())
+    }
+
+    /// Merges a peer's catalog state. A metric whose drop epoch it raises loses its local
+    /// shards first (a node that was away during a DROP, say), so that nothing of the dropped
+    /// metric is left to be read or copied once the catalog says it was dropped.
+    pub async fn merge_catalog(&self, state: crate::catalog::CatalogState) -> Result<bool, NodeError> {
+        for (metric, &epoch) in state.drop_epochs() {
+            if epoch > self.catalog.drop_epoch(metric) {
+                self.apply_drop(metric, epoch).await?;
+            }
+        }
+        Ok(self.catalog.merge(state)?)
+    }
+
+    /// Removes this node's shards of `metric` held under an epoch before `epoch`, then records
+    /// the epoch.
+    async fn apply_drop(&self, metric: &MetricKey, epoch: u64) -> Result<(), NodeError> {
+        let _exclusive = self.drop_fence.write().await;
+        if self.catalog.drop_epoch(metric) >= epoch {
+            return Ok(());
+        }
+        self.storage.drop_metric(metric).await?;
+        self.catalog.note_drop(metric, epoch)?;
+        tracing::info!(%metric, epoch, "dropped this node's shards of a metric dropped elsewhere");
+        Ok(())
+    }
+
+    /// Checks a request's drop epoch of `metric` against this node's before the request
+    /// touches the metric's data. An older epoch is refused (the data it is about was dropped:
+    /// a late hint, a stale peer's repair); a newer one means a drop this node has not heard
+    /// of yet, which is applied first. The guard holds drops off while the request stores.
+    pub(crate) async fn fence_epoch(
+        &self,
+        metric: &MetricKey,
+        epoch: u64,
+    ) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, NodeError> {
+        if epoch > self.catalog.drop_epoch(metric) {
+            self.apply_drop(metric, epoch).await?;
+        }
+        let shared = self.drop_fence.read().await;
+        let local = self.catalog.drop_epoch(metric);
+        if epoch < local {
+            return Err(NodeError::Dropped(format!(
+                "metric {metric} was dropped (drop epoch {local}) after this request was made (epoch {epoch})"
+            )));
+        }
+        Ok(shared)
     }
 
     pub fn readiness(&self) -> Readiness {
@@ -617,6 +678,7 @@ impl Node {
         }
         self.catalog.admit(&batch.metrics)?;
         self.place_new_shards(&batch).await?;
+        let accepted_ms = self.env.clock.now_ms();
         let total = batch.len();
         let consistency = consistency.unwrap_or(self.cfg.write_consistency);
         let interval = self.cfg.shard_interval_ms;
@@ -627,6 +689,7 @@ impl Node {
         for (key, rows) in batch.metrics {
             let by_shard = rows_by_shard(&rows.timestamps, interval);
             let single = by_shard.len() == 1;
+            let epoch = self.catalog.drop_epoch(&key);
             let mut rows = Some(rows);
             for (start, picked) in by_shard {
                 let shard = crate::model::ShardId { metric: key.clone(), start };
@@ -650,12 +713,13 @@ impl Node {
                     // own write runs in place (its command is queued at once, and a task more per
                     // request costs a thread wake-up).
                     let (node, replica, shard) = (self.clone(), replica.clone(), shard.clone());
+                    let write = crate::peer::ReplicaWrite { shard: shard.clone(), batch, epoch };
                     if replica == self.cfg.node_id {
-                        sends.push(Box::pin(async move { node.send_to_replica(replica, shard, batch).await }));
+                        sends.push(Box::pin(async move { node.send_to_replica(replica, write).await }));
                     } else {
                         let task = tokio::spawn({
-                            let (replica, shard) = (replica.clone(), shard.clone());
-                            async move { node.send_to_replica(replica, shard, batch).await }
+                            let replica = replica.clone();
+                            async move { node.send_to_replica(replica, write).await }
                         });
                         sends.push(Box::pin(async move {
                             task.await.unwrap_or_else(|e| ReplicaOutcome {
@@ -732,14 +796,14 @@ impl Node {
         // Acknowledged, but some replicas missed it: keep their share for hinted handoff, before
         // the answer for those known now, behind it for the sends still running.
         for outcome in missed {
-            self.record_hint(&outcome);
+            self.record_hint(&outcome, accepted_ms);
         }
         if !sends.is_empty() {
             let node = self.clone();
             tokio::spawn(async move {
                 while let Some(outcome) = sends.next().await {
                     if outcome.result.is_err() {
-                        node.record_hint(&outcome);
+                        node.record_hint(&outcome, accepted_ms);
                     }
                 }
             });
@@ -750,9 +814,11 @@ impl Node {
     /// Keeps a missed replica's share of an acknowledged write for hinted handoff. A hint that
     /// cannot be kept (this node's disk is full, say) does not fail the write, which its
     /// consistency level already made durable: replica repair copies the points instead.
-    fn record_hint(&self, missed: &ReplicaOutcome) {
+    /// The hint is stamped with when the write was accepted (`accepted_ms`): a DELETE after
+    /// that and before the hint was recorded still filters it at replay.
+    fn record_hint(&self, missed: &ReplicaOutcome, accepted_ms: i64) {
         let Some(payload) = &missed.payload else { return };
-        if let Err(e) = self.hints.record(&missed.replica, payload, self.env.clock.now_ms(), &self.metrics) {
+        if let Err(e) = self.hints.record(&missed.replica, payload, accepted_ms, &self.metrics) {
             self.metrics.hints_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(replica = %missed.replica, error = %e, "a replica missed an acknowledged write and no hint could be kept; repair will copy it");
         }
@@ -775,19 +841,18 @@ impl Node {
     }
 
     /// Stores a shard's points on one replica: this node directly, a peer over the internal API.
-    async fn send_to_replica(
-        &self,
-        replica: String,
-        shard: crate::model::ShardId,
-        batch: crate::model::batch::RowBatch,
-    ) -> ReplicaOutcome {
+    async fn send_to_replica(&self, replica: String, write: crate::peer::ReplicaWrite) -> ReplicaOutcome {
+        let shard = write.shard.clone();
         if replica == self.cfg.node_id {
-            let result = self.storage.write(&shard.metric, batch).await;
-            let disk_full = result.as_ref().is_err_and(StorageError::is_disk_full);
+            let result = match self.fence_epoch(&shard.metric, write.epoch).await {
+                Ok(_stores) => self.storage.write(&shard.metric, write.batch).await.map_err(NodeError::from),
+                Err(e) => Err(e),
+            };
+            let disk_full = matches!(result, Err(NodeError::StorageFull(_)));
             let result = result.map_err(|e| e.to_string());
             return ReplicaOutcome { shard, replica, result, disk_full, payload: None };
         }
-        let body = postcard::to_stdvec(&crate::peer::ReplicaWrite { shard: shard.clone(), batch }).expect("encodes");
+        let body = postcard::to_stdvec(&write).expect("encodes");
         let Some(addr) = self.live_http_addr(&replica).await else {
             let result = Err(format!("{replica} is not live"));
             return ReplicaOutcome { shard, replica, result, disk_full: false, payload: Some(body) };
@@ -801,14 +866,18 @@ impl Node {
 
     /// The read coordinator: asks one replica per shard overlapping `range` (this node first
     /// when it holds the shard, then the live others) for its partial result, and merges them.
+    /// A shard no replica answers for fails the query, or with `allow_partial` is left out and
+    /// named in the second value: an answer is never silently short.
     async fn scatter(
         &self,
         key: &MetricKey,
         plan: &plan::SelectPlan,
         range: (i64, i64),
-    ) -> Result<query::exec::Partial, NodeError> {
+        allow_partial: bool,
+    ) -> Result<(query::exec::Partial, Vec<String>), NodeError> {
         let interval = self.cfg.shard_interval_ms;
         let shards = self.catalog.shards_of(key, range.0, range.1, interval);
+        let epoch = self.catalog.drop_epoch(key);
         let asks = shards.into_iter().map(|(shard, replicas)| async move {
             let mut order: Vec<String> = replicas.iter().filter(|r| **r == self.cfg.node_id).cloned().collect();
             order.extend(replicas.iter().filter(|r| **r != self.cfg.node_id).cloned());
@@ -820,6 +889,7 @@ impl Node {
                     plan: plan.clone(),
                     from: range.0,
                     to: range.1,
+                    epoch,
                 };
                 let answer = if replica == self.cfg.node_id {
                     self.replica_partial(req).await.map_err(|e| e.to_string())
@@ -845,24 +915,43 @@ impl Node {
                     Err(e) => errors.push(format!("{replica}: {e}")),
                 }
             }
-            if none_held {
-                // No replica that could be reached holds a copy: no point of it is visible.
+            if none_held && errors.is_empty() {
+                // Every replica answered and none holds a copy: no point of it exists.
                 return Ok(query::exec::Partial::empty(plan));
             }
-            Err(format!("shard {shard} has no reachable replica ({})", errors.join("; ")))
+            // A replica that could not be asked may hold the copy the others lack.
+            Err((shard.to_string(), errors.join("; ")))
         });
         let mut total = query::exec::Partial::empty(plan);
+        let mut missing = Vec::new();
+        let mut reasons = Vec::new();
         for answer in futures_util::future::join_all(asks).await {
-            total.merge(answer.map_err(NodeError::Unavailable)?);
+            match answer {
+                Ok(partial) => total.merge(partial),
+                Err((shard, reason)) => {
+                    reasons.push(format!("{shard} ({reason})"));
+                    missing.push(shard);
+                }
+            }
             total.trim(plan);
             if total.rows() > self.cfg.query_records_max {
                 return Err(QueryError::TooLarge { max: self.cfg.query_records_max }.into());
             }
         }
-        Ok(total)
+        if !missing.is_empty() && !allow_partial {
+            return Err(NodeError::Unavailable(format!(
+                "no replica could answer for {} shard(s) of {key}, so the answer would be incomplete \
+                 (add ?partial=true to accept one): {}",
+                missing.len(),
+                reasons.join("; ")
+            )));
+        }
+        Ok((total, missing))
     }
 
-    pub async fn query(&self, req: QueryRequest) -> Result<QueryOutcome, NodeError> {
+    /// Runs a select or a delete. With `allow_partial`, a select whose shards are not all
+    /// reachable answers with what it could read and names the missing shards.
+    pub async fn query(&self, req: QueryRequest, allow_partial: bool) -> Result<QueryOutcome, NodeError> {
         self.metrics.queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let statement =
             plan::parse(&req.query_string, self.env.clock.now_ms()).map_err(|e| NodeError::BadRequest(e.0))?;
@@ -883,8 +972,8 @@ impl Node {
             plan::Statement::Select(plan) => {
                 query::validate_fields(&self.catalog, &key, &plan)?;
                 let range = query::time_range(plan.filter.as_ref(), req.from, req.to);
-                let partial = self.scatter(&key, &plan, range).await?;
-                Ok(QueryOutcome::Records(query::exec::finish(&plan, partial)))
+                let (partial, missing) = self.scatter(&key, &plan, range, allow_partial).await?;
+                Ok(QueryOutcome::Records { records: query::exec::finish(&plan, partial), missing })
             }
             plan::Statement::Delete(plan) => {
                 self.write_gate()?;
@@ -899,13 +988,20 @@ impl Node {
                 query::validate_fields(&self.catalog, &key, &probe)?;
                 let range = query::time_range(plan.filter.as_ref(), req.from, req.to);
                 let shards = self.catalog.shards_of(&key, range.0, range.1, self.cfg.shard_interval_ms);
+                let (at_ms, epoch) = (self.env.clock.now_ms(), self.catalog.drop_epoch(&key));
                 // Every replica of every shard must apply the delete, or a later read could
                 // bring the points back; the count reported is the largest any replica removed.
                 let deletes = shards.into_iter().map(|(shard, replicas)| {
                     let filter = plan.filter.clone();
                     async move {
-                        let req =
-                            crate::peer::ReplicaDelete { shard: shard.clone(), filter, from: range.0, to: range.1 };
+                        let req = crate::peer::ReplicaDelete {
+                            shard: shard.clone(),
+                            at_ms,
+                            filter,
+                            from: range.0,
+                            to: range.1,
+                            epoch,
+                        };
                         let mut most = 0u64;
                         for replica in replicas {
                             let removed = if replica == self.cfg.node_id {
@@ -955,6 +1051,7 @@ impl Node {
                 self.cfg.node_id
             )));
         }
+        let _stores = self.fence_epoch(&write.shard.metric, write.epoch).await?;
         self.storage.write(&write.shard.metric, write.batch).await?;
         Ok(())
     }
@@ -982,10 +1079,9 @@ impl Node {
     /// leaving a tombstone so that a repair or hint carrying copies read before the delete
     /// cannot bring them back.
     pub async fn replica_delete(&self, req: crate::peer::ReplicaDelete) -> Result<u64, NodeError> {
-        let tombstone = crate::storage::Tombstone {
-            at_ms: self.env.clock.now_ms(),
-            rule: postcard::to_stdvec(&req).expect("deletes encode"),
-        };
+        let _stores = self.fence_epoch(&req.shard.metric, req.epoch).await?;
+        let tombstone =
+            crate::storage::Tombstone { at_ms: req.at_ms, rule: postcard::to_stdvec(&req).expect("deletes encode") };
         let removed = self.storage.delete(&req.shard, delete_rule(req.filter, req.from, req.to), tombstone).await?;
         Ok(removed)
     }
@@ -996,6 +1092,7 @@ impl Node {
         &self,
         req: crate::peer::PartialRequest,
     ) -> Result<Option<crate::query::exec::Partial>, NodeError> {
+        drop(self.fence_epoch(&req.shard.metric, req.epoch).await?);
         let Some(shard) = self.storage.shard_if_held(&req.shard) else { return Ok(None) };
         let max = self.cfg.query_records_max;
         crate::env::spawn_blocking(move || query::partial_of_shards(Some(shard), &req.plan, (req.from, req.to), max))
@@ -1007,22 +1104,24 @@ impl Node {
 
     /// Drops a metric everywhere: its schema and placements leave the catalog (and spread by
     /// anti-entropy), and every live member removes its shards of it now.
+    /// A member that misses the drop now (away, partitioned) learns its epoch from the
+    /// catalog, or from the first request about the metric, and drops its shards then.
     pub async fn drop_metric(&self, key: &MetricKey) -> Result<(), NodeError> {
         self.write_gate()?;
-        if !self.catalog.drop_metric(key)? {
-            return Err(NodeError::NotFound(format!("metric {key} does not exist")));
+        let epoch = {
+            let _exclusive = self.drop_fence.write().await;
+            let Some(epoch) = self.catalog.drop_metric(key, self.env.clock.now_ms())? else {
+                return Err(NodeError::NotFound(format!("metric {key} does not exist")));
+            };
+            self.storage.drop_metric(key).await?;
+            epoch
+        };
+        // The new state carries the schema's removal and the drop epoch together: a member
+        // that merges it drops its shards of the metric before the catalog says it is gone.
+        for e in self.post_to_live_peers("/internal/v1/catalog", self.catalog.state_bytes()).await {
+            tracing::warn!(error = %e, metric = %key, "a member did not get the drop now; anti-entropy will bring it");
         }
-        self.storage.drop_metric(key).await?;
-        let body = postcard::to_stdvec(&crate::peer::ReplicaDrop { metric: key.clone() }).expect("encodes");
-        for e in self.post_to_live_peers("/internal/v1/drop", body).await {
-            tracing::warn!(error = %e, metric = %key, "a member could not drop its shards now");
-        }
-        Ok(())
-    }
-
-    /// Removes this node's shards of a dropped metric (the replica side of a drop).
-    pub async fn replica_drop(&self, drop: crate::peer::ReplicaDrop) -> Result<(), NodeError> {
-        self.storage.drop_metric(&drop.metric).await?;
+        tracing::info!(metric = %key, epoch, "dropped a metric");
         Ok(())
     }
 

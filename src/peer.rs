@@ -15,6 +15,8 @@ use std::time::Duration;
 pub struct ReplicaWrite {
     pub shard: ShardId,
     pub batch: RowBatch,
+    /// The sender's drop epoch of the shard's metric ([`crate::catalog::Catalog::drop_epoch`]).
+    pub epoch: u64,
 }
 
 /// `POST /internal/v1/delete`: remove this replica's points of one shard that match `filter`
@@ -22,15 +24,14 @@ pub struct ReplicaWrite {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplicaDelete {
     pub shard: ShardId,
+    /// When the coordinator ran the delete: every replica keeps the same tombstone, so
+    /// replicas can exchange tombstones and recognise the ones they share.
+    pub at_ms: i64,
     pub filter: Option<crate::query::plan::Filter>,
     pub from: i64,
     pub to: i64,
-}
-
-/// `POST /internal/v1/drop`: remove every local shard of a metric.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReplicaDrop {
-    pub metric: crate::model::MetricKey,
+    /// The sender's drop epoch of the shard's metric ([`crate::catalog::Catalog::drop_epoch`]).
+    pub epoch: u64,
 }
 
 /// `POST /internal/v1/partial`: this replica's partial result of a select over one shard,
@@ -42,6 +43,8 @@ pub struct PartialRequest {
     pub plan: SelectPlan,
     pub from: i64,
     pub to: i64,
+    /// The sender's drop epoch of the shard's metric ([`crate::catalog::Catalog::drop_epoch`]).
+    pub epoch: u64,
 }
 
 /// `POST /internal/v1/merge`: store the points of one shard that the replica does not hold
@@ -53,9 +56,10 @@ pub struct MergeRequest {
     pub as_of_ms: i64,
     pub shard: ShardId,
     pub batch: RowBatch,
+    /// The sender's drop epoch of the shard's metric ([`crate::catalog::Catalog::drop_epoch`]).
+    pub epoch: u64,
 }
 
-///
 /// `POST /internal/v1/digests`: this replica's block digests of one shard within `[from, to)`;
 /// answered with a postcard `Option<Vec<BlockDigest>>` (`None`: the shard is not held here).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,6 +68,8 @@ pub struct DigestRequest {
     pub from: i64,
     pub to: i64,
     pub block_ms: i64,
+    /// The sender's drop epoch of the shard's metric ([`crate::catalog::Catalog::drop_epoch`]).
+    pub epoch: u64,
 }
 
 /// `POST /internal/v1/points`: every point this replica holds of one shard within
@@ -74,6 +80,19 @@ pub struct PointsRequest {
     pub from: i64,
     pub to: i64,
     pub max: u64,
+    /// The sender's drop epoch of the shard's metric ([`crate::catalog::Catalog::drop_epoch`]).
+    pub epoch: u64,
+}
+
+/// `POST /internal/v1/tombstones`: the sender's live tombstones of one shard; the replica
+/// applies those it lacks (deleting what they match) and answers with a postcard
+/// `Vec<Tombstone>` of its own live ones, so that one call brings both sides to the union.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TombstonesRequest {
+    pub shard: ShardId,
+    pub tombstones: Vec<crate::storage::Tombstone>,
+    /// The sender's drop epoch of the shard's metric ([`crate::catalog::Catalog::drop_epoch`]).
+    pub epoch: u64,
 }
 
 /// Timeout of one internal call: a peer slower than this is treated as unreachable.

@@ -22,10 +22,10 @@ use crate::membership::{Liveness, Member};
 use crate::model::ShardId;
 use crate::model::batch::RowBatch;
 use crate::node::{Node, NodeError};
-use crate::peer::{DigestRequest, MergeRequest, PointsRequest, ReplicaWrite};
+use crate::peer::{DigestRequest, MergeRequest, PointsRequest, ReplicaWrite, TombstonesRequest};
 use crate::placement::Candidate;
 use crate::storage::BlockDigest;
-use crate::storage::MergeTimes;
+use crate::storage::{MergeTimes, Tombstone};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering::Relaxed;
@@ -143,13 +143,20 @@ impl Node {
     /// Makes this node's copy of `shard` and the copy at `addr` hold the same points: compares
     /// block digests and moves the points of differing blocks only. With `push_only` points go
     /// only from here to the peer (hand-off to a new replica). Returns the blocks copied.
+    /// Tombstones go first, both ways: a copy read from a replica that missed a DELETE (it
+    /// was away, or not placed yet) must not bring the deleted points back.
     pub(crate) async fn sync_shard(&self, shard: &ShardId, addr: &str, push_only: bool) -> Result<u64, String> {
+        let epoch = self.catalog.drop_epoch(&shard.metric);
+        let mine = self.storage.tombstones(shard, self.env.clock.now_ms()).await.map_err(|e| e.to_string())?;
+        let req = TombstonesRequest { shard: shard.clone(), tombstones: mine, epoch };
+        let theirs: Vec<Tombstone> = self.call(addr, "/internal/v1/tombstones", &req).await?;
+        self.apply_tombstones(shard, theirs, epoch).await.map_err(|e| e.to_string())?;
         let end = shard.start.saturating_add(self.cfg.shard_interval_ms);
         let mut work = vec![(shard.start, end, self.repair_block_ms())];
         let mut copied = 0;
         while let Some((from, to, block_ms)) = work.pop() {
             let local = self.local_digests(shard, from, to, block_ms).await?;
-            let req = DigestRequest { shard: shard.clone(), from, to, block_ms };
+            let req = DigestRequest { shard: shard.clone(), from, to, block_ms, epoch };
             let remote: Option<Vec<BlockDigest>> = self.call(addr, "/internal/v1/digests", &req).await?;
             let mut blocks: BTreeMap<i64, (Option<BlockDigest>, Option<BlockDigest>)> = BTreeMap::new();
             for d in local {
@@ -172,16 +179,17 @@ impl Node {
                 let as_of_ms = self.env.clock.now_ms();
                 if theirs > 0 && !push_only {
                     let max = theirs.saturating_mul(2).max(TRANSFER_POINTS_MAX);
-                    let req = PointsRequest { shard: shard.clone(), from: start, to: block_end, max };
+                    let req = PointsRequest { shard: shard.clone(), from: start, to: block_end, max, epoch };
                     let batch: RowBatch = self.call(addr, "/internal/v1/points", &req).await?;
                     batch.validate().map_err(|e| format!("points from {addr}: {e}"))?;
                     let times = MergeTimes { as_of_ms, now_ms: self.env.clock.now_ms() };
+                    let _stores = self.fence_epoch(&shard.metric, epoch).await.map_err(|e| e.to_string())?;
                     let stored = self.storage.merge(shard, batch, times).await.map_err(|e| e.to_string())?;
                     self.metrics.repair_points_copied.fetch_add(stored, Relaxed);
                 }
                 if mine > 0 {
                     let batch = self.local_points(shard, start, block_end).await?;
-                    let req = MergeRequest { as_of_ms, shard: shard.clone(), batch };
+                    let req = MergeRequest { as_of_ms, shard: shard.clone(), batch, epoch };
                     let stored: u64 = self.call(addr, "/internal/v1/merge", &req).await?;
                     self.metrics.repair_points_copied.fetch_add(stored, Relaxed);
                 }
@@ -296,14 +304,19 @@ impl Node {
         }
     }
 
-    /// Replaces replicas that are gone for good, for the shards where this node is the first
-    /// live replica by id (so that one survivor acts per shard).
+    /// Replaces replicas that are gone for good and tops up shards placed on fewer than
+    /// `replication-factor` nodes (placed while fewer storage nodes were up, or left by a
+    /// leave that found no spare node), for the shards where this node is the first live
+    /// replica by id (so that one survivor acts per shard). A replica that is only down (a
+    /// restart, a partition) still counts until it is gone.
     async fn rereplicate(&self, members: &[Member]) {
         let me = &self.cfg.node_id;
         let candidates = self.new_replica_candidates(members, "");
+        // A top-up can reach at most as many replicas as there are ready storage nodes.
+        let rf = self.cfg.replication_factor.min(candidates.iter().filter(|c| c.storage).count());
         for (shard, replicas) in self.catalog.placement() {
             let gone: Vec<&String> = replicas.iter().filter(|r| self.is_gone(members, r)).collect();
-            if gone.is_empty() {
+            if gone.is_empty() && replicas.len() >= rf {
                 continue;
             }
             let live: BTreeSet<String> = replicas
@@ -315,7 +328,6 @@ impl Node {
                 continue;
             }
             let _running = Running::start(&self.repair.running);
-            let rf = self.cfg.replication_factor;
             let chosen = match crate::placement::place(&shard, &candidates, self.cfg.metrics_selector, rf, &live) {
                 Ok(chosen) => chosen,
                 Err(e) => {
@@ -323,8 +335,8 @@ impl Node {
                     continue;
                 }
             };
-            let new: Vec<String> = chosen.into_iter().filter(|c| !live.contains(c)).collect();
-            if !self.copy_to_new_replicas(&shard, &new, members).await {
+            let new: Vec<String> = chosen.into_iter().filter(|c| !replicas.contains(c)).collect();
+            if (new.is_empty() && gone.is_empty()) || !self.copy_to_new_replicas(&shard, &new, members).await {
                 continue;
             }
             for g in &gone {
@@ -463,7 +475,12 @@ impl Node {
                             continue;
                         }
                     };
-                    let req = MergeRequest { as_of_ms: hint.recorded_ms, shard: write.shard, batch: write.batch };
+                    let req = MergeRequest {
+                        as_of_ms: hint.recorded_ms,
+                        shard: write.shard,
+                        batch: write.batch,
+                        epoch: write.epoch,
+                    };
                     let body = postcard::to_stdvec(&req).expect("merges encode");
                     match self.peers.post(&addr, "/internal/v1/merge", body).await {
                         Ok(_) => {}
@@ -606,8 +623,13 @@ impl Node {
     /// holds none); `None` when it cannot be asked. For `GET /cluster/shards?verify=true`.
     pub async fn verify_replica(&self, members: &[Member], shard: &ShardId, replica: &str) -> Option<(u64, u64)> {
         let end = shard.start.saturating_add(self.cfg.shard_interval_ms);
-        let req =
-            DigestRequest { shard: shard.clone(), from: shard.start, to: end, block_ms: self.cfg.shard_interval_ms };
+        let req = DigestRequest {
+            shard: shard.clone(),
+            from: shard.start,
+            to: end,
+            block_ms: self.cfg.shard_interval_ms,
+            epoch: self.catalog.drop_epoch(&shard.metric),
+        };
         let blocks: Option<Vec<BlockDigest>> = if replica == self.cfg.node_id {
             self.replica_digests(req).await.ok()?
         } else {
@@ -618,6 +640,7 @@ impl Node {
 
     /// This replica's block digests of a shard (the replica side of repair).
     pub async fn replica_digests(&self, req: DigestRequest) -> Result<Option<Vec<BlockDigest>>, NodeError> {
+        drop(self.fence_epoch(&req.shard.metric, req.epoch).await?);
         if self.storage.shard_if_held(&req.shard).is_none() {
             return Ok(None);
         }
@@ -628,6 +651,7 @@ impl Node {
 
     /// This replica's points of a shard in a range (the replica side of a repair copy).
     pub async fn replica_points(&self, req: PointsRequest) -> Result<RowBatch, NodeError> {
+        drop(self.fence_epoch(&req.shard.metric, req.epoch).await?);
         let batch = self.local_points(&req.shard, req.from, req.to).await.map_err(NodeError::Internal)?;
         if batch.len() as u64 > req.max {
             return Err(NodeError::TooLarge(format!(
@@ -645,11 +669,38 @@ impl Node {
     /// Stores the points of a shard this replica lacks (the replica side of hint replay,
     /// repair and hand-off); returns how many were new.
     pub async fn replica_merge(&self, req: MergeRequest) -> Result<u64, NodeError> {
-        let write = ReplicaWrite { shard: req.shard, batch: req.batch };
+        let write = ReplicaWrite { shard: req.shard, batch: req.batch, epoch: req.epoch };
         self.check_replica_write(&write)?;
+        let _stores = self.fence_epoch(&write.shard.metric, write.epoch).await?;
         let times = MergeTimes { as_of_ms: req.as_of_ms, now_ms: self.env.clock.now_ms() };
         let stored = self.storage.merge(&write.shard, write.batch, times).await?;
         self.metrics.points_written.fetch_add(stored, Relaxed);
         Ok(stored)
+    }
+
+    /// Applies a peer's tombstones of a shard and answers with this replica's own (the
+    /// replica side of the tombstone exchange that starts every repair copy).
+    pub async fn replica_tombstones(&self, req: TombstonesRequest) -> Result<Vec<Tombstone>, NodeError> {
+        self.apply_tombstones(&req.shard, req.tombstones, req.epoch).await?;
+        Ok(self.storage.tombstones(&req.shard, self.env.clock.now_ms()).await?)
+    }
+
+    /// Applies the tombstones this node's copy of `shard` lacks: each deletes what it matches
+    /// here and is kept, so later merges are filtered too. Expired ones are ignored.
+    async fn apply_tombstones(&self, shard: &ShardId, tombstones: Vec<Tombstone>, epoch: u64) -> Result<(), NodeError> {
+        let now_ms = self.env.clock.now_ms();
+        let grace_ms = self.cfg.hints_age_max.as_millis() as i64;
+        let fresh: Vec<Tombstone> = tombstones.into_iter().filter(|t| now_ms - t.at_ms <= grace_ms).collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let _stores = self.fence_epoch(&shard.metric, epoch).await?;
+        let held = self.storage.tombstones(shard, now_ms).await?;
+        for t in fresh.into_iter().filter(|t| !held.contains(t)) {
+            let keep = (crate::node::tombstone_rule())(&t.rule);
+            let removed = self.storage.delete(shard, keep, t).await?;
+            tracing::info!(%shard, removed, "applied a delete this replica had missed");
+        }
+        Ok(())
     }
 }

@@ -19,13 +19,17 @@ const SETTINGS: &[&str] = &[
 ];
 
 fn cluster(dir: &std::path::Path, ids: &[&str]) -> Vec<TestNode> {
-    let mut sets: Vec<String> = SETTINGS.iter().map(|s| s.to_string()).collect();
+    cluster_with(dir, ids, SETTINGS)
+}
+
+fn cluster_with(dir: &std::path::Path, ids: &[&str], settings: &[&str]) -> Vec<TestNode> {
+    let mut sets: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
     sets.push(format!("shoal.node.id={}", ids[0]));
     let first = TestNode::start(&dir.join(ids[0]), &sets.iter().map(String::as_str).collect::<Vec<_>>());
     let seed = format!("shoal.cluster.seeds=[\"{}\"]", first.gossip_addr());
     let mut nodes = vec![first];
     for id in &ids[1..] {
-        let mut sets: Vec<String> = SETTINGS.iter().map(|s| s.to_string()).collect();
+        let mut sets: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
         sets.push(format!("shoal.node.id={id}"));
         sets.push(seed.clone());
         nodes.push(TestNode::start(&dir.join(id), &sets.iter().map(String::as_str).collect::<Vec<_>>()));
@@ -73,8 +77,12 @@ fn converged(n: &TestNode, rf: usize, expected: &BTreeSet<&str>) -> Option<Vec<B
 }
 
 fn values(n: &TestNode) -> Vec<i64> {
-    let mut v: Vec<i64> =
-        n.query("j", "ns", "SELECT * FROM set LIMIT 1000000").iter().map(|r| r["value"].as_i64().unwrap()).collect();
+    values_of(n, "set")
+}
+
+fn values_of(n: &TestNode, metric: &str) -> Vec<i64> {
+    let sql = format!("SELECT * FROM {metric} LIMIT 1000000");
+    let mut v: Vec<i64> = n.query("j", "ns", &sql).iter().map(|r| r["value"].as_i64().unwrap()).collect();
     v.sort_unstable();
     v
 }
@@ -151,4 +159,97 @@ fn a_lost_node_is_replaced_and_drops_its_shards_when_it_returns_and_leave_hands_
         assert_eq!(values(n), expected);
     }
     assert!(rereplicated > 0, "the survivors counted re-replicated shards");
+}
+
+/// A restart (SIGTERM, then start again) is not a decommission: a rolling restart of a 3-node
+/// RF 3 cluster keeps all 3 replicas of every shard. A shard left below RF (here by a leave
+/// that had no spare node to hand to) is topped back up once a node can take it.
+#[test]
+fn a_rolling_restart_keeps_every_replica_and_a_shard_below_rf_is_topped_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = [
+        "shoal.cluster.replication-factor=3",
+        "shoal.write.consistency=one",
+        "shoal.repair.interval=1s",
+        "shoal.hints.replay-interval=200ms",
+    ];
+    let mut nodes = cluster_with(dir.path(), &["a", "b", "c"], &settings);
+    write(&nodes[0], 0..300);
+    let abc: BTreeSet<&str> = ["a", "b", "c"].into();
+    wait_until(Duration::from_secs(60), "3 equal replicas of every shard", || converged(&nodes[0], 3, &abc));
+    for i in 0..3 {
+        // Ports are chosen anew at each start (port 0): the restarted node seeds from a peer's
+        // current gossip address.
+        let seed = format!("shoal.cluster.seeds=[\"{}\"]", nodes[(i + 1) % 3].gossip_addr());
+        nodes[i].sets.retain(|s| !s.starts_with("shoal.cluster.seeds="));
+        nodes[i].sets.push(seed);
+        nodes[i].stop();
+        let via = (i + 1) % 3;
+        // While it is down, it is still a replica of every shard: a stop is not a leave.
+        let (_, v) = nodes[via].get("/cluster/shards");
+        for s in v["shards"].as_array().unwrap() {
+            let ids: BTreeSet<&str> =
+                s["replicas"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+            assert_eq!(ids, abc, "node {i} stopped and kept its replicas: {s}");
+        }
+        nodes[i].start_again();
+        write(&nodes[via], 300 + 100 * i as i64..400 + 100 * i as i64);
+        let sets =
+            wait_until(Duration::from_secs(60), "3 equal replicas after a restart", || converged(&nodes[via], 3, &abc));
+        assert!(sets.iter().all(|s| s.len() == 3), "a restart kept every replica: {sets:?}");
+    }
+    let expected: Vec<i64> = (0..600).collect();
+    for n in &nodes {
+        assert_eq!(values(n), expected, "every acknowledged point, once, through every node");
+    }
+    // c leaves with no spare node: its shards stay on a and b only, below RF 3.
+    let out = std::process::Command::new(BIN).args(["leave", "--node", &nodes[2].url("")]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    nodes[2].wait_exit();
+    let ab: BTreeSet<&str> = ["a", "b"].into();
+    wait_until(Duration::from_secs(60), "2 replicas after c left", || converged(&nodes[0], 2, &ab));
+    // d joins: every shard is topped back up to 3 replicas.
+    let seed = format!("shoal.cluster.seeds=[\"{}\"]", nodes[0].gossip_addr());
+    let mut sets: Vec<&str> = settings.to_vec();
+    sets.extend(["shoal.node.id=d", seed.as_str()]);
+    let d = TestNode::start(&dir.path().join("d"), &sets);
+    let abd: BTreeSet<&str> = ["a", "b", "d"].into();
+    wait_until(Duration::from_secs(60), "every shard topped up to 3 replicas", || converged(&nodes[0], 3, &abd));
+    assert_eq!(values(&d), expected);
+}
+
+/// Nothing deleted or dropped comes back: a node that was away (and replaced) during a DELETE
+/// and a DROP returns with its old copies, and neither the deleted points nor the dropped
+/// metric's old points reappear, also after the metric was created again.
+#[test]
+fn deleted_and_dropped_points_stay_gone_when_a_replaced_node_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["a", "b", "c", "d"]);
+    write(&nodes[0], 0..1200);
+    let old: String = (0..600).map(|i| format!("old value={i}i {}\n", (i % 6) * DAY + i)).collect();
+    assert_eq!(nodes[0].post("/write?db=j&namespace=ns&precision=ms", old).0, 204);
+    let held = nodes[3].get("/status").1["shards"].as_u64().unwrap();
+    assert!(held > 0, "d holds replicas before it goes away");
+    nodes[3].kill9();
+    // A DELETE needs every replica: it goes through once d's shards have been replaced.
+    let delete = serde_json::json!({"db": "j", "namespace": "ns", "queryString": "DELETE FROM set WHERE value < 300"});
+    wait_until(Duration::from_secs(60), "the delete to reach every replica", || {
+        (nodes[1].post("/query", delete.to_string()).0 == 200).then_some(())
+    });
+    assert_eq!(nodes[1].delete("/commands/j/ns/old").0, 200);
+    let recreated: String = (0..60).map(|i| format!("old value={}i {}\n", 10_000 + i, (i % 6) * DAY + i)).collect();
+    assert_eq!(nodes[2].post("/write?db=j&namespace=ns&precision=ms", recreated).0, 204);
+    // Merges filter copies read up to TOMBSTONE_MARGIN (10 s) before a delete by themselves;
+    // d's copies must stay out well after that, so it comes back once that is past.
+    std::thread::sleep(Duration::from_millis(10_500));
+    nodes[3].start_again();
+    wait_until(Duration::from_secs(60), "d to drop the shards it no longer owns", || {
+        (nodes[3].get("/status").1["shards"] == 0).then_some(())
+    });
+    let kept: Vec<i64> = (300..1200).collect();
+    let recreated: Vec<i64> = (10_000..10_060).collect();
+    for n in &nodes {
+        assert_eq!(values(n), kept, "no deleted point came back, through {}", n.addr);
+        assert_eq!(values_of(n, "old"), recreated, "no point of the dropped metric came back, through {}", n.addr);
+    }
 }

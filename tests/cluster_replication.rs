@@ -128,3 +128,46 @@ fn rf2_writes_reads_failover_and_consistency() {
         });
     }
 }
+
+/// A shard that no replica can answer for fails the query with a 503 naming it; with
+/// `?partial=true` the answer is 200 with what could be read and the missing shards listed.
+#[test]
+fn a_query_missing_a_shard_is_refused_or_marked_partial() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestNode::start(&dir.path().join("p1"), &["shoal.node.id=p1"]);
+    let seed = format!("shoal.cluster.seeds=[\"{}\"]", first.gossip_addr());
+    let mut second = TestNode::start(&dir.path().join("p2"), &["shoal.node.id=p2", &seed]);
+    for n in [&first, &second] {
+        wait_until(Duration::from_secs(30), "2 alive members with capacity", || {
+            let (_, v) = n.get("/cluster/members");
+            let members = v["members"].as_array().unwrap().clone();
+            (members.len() == 2 && members.iter().all(|m| m["state"] == "alive" && m["capacity"].is_object()))
+                .then_some(())
+        });
+    }
+    // 8 daily shards at RF 1: each node holds some of them (placement ranks by capacity and
+    // breaks ties by a hash of shard and node, so both get shards).
+    let lines: String = (0..8).map(|d| format!("m value={d}i {}\n", d * DAY)).collect();
+    assert_eq!(first.post("/write?db=db&namespace=ns&precision=ms", lines).0, 204);
+    let shards = wait_until(Duration::from_secs(30), "8 placed shards in p1's catalog", || {
+        let shards = first.get("/cluster/shards").1["shards"].as_array().unwrap().clone();
+        (shards.len() == 8).then_some(shards)
+    });
+    let on_p2: Vec<i64> =
+        shards.iter().filter(|s| s["replicas"][0]["id"] == "p2").map(|s| s["start"].as_i64().unwrap()).collect();
+    assert!(!on_p2.is_empty() && on_p2.len() < 8, "both nodes hold shards: {shards:?}");
+    second.kill9();
+    let body = serde_json::json!({"db": "db", "namespace": "ns", "queryString": "SELECT count(*) FROM m"}).to_string();
+    let (status, v) = wait_until(Duration::from_secs(30), "p2 seen dead", || {
+        let (status, v) = first.post("/query", body.clone());
+        (status != 200).then_some((status, v))
+    });
+    let error = v["error"].as_str().unwrap();
+    assert_eq!(status, 503, "{v}");
+    assert!(error.contains(&format!("{} shard(s)", on_p2.len())) && error.contains("partial=true"), "{v}");
+    let (status, v) = first.post("/query?partial=true", body.clone());
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["records"][0]["value"], 8 - on_p2.len() as i64, "{v}");
+    assert_eq!(v["partial"].as_array().unwrap().len(), on_p2.len(), "{v}");
+    assert_eq!(first.post("/query?partial=maybe", body).0, 400);
+}

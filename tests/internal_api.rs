@@ -32,12 +32,12 @@ async fn replica_write_and_partial_through_the_peer_client() {
     let batch = parse_line_protocol(lines, "db", "ns", Precision::Ms, 0, 100).unwrap();
     let (key, rows) = batch.metrics.into_iter().next().unwrap();
     let shard = ShardId { metric: key.clone(), start: 0 };
-    let write = ReplicaWrite { shard: shard.clone(), batch: rows.clone() };
+    let write = ReplicaWrite { shard: shard.clone(), batch: rows.clone(), epoch: 0 };
     peers.post(&addr, "/internal/v1/write", postcard::to_stdvec(&write).unwrap()).await.unwrap();
     assert_eq!(storage.storage.shard_if_held(&shard).unwrap().points(), 3, "stored on the replica");
 
     let plan = select("SELECT sum(value) FROM cpu GROUP BY region");
-    let req = PartialRequest { shard: shard.clone(), plan: plan.clone(), from: i64::MIN, to: i64::MAX };
+    let req = PartialRequest { shard: shard.clone(), plan: plan.clone(), from: i64::MIN, to: i64::MAX, epoch: 0 };
     let bytes = peers.post(&addr, "/internal/v1/partial", postcard::to_stdvec(&req).unwrap()).await.unwrap();
     let partial: Partial = postcard::from_bytes::<Option<Partial>>(&bytes).unwrap().expect("the replica holds it");
     let records = finish(&plan, partial);
@@ -54,6 +54,7 @@ async fn replica_write_and_partial_through_the_peer_client() {
     let wrong = ReplicaWrite {
         shard: ShardId { metric: MetricKey::new("db", "ns", "cpu").unwrap(), start: 3_600_000 },
         batch: rows.clone(),
+        epoch: 0,
     };
     match peers.post(&addr, "/internal/v1/write", postcard::to_stdvec(&wrong).unwrap()).await {
         Err(PeerError::Refused { status: 400, message, .. }) => assert!(message.contains("outside shard"), "{message}"),
@@ -67,6 +68,18 @@ async fn replica_write_and_partial_through_the_peer_client() {
         }
         other => panic!("{other:?}"),
     }
+    // A write made after a drop this node has not heard of (a newer drop epoch) first removes
+    // what it holds of the metric; a write made before that drop (a late hint, a stale peer)
+    // is refused with 409 rather than stored into the metric created after it.
+    let after_drop = ReplicaWrite { batch: rows.select(&[0]), epoch: 7, ..write.clone() };
+    peers.post(&addr, "/internal/v1/write", postcard::to_stdvec(&after_drop).unwrap()).await.unwrap();
+    assert_eq!(storage.storage.shard_if_held(&shard).unwrap().points(), 1, "only the point written after the drop");
+    assert_eq!(storage.catalog.drop_epoch(&key), 7);
+    match peers.post(&addr, "/internal/v1/write", postcard::to_stdvec(&write).unwrap()).await {
+        Err(PeerError::Refused { status: 409, message, .. }) => assert!(message.contains("was dropped"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(storage.storage.shard_if_held(&shard).unwrap().points(), 1);
     // Garbage is a 400, not a crash.
     match peers.post(&addr, "/internal/v1/partial", vec![0xff; 10]).await {
         Err(PeerError::Refused { status: 400, .. }) => {}
@@ -106,8 +119,8 @@ async fn a_replica_without_its_copy_is_passed_over_by_reads() {
         from: None,
         to: None,
     };
-    match b.query(req).await.unwrap() {
-        shoal::node::QueryOutcome::Records(r) => assert_eq!(r[0].value.as_f64(), 100.0, "{r:?}"),
+    match b.query(req, false).await.unwrap() {
+        shoal::node::QueryOutcome::Records { records: r, .. } => assert_eq!(r[0].value.as_f64(), 100.0, "{r:?}"),
         shoal::node::QueryOutcome::Deleted(_) => panic!("a select answers records"),
     }
 }

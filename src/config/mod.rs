@@ -149,6 +149,8 @@ pub struct Config {
     pub hints_age_max: Duration,
     pub hints_replay_interval: Duration,
     pub repair_interval: Duration,
+    /// Not a config key: `shoal start --salvage-wal`, a one-off repair of a corrupt WAL.
+    pub wal_salvage: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -426,6 +428,7 @@ impl Reader<'_> {
                 d if d >= Duration::from_millis(100) => d,
                 _ => return Err(self.err("shoal.repair.interval")),
             },
+            wal_salvage: false,
         })
     }
 }

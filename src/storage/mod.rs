@@ -48,6 +48,9 @@ pub struct StorageConfig {
     pub tombstone_grace_ms: i64,
     /// A new WAL file begins past this many bytes ([`wal::WAL_FILE_BYTES`] but in tests).
     pub wal_file_bytes: u64,
+    /// Cut a corrupt WAL file at its first bad record instead of refusing to start
+    /// (`shoal start --salvage-wal`).
+    pub wal_salvage: bool,
 }
 
 pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -130,7 +133,7 @@ impl Storage {
         let lsn_floor = storage.shards.iter().map(|s| s.flushed_lsn()).max().unwrap_or(0);
         let replaying = storage.clone();
         crate::env::spawn_blocking(move || {
-            replaying.wal.recover(lsn_floor, |end, payload| {
+            replaying.wal.recover(lsn_floor, replaying.cfg.wal_salvage, |end, payload| {
                 let (id, batch) = postcard::take_from_bytes::<ShardId>(payload)
                     .map_err(|e| StorageError::Corrupt(format!("the WAL record ending at {end}: {e}")))?;
                 match replaying.shards.get(&id) {
@@ -202,6 +205,14 @@ impl Storage {
     /// (the shard is created if this node holds none yet, so the tombstone still applies).
     pub async fn delete(&self, id: &ShardId, keep: KeepRow, tombstone: Tombstone) -> Result<u64, StorageError> {
         self.shard(id.clone()).await?.delete(keep, Some(tombstone)).await
+    }
+
+    /// The live tombstones of a shard held here (none when it is not held).
+    pub async fn tombstones(&self, id: &ShardId, now_ms: i64) -> Result<Vec<Tombstone>, StorageError> {
+        match self.shard_if_held(id) {
+            Some(shard) => shard.tombstones(now_ms).await,
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Removes one shard from this node (its replicas live elsewhere now).
@@ -356,6 +367,7 @@ mod tests {
             segments_max: 3,
             tombstone_grace_ms: 1000,
             wal_file_bytes: wal::WAL_FILE_BYTES,
+            wal_salvage: false,
         }
     }
 

@@ -158,6 +158,11 @@ enum Command {
         tombstone: Option<Tombstone>,
         done: Reply<u64>,
     },
+    /// The tombstones still live at `now_ms`.
+    Tombstones {
+        now_ms: i64,
+        done: Reply<Vec<Tombstone>>,
+    },
     Close {
         done: oneshot::Sender<()>,
     },
@@ -170,7 +175,7 @@ pub type KeepRow = Box<dyn Fn(&RowBatch) -> Vec<bool> + Send + Sync>;
 /// merge (repair, hint replay, hand-off) carrying copies read before the delete. Storage does
 /// not know what a delete matches: `rule` is the node's encoding, turned into a [`KeepRow`] by
 /// the [`TombstoneRule`] the node gives when it opens storage.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tombstone {
     pub at_ms: i64,
     pub rule: Vec<u8>,
@@ -486,6 +491,13 @@ impl Shard {
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
+    /// The shard's tombstones still live at `now_ms` (younger than the grace).
+    pub async fn tombstones(&self, now_ms: i64) -> Result<Vec<Tombstone>, StorageError> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Command::Tombstones { now_ms, done }).await.map_err(|_| StorageError::Closed)?;
+        rx.await.map_err(|_| StorageError::Closed)?
+    }
+
     pub async fn close(&self) {
         let (done, rx) = oneshot::channel();
         if self.tx.send(Command::Close { done }).await.is_ok() {
@@ -729,6 +741,10 @@ impl Writer {
                 Command::Delete { keep, tombstone, done } => {
                     self.settle_all().await;
                     let _ = done.send(self.delete(keep, tombstone).await);
+                }
+                Command::Tombstones { now_ms, done } => {
+                    self.expire_tombstones(now_ms);
+                    let _ = done.send(Ok(self.tombstones.iter().map(|(t, _)| t.clone()).collect()));
                 }
                 Command::Close { done } => {
                     self.settle_all().await;
@@ -1053,14 +1069,7 @@ impl Writer {
     /// than the grace (they can no longer meet a copy read before their delete).
     fn apply_tombstones(&mut self, mut batch: RowBatch, merge: Option<MergeTimes>) -> RowBatch {
         let Some(MergeTimes { as_of_ms, now_ms }) = merge else { return batch };
-        let before = self.tombstones.len();
-        self.tombstones.retain(|(t, _)| now_ms - t.at_ms <= self.cfg.tombstone_grace_ms);
-        if self.tombstones.len() != before {
-            let kept: Vec<Tombstone> = self.tombstones.iter().map(|(t, _)| t.clone()).collect();
-            if let Err(e) = write_tombstones(&self.shard.dir, &kept) {
-                tracing::warn!(shard = %self.shard.id, error = %e, "cannot rewrite the tombstones");
-            }
-        }
+        self.expire_tombstones(now_ms);
         for (_, keep) in self.tombstones.iter().filter(|(t, _)| t.at_ms + TOMBSTONE_MARGIN_MS >= as_of_ms) {
             let mask = keep(&batch);
             if mask.iter().any(|k| !k) {
@@ -1071,7 +1080,24 @@ impl Writer {
         batch
     }
 
+    /// Forgets tombstones older than the grace at `now_ms`.
+    fn expire_tombstones(&mut self, now_ms: i64) {
+        let before = self.tombstones.len();
+        self.tombstones.retain(|(t, _)| now_ms - t.at_ms <= self.cfg.tombstone_grace_ms);
+        if self.tombstones.len() != before {
+            let kept: Vec<Tombstone> = self.tombstones.iter().map(|(t, _)| t.clone()).collect();
+            if let Err(e) = write_tombstones(&self.shard.dir, &kept) {
+                tracing::warn!(shard = %self.shard.id, error = %e, "cannot rewrite the tombstones");
+            }
+        }
+    }
+
+    /// Applies a delete. A tombstone this shard already holds (the same delete, again or
+    /// from another replica) changes nothing: its points are gone already.
     async fn delete(&mut self, keep: KeepRow, tombstone: Option<Tombstone>) -> Result<u64, StorageError> {
+        if tombstone.as_ref().is_some_and(|t| self.tombstones.iter().any(|(held, _)| held == t)) {
+            return Ok(0);
+        }
         if let Some(t) = tombstone {
             let mut all: Vec<Tombstone> = self.tombstones.iter().map(|(t, _)| t.clone()).collect();
             all.push(t.clone());
@@ -1282,12 +1308,13 @@ mod tests {
             segments_max: 2,
             tombstone_grace_ms: 1000,
             wal_file_bytes: super::super::wal::WAL_FILE_BYTES,
+            wal_salvage: false,
         };
         let id = ShardId { metric: MetricKey::new("d", "n", "m").unwrap(), start: 0 };
         let keep_all: TombstoneRule = Arc::new(|_| Box::new(|b: &RowBatch| vec![true; b.len()]));
         let metrics = Arc::new(Metrics::default());
         let wal = NodeWal::new(&dir.join("wal"), cfg.wal_file_bytes, metrics.clone());
-        wal.recover(0, |_, _| Ok::<(), std::io::Error>(())).unwrap();
+        wal.recover(0, false, |_, _| Ok::<(), std::io::Error>(())).unwrap();
         Shard::open(dir, id, cfg, wal, metrics, keep_all).await.unwrap()
     }
 

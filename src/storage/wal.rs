@@ -11,8 +11,11 @@
 //! records are in segments; replay skips those, and a file is deleted once every shard's
 //! records in it are in segments (see `Storage::collect_wal`).
 //!
-//! Replay stops at the first record that is short or fails its checksum and truncates the file
-//! there: that is a torn tail from a crash, never an acknowledged write.
+//! Replay stops at the first record that is short or fails its checksum. In the last file that
+//! is a torn tail from a crash, never an acknowledged write, and the file is cut there. An
+//! earlier file was complete and durable before the next one began, so unreadable bytes there
+//! are corruption: startup stops, naming the file and offset, unless the operator asks to
+//! salvage (`shoal start --salvage-wal`), which cuts that file there too.
 //!
 //! A WAL file is zero-filled ahead of its appends, so that an append overwrites blocks the file
 //! already has and its `fdatasync` writes only those: an append that grew the file would also
@@ -260,24 +263,47 @@ impl NodeWal {
     }
 
     /// Replays the log: calls `apply(lsn, payload)` for every valid record in order, cutting
-    /// torn tails off (counted in `shoal_wal_torn_bytes_total`), then starts the writer task.
-    /// An error from `apply` stops the replay and is returned. A log with no file yet begins
+    /// the last file's torn tail off (counted in `shoal_wal_torn_bytes_total`), then starts the
+    /// writer task. Unreadable bytes in an earlier file are an error naming the file and offset,
+    /// or with `salvage` are cut off too (the records behind them in that file are lost). An
+    /// error from `apply` stops the replay and is returned. A log with no file yet begins
     /// at `lsn_floor` (the highest LSN a shard's MANIFEST names), so that its records can never
     /// be taken for ones already in segments.
     pub fn recover<E: From<std::io::Error>>(
         &self,
         lsn_floor: u64,
+        salvage: bool,
         mut apply: impl FnMut(u64, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let dir = &self.shared.dir;
         std::fs::create_dir_all(dir)?;
         let starts = list_wal_seqs(dir)?;
         let mut last_records_len = 0;
-        for &start in &starts {
+        for (i, &start) in starts.iter().enumerate() {
             let path = wal_path(dir, start);
             let (records_len, torn) = replay_records(&path, |file_end, payload| apply(start + file_end, payload))?;
             if torn > 0 {
-                tracing::warn!(wal = %path.display(), torn_bytes = torn, "dropped a torn WAL tail");
+                let last = i + 1 == starts.len();
+                if !last && !salvage {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "WAL file {} is corrupt at offset {records_len}: {torn} bytes from there do not read as \
+                             records, and it is not the last WAL file, so this is not a torn tail from a crash. \
+                             Restore the data dir from a backup or another replica, or start once with \
+                             `shoal start --salvage-wal` to cut the file at that offset and go on (the records \
+                             behind it in that file are lost; repair copies them back from other replicas)",
+                            path.display()
+                        ),
+                    )
+                    .into());
+                }
+                cut_at(&path, records_len)?;
+                if last {
+                    tracing::warn!(wal = %path.display(), torn_bytes = torn, "dropped a torn WAL tail");
+                } else {
+                    tracing::error!(wal = %path.display(), offset = records_len, bytes = torn, "salvage: cut a corrupt WAL file");
+                }
                 self.metrics.wal_torn_bytes.fetch_add(torn, Ordering::Relaxed);
             }
             last_records_len = records_len;
@@ -468,9 +494,9 @@ fn read_whole(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
 }
 
 /// Reads every valid record of a log file, calling `apply(end, payload)` with the offset where
-/// each ends, and truncates a torn tail; returns the bytes of valid records and how many torn
-/// bytes it cut (zeros written ahead of the appends are not torn: counted up to the last byte
-/// that is not zero).
+/// each ends; returns the bytes of valid records and how many bytes after them are not
+/// records (zeros written ahead of the appends are not: counted up to the last byte that is
+/// not zero). The file is left as it is.
 pub fn replay_records<E: From<std::io::Error>>(
     path: &Path,
     mut apply: impl FnMut(u64, &[u8]) -> Result<(), E>,
@@ -489,18 +515,22 @@ pub fn replay_records<E: From<std::io::Error>>(
         std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(pos))?;
         reader.read_to_end(&mut rest)?;
         torn = rest.iter().rposition(|&b| b != 0).map_or(0, |at| at as u64 + 1);
-        let file = OpenOptions::new().write(true).open(path)?;
-        file.set_len(pos)?;
-        file.sync_all()?;
     }
     Ok((pos, torn))
+}
+
+/// Cuts a log file at `len` durably.
+fn cut_at(path: &Path, len: u64) -> std::io::Result<()> {
+    let file = OpenOptions::new().write(true).open(path)?;
+    file.set_len(len)?;
+    file.sync_all()
 }
 
 /// Reads a WAL file of a shard from before the node WAL (one file per shard, the payload a
 /// bare `RowBatch`), truncating a torn tail; returns its batches and the torn bytes.
 pub fn replay_shard_wal(path: &Path) -> std::io::Result<(Vec<RowBatch>, u64)> {
     let mut batches = Vec::new();
-    let (_, torn) = replay_records(path, |_, payload| {
+    let (records_len, torn) = replay_records(path, |_, payload| {
         let batch = postcard::from_bytes::<RowBatch>(payload)
             .ok()
             .filter(|b| b.validate().is_ok())
@@ -508,6 +538,9 @@ pub fn replay_shard_wal(path: &Path) -> std::io::Result<(Vec<RowBatch>, u64)> {
         batches.push(batch);
         Ok::<(), std::io::Error>(())
     })?;
+    if torn > 0 {
+        cut_at(path, records_len)?;
+    }
     Ok((batches, torn))
 }
 
@@ -548,7 +581,7 @@ mod tests {
     fn recover(dir: &Path, file_bytes: u64) -> (Vec<(u64, RowBatch)>, Arc<NodeWal>) {
         let wal = NodeWal::new(dir, file_bytes, Arc::new(Metrics::default()));
         let mut found = Vec::new();
-        wal.recover(0, |lsn, payload| {
+        wal.recover(0, false, |lsn, payload| {
             found.push((lsn, postcard::from_bytes::<RowBatch>(payload).unwrap()));
             Ok::<(), std::io::Error>(())
         })
@@ -605,7 +638,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let wal = NodeWal::new(dir.path(), WAL_FILE_BYTES, metrics.clone());
         let mut found = Vec::new();
-        wal.recover(0, |lsn, _| {
+        wal.recover(0, false, |lsn, _| {
             found.push(lsn);
             Ok::<(), std::io::Error>(())
         })
@@ -653,5 +686,41 @@ mod tests {
         assert_eq!(batches.len(), 1);
         assert_eq!(torn, (buf.len() - first) as u64);
         assert_eq!(list_wal_seqs(dir.path()).unwrap(), vec![7]);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_in_an_earlier_file_stops_replay_unless_salvaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, wal) = recover(dir.path(), 50);
+        let ends: Vec<u64> = {
+            let mut ends = Vec::new();
+            for t in 0..6 {
+                ends.push(wal.append(record(&[t])).await.unwrap());
+            }
+            ends
+        };
+        drop(wal);
+        let files = list_wal_seqs(dir.path()).unwrap();
+        assert!(files.len() >= 2, "{files:?}");
+        // Flip a byte of the first file's first record: not the last file, so not a torn tail.
+        let first = wal_path(dir.path(), files[0]);
+        let mut bytes = std::fs::read(&first).unwrap();
+        bytes[HEADER_BYTES] ^= 0xff;
+        std::fs::write(&first, &bytes).unwrap();
+        let wal = NodeWal::new(dir.path(), 50, Arc::new(Metrics::default()));
+        let err = wal.recover(0, false, |_, _| Ok::<(), std::io::Error>(())).unwrap_err().to_string();
+        assert!(err.contains(&first.display().to_string()) && err.contains("corrupt at offset 0"), "{err}");
+        assert!(err.contains("--salvage-wal"), "{err}");
+        assert_eq!(std::fs::read(&first).unwrap(), bytes, "nothing is cut without salvage");
+        // Salvage cuts that file and replays every later file.
+        let wal = NodeWal::new(dir.path(), 50, Arc::new(Metrics::default()));
+        let mut found = Vec::new();
+        wal.recover(0, true, |lsn, _| {
+            found.push(lsn);
+            Ok::<(), std::io::Error>(())
+        })
+        .unwrap();
+        assert!(!found.contains(&ends[0]) && found.contains(&ends[5]), "{found:?} of {ends:?}");
+        assert_eq!(std::fs::metadata(&first).unwrap().len(), 0);
     }
 }
