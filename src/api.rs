@@ -1,6 +1,7 @@
 //! The public HTTP API (DESIGN.md section 2). Handlers parse and validate requests, call the
 //! node, and map errors to statuses in one place ([`ApiError`]).
 
+use crate::auth::{Caller, Perm};
 use crate::ingest::{self, IngestError, Precision};
 use crate::model::MetricKey;
 use crate::node::{Node, NodeError, QueryOutcome, QueryRequest};
@@ -11,7 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -89,25 +90,122 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/cluster/members", get(cluster_members))
         .route("/cluster/leave", post(cluster_leave))
         .route("/cluster/shards", get(cluster_shards))
-        .route("/internal/v1/write", post(internal_write).layer(DefaultBodyLimit::max(crate::catalog::STATE_BYTES_MAX)))
-        .route("/internal/v1/merge", post(internal_merge).layer(DefaultBodyLimit::max(crate::catalog::STATE_BYTES_MAX)))
+        .route("/cluster/keyring", get(cluster_keyring).post(change_keyring))
+        .merge(internal_routes(node.clone()))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(prometheus))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(node.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(node.clone(), count_requests))
+        .with_state(node)
+}
+
+/// The internal API (between nodes): every request must name our cluster and, when the
+/// cluster has a secret, be signed with a key of our keyring ([`internal_guard`]).
+fn internal_routes(node: Arc<Node>) -> Router<Arc<Node>> {
+    let large = || DefaultBodyLimit::max(crate::catalog::STATE_BYTES_MAX);
+    Router::new()
+        .route("/internal/v1/write", post(internal_write).layer(large()))
+        .route("/internal/v1/merge", post(internal_merge).layer(large()))
         .route("/internal/v1/digests", post(internal_digests))
         .route("/internal/v1/points", post(internal_points))
         .route("/internal/v1/partial", post(internal_partial))
         .route("/internal/v1/delete", post(internal_delete))
         .route("/internal/v1/tombstones", post(internal_tombstones))
-        .route(
-            "/internal/v1/catalog",
-            get(internal_catalog_get)
-                .post(internal_catalog_push)
-                .layer(DefaultBodyLimit::max(crate::catalog::STATE_BYTES_MAX)),
-        )
-        .route("/livez", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(prometheus))
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn_with_state(node.clone(), count_requests))
-        .with_state(node)
+        .route("/internal/v1/status", get(internal_status))
+        .route("/internal/v1/keyring", post(internal_keyring))
+        .route("/internal/v1/catalog", get(internal_catalog_get).post(internal_catalog_push).layer(large()))
+        .route_layer(middleware::from_fn_with_state(node, internal_guard))
+}
+
+/// Refuses an internal request of another cluster (403) or, with a cluster secret, one that
+/// is not signed with a key of our keyring (401). The body is read here to check the
+/// signature, within the largest internal body.
+async fn internal_guard(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    if let Err(e) = check_cluster(&node, &parts.headers) {
+        return e.into_response();
+    }
+    let Some(keyring) = &node.keyring else {
+        return next.run(Request::from_parts(parts, body)).await;
+    };
+    let bytes = match axum::body::to_bytes(body, crate::catalog::STATE_BYTES_MAX).await {
+        Ok(bytes) => bytes,
+        Err(e) => return ApiError::bad(format!("cannot read the request body: {e}")).into_response(),
+    };
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(String::from);
+    let now_ms = node.env.clock.now_ms();
+    if let Err(why) = keyring.verify(parts.method.as_str(), parts.uri.path(), header, &bytes, now_ms) {
+        keyring.rejected.fetch_add(1, Relaxed);
+        return ApiError { status: StatusCode::UNAUTHORIZED, message: why }.into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
+/// The permission a public route needs that its path or query names; routes that name their
+/// db in the body (`/data`, `/query`) check in their handler, the rest need only a known user.
+fn route_permission(
+    method: &axum::http::Method,
+    path: &str,
+    query: &HashMap<String, String>,
+) -> Option<(String, Perm)> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method.as_str(), segments.as_slice()) {
+        (_, ["cluster", "leave" | "keyring"]) => Some((crate::auth::ALL_DBS.into(), Perm::Admin)),
+        ("POST", ["write"]) => query.get("db").map(|db| (db.clone(), Perm::Write)),
+        ("DELETE", ["commands", db, ..]) => Some((db.to_string(), Perm::Admin)),
+        (_, ["commands", db, ..]) if *db != "dbs" => Some((db.to_string(), Perm::Read)),
+        _ => None,
+    }
+}
+
+/// With a users file, every public request but the probes must carry a known user's
+/// credentials (401 otherwise) and the permission its route needs (403); the caller goes on to
+/// the handler as an extension. The internal API has its own guard ([`internal_guard`]).
+async fn authenticate(State(node): State<Arc<Node>>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let open = matches!(path, "/livez" | "/readyz") || path.starts_with("/internal/");
+    let caller = match &node.users {
+        Some(users) if !open => {
+            let query = Query::<HashMap<String, String>>::try_from_uri(req.uri()).map(|q| q.0).unwrap_or_default();
+            let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            let refuse = |status: StatusCode, message: String| {
+                node.metrics.auth_refused.fetch_add(1, Relaxed);
+                let mut response = ApiError { status, message }.into_response();
+                if status == StatusCode::UNAUTHORIZED {
+                    response
+                        .headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"shoal\""));
+                }
+                response
+            };
+            let caller = match crate::auth::credentials(authorization, &query) {
+                Ok(Some((user, password))) => users.authenticate(&user, &password).await,
+                Ok(None) => Err(crate::auth::AuthError::Missing),
+                Err(e) => Err(e),
+            };
+            let caller = match caller {
+                Ok(caller) => caller,
+                Err(e) => return refuse(StatusCode::UNAUTHORIZED, e.to_string()),
+            };
+            if let Some((db, perm)) = route_permission(req.method(), path, &query)
+                && let Err(message) = caller.require(&db, perm)
+            {
+                return refuse(StatusCode::FORBIDDEN, message);
+            }
+            caller
+        }
+        _ => Caller::anyone(),
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// A 403 for a handler's own permission check.
+fn forbidden(node: &Node, message: String) -> ApiError {
+    node.metrics.auth_refused.fetch_add(1, Relaxed);
+    ApiError { status: StatusCode::FORBIDDEN, message }
 }
 
 async fn count_requests(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
@@ -133,12 +231,17 @@ fn consistency(params: &HashMap<String, String>) -> Result<Option<crate::config:
 
 async fn post_data(
     State(node): State<Arc<Node>>,
+    Extension(caller): Extension<Caller>,
     Query(params): Query<HashMap<String, String>>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let consistency = consistency(&params)?;
     let raw = body(&node, raw)?;
     let batch = ingest::parse_nsdb_json(&raw, node.env.clock.now_ms(), node.cfg.write_batch_points_max)?;
+    let dbs: BTreeSet<&str> = batch.metrics.iter().map(|(key, _)| key.db.as_str()).collect();
+    for db in dbs {
+        caller.require(db, Perm::Write).map_err(|m| forbidden(&node, m))?;
+    }
     let points = node.ingest(batch, consistency).await?;
     Ok(Json(serde_json::json!({ "points": points })))
 }
@@ -173,11 +276,21 @@ async fn post_write(
 
 async fn post_query(
     State(node): State<Arc<Node>>,
+    Extension(caller): Extension<Caller>,
     Query(params): Query<HashMap<String, String>>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let raw = body(&node, raw)?;
     let req: QueryRequest = serde_json::from_slice(&raw).map_err(|e| ApiError::bad(format!("query body: {e}")))?;
+    if !caller.allows(&req.db, Perm::Admin) {
+        // A DELETE needs admin, a select read: the statement says which.
+        let statement = crate::query::plan::parse(&req.query_string, 0).map_err(|e| ApiError::bad(e.0))?;
+        let perm = match statement {
+            crate::query::plan::Statement::Delete(_) => Perm::Admin,
+            crate::query::plan::Statement::Select(_) => Perm::Read,
+        };
+        caller.require(&req.db, perm).map_err(|m| forbidden(&node, m))?;
+    }
     let allow_partial = match params.get("partial").map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,
@@ -275,17 +388,83 @@ async fn status(
     let unavailable = |message: String| ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message };
     let addr =
         member.http_addr.as_ref().ok_or_else(|| unavailable(format!("member {target} has no HTTP address yet")))?;
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(5))
-        .build()
-        .map_err(|e| unavailable(e.to_string()))?;
-    let resp = client
-        .get(format!("http://{addr}/status"))
-        .send()
+    let bytes = node
+        .peers
+        .get(addr, "/internal/v1/status")
         .await
-        .map_err(|e| unavailable(format!("member {target} at {addr} did not answer: {e}")))?;
-    let value = resp.json().await.map_err(|e| unavailable(format!("member {target} answered badly: {e}")))?;
+        .map_err(|e| unavailable(format!("member {target} did not answer: {e}")))?;
+    let value =
+        serde_json::from_slice(&bytes).map_err(|e| unavailable(format!("member {target} answered badly: {e}")))?;
     Ok(Json(value))
+}
+
+async fn internal_status(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    let mut status = node.status();
+    status["members"] = serde_json::to_value(node.members().await).unwrap_or_default();
+    Json(status)
+}
+
+fn keyring_error(e: crate::keyring::KeyringError) -> ApiError {
+    use crate::keyring::KeyringError::*;
+    let status = match e {
+        TooShort | RemovePrimary | Unknown(_) => StatusCode::BAD_REQUEST,
+        Off => StatusCode::CONFLICT,
+        File { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError { status, message: e.to_string() }
+}
+
+/// The key ids of this node's keyring (never the secrets).
+async fn cluster_keyring(State(node): State<Arc<Node>>) -> Result<Json<crate::keyring::KeyringView>, ApiError> {
+    let keyring = node.keyring.as_ref().ok_or_else(|| keyring_error(crate::keyring::KeyringError::Off))?;
+    Ok(Json(keyring.view()))
+}
+
+/// `{"op": "install"|"use"|"remove", "key": "<secret>"}`: applied here, then on every live
+/// member; the answer gives each member's keyring or error.
+async fn change_keyring(
+    State(node): State<Arc<Node>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let raw = body(&node, raw)?;
+    let op: crate::keyring::KeyringOp = serde_json::from_slice(&raw).map_err(|e| {
+        ApiError::bad(format!(
+            "keyring change: {e}; expected {{\"op\": \"install\"|\"use\"|\"remove\", \"key\": \"<secret>\"}}"
+        ))
+    })?;
+    let keyring = node.keyring.as_ref().ok_or_else(|| keyring_error(crate::keyring::KeyringError::Off))?;
+    let mine = keyring.apply(&op).map_err(keyring_error)?;
+    let mut nodes = serde_json::Map::new();
+    nodes.insert(node.cfg.node_id.clone(), serde_json::json!(mine));
+    // JSON inside too: the change is tagged (`op`/`key`), which postcard cannot decode.
+    let body = serde_json::to_vec(&op).expect("keyring changes encode");
+    let members = node.members().await;
+    let peers =
+        members.iter().filter(|m| !m.is_self && m.is_live()).filter_map(|m| Some((m.id.clone(), m.http_addr.clone()?)));
+    let answers = futures_util::future::join_all(peers.map(|(id, addr)| {
+        let (node, body) = (node.clone(), body.clone());
+        async move { (id, node.peers.post(&addr, "/internal/v1/keyring", body).await) }
+    }))
+    .await;
+    for (id, answer) in answers {
+        let value = match answer.map(|b| serde_json::from_slice::<crate::keyring::KeyringView>(&b)) {
+            Ok(Ok(view)) => serde_json::json!(view),
+            Ok(Err(e)) => serde_json::json!({ "error": e.to_string() }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        nodes.insert(id, value);
+    }
+    Ok(Json(serde_json::json!({ "nodes": nodes })))
+}
+
+async fn internal_keyring(
+    State(node): State<Arc<Node>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let op: crate::keyring::KeyringOp =
+        serde_json::from_slice(&body(&node, raw)?).map_err(|e| ApiError::bad(format!("keyring change: {e}")))?;
+    let keyring = node.keyring.as_ref().ok_or_else(|| keyring_error(crate::keyring::KeyringError::Off))?;
+    Ok(Json(keyring.apply(&op).map_err(keyring_error)?).into_response())
 }
 
 /// Internal requests must carry our cluster id: a node of another cluster gets 403.
@@ -299,20 +478,14 @@ fn check_cluster(node: &Node, headers: &axum::http::HeaderMap) -> Result<(), Api
     }
 }
 
-async fn internal_catalog_get(
-    State(node): State<Arc<Node>>,
-    headers: axum::http::HeaderMap,
-) -> Result<Response, ApiError> {
-    check_cluster(&node, &headers)?;
+async fn internal_catalog_get(State(node): State<Arc<Node>>) -> Result<Response, ApiError> {
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], node.catalog.state_bytes()).into_response())
 }
 
 async fn internal_catalog_push(
     State(node): State<Arc<Node>>,
-    headers: axum::http::HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
-    check_cluster(&node, &headers)?;
     let raw = body(&node, raw)?;
     let state =
         crate::catalog::CatalogState::from_bytes(&raw).map_err(|e| ApiError::bad(format!("catalog state: {e}")))?;
@@ -379,10 +552,8 @@ fn encoded<T: serde::Serialize>(value: &T) -> Result<Response, ApiError> {
 
 async fn internal_write(
     State(node): State<Arc<Node>>,
-    headers: axum::http::HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
-    check_cluster(&node, &headers)?;
     let write = decode("replica write", &body(&node, raw)?)?;
     node.replica_write(write).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -390,60 +561,48 @@ async fn internal_write(
 
 async fn internal_merge(
     State(node): State<Arc<Node>>,
-    headers: axum::http::HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    check_cluster(&node, &headers)?;
     let write = decode("replica merge", &body(&node, raw)?)?;
     encoded(&node.replica_merge(write).await?)
 }
 
 async fn internal_digests(
     State(node): State<Arc<Node>>,
-    headers: axum::http::HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    check_cluster(&node, &headers)?;
     let req = decode("digest request", &body(&node, raw)?)?;
     encoded(&node.replica_digests(req).await?)
 }
 
 async fn internal_points(
     State(node): State<Arc<Node>>,
-    headers: axum::http::HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    check_cluster(&node, &headers)?;
     let req = decode("points request", &body(&node, raw)?)?;
     encoded(&node.replica_points(req).await?)
 }
 
 async fn internal_delete(
     State(node): State<Arc<Node>>,
-    headers: axum::http::HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    check_cluster(&node, &headers)?;
     let req = decode("replica delete", &body(&node, raw)?)?;
     encoded(&node.replica_delete(req).await?)
 }
 
 async fn internal_tombstones(
     State(node): State<Arc<Node>>,
-    headers: axum::http::HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    check_cluster(&node, &headers)?;
     let req = decode("tombstones request", &body(&node, raw)?)?;
     encoded(&node.replica_tombstones(req).await?)
 }
 
 async fn internal_partial(
     State(node): State<Arc<Node>>,
-    headers: axum::http::HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    check_cluster(&node, &headers)?;
     let req = decode("partial request", &body(&node, raw)?)?;
     encoded(&node.replica_partial(req).await?)
 }
@@ -475,7 +634,14 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 }
 
 async fn prometheus(State(node): State<Arc<Node>>) -> Response {
-    let text = node.metrics.render(node.storage.shard_count());
+    let mut text = node.metrics.render(node.storage.shard_count());
+    if let Some(keyring) = &node.keyring {
+        let name = "shoal_cluster_auth_rejected_total";
+        text.push_str(&format!(
+            "# HELP {name} Gossip datagrams and internal requests refused for want of a cluster key.\n# TYPE {name} counter\n{name} {}\n",
+            keyring.rejected.load(Relaxed)
+        ));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -13,6 +13,7 @@
 //! integration tests and the simulator build nodes through it.
 
 pub mod api;
+pub mod auth;
 pub mod capacity;
 pub mod catalog;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod discovery;
 pub mod env;
 pub mod hints;
 pub mod ingest;
+pub mod keyring;
 pub mod membership;
 pub mod metrics;
 pub mod model;

@@ -23,6 +23,27 @@ struct NodeArg {
     /// The node to talk to.
     #[arg(long, default_value = "http://127.0.0.1:9000", env = "SHOAL_NODE")]
     node: String,
+    /// User name, when the node has a users file (shoal.auth.file).
+    #[arg(long, env = "SHOAL_USER")]
+    user: Option<String>,
+    /// Password of --user.
+    #[arg(long, env = "SHOAL_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+}
+
+impl NodeArg {
+    /// An HTTP client that sends --user/--password (HTTP Basic) with every request.
+    fn http(&self) -> anyhow::Result<reqwest::Client> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(user) = &self.user {
+            let pair = format!("{user}:{}", self.password.as_deref().unwrap_or_default());
+            let encoded = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pair);
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Basic {encoded}"))?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        Ok(reqwest::Client::builder().default_headers(headers).timeout(std::time::Duration::from_secs(60)).build()?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -89,6 +110,21 @@ enum Command {
         #[command(flatten)]
         node: NodeArg,
     },
+    /// Print a new random cluster secret (for shoal.cluster.secret).
+    Keygen,
+    /// Show or change the cluster keyring on every live member: install a new secret, use it
+    /// (seal and sign with it), remove the old one (docs/security.md).
+    Keyring {
+        #[command(flatten)]
+        node: NodeArg,
+        /// list, install, use or remove.
+        #[arg(value_parser = ["list", "install", "use", "remove"])]
+        op: String,
+        /// The secret to install, use or remove.
+        key: Option<String>,
+    },
+    /// Print the argon2 hash of a password (read from standard input) for a users file.
+    HashPassword,
 }
 
 fn main() -> ExitCode {
@@ -105,7 +141,7 @@ fn main() -> ExitCode {
             Command::Start { config, sets, salvage_wal } => start(config, sets, salvage_wal).await,
             Command::Query { node, db, namespace, sql } => {
                 let body = serde_json::json!({ "db": db, "namespace": namespace, "queryString": sql });
-                client(reqwest::Client::new().post(format!("{}/query", node.node)).json(&body)).await
+                client(node.http()?.post(format!("{}/query", node.node)).json(&body)).await
             }
             Command::Insert { node, db, namespace, precision, lines } => {
                 let body = if lines.is_empty() {
@@ -118,7 +154,7 @@ fn main() -> ExitCode {
                     &[("db", db), ("namespace", namespace), ("precision", precision)],
                 )
                 .context("--node must be a URL such as http://127.0.0.1:9000")?;
-                let req = reqwest::Client::new().post(url).body(body);
+                let req = node.http()?.post(url).body(body);
                 client(req).await
             }
             Command::Status { node, member } => {
@@ -126,10 +162,29 @@ fn main() -> ExitCode {
                 if let Some(m) = member {
                     url.query_pairs_mut().append_pair("node", &m);
                 }
-                client(reqwest::Client::new().get(url)).await
+                client(node.http()?.get(url)).await
             }
-            Command::Members { node, json } => members(&node.node, json).await,
-            Command::Leave { node } => leave(&node.node).await,
+            Command::Members { node, json } => members(&node, json).await,
+            Command::Leave { node } => leave(&node).await,
+            Command::Keygen => {
+                println!("{}", shoal::keyring::generate_secret());
+                Ok(())
+            }
+            Command::Keyring { node, op, key } => {
+                let url = format!("{}/cluster/keyring", node.node);
+                match (op.as_str(), key) {
+                    ("list", _) => client(node.http()?.get(url)).await,
+                    (op, Some(key)) => {
+                        client(node.http()?.post(url).json(&serde_json::json!({ "op": op, "key": key }))).await
+                    }
+                    (op, None) => anyhow::bail!("shoal keyring {op} needs the secret as its argument"),
+                }
+            }
+            Command::HashPassword => {
+                let password = std::io::read_to_string(std::io::stdin()).context("reading the password")?;
+                println!("{}", shoal::auth::hash_password(password.trim_end_matches(['\n', '\r']))?);
+                Ok(())
+            }
         }
     });
     match result {
@@ -161,8 +216,14 @@ async fn client(req: reqwest::RequestBuilder) -> anyhow::Result<()> {
     }
 }
 
-async fn members(node: &str, json: bool) -> anyhow::Result<()> {
-    let resp = reqwest::get(format!("{node}/cluster/members")).await.context("cannot reach the node (see --node)")?;
+async fn members(arg: &NodeArg, json: bool) -> anyhow::Result<()> {
+    let node = &arg.node;
+    let resp = arg
+        .http()?
+        .get(format!("{node}/cluster/members"))
+        .send()
+        .await
+        .context("cannot reach the node (see --node)")?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.context("reading the answer")?;
     anyhow::ensure!(status.is_success(), "the node answered {status}: {body}");
@@ -208,8 +269,9 @@ async fn members(node: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn leave(node: &str) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build()?;
+async fn leave(arg: &NodeArg) -> anyhow::Result<()> {
+    let node = &arg.node;
+    let http = arg.http()?;
     let resp = http.post(format!("{node}/cluster/leave")).send().await.context("cannot reach the node (see --node)")?;
     if !resp.status().is_success() {
         let status = resp.status();
@@ -298,16 +360,27 @@ async fn start(config: Option<PathBuf>, sets: Vec<String>, salvage_wal: bool) ->
             }
             None => gossip_listen,
         };
-    let transport = chitchat::transport::UdpTransport;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let keyring = shoal::keyring::Keyring::open(&cfg.data_dir, cfg.cluster_secret.as_deref())?.map(std::sync::Arc::new);
+    let transport: Box<dyn chitchat::transport::Transport> = match &keyring {
+        Some(keyring) => Box::new(shoal::membership::sealed::SealedUdpTransport {
+            keyring: keyring.clone(),
+            context: cfg.cluster_id.as_bytes().to_vec(),
+        }),
+        None => Box::new(chitchat::transport::UdpTransport),
+    };
     let capacity_probe = Box::new(shoal::capacity::SysinfoProbe::new(&cfg.data_dir));
-    let peers = std::sync::Arc::new(shoal::peer::HttpPeers::new(&cfg.cluster_id)?);
+    let clock = std::sync::Arc::new(shoal::env::SystemClock);
+    let peers = std::sync::Arc::new(shoal::peer::HttpPeers::new(&cfg.cluster_id, keyring.clone(), clock)?);
     let io = shoal::node::NodeIo {
         http_addr: local,
         gossip_listen,
         gossip_advertise,
-        gossip_transport: &transport,
+        gossip_transport: transport.as_ref(),
         capacity_probe,
         peers,
+        keyring,
     };
     let node = shoal::node::Node::open(cfg, shoal::env::Env::production(), io).await?;
     // Tests and scripts that start a node on port 0 read its addresses from here.

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub repair_blocks_copied: AtomicU64,
     pub repair_points_copied: AtomicU64,
     pub shards_rereplicated: AtomicU64,
+    /// Public API requests refused: no or wrong credentials (401) or missing permission (403).
+    pub auth_refused: AtomicU64,
     fsync_buckets: [AtomicU64; FSYNC_BUCKETS.len()],
     fsync_count: AtomicU64,
     fsync_micros_sum: AtomicU64,
@@ -50,6 +52,12 @@ impl Metrics {
         counter(&mut out, "shoal_http_server_errors_total", "HTTP requests answered 5xx.", &self.http_server_errors);
         counter(&mut out, "shoal_points_written_total", "Points made durable on this node.", &self.points_written);
         counter(&mut out, "shoal_queries_total", "Queries executed.", &self.queries);
+        counter(
+            &mut out,
+            "shoal_auth_refused_total",
+            "Public API requests refused for missing or wrong credentials or permissions.",
+            &self.auth_refused,
+        );
         counter(&mut out, "shoal_wal_torn_bytes_total", "Bytes cut from WAL tails on recovery.", &self.wal_torn_bytes);
         counter(&mut out, "shoal_segments_written_total", "Segments written by compaction.", &self.segments_written);
         counter(&mut out, "shoal_hints_stored_total", "Hints kept for replicas a write missed.", &self.hints_stored);

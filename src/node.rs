@@ -115,6 +115,9 @@ pub struct NodeIo<'a> {
     pub capacity_probe: Box<dyn crate::capacity::CapacityProbe>,
     /// How this node calls its peers' internal API.
     pub peers: Arc<dyn crate::peer::PeerClient>,
+    /// The cluster keyring (`None`: no cluster secret, internal requests are not checked).
+    /// The gossip transport and the peer client are expected to use the same one.
+    pub keyring: Option<Arc<crate::keyring::Keyring>>,
 }
 
 /// What one replica made of its share of a write; a missed share keeps its encoded
@@ -203,6 +206,9 @@ pub struct Node {
     /// exclusively while a drop removes this node's shards: no point of the old epoch lands
     /// after the drop, none of the new one before it (see [`Node::fence_epoch`]).
     drop_fence: tokio::sync::RwLock<()>,
+    pub keyring: Option<Arc<crate::keyring::Keyring>>,
+    /// The users of the public API (`shoal.auth.file`); `None`: no credentials are asked.
+    pub users: Option<Arc<crate::auth::Users>>,
 }
 /// Anti-entropy also pulls from one live peer this often when all digests agree.
 const CATALOG_PULL_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -296,6 +302,12 @@ impl Node {
             };
             crate::discovery::spawn(&membership, discovery);
         }
+        let users = match &cfg.auth_file {
+            Some(path) => {
+                Some(Arc::new(crate::auth::Users::load(path).map_err(|e| anyhow::anyhow!("shoal.auth.file: {e}"))?))
+            }
+            None => None,
+        };
         let readiness = Readiness { ready: false, reason: Some("starting".into()), live_members: 1, bootstrapped };
         let hints = crate::hints::HintStore::open(&cfg.data_dir, cfg.hints_bytes_max_per_node, cfg.hints_age_max)
             .map_err(|e| anyhow::anyhow!("cannot open the hints in {}: {e}", cfg.data_dir.display()))?;
@@ -315,6 +327,8 @@ impl Node {
             hints,
             repair: Default::default(),
             drop_fence: Default::default(),
+            keyring: io.keyring,
+            users,
         });
         node.update_readiness().await;
         node.spawn_background();

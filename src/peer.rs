@@ -120,17 +120,40 @@ pub trait PeerClient: Send + Sync + 'static {
 /// task and connection of this node.
 pub const CALLS_PER_PEER_MAX: usize = 64;
 
-/// Internal calls over HTTP, with connection reuse and our cluster id on every request.
+/// Internal calls over HTTP, with connection reuse, our cluster id on every request and, when
+/// the cluster has a secret, a signature made with its keyring.
 pub struct HttpPeers {
     client: reqwest::Client,
     cluster_id: String,
+    keyring: Option<std::sync::Arc<crate::keyring::Keyring>>,
+    clock: std::sync::Arc<dyn crate::env::Clock>,
     in_flight: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>,
 }
 
 impl HttpPeers {
-    pub fn new(cluster_id: &str) -> anyhow::Result<Self> {
+    pub fn new(
+        cluster_id: &str,
+        keyring: Option<std::sync::Arc<crate::keyring::Keyring>>,
+        clock: std::sync::Arc<dyn crate::env::Clock>,
+    ) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder().timeout(CALL_TIMEOUT).build()?;
-        Ok(Self { client, cluster_id: cluster_id.to_string(), in_flight: Default::default() })
+        Ok(Self { client, cluster_id: cluster_id.to_string(), keyring, clock, in_flight: Default::default() })
+    }
+
+    /// Signs the request when the cluster has a secret (see [`crate::keyring::Keyring::sign`]).
+    fn signed(
+        &self,
+        mut req: reqwest::RequestBuilder,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> reqwest::RequestBuilder {
+        if let Some(keyring) = &self.keyring {
+            for (name, value) in keyring.sign(method, path, self.clock.now_ms(), body) {
+                req = req.header(name, value);
+            }
+        }
+        req
     }
 
     async fn send(&self, addr: &str, req: reqwest::RequestBuilder) -> Result<Vec<u8>, PeerError> {
@@ -158,10 +181,12 @@ impl HttpPeers {
 #[async_trait::async_trait]
 impl PeerClient for HttpPeers {
     async fn get(&self, addr: &str, path: &str) -> Result<Vec<u8>, PeerError> {
-        self.send(addr, self.client.get(format!("http://{addr}{path}"))).await
+        let req = self.signed(self.client.get(format!("http://{addr}{path}")), "GET", path, &[]);
+        self.send(addr, req).await
     }
 
     async fn post(&self, addr: &str, path: &str, body: Vec<u8>) -> Result<Vec<u8>, PeerError> {
-        self.send(addr, self.client.post(format!("http://{addr}{path}")).body(body)).await
+        let req = self.signed(self.client.post(format!("http://{addr}{path}")), "POST", path, &body);
+        self.send(addr, req.body(body)).await
     }
 }

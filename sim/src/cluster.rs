@@ -121,6 +121,7 @@ impl Cluster {
             gossip_transport: &self.transport,
             capacity_probe: Box::new(ScriptedProbe(Capacity::new(c, c, c, c))),
             peers,
+            keyring: None,
         };
         let env = Env { clock: n.clock.clone() };
         self.net.with(|net| net.down.remove(&idx));

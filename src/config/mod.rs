@@ -45,6 +45,9 @@ const KEYS: &[(&str, &str)] = &[
     ("shoal.cluster.replica-replace-after", "a duration such as 10m"),
     ("shoal.cluster.capacity-interval", "a duration of at least 100ms, such as 5s"),
     ("shoal.cluster.leave-timeout", "a duration such as 2m"),
+    ("shoal.cluster.secret", "a secret of at least 16 characters (shoal keygen makes one)"),
+    ("shoal.cluster.secret-file", "the path of a file holding the cluster secret"),
+    ("shoal.auth.file", "the path of a users file (docs/security.md)"),
     ("shoal.sharding.interval", "a duration of at least 1s, such as 1d"),
     ("shoal.write.consistency", "one of one, quorum, all"),
     ("shoal.storage.compaction-priority", "one of idle, low, normal"),
@@ -128,6 +131,11 @@ pub struct Config {
     pub discovery_name: Option<String>,
     pub discovery_service: Option<String>,
     pub discovery_dns_server: Option<String>,
+    /// The cluster secret (from `shoal.cluster.secret` or the file `secret-file` names);
+    /// `None`: gossip and the internal API are not authenticated.
+    pub cluster_secret: Option<String>,
+    /// The users file (`shoal.auth.file`); `None`: the public API asks for no credentials.
+    pub auth_file: Option<PathBuf>,
     pub bootstrap_expect: usize,
     pub required_contact_point_nr: usize,
     pub replication_factor: usize,
@@ -384,6 +392,33 @@ impl Reader<'_> {
             discovery_name,
             discovery_service,
             discovery_dns_server: self.opt_string("shoal.cluster.discovery.dns-server")?,
+            cluster_secret: {
+                let secret = {
+                    let inline = self.opt_string("shoal.cluster.secret")?.filter(|s| !s.is_empty());
+                    let file = self.opt_string("shoal.cluster.secret-file")?.filter(|s| !s.is_empty());
+                    match (inline, file) {
+                        (Some(_), Some(_)) => return Err(self.err("shoal.cluster.secret-file")),
+                        (Some(secret), None) => Some(secret),
+                        (None, Some(path)) => Some(std::fs::read_to_string(&path).map_err(|e| ConfigError::Value {
+                            key: "shoal.cluster.secret-file".into(),
+                            expected: "a readable file".into(),
+                            got: format!("{path:?} ({e})"),
+                        })?),
+                        (None, None) => None,
+                    }
+                }
+                .map(|s| s.trim().to_string());
+                // A secret too short to be one is an error, never security silently off.
+                if secret.as_ref().is_some_and(|s| s.chars().count() < crate::keyring::SECRET_CHARS_MIN) {
+                    return Err(ConfigError::Value {
+                        key: "shoal.cluster.secret".into(),
+                        expected: Self::expected("shoal.cluster.secret"),
+                        got: "a shorter secret".into(),
+                    });
+                }
+                secret
+            },
+            auth_file: self.opt_string("shoal.auth.file")?.filter(|s| !s.is_empty()).map(PathBuf::from),
             bootstrap_expect: self.count("shoal.cluster.bootstrap-expect")?,
             required_contact_point_nr: self.count("shoal.cluster.required-contact-point-nr")?,
             replication_factor: self.count("shoal.cluster.replication-factor")?,

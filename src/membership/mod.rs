@@ -6,6 +6,8 @@
 //! function [`view`] from a snapshot of chitchat's state, which keeps the newest generation per
 //! node id so a restarted node never shows up twice.
 
+pub mod sealed;
+
 use chitchat::transport::Transport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ProtocolVersion};
 use serde::Serialize;
