@@ -97,6 +97,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/metrics", get(prometheus))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(node.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(node.clone(), request_timeout))
         .layer(middleware::from_fn_with_state(node.clone(), count_requests))
         .with_state(node)
 }
@@ -206,6 +207,22 @@ async fn authenticate(State(node): State<Arc<Node>>, mut req: Request, next: Nex
 fn forbidden(node: &Node, message: String) -> ApiError {
     node.metrics.auth_refused.fetch_add(1, Relaxed);
     ApiError { status: StatusCode::FORBIDDEN, message }
+}
+
+/// A request (reading its body included) that does not complete within
+/// `shoal.http.request-timeout` is answered 408: a client trickling a body cannot hold a task
+/// and its buffers for ever. A write cut off this way may be partly stored; points are a set,
+/// so the client's retry is harmless.
+async fn request_timeout(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    let limit = node.cfg.http_request_timeout;
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("the request did not complete within {limit:?} (shoal.http.request-timeout)"),
+        }
+        .into_response(),
+    }
 }
 
 async fn count_requests(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {

@@ -142,7 +142,13 @@ impl CatalogState {
                 map.insert(name, defs);
             }
         }
-        let bytes = postcard::to_stdvec(&(schemas, self.placement(), &self.drops)).expect("content encodes");
+        // Drop epochs count only once there are some, so the digest of a catalog without any
+        // is what nodes from before drop epochs compute (no endless pulls while upgrading).
+        let bytes = if self.drops.is_empty() {
+            postcard::to_stdvec(&(schemas, self.placement())).expect("content encodes")
+        } else {
+            postcard::to_stdvec(&(schemas, self.placement(), &self.drops)).expect("content encodes")
+        };
         // FNV-1a: stable across processes and versions, unlike std's hasher.
         bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
     }

@@ -30,14 +30,17 @@ pub mod peer;
 pub mod placement;
 pub mod query;
 pub mod repair;
+pub mod server;
 pub mod storage;
+pub mod tls;
 
-/// Serves the HTTP API on `listener` until `shutdown` completes. The caller owns the listener
-/// so tests and the simulator can hand in their own (port 0, in-memory).
+/// Serves the HTTP API on `listener` until `shutdown` completes, with the connection limits,
+/// timeouts and TLS of [`server`]. The caller owns the listener so tests and the simulator can
+/// hand in their own (port 0, in-memory).
 pub async fn serve(
     node: std::sync::Arc<node::Node>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, api::router(node)).with_graceful_shutdown(shutdown).await
+    server::serve(node, listener, shutdown).await
 }

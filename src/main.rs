@@ -29,6 +29,9 @@ struct NodeArg {
     /// Password of --user.
     #[arg(long, env = "SHOAL_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// CA certificates (PEM) to verify an https --node against.
+    #[arg(long, env = "SHOAL_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 impl NodeArg {
@@ -42,7 +45,13 @@ impl NodeArg {
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        Ok(reqwest::Client::builder().default_headers(headers).timeout(std::time::Duration::from_secs(60)).build()?)
+        shoal::tls::install_default_provider();
+        let mut builder =
+            reqwest::Client::builder().default_headers(headers).timeout(std::time::Duration::from_secs(60));
+        if let Some(ca) = &self.ca_file {
+            builder = builder.tls_backend_preconfigured(shoal::tls::client_config(ca).map_err(anyhow::Error::msg)?);
+        }
+        Ok(builder.build()?)
     }
 }
 
@@ -330,7 +339,28 @@ async fn gossip_listen_addr(cfg: &shoal::config::Config) -> anyhow::Result<std::
     Ok(probe.local_addr()?)
 }
 
+/// Raises the soft limit on open files to the hard limit: every connection, segment and WAL
+/// file is a descriptor, and the common soft default (1024) is far below what a busy node
+/// holds. Returns the limit in force.
+fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct handed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
 async fn start(config: Option<PathBuf>, sets: Vec<String>, salvage_wal: bool) -> anyhow::Result<()> {
+    let open_files = raise_open_files_limit();
     let mut cfg = shoal::config::Config::load(config.as_deref(), &sets)?;
     cfg.wal_salvage = salvage_wal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -372,7 +402,15 @@ async fn start(config: Option<PathBuf>, sets: Vec<String>, salvage_wal: bool) ->
     };
     let capacity_probe = Box::new(shoal::capacity::SysinfoProbe::new(&cfg.data_dir));
     let clock = std::sync::Arc::new(shoal::env::SystemClock);
-    let peers = std::sync::Arc::new(shoal::peer::HttpPeers::new(&cfg.cluster_id, keyring.clone(), clock)?);
+    // A node serving TLS calls its peers over https, trusting shoal.http.tls.ca-file.
+    let peer_tls = match (&cfg.tls_cert_file, &cfg.tls_ca_file) {
+        (None, _) => None,
+        (Some(_), Some(ca)) => Some(shoal::tls::client_config(ca).map_err(anyhow::Error::msg)?),
+        (Some(_), None) => anyhow::bail!(
+            "config key shoal.http.tls.ca-file: required with shoal.http.tls.cert-file (the CAs peers' certificates are checked against)"
+        ),
+    };
+    let peers = std::sync::Arc::new(shoal::peer::HttpPeers::new(&cfg.cluster_id, keyring.clone(), clock, peer_tls)?);
     let io = shoal::node::NodeIo {
         http_addr: local,
         gossip_listen,
@@ -386,7 +424,7 @@ async fn start(config: Option<PathBuf>, sets: Vec<String>, salvage_wal: bool) ->
     // Tests and scripts that start a node on port 0 read its addresses from here.
     shoal::storage::write_atomic(&node.cfg.data_dir.join("gossip.addr"), gossip_advertise.to_string().as_bytes())?;
     shoal::storage::write_atomic(&addr_file, local.to_string().as_bytes())?;
-    tracing::info!(node = %node.cfg.node_id, http = %local, gossip = %gossip_advertise, data_dir = %node.cfg.data_dir.display(), "shoal node started");
+    tracing::info!(node = %node.cfg.node_id, http = %local, gossip = %gossip_advertise, data_dir = %node.cfg.data_dir.display(), open_files, "shoal node started");
     let stopping = node.clone();
     let shutdown = async move {
         let mut term =

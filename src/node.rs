@@ -153,15 +153,28 @@ fn delete_rule(filter: Option<crate::query::plan::Filter>, from: i64, to: i64) -
     })
 }
 
-/// Turns a stored tombstone (an encoded `ReplicaDelete`) back into its rule.
+/// Turns a stored tombstone (a `ReplicaDelete` rule) back into its rule.
 pub(crate) fn tombstone_rule() -> crate::storage::TombstoneRule {
-    Arc::new(|bytes| match postcard::from_bytes::<crate::peer::ReplicaDelete>(bytes) {
+    Arc::new(|bytes| match crate::peer::ReplicaDelete::from_rule(bytes) {
         Ok(d) => delete_rule(d.filter, d.from, d.to),
         Err(e) => {
             tracing::error!(error = %e, "an unreadable tombstone is ignored");
             Box::new(|batch| vec![true; batch.len()])
         }
     })
+}
+
+/// The drop epoch a tombstone's delete was made under (0 when unreadable or older).
+pub(crate) fn tombstone_epoch(rule: &[u8]) -> u64 {
+    crate::peer::ReplicaDelete::from_rule(rule).map_or(0, |d| d.epoch)
+}
+
+/// Why the read coordinator has no partial result for a shard.
+enum ShardAnswer {
+    /// No replica could answer: the shard is missing from the result.
+    Missing { shard: String, reason: String },
+    /// An answer that fails the whole query (a result too large).
+    Fatal(NodeError),
 }
 
 /// How one shard of a write is doing against its consistency level.
@@ -905,8 +918,13 @@ impl Node {
                     to: range.1,
                     epoch,
                 };
+                // A result too large for one shard is the query's fault, not the replica's:
+                // it fails the query (413) instead of passing for an unreachable replica.
                 let answer = if replica == self.cfg.node_id {
-                    self.replica_partial(req).await.map_err(|e| e.to_string())
+                    match self.replica_partial(req).await {
+                        Err(e @ NodeError::TooLarge(_)) => return Err(ShardAnswer::Fatal(e)),
+                        other => other.map_err(|e| e.to_string()),
+                    }
                 } else {
                     let Some(addr) = self.live_http_addr(&replica).await else {
                         errors.push(format!("{replica} is not live"));
@@ -918,6 +936,9 @@ impl Node {
                         .await
                     {
                         Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| e.to_string()),
+                        Err(crate::peer::PeerError::Refused { status: 413, message, .. }) => {
+                            return Err(ShardAnswer::Fatal(NodeError::TooLarge(message)));
+                        }
                         Err(e) => Err(e.to_string()),
                     }
                 };
@@ -934,7 +955,7 @@ impl Node {
                 return Ok(query::exec::Partial::empty(plan));
             }
             // A replica that could not be asked may hold the copy the others lack.
-            Err((shard.to_string(), errors.join("; ")))
+            Err(ShardAnswer::Missing { shard: shard.to_string(), reason: errors.join("; ") })
         });
         let mut total = query::exec::Partial::empty(plan);
         let mut missing = Vec::new();
@@ -942,7 +963,8 @@ impl Node {
         for answer in futures_util::future::join_all(asks).await {
             match answer {
                 Ok(partial) => total.merge(partial),
-                Err((shard, reason)) => {
+                Err(ShardAnswer::Fatal(e)) => return Err(e),
+                Err(ShardAnswer::Missing { shard, reason }) => {
                     reasons.push(format!("{shard} ({reason})"));
                     missing.push(shard);
                 }
@@ -1094,8 +1116,7 @@ impl Node {
     /// cannot bring them back.
     pub async fn replica_delete(&self, req: crate::peer::ReplicaDelete) -> Result<u64, NodeError> {
         let _stores = self.fence_epoch(&req.shard.metric, req.epoch).await?;
-        let tombstone =
-            crate::storage::Tombstone { at_ms: req.at_ms, rule: postcard::to_stdvec(&req).expect("deletes encode") };
+        let tombstone = crate::storage::Tombstone { at_ms: req.at_ms, rule: req.to_rule() };
         let removed = self.storage.delete(&req.shard, delete_rule(req.filter, req.from, req.to), tombstone).await?;
         Ok(removed)
     }
@@ -1120,16 +1141,26 @@ impl Node {
     /// anti-entropy), and every live member removes its shards of it now.
     /// A member that misses the drop now (away, partitioned) learns its epoch from the
     /// catalog, or from the first request about the metric, and drops its shards then.
-    pub async fn drop_metric(&self, key: &MetricKey) -> Result<(), NodeError> {
+    ///
+    /// The local shards go before the catalog records the drop (as in `apply_drop`): a drop
+    /// that fails half-way leaves the metric in the catalog, to be dropped again, never a
+    /// raised epoch over shards that nothing would remove any more. It runs as a task of its
+    /// own, so a client that goes away cannot cut it between the two.
+    pub async fn drop_metric(self: &Arc<Self>, key: &MetricKey) -> Result<(), NodeError> {
         self.write_gate()?;
-        let epoch = {
-            let _exclusive = self.drop_fence.write().await;
-            let Some(epoch) = self.catalog.drop_metric(key, self.env.clock.now_ms())? else {
-                return Err(NodeError::NotFound(format!("metric {key} does not exist")));
-            };
-            self.storage.drop_metric(key).await?;
-            epoch
-        };
+        let (node, metric) = (self.clone(), key.clone());
+        let epoch = tokio::spawn(async move {
+            let _exclusive = node.drop_fence.write().await;
+            if node.catalog.schema(&metric).is_none() {
+                return Err(NodeError::NotFound(format!("metric {metric} does not exist")));
+            }
+            node.storage.drop_metric(&metric).await?;
+            node.catalog
+                .drop_metric(&metric, node.env.clock.now_ms())?
+                .ok_or_else(|| NodeError::NotFound(format!("metric {metric} does not exist")))
+        })
+        .await
+        .map_err(|e| NodeError::Internal(format!("the drop task failed: {e}")))??;
         // The new state carries the schema's removal and the drop epoch together: a member
         // that merges it drops its shards of the metric before the catalog says it is gone.
         for e in self.post_to_live_peers("/internal/v1/catalog", self.catalog.state_bytes()).await {

@@ -34,6 +34,61 @@ pub struct ReplicaDelete {
     pub epoch: u64,
 }
 
+/// A replica write as hints written before drop epochs hold it.
+#[derive(Deserialize)]
+struct ReplicaWriteV0 {
+    shard: ShardId,
+    batch: RowBatch,
+}
+
+impl ReplicaWrite {
+    /// Decodes a write, also one kept as a hint before writes carried a drop epoch (epoch 0:
+    /// delivered unless its metric has been dropped since).
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes(bytes).or_else(|e| match postcard::from_bytes::<ReplicaWriteV0>(bytes) {
+            Ok(old) => Ok(Self { shard: old.shard, batch: old.batch, epoch: 0 }),
+            Err(_) => Err(e),
+        })
+    }
+}
+
+/// The first byte of a tombstone rule written since deletes carry `at_ms` and `epoch`. An
+/// older rule starts with the length of a db name, which is below 128.
+const TOMBSTONE_RULE_V1: u8 = 0xd1;
+
+/// A delete as tombstones written before drop epochs hold it.
+#[derive(Deserialize)]
+struct ReplicaDeleteV0 {
+    shard: ShardId,
+    filter: Option<crate::query::plan::Filter>,
+    from: i64,
+    to: i64,
+}
+
+impl ReplicaDelete {
+    /// The bytes a tombstone keeps of this delete (see [`ReplicaDelete::from_rule`]).
+    pub fn to_rule(&self) -> Vec<u8> {
+        let mut out = vec![TOMBSTONE_RULE_V1];
+        out.extend(postcard::to_stdvec(self).expect("deletes encode"));
+        out
+    }
+
+    /// Decodes a tombstone's rule, also one written before the version byte (epoch 0).
+    pub fn from_rule(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        match bytes.split_first() {
+            Some((&TOMBSTONE_RULE_V1, rest)) => postcard::from_bytes(rest),
+            _ => postcard::from_bytes::<ReplicaDeleteV0>(bytes).map(|old| Self {
+                shard: old.shard,
+                at_ms: 0,
+                filter: old.filter,
+                from: old.from,
+                to: old.to,
+                epoch: 0,
+            }),
+        }
+    }
+}
+
 /// `POST /internal/v1/partial`: this replica's partial result of a select over one shard,
 /// within `[from, to)`; answered with a postcard `Option<query::exec::Partial>`, `None` when this
 /// node holds no copy of the shard (the coordinator then asks the next replica).
@@ -124,6 +179,8 @@ pub const CALLS_PER_PEER_MAX: usize = 64;
 /// the cluster has a secret, a signature made with its keyring.
 pub struct HttpPeers {
     client: reqwest::Client,
+    /// `http` or `https`: every node of a cluster serves the same.
+    scheme: &'static str,
     cluster_id: String,
     keyring: Option<std::sync::Arc<crate::keyring::Keyring>>,
     clock: std::sync::Arc<dyn crate::env::Clock>,
@@ -131,13 +188,24 @@ pub struct HttpPeers {
 }
 
 impl HttpPeers {
+    /// With `tls`, peers are called over https and verified against its CAs.
     pub fn new(
         cluster_id: &str,
         keyring: Option<std::sync::Arc<crate::keyring::Keyring>>,
         clock: std::sync::Arc<dyn crate::env::Clock>,
+        tls: Option<rustls::ClientConfig>,
     ) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder().timeout(CALL_TIMEOUT).build()?;
-        Ok(Self { client, cluster_id: cluster_id.to_string(), keyring, clock, in_flight: Default::default() })
+        crate::tls::install_default_provider();
+        let mut builder = reqwest::Client::builder().timeout(CALL_TIMEOUT);
+        let scheme = match tls {
+            Some(config) => {
+                builder = builder.tls_backend_preconfigured(config);
+                "https"
+            }
+            None => "http",
+        };
+        let client = builder.build()?;
+        Ok(Self { client, scheme, cluster_id: cluster_id.to_string(), keyring, clock, in_flight: Default::default() })
     }
 
     /// Signs the request when the cluster has a secret (see [`crate::keyring::Keyring::sign`]).
@@ -181,12 +249,12 @@ impl HttpPeers {
 #[async_trait::async_trait]
 impl PeerClient for HttpPeers {
     async fn get(&self, addr: &str, path: &str) -> Result<Vec<u8>, PeerError> {
-        let req = self.signed(self.client.get(format!("http://{addr}{path}")), "GET", path, &[]);
+        let req = self.signed(self.client.get(format!("{}://{addr}{path}", self.scheme)), "GET", path, &[]);
         self.send(addr, req).await
     }
 
     async fn post(&self, addr: &str, path: &str, body: Vec<u8>) -> Result<Vec<u8>, PeerError> {
-        let req = self.signed(self.client.post(format!("http://{addr}{path}")), "POST", path, &body);
+        let req = self.signed(self.client.post(format!("{}://{addr}{path}", self.scheme)), "POST", path, &body);
         self.send(addr, req.body(body)).await
     }
 }

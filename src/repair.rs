@@ -309,14 +309,22 @@ impl Node {
     /// leave that found no spare node), for the shards where this node is the first live
     /// replica by id (so that one survivor acts per shard). A replica that is only down (a
     /// restart, a partition) still counts until it is gone.
+    ///
+    /// A gone replica leaves the placement only once the shard has `replication-factor`
+    /// replicas without it: on the minority side of a long partition every other replica looks
+    /// gone, and removing them there (while the majority removes this side's) would empty the
+    /// placement when the two merge.
     async fn rereplicate(&self, members: &[Member]) {
         let me = &self.cfg.node_id;
+        let rf = self.cfg.replication_factor;
         let candidates = self.new_replica_candidates(members, "");
-        // A top-up can reach at most as many replicas as there are ready storage nodes.
-        let rf = self.cfg.replication_factor.min(candidates.iter().filter(|c| c.storage).count());
+        let storage_nodes = candidates.iter().filter(|c| c.storage).count();
         for (shard, replicas) in self.catalog.placement() {
             let gone: Vec<&String> = replicas.iter().filter(|r| self.is_gone(members, r)).collect();
-            if gone.is_empty() && replicas.len() >= rf {
+            // Replicas that are only down (restarting, partitioned) still count.
+            let kept = replicas.len() - gone.len();
+            let need = rf.saturating_sub(kept);
+            if gone.is_empty() && need == 0 {
                 continue;
             }
             let live: BTreeSet<String> = replicas
@@ -328,15 +336,26 @@ impl Node {
                 continue;
             }
             let _running = Running::start(&self.repair.running);
-            let chosen = match crate::placement::place(&shard, &candidates, self.cfg.metrics_selector, rf, &live) {
-                Ok(chosen) => chosen,
-                Err(e) => {
-                    tracing::debug!(%shard, error = %e, "cannot re-replicate yet");
-                    continue;
+            // The ready storage nodes that hold no replica yet, best first, as many as needed.
+            let want = (live.len() + need).min(storage_nodes);
+            let new: Vec<String> = if want > live.len() {
+                match crate::placement::place(&shard, &candidates, self.cfg.metrics_selector, want, &live) {
+                    Ok(chosen) => chosen.into_iter().filter(|c| !replicas.contains(c)).take(need).collect(),
+                    Err(e) => {
+                        tracing::debug!(%shard, error = %e, "cannot re-replicate yet");
+                        continue;
+                    }
                 }
+            } else {
+                Vec::new()
             };
-            let new: Vec<String> = chosen.into_iter().filter(|c| !replicas.contains(c)).collect();
-            if (new.is_empty() && gone.is_empty()) || !self.copy_to_new_replicas(&shard, &new, members).await {
+            let full_without_gone = kept + new.len() >= rf;
+            if (new.is_empty() && !full_without_gone) || !self.copy_to_new_replicas(&shard, &new, members).await {
+                continue;
+            }
+            if !full_without_gone {
+                // Topped up as far as the ready nodes allow; the gone replicas stay listed.
+                tracing::info!(%shard, added = ?new, "topped up a shard below the replication factor");
                 continue;
             }
             for g in &gone {
@@ -467,7 +486,7 @@ impl Node {
                 let count = hints.len() as u64;
                 let mut delivered = true;
                 for hint in hints {
-                    let write: ReplicaWrite = match postcard::from_bytes(&hint.payload) {
+                    let write = match ReplicaWrite::decode(&hint.payload) {
                         Ok(w) => w,
                         Err(e) => {
                             tracing::error!(%target, error = %e, "an undecodable hint is dropped");
@@ -681,6 +700,9 @@ impl Node {
     /// Applies a peer's tombstones of a shard and answers with this replica's own (the
     /// replica side of the tombstone exchange that starts every repair copy).
     pub async fn replica_tombstones(&self, req: TombstonesRequest) -> Result<Vec<Tombstone>, NodeError> {
+        // Checked before anything is answered: a stale peer must not get this epoch's
+        // tombstones, nor hand over its own (a newer epoch drops this node's shards first).
+        drop(self.fence_epoch(&req.shard.metric, req.epoch).await?);
         self.apply_tombstones(&req.shard, req.tombstones, req.epoch).await?;
         Ok(self.storage.tombstones(&req.shard, self.env.clock.now_ms()).await?)
     }
@@ -690,11 +712,17 @@ impl Node {
     async fn apply_tombstones(&self, shard: &ShardId, tombstones: Vec<Tombstone>, epoch: u64) -> Result<(), NodeError> {
         let now_ms = self.env.clock.now_ms();
         let grace_ms = self.cfg.hints_age_max.as_millis() as i64;
-        let fresh: Vec<Tombstone> = tombstones.into_iter().filter(|t| now_ms - t.at_ms <= grace_ms).collect();
+        let _stores = self.fence_epoch(&shard.metric, epoch).await?;
+        // A delete made under an earlier drop epoch was about the metric before that drop:
+        // it must not delete points of the metric created since.
+        let local_epoch = self.catalog.drop_epoch(&shard.metric);
+        let fresh: Vec<Tombstone> = tombstones
+            .into_iter()
+            .filter(|t| now_ms - t.at_ms <= grace_ms && crate::node::tombstone_epoch(&t.rule) >= local_epoch)
+            .collect();
         if fresh.is_empty() {
             return Ok(());
         }
-        let _stores = self.fence_epoch(&shard.metric, epoch).await?;
         let held = self.storage.tombstones(shard, now_ms).await?;
         for t in fresh.into_iter().filter(|t| !held.contains(t)) {
             let keep = (crate::node::tombstone_rule())(&t.rule);

@@ -25,7 +25,7 @@ async fn replica_write_and_partial_through_the_peer_client() {
     let storage = start(&transport, dir.path(), 1, &["shoal.sharding.interval=1h"]).await;
     let query_only =
         start(&transport, dir.path(), 2, &["shoal.sharding.interval=1h", "shoal.cluster.roles=[\"query\"]"]).await;
-    let peers = HttpPeers::new("shoal", None, std::sync::Arc::new(shoal::env::SystemClock)).unwrap();
+    let peers = HttpPeers::new("shoal", None, std::sync::Arc::new(shoal::env::SystemClock), None).unwrap();
     let addr = storage.http_addr.to_string();
 
     let lines = "cpu,region=eu value=1i 1000\ncpu,region=us value=5i 2000\ncpu,region=eu value=3i 3000";

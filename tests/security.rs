@@ -41,7 +41,7 @@ fn peers(secret: Option<&str>) -> (shoal::peer::HttpPeers, tempfile::TempDir) {
     let keyring =
         secret.map(|s| std::sync::Arc::new(shoal::keyring::Keyring::open(dir.path(), Some(s)).unwrap().unwrap()));
     let clock = std::sync::Arc::new(shoal::env::SystemClock);
-    (shoal::peer::HttpPeers::new("shoal", keyring, clock).unwrap(), dir)
+    (shoal::peer::HttpPeers::new("shoal", keyring, clock, None).unwrap(), dir)
 }
 
 #[test]

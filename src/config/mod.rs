@@ -25,6 +25,12 @@ const KEYS: &[(&str, &str)] = &[
     ("shoal.http.host", "a host name or IP address"),
     ("shoal.http.port", "an integer port 0..65535"),
     ("shoal.http.max-body", "a byte size from 1 byte to 64MiB, such as 16MiB"),
+    ("shoal.http.max-connections", "an integer >= 1"),
+    ("shoal.http.header-read-timeout", "a duration of at least 100ms, such as 10s"),
+    ("shoal.http.request-timeout", "a duration of at least 100ms, such as 60s"),
+    ("shoal.http.tls.cert-file", "the path of a PEM certificate chain (with key-file)"),
+    ("shoal.http.tls.key-file", "the path of a PEM private key (with cert-file)"),
+    ("shoal.http.tls.ca-file", "the path of a PEM file of CA certificates"),
     ("shoal.gossip.host", "a host name or IP address"),
     ("shoal.gossip.port", "an integer port 0..65535"),
     ("shoal.gossip.advertise", "host:port"),
@@ -119,6 +125,14 @@ pub struct Config {
     pub http_host: String,
     pub http_port: u16,
     pub http_body_bytes_max: usize,
+    pub http_connections_max: usize,
+    pub http_header_read_timeout: Duration,
+    pub http_request_timeout: Duration,
+    /// TLS on the HTTP port: both or neither.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// CAs the peer client trusts (the system's when unset).
+    pub tls_ca_file: Option<PathBuf>,
     pub gossip_host: String,
     pub gossip_port: u16,
     pub gossip_advertise: Option<String>,
@@ -296,6 +310,12 @@ impl Reader<'_> {
     fn duration(&self, key: &str) -> Result<Duration, ConfigError> {
         self.0.get_duration(key).map_err(|_| self.err(key))
     }
+    fn duration_min(&self, key: &str, min: Duration) -> Result<Duration, ConfigError> {
+        Some(self.duration(key)?).filter(|d| *d >= min).ok_or_else(|| self.err(key))
+    }
+    fn path(&self, key: &str) -> Result<Option<PathBuf>, ConfigError> {
+        Ok(self.opt_string(key)?.filter(|s| !s.is_empty()).map(PathBuf::from))
+    }
     fn bytes(&self, key: &str) -> Result<usize, ConfigError> {
         let v = self.0.get_bytes(key).map_err(|_| self.err(key))?;
         if v < 1 { Err(self.err(key)) } else { Ok(v as usize) }
@@ -380,6 +400,18 @@ impl Reader<'_> {
                 n if n > HTTP_BODY_BYTES_MAX => return Err(self.err("shoal.http.max-body")),
                 n => n,
             },
+            http_connections_max: self.count("shoal.http.max-connections")?,
+            http_header_read_timeout: self
+                .duration_min("shoal.http.header-read-timeout", Duration::from_millis(100))?,
+            http_request_timeout: self.duration_min("shoal.http.request-timeout", Duration::from_millis(100))?,
+            tls_cert_file: self.path("shoal.http.tls.cert-file")?,
+            tls_key_file: match (self.path("shoal.http.tls.cert-file")?, self.path("shoal.http.tls.key-file")?) {
+                (Some(_), Some(key)) => Some(key),
+                (None, None) => None,
+                (Some(_), None) => return Err(self.err("shoal.http.tls.key-file")),
+                (None, Some(_)) => return Err(self.err("shoal.http.tls.cert-file")),
+            },
+            tls_ca_file: self.path("shoal.http.tls.ca-file")?,
             gossip_host: self.string("shoal.gossip.host")?,
             gossip_port: self.int("shoal.gossip.port", 0, 65535)? as u16,
             gossip_advertise: self.opt_string("shoal.gossip.advertise")?,

@@ -37,7 +37,9 @@ pub async fn start(transport: &ChannelTransport, dir: &std::path::Path, i: u16, 
         gossip_advertise: gossip_addr(i),
         gossip_transport: transport,
         capacity_probe: Box::new(FixedProbe),
-        peers: Arc::new(shoal::peer::HttpPeers::new(&cfg.cluster_id, None, Arc::new(shoal::env::SystemClock)).unwrap()),
+        peers: Arc::new(
+            shoal::peer::HttpPeers::new(&cfg.cluster_id, None, Arc::new(shoal::env::SystemClock), None).unwrap(),
+        ),
         keyring: None,
     };
     let node = Node::open(cfg, shoal::env::Env::production(), io).await.unwrap();

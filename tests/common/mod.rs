@@ -34,6 +34,8 @@ pub struct TestNode {
 impl TestNode {
     /// Starts a node whose data lives in `data_dir`, with extra `--set` overrides.
     pub fn start(data_dir: &Path, sets: &[&str]) -> Self {
+        // reqwest's TLS needs a rustls provider installed before any client is built.
+        shoal::tls::install_default_provider();
         let mut node = TestNode {
             data_dir: data_dir.to_path_buf(),
             sets: sets.iter().map(|s| s.to_string()).collect(),

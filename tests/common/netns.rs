@@ -56,6 +56,7 @@ pub const CONVERGE_DEADLINE: Duration = Duration::from_secs(60);
 pub const SET_CHECK_DEADLINE: Duration = Duration::from_secs(30);
 
 fn http_client() -> reqwest::blocking::Client {
+    shoal::tls::install_default_provider();
     // No retries: a request sent twice would look like a duplicate to the set checker.
     let no_retry = reqwest::retry::never();
     reqwest::blocking::Client::builder().timeout(SHORT).no_proxy().retry(no_retry).build().unwrap()
