@@ -343,6 +343,16 @@ impl Segment {
             return Err(corrupt("footer checksum mismatch"));
         }
         let footer: Footer = postcard::from_bytes(&footer).map_err(|e| corrupt(&format!("footer: {e}")))?;
+        // Every block lies between the magic and the footer: a footer naming bytes beyond them
+        // would make a read allocate whatever length it claims.
+        let blocks_end = len - trailer - footer_len;
+        if footer
+            .blocks
+            .iter()
+            .any(|b| b.offset < MAGIC.len() as u64 || b.offset.checked_add(b.len).is_none_or(|end| end > blocks_end))
+        {
+            return Err(corrupt("a block lies outside the file"));
+        }
         Ok(Self { seq, path: path.to_path_buf(), file, blocks: footer.blocks })
     }
 
