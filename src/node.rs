@@ -223,6 +223,8 @@ pub struct Node {
     /// The users of the public API (`shoal.auth.file`); `None`: no credentials are asked.
     pub users: Option<Arc<crate::auth::Users>>,
 }
+/// `<data-dir>/last-alive`: the node's clock, written every flush period (see `Shard::note_write`).
+const LAST_ALIVE_FILE: &str = "last-alive";
 /// Anti-entropy also pulls from one live peer this often when all digests agree.
 const CATALOG_PULL_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// After a change, the new state is pushed to at most this many peers (gossip does the rest).
@@ -265,6 +267,13 @@ impl Node {
         crate::env::set_background_priority(cfg.compaction_priority);
         let storage = Storage::open(&cfg.data_dir, storage_cfg, metrics.clone(), tombstone_rule()).await?;
         let started_ms = env.clock.now_ms();
+        // When its shards last took points is not kept; the last time this node was recorded
+        // alive is at least as late (without a record, now: later still).
+        let last_alive = std::fs::read_to_string(cfg.data_dir.join(LAST_ALIVE_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .unwrap_or(started_ms);
+        storage.note_all_written(last_alive);
         let bootstrapped = cfg.data_dir.join("bootstrapped").exists() || cfg.bootstrap_expect <= 1;
         let roles: Vec<&str> = cfg
             .roles
@@ -656,7 +665,17 @@ impl Node {
         });
         self.every(self.cfg.gossip_interval, |node| async move { node.update_readiness().await });
         let flush_period = (self.cfg.flush_interval / 4).max(std::time::Duration::from_millis(100));
-        self.every(flush_period, |node| async move { node.storage.flush_idle().await });
+        self.every(flush_period, |node| async move {
+            node.storage.flush_idle().await;
+            let (path, now) = (node.cfg.data_dir.join(LAST_ALIVE_FILE), node.env.clock.now_ms());
+            match crate::env::spawn_blocking(move || crate::storage::write_atomic(&path, now.to_string().as_bytes()))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "cannot record the time alive"),
+                Err(e) => tracing::debug!(error = %e, "cannot record the time alive"),
+            }
+        });
         self.every(self.cfg.hints_replay_interval, |node| async move { node.replay_hints().await });
     }
 
@@ -872,7 +891,11 @@ impl Node {
         let shard = write.shard.clone();
         if replica == self.cfg.node_id {
             let result = match self.fence_epoch(&shard.metric, write.epoch).await {
-                Ok(_stores) => self.storage.write(&shard.metric, write.batch).await.map_err(NodeError::from),
+                Ok(_stores) => {
+                    let stored = self.storage.write(&shard.metric, write.batch).await.map_err(NodeError::from);
+                    self.storage.note_write(&shard, self.env.clock.now_ms());
+                    stored
+                }
                 Err(e) => Err(e),
             };
             let disk_full = matches!(result, Err(NodeError::StorageFull(_)));
@@ -1089,6 +1112,7 @@ impl Node {
         }
         let _stores = self.fence_epoch(&write.shard.metric, write.epoch).await?;
         self.storage.write(&write.shard.metric, write.batch).await?;
+        self.storage.note_write(&write.shard, self.env.clock.now_ms());
         Ok(())
     }
 

@@ -185,6 +185,9 @@ impl Node {
                     let times = MergeTimes { as_of_ms, now_ms: self.env.clock.now_ms() };
                     let _stores = self.fence_epoch(&shard.metric, epoch).await.map_err(|e| e.to_string())?;
                     let stored = self.storage.merge(shard, batch, times).await.map_err(|e| e.to_string())?;
+                    if stored > 0 {
+                        self.storage.note_write(shard, times.now_ms);
+                    }
                     self.metrics.repair_points_copied.fetch_add(stored, Relaxed);
                 }
                 if mine > 0 {
@@ -693,6 +696,9 @@ impl Node {
         let _stores = self.fence_epoch(&write.shard.metric, write.epoch).await?;
         let times = MergeTimes { as_of_ms: req.as_of_ms, now_ms: self.env.clock.now_ms() };
         let stored = self.storage.merge(&write.shard, write.batch, times).await?;
+        if stored > 0 {
+            self.storage.note_write(&write.shard, times.now_ms);
+        }
         self.metrics.points_written.fetch_add(stored, Relaxed);
         Ok(stored)
     }
@@ -707,8 +713,12 @@ impl Node {
         Ok(self.storage.tombstones(&req.shard, self.env.clock.now_ms()).await?)
     }
 
-    /// Applies the tombstones this node's copy of `shard` lacks: each deletes what it matches
-    /// here and is kept, so later merges are filtered too. Expired ones are ignored.
+    /// Applies the tombstones this node's copy of `shard` lacks, so later merges are filtered
+    /// too. A tombstone made after this copy last took points also deletes what it matches
+    /// here: every such point predates the delete. A copy that took points since may hold
+    /// some written after the delete (a re-insert, which no replica filters), so there the
+    /// tombstone is only kept: an acknowledged point is never removed by a delete that
+    /// preceded it. Expired ones are ignored.
     async fn apply_tombstones(&self, shard: &ShardId, tombstones: Vec<Tombstone>, epoch: u64) -> Result<(), NodeError> {
         let now_ms = self.env.clock.now_ms();
         let grace_ms = self.cfg.hints_age_max.as_millis() as i64;
@@ -724,10 +734,16 @@ impl Node {
             return Ok(());
         }
         let held = self.storage.tombstones(shard, now_ms).await?;
+        let last_write_ms = self.storage.shard_if_held(shard).map_or(i64::MIN, |s| s.last_write_ms());
         for t in fresh.into_iter().filter(|t| !held.contains(t)) {
-            let keep = (crate::node::tombstone_rule())(&t.rule);
-            let removed = self.storage.delete(shard, keep, t).await?;
-            tracing::info!(%shard, removed, "applied a delete this replica had missed");
+            if t.at_ms > last_write_ms {
+                let keep = (crate::node::tombstone_rule())(&t.rule);
+                let removed = self.storage.delete(shard, keep, t).await?;
+                tracing::info!(%shard, removed, "applied a delete this replica had missed");
+            } else {
+                self.storage.add_tombstone(shard, t).await?;
+                tracing::info!(%shard, "kept a delete this replica had missed; its copy took points since, so nothing is removed");
+            }
         }
         Ok(())
     }

@@ -146,6 +146,20 @@ impl Cluster {
         crate::disk::crash(&self.nodes[idx].dir)
     }
 
+    /// SIGTERM: the node stops cleanly (compacts, stops gossiping) without leaving; it keeps its
+    /// place in every placement and its disk, and comes back with [`Cluster::start`].
+    pub async fn stop(&mut self, idx: usize) {
+        self.net.set_router(idx, None);
+        if let Some(node) = self.nodes[idx].node.take() {
+            let _ = node.storage.flush_all().await;
+            node.membership.shutdown().await;
+            for shard in node.storage.all_shards() {
+                shard.close().await;
+            }
+        }
+        self.net.with(|n| n.down.insert(idx));
+    }
+
     /// `shoal leave`: hands off the node's shards, then it stops for good and its disk is
     /// gone. An abandoned leave (some shard found no new replica) leaves the node running.
     pub async fn leave(&mut self, idx: usize) -> Result<(), shoal::node::LeaveError> {

@@ -204,7 +204,27 @@ impl Storage {
     /// Deletes the rows of a shard that `keep` rejects, remembering the delete as a tombstone
     /// (the shard is created if this node holds none yet, so the tombstone still applies).
     pub async fn delete(&self, id: &ShardId, keep: KeepRow, tombstone: Tombstone) -> Result<u64, StorageError> {
-        self.shard(id.clone()).await?.delete(keep, Some(tombstone)).await
+        self.shard(id.clone()).await?.delete(Some(keep), Some(tombstone)).await
+    }
+
+    /// Keeps a tombstone for later merges without deleting anything now.
+    pub async fn add_tombstone(&self, id: &ShardId, tombstone: Tombstone) -> Result<(), StorageError> {
+        self.shard(id.clone()).await?.delete(None, Some(tombstone)).await.map(|_| ())
+    }
+
+    /// Notes that points were stored in a shard at `at_ms` (the node's clock).
+    pub fn note_write(&self, id: &ShardId, at_ms: i64) {
+        if let Some(shard) = self.shard_if_held(id) {
+            shard.note_write(at_ms);
+        }
+    }
+
+    /// After a start: every shard counts as written at `at_ms` (the node's last recorded
+    /// time alive), since when its points came is not known.
+    pub fn note_all_written(&self, at_ms: i64) {
+        for shard in self.shards.iter() {
+            shard.note_write(at_ms);
+        }
     }
 
     /// The live tombstones of a shard held here (none when it is not held).
@@ -422,7 +442,7 @@ mod tests {
         let shard = &storage.shards_of(&key, 0, 1)[0];
         let before = shard.points();
         let removed =
-            shard.delete(Box::new(|b| b.timestamps.iter().map(|t| t % 20 == 0).collect()), None).await.unwrap();
+            shard.delete(Some(Box::new(|b| b.timestamps.iter().map(|t| t % 20 == 0).collect())), None).await.unwrap();
         assert!(removed > 0);
         assert_eq!(shard.points(), before - removed);
         storage.drop_metric(&key).await.unwrap();

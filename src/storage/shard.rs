@@ -153,8 +153,9 @@ enum Command {
     Flush {
         done: Reply<()>,
     },
+    /// `keep: None` records the tombstone only (for later merges) and deletes nothing.
     Delete {
-        keep: KeepRow,
+        keep: Option<KeepRow>,
         tombstone: Option<Tombstone>,
         done: Reply<u64>,
     },
@@ -212,6 +213,10 @@ pub struct Shard {
     pub dir: PathBuf,
     state: RwLock<ShardState>,
     tx: mpsc::Sender<Command>,
+    /// The latest time (epoch ms, the node's clock) points were stored here, or a time at
+    /// least as late: whether a delete this replica missed may remove its points (see
+    /// `Node::apply_tombstones`). Storage has no clock: the node notes it.
+    last_write_ms: std::sync::atomic::AtomicI64,
 }
 
 struct Writer {
@@ -411,7 +416,14 @@ impl Shard {
         let tombstones = tombstones.into_iter().map(|t| (t.clone(), rule(&t.rule))).collect();
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let end = id.start.saturating_add(cfg.shard_interval_ms);
-        let shard = Arc::new(Shard { id, end, dir: dir.clone(), state: RwLock::new(state), tx });
+        let shard = Arc::new(Shard {
+            id,
+            end,
+            dir: dir.clone(),
+            state: RwLock::new(state),
+            tx,
+            last_write_ms: Default::default(),
+        });
         let writer = Writer {
             shard: shard.clone(),
             wal,
@@ -485,10 +497,18 @@ impl Shard {
 
     /// Removes the points for which `keep` says false; returns how many were removed. With a
     /// tombstone, later merges cannot bring those points back until it expires.
-    pub async fn delete(&self, keep: KeepRow, tombstone: Option<Tombstone>) -> Result<u64, StorageError> {
+    pub async fn delete(&self, keep: Option<KeepRow>, tombstone: Option<Tombstone>) -> Result<u64, StorageError> {
         let (done, rx) = oneshot::channel();
         self.tx.send(Command::Delete { keep, tombstone, done }).await.map_err(|_| StorageError::Closed)?;
         rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    pub fn note_write(&self, at_ms: i64) {
+        self.last_write_ms.fetch_max(at_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn last_write_ms(&self) -> i64 {
+        self.last_write_ms.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The shard's tombstones still live at `now_ms` (younger than the grace).
@@ -1094,7 +1114,7 @@ impl Writer {
 
     /// Applies a delete. A tombstone this shard already holds (the same delete, again or
     /// from another replica) changes nothing: its points are gone already.
-    async fn delete(&mut self, keep: KeepRow, tombstone: Option<Tombstone>) -> Result<u64, StorageError> {
+    async fn delete(&mut self, keep: Option<KeepRow>, tombstone: Option<Tombstone>) -> Result<u64, StorageError> {
         if tombstone.as_ref().is_some_and(|t| self.tombstones.iter().any(|(held, _)| held == t)) {
             return Ok(0);
         }
@@ -1106,6 +1126,7 @@ impl Writer {
             let rule = (self.rule)(&t.rule);
             self.tombstones.push((t, rule));
         }
+        let Some(keep) = keep else { return Ok(0) };
         self.flush(true).await?;
         let flushed_lsn = self.shard.flushed_lsn();
         let seg_seq = self.take_seq();
