@@ -85,6 +85,15 @@ impl CatalogState {
         }
     }
 
+    /// Removes shards' placements (their data is past retention).
+    pub fn remove_shards(&mut self, shards: &[ShardId]) {
+        for shard in shards {
+            let ctx = self.placement.get(shard).derive_rm_ctx();
+            let op = self.placement.rm(shard.clone(), ctx);
+            self.placement.apply(op);
+        }
+    }
+
     pub fn add_replicas(&mut self, actor: &NodeId, shard: &ShardId, nodes: &[NodeId]) {
         let ctx = self.placement.read_ctx().derive_add_ctx(actor.clone());
         let op = self.placement.update(shard.clone(), ctx, |set, ctx| set.add_all(nodes.iter().cloned(), ctx));
@@ -413,6 +422,14 @@ impl Catalog {
         let mut state = self.state.lock().expect("catalog lock");
         let mut next = state.clone();
         next.remove_replica(&self.actor, shard, node);
+        self.commit(&mut state, next)
+    }
+
+    /// Removes the placements of `shards` in one change.
+    pub fn remove_shards(&self, shards: &[ShardId]) -> Result<(), CatalogError> {
+        let mut state = self.state.lock().expect("catalog lock");
+        let mut next = state.clone();
+        next.remove_shards(shards);
         self.commit(&mut state, next)
     }
 

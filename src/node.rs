@@ -649,6 +649,35 @@ impl Node {
         self.cfg.shard_interval_ms
     }
 
+    /// With `shoal.retention`, the oldest timestamp kept now.
+    fn retained_from_ms(&self) -> Option<i64> {
+        let retention = self.cfg.retention?;
+        Some(self.env.clock.now_ms().saturating_sub(retention.as_millis().min(i64::MAX as u128) as i64))
+    }
+
+    /// Drops the shards entirely older than `shoal.retention`: their placements leave the
+    /// catalog (in one change) and their folders this node. Every node does it on its own
+    /// clock, so no coordination is needed.
+    async fn expire_shards(&self) {
+        let Some(cut) = self.retained_from_ms() else { return };
+        let interval = self.cfg.shard_interval_ms;
+        let expired: Vec<crate::model::ShardId> =
+            self.catalog.placement().into_keys().filter(|s| s.start.saturating_add(interval) <= cut).collect();
+        if !expired.is_empty() {
+            match self.catalog.remove_shards(&expired) {
+                Ok(()) => {
+                    tracing::info!(shards = expired.len(), "dropped shards past shoal.retention from the catalog")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot drop expired shards from the catalog; retried"),
+            }
+        }
+        for shard in self.storage.all_shards().into_iter().filter(|s| s.end <= cut) {
+            if let Err(e) = self.storage.drop_shard(&shard.id).await {
+                tracing::warn!(shard = %shard.id, error = %e, "cannot drop an expired shard; retried");
+            }
+        }
+    }
+
     fn spawn_background(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         let period = self.cfg.gossip_interval.max(std::time::Duration::from_millis(200));
@@ -677,6 +706,11 @@ impl Node {
             }
         });
         self.every(self.cfg.hints_replay_interval, |node| async move { node.replay_hints().await });
+        if let Some(retention) = self.cfg.retention {
+            let period =
+                (retention / 4).clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(60));
+            self.every(period, |node| async move { node.expire_shards().await });
+        }
     }
 
     /// Runs `work` every `period` until the node is dropped.
@@ -721,6 +755,15 @@ impl Node {
                 batch.len(),
                 self.cfg.write_batch_points_max
             )));
+        }
+        if let Some(cut) = self.retained_from_ms() {
+            for (key, rows) in &batch.metrics {
+                if let Some(old) = rows.timestamps.iter().find(|t| **t < cut) {
+                    return Err(NodeError::BadRequest(format!(
+                        "metric {key}: timestamp {old} is older than shoal.retention allows (points from {cut} on are kept)"
+                    )));
+                }
+            }
         }
         self.catalog.admit(&batch.metrics)?;
         self.place_new_shards(&batch).await?;
@@ -1124,6 +1167,10 @@ impl Node {
         }
         write.batch.validate().map_err(|e| NodeError::BadRequest(format!("replica write: {e}")))?;
         let (start, end) = (write.shard.start, write.shard.start.saturating_add(self.cfg.shard_interval_ms));
+        // A late hint or copy of an expired shard would bring it back: refused for good.
+        if self.retained_from_ms().is_some_and(|cut| end <= cut) {
+            return Err(NodeError::Dropped(format!("shard {} is past shoal.retention and was dropped", write.shard)));
+        }
         if write.shard.start.rem_euclid(self.cfg.shard_interval_ms) != 0
             || write.batch.timestamps.iter().any(|t| *t < start || *t >= end)
         {

@@ -55,6 +55,7 @@ const KEYS: &[(&str, &str)] = &[
     ("shoal.cluster.secret-file", "the path of a file holding the cluster secret"),
     ("shoal.auth.file", "the path of a users file (docs/security.md)"),
     ("shoal.sharding.interval", "a duration of at least 1s, such as 1d"),
+    ("shoal.retention", "a duration such as 30d (0s: keep everything)"),
     ("shoal.write.consistency", "one of one, quorum, all"),
     ("shoal.storage.compaction-priority", "one of idle, low, normal"),
     ("shoal.write.max-batch-points", "an integer >= 1"),
@@ -160,6 +161,8 @@ pub struct Config {
     /// How long a graceful leave keeps retrying shards no other node could take yet.
     pub leave_timeout: Duration,
     pub shard_interval_ms: i64,
+    /// Points older than this are refused and shards past it dropped; `None`: kept for ever.
+    pub retention: Option<Duration>,
     pub write_consistency: Consistency,
     pub write_batch_points_max: usize,
     pub memtable_points_max: usize,
@@ -472,6 +475,7 @@ impl Reader<'_> {
             },
             leave_timeout: self.duration("shoal.cluster.leave-timeout")?,
             shard_interval_ms: shard_interval.as_millis().min(i64::MAX as u128) as i64,
+            retention: Some(self.duration("shoal.retention")?).filter(|d| !d.is_zero()),
             write_consistency: self.choice(
                 "shoal.write.consistency",
                 &[("one", Consistency::One), ("quorum", Consistency::Quorum), ("all", Consistency::All)],
