@@ -223,6 +223,8 @@ pub struct Node {
     /// The users of the public API (`shoal.auth.file`); `None`: no credentials are asked.
     pub users: Option<Arc<crate::auth::Users>>,
 }
+/// Shards a query asks at once.
+const SCATTER_SHARDS_MAX: usize = 32;
 /// `<data-dir>/last-alive`: the node's clock, written every flush period (see `Shard::note_write`).
 const LAST_ALIVE_FILE: &str = "last-alive";
 /// Anti-entropy also pulls from one live peer this often when all digests agree.
@@ -1026,7 +1028,11 @@ impl Node {
         let mut total = query::exec::Partial::empty(plan);
         let mut missing = Vec::new();
         let mut reasons = Vec::new();
-        for answer in futures_util::future::join_all(asks).await {
+        // Partials are merged as they arrive, and at most this many shards are asked at once,
+        // so a query holds one bounded result, not one per shard.
+        use futures_util::StreamExt;
+        let mut answers = futures_util::stream::iter(asks).buffer_unordered(SCATTER_SHARDS_MAX);
+        while let Some(answer) = answers.next().await {
             match answer {
                 Ok(partial) => total.merge(partial),
                 Err(ShardAnswer::Fatal(e)) => return Err(e),
@@ -1036,7 +1042,7 @@ impl Node {
                 }
             }
             total.trim(plan);
-            if total.rows() > self.cfg.query_records_max {
+            if total.size() > self.cfg.query_records_max {
                 return Err(QueryError::TooLarge { max: self.cfg.query_records_max }.into());
             }
         }

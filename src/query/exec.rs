@@ -322,10 +322,12 @@ impl Partial {
         }
     }
 
-    pub fn rows(&self) -> usize {
+    /// What the partial holds, as `shoal.query.max-records` counts it: rows, or groups plus
+    /// the values kept for `count(distinct …)` (a few groups can hold millions of those).
+    pub fn size(&self) -> usize {
         match self {
             Partial::Rows(r) => r.len(),
-            Partial::Groups(g) => g.len(),
+            Partial::Groups(g) => g.len() + g.values().map(|s| s.distinct.len()).sum::<usize>(),
         }
     }
 }
@@ -476,6 +478,21 @@ pub fn finish(plan: &SelectPlan, partial: Partial) -> Vec<Point> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distinct_values_count_toward_the_size_of_a_partial() {
+        let lines: String = (0..100).map(|i| format!("m,host=h{i} value={i}i {i}\n")).collect();
+        let batch =
+            crate::ingest::parse_line_protocol(&lines, "d", "n", crate::ingest::Precision::Ms, 0, 1000).unwrap();
+        let rows = &batch.metrics[0].1;
+        let plan = match crate::query::plan::parse("SELECT count(distinct host) FROM m", 0).unwrap() {
+            crate::query::plan::Statement::Select(p) => p,
+            _ => unreachable!(),
+        };
+        let mut partial = Partial::empty(&plan);
+        scan_batch(&plan, rows, i64::MIN, i64::MAX, &mut partial);
+        assert_eq!(partial.size(), 1 + 100, "one group holding 100 distinct hosts");
+    }
 
     #[test]
     fn like_patterns() {

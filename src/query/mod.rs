@@ -99,7 +99,7 @@ pub fn partial_of_shards(
             }
             exec::scan_batch(plan, batch, range.0, range.1, &mut partial);
             partial.trim(plan);
-            too_large = partial.rows() > max;
+            too_large = partial.size() > max;
         })?;
         if too_large {
             return Err(QueryError::TooLarge { max });
