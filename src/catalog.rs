@@ -193,6 +193,9 @@ pub struct Catalog {
     actor: NodeId,
     path: PathBuf,
     state: Mutex<CatalogState>,
+    /// Held through each change, its write to disk included: changes come one at a time,
+    /// while readers take `state` only to read or clone.
+    writer: tokio::sync::Mutex<()>,
     /// Resolved schemas, rebuilt after every change: the read path never touches the CRDT.
     schemas: RwLock<BTreeMap<MetricKey, Schema>>,
     /// The drop epochs, read by every internal request: kept apart from the state's lock,
@@ -230,27 +233,42 @@ impl Catalog {
             drops: RwLock::new(state.drops.clone()),
             digest: state.digest().into(),
             state: Mutex::new(state),
+            writer: Default::default(),
             synced: AtomicBool::new(synced),
         };
         Ok(catalog)
     }
 
-    /// Persists `next`, then makes it the state (under the held lock `state`) and refreshes the
-    /// read views. Every change is made on a copy and goes through here: a change that cannot
-    /// be persisted (a full disk) leaves the state as it was, so memory, disk and the digest
-    /// the node gossips never disagree, and the same change can simply come again.
-    fn commit(&self, state: &mut CatalogState, next: CatalogState) -> Result<(), CatalogError> {
+    /// Makes a change: `edit` works on a copy of the state; if the content changed, the copy
+    /// is written to disk (write to temp, fsync, rename) on a blocking thread, with no lock a
+    /// reader needs held, and only then becomes the state and refreshes the read views. A
+    /// change that cannot be persisted (a full disk) leaves the state as it was, so memory,
+    /// disk and the digest the node gossips never disagree, and the same change can simply
+    /// come again.
+    async fn change<T>(
+        &self,
+        edit: impl FnOnce(&mut CatalogState) -> Result<T, CatalogError>,
+    ) -> Result<(T, bool), CatalogError> {
+        let _one_at_a_time = self.writer.lock().await;
+        let mut next = self.state.lock().expect("catalog lock").clone();
+        let out = edit(&mut next)?;
+        let digest = next.digest();
+        if digest == self.digest() {
+            return Ok((out, false));
+        }
         let mut bytes = next.to_bytes();
         bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
-        crate::storage::write_atomic(&self.path, &bytes)
-            .map_err(|e| CatalogError::Storage { path: self.path.display().to_string(), message: e.to_string() })?;
+        let path = self.path.clone();
+        let storage_err = |message: String| CatalogError::Storage { path: self.path.display().to_string(), message };
+        crate::env::spawn_blocking(move || crate::storage::write_atomic(&path, &bytes))
+            .await
+            .map_err(|e| storage_err(e.to_string()))?
+            .map_err(|e| storage_err(e.to_string()))?;
         *self.schemas.write().expect("catalog lock") = next.schemas();
-        if next.drops != state.drops {
-            *self.drops.write().expect("catalog lock") = next.drops.clone();
-        }
-        self.digest.store(next.digest(), Ordering::SeqCst);
-        *state = next;
-        Ok(())
+        *self.drops.write().expect("catalog lock") = next.drops.clone();
+        self.digest.store(digest, Ordering::SeqCst);
+        *self.state.lock().expect("catalog lock") = next;
+        Ok((out, true))
     }
 
     pub fn digest(&self) -> u64 {
@@ -271,14 +289,13 @@ impl Catalog {
     }
 
     /// Merges a peer's state; returns whether anything changed here.
-    pub fn merge(&self, other: CatalogState) -> Result<bool, CatalogError> {
-        let mut state = self.state.lock().expect("catalog lock");
-        let mut next = state.clone();
-        next.merge(other);
-        let changed = next.digest() != state.digest();
-        if changed {
-            self.commit(&mut state, next)?;
-        }
+    pub async fn merge(&self, other: CatalogState) -> Result<bool, CatalogError> {
+        let ((), changed) = self
+            .change(|next| {
+                next.merge(other);
+                Ok(())
+            })
+            .await?;
         self.mark_synced();
         Ok(changed)
     }
@@ -289,7 +306,7 @@ impl Catalog {
 
     /// Checks every point of a batch against the schemas and extends them with new fields,
     /// all or nothing across all the batch's metrics.
-    pub fn admit(&self, batch: &[(MetricKey, RowBatch)]) -> Result<(), CatalogError> {
+    pub async fn admit(&self, batch: &[(MetricKey, RowBatch)]) -> Result<(), CatalogError> {
         let mut additions: Vec<(&MetricKey, Vec<NewField>)> = Vec::new();
         {
             let schemas = self.schemas.read().expect("catalog lock");
@@ -310,48 +327,53 @@ impl Catalog {
         if !self.is_synced() {
             return Err(CatalogError::NotSynced);
         }
-        let mut state = self.state.lock().expect("catalog lock");
-        // Another writer (or a merge) may have defined the same fields since we looked.
-        let current = state.schemas();
-        for (key, added) in &additions {
-            for (name, class, ty) in added {
-                if let Some(&(c, t)) = current.get(*key).and_then(|s| s.fields.get(name))
-                    && (c, t) != (*class, *ty)
-                {
-                    return Err(CatalogError::Conflict {
-                        metric: key.to_string(),
-                        message: format!(
-                            "field {name:?} is a {c} of type {t} in the schema but was sent as a {class} of type {ty}"
-                        ),
-                    });
+        let actor = &self.actor;
+        self.change(|next| {
+            // Another writer (or a merge) may have defined the same fields since we looked.
+            let current = next.schemas();
+            for (key, added) in &additions {
+                for (name, class, ty) in added {
+                    if let Some(&(c, t)) = current.get(*key).and_then(|s| s.fields.get(name))
+                        && (c, t) != (*class, *ty)
+                    {
+                        return Err(CatalogError::Conflict {
+                            metric: key.to_string(),
+                            message: format!(
+                                "field {name:?} is a {c} of type {t} in the schema but was sent as a {class} of type {ty}"
+                            ),
+                        });
+                    }
                 }
             }
-        }
-        let mut next = state.clone();
-        for (key, added) in additions {
-            for (name, class, ty) in added {
-                next.add_field(&self.actor, key, &name, (class, ty));
+            for (key, added) in additions {
+                for (name, class, ty) in added {
+                    next.add_field(actor, key, &name, (class, ty));
+                }
             }
-        }
-        self.commit(&mut state, next)
+            Ok(())
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Drops a metric: its schema and placements go, and its drop epoch rises to `now_ms` (or
     /// one past the current epoch if the clock is behind it). `None` when it does not exist;
     /// otherwise the new epoch.
-    pub fn drop_metric(&self, key: &MetricKey, now_ms: i64) -> Result<Option<u64>, CatalogError> {
+    pub async fn drop_metric(&self, key: &MetricKey, now_ms: i64) -> Result<Option<u64>, CatalogError> {
         if !self.is_synced() {
             return Err(CatalogError::NotSynced);
         }
-        let mut state = self.state.lock().expect("catalog lock");
-        if !state.schemas().contains_key(key) {
-            return Ok(None);
-        }
-        let epoch = (now_ms.max(0) as u64).max(state.drops.get(key).map_or(0, |e| e + 1));
-        let mut next = state.clone();
-        next.remove_metric(key, epoch);
-        self.commit(&mut state, next)?;
-        Ok(Some(epoch))
+        let (epoch, _) = self
+            .change(|next| {
+                if !next.schemas().contains_key(key) {
+                    return Ok(None);
+                }
+                let epoch = (now_ms.max(0) as u64).max(next.drops.get(key).map_or(0, |e| e + 1));
+                next.remove_metric(key, epoch);
+                Ok(Some(epoch))
+            })
+            .await?;
+        Ok(epoch)
     }
 
     /// A metric's drop epoch: 0 if it was never dropped, otherwise the epoch of its latest
@@ -364,14 +386,14 @@ impl Catalog {
 
     /// Raises a metric's drop epoch to `epoch`, learnt from a peer's request before its
     /// catalog arrives.
-    pub fn note_drop(&self, key: &MetricKey, epoch: u64) -> Result<(), CatalogError> {
-        let mut state = self.state.lock().expect("catalog lock");
-        if state.drops.get(key).copied().unwrap_or(0) >= epoch {
-            return Ok(());
-        }
-        let mut next = state.clone();
-        next.drops.insert(key.clone(), epoch);
-        self.commit(&mut state, next)
+    pub async fn note_drop(&self, key: &MetricKey, epoch: u64) -> Result<(), CatalogError> {
+        self.change(|next| {
+            let known = next.drops.entry(key.clone()).or_default();
+            *known = (*known).max(epoch);
+            Ok(())
+        })
+        .await
+        .map(|_| ())
     }
 
     pub fn metrics(&self) -> Vec<MetricKey> {
@@ -418,27 +440,33 @@ impl Catalog {
     }
 
     /// Removes `node` from a shard's replicas (after its points were copied elsewhere).
-    pub fn remove_replica(&self, shard: &ShardId, node: &NodeId) -> Result<(), CatalogError> {
-        let mut state = self.state.lock().expect("catalog lock");
-        let mut next = state.clone();
-        next.remove_replica(&self.actor, shard, node);
-        self.commit(&mut state, next)
+    pub async fn remove_replica(&self, shard: &ShardId, node: &NodeId) -> Result<(), CatalogError> {
+        self.change(|next| {
+            next.remove_replica(&self.actor, shard, node);
+            Ok(())
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Removes the placements of `shards` in one change.
-    pub fn remove_shards(&self, shards: &[ShardId]) -> Result<(), CatalogError> {
-        let mut state = self.state.lock().expect("catalog lock");
-        let mut next = state.clone();
-        next.remove_shards(shards);
-        self.commit(&mut state, next)
+    pub async fn remove_shards(&self, shards: &[ShardId]) -> Result<(), CatalogError> {
+        self.change(|next| {
+            next.remove_shards(shards);
+            Ok(())
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Records replicas of a shard (merged as a union with any concurrent placement).
-    pub fn add_replicas(&self, shard: &ShardId, nodes: &[NodeId]) -> Result<(), CatalogError> {
-        let mut state = self.state.lock().expect("catalog lock");
-        let mut next = state.clone();
-        next.add_replicas(&self.actor, shard, nodes);
-        self.commit(&mut state, next)
+    pub async fn add_replicas(&self, shard: &ShardId, nodes: &[NodeId]) -> Result<(), CatalogError> {
+        self.change(|next| {
+            next.add_replicas(&self.actor, shard, nodes);
+            Ok(())
+        })
+        .await
+        .map(|_| ())
     }
 }
 
@@ -450,23 +478,23 @@ mod tests {
 
     /// A placement whose last replica was removed is no placement: the shard is placed again
     /// rather than written to no one.
-    #[test]
-    fn a_shard_without_replicas_has_no_placement() {
+    #[tokio::test]
+    async fn a_shard_without_replicas_has_no_placement() {
         let dir = tempfile::tempdir().unwrap();
         let cat = Catalog::open(dir.path(), "a", false).unwrap();
         let shard = ShardId { metric: MetricKey::new("d", "n", "m").unwrap(), start: 0 };
         assert!(!cat.has_placement(&shard));
-        cat.add_replicas(&shard, &["a".to_string()]).unwrap();
+        cat.add_replicas(&shard, &["a".to_string()]).await.unwrap();
         assert!(cat.has_placement(&shard));
-        cat.remove_replica(&shard, &"a".to_string()).unwrap();
+        cat.remove_replica(&shard, &"a".to_string()).await.unwrap();
         assert!(cat.replicas(&shard).is_empty());
         assert!(!cat.has_placement(&shard), "an empty replica set is no placement");
-        cat.add_replicas(&shard, &["b".to_string()]).unwrap();
+        cat.add_replicas(&shard, &["b".to_string()]).await.unwrap();
         assert_eq!(cat.replicas(&shard).into_iter().collect::<Vec<_>>(), ["b"]);
     }
 
-    #[test]
-    fn admit_is_all_or_nothing_and_persists() {
+    #[tokio::test]
+    async fn admit_is_all_or_nothing_and_persists() {
         let dir = tempfile::tempdir().unwrap();
         let key = MetricKey::new("d", "n", "m").unwrap();
         let cat = Catalog::open(dir.path(), "a", false).unwrap();
@@ -479,41 +507,41 @@ mod tests {
         let other = MetricKey::new("d", "n", "other").unwrap();
         let rows = |p: &[Point]| RowBatch::from_points(p).unwrap();
         let batch = vec![(other.clone(), rows(&[a.clone()])), (key.clone(), rows(&[a.clone(), b]))];
-        let err = cat.admit(&batch).unwrap_err().to_string();
+        let err = cat.admit(&batch).await.unwrap_err().to_string();
         assert!(err.contains("region") && err.contains("one batch"), "{err}");
         assert!(cat.schema(&key).is_none() && cat.schema(&other).is_none(), "a rejected batch changes no schema");
-        cat.admit(&[(key.clone(), rows(&[a.clone()]))]).unwrap();
+        cat.admit(&[(key.clone(), rows(&[a.clone()]))]).await.unwrap();
         let shard = ShardId { metric: key.clone(), start: 0 };
-        cat.add_replicas(&shard, &["a".into(), "b".into()]).unwrap();
+        cat.add_replicas(&shard, &["a".into(), "b".into()]).await.unwrap();
         drop(cat);
         let cat = Catalog::open(dir.path(), "a", false).unwrap();
         assert_eq!(cat.field(&key, "region"), Some((FieldClass::Tag, FieldType::Str)));
         assert_eq!(cat.placement()[&shard].len(), 2);
-        assert_eq!(cat.drop_metric(&key, 5000).unwrap(), Some(5000));
+        assert_eq!(cat.drop_metric(&key, 5000).await.unwrap(), Some(5000));
         assert!(cat.metrics().is_empty());
         // A later drop with a clock behind the first still raises the epoch.
-        cat.admit(&[(key.clone(), rows(&[a]))]).unwrap();
-        assert_eq!(cat.drop_metric(&key, 10).unwrap(), Some(5001));
+        cat.admit(&[(key.clone(), rows(&[a]))]).await.unwrap();
+        assert_eq!(cat.drop_metric(&key, 10).await.unwrap(), Some(5001));
         drop(cat);
         let cat = Catalog::open(dir.path(), "a", false).unwrap();
         assert_eq!(cat.drop_epoch(&key), 5001, "drop epochs persist");
-        assert_eq!(cat.drop_metric(&key, 6000).unwrap(), None, "a dropped metric cannot be dropped again");
+        assert_eq!(cat.drop_metric(&key, 6000).await.unwrap(), None, "a dropped metric cannot be dropped again");
     }
 
-    #[test]
-    fn lost_catalog_refuses_changes_until_synced() {
+    #[tokio::test]
+    async fn lost_catalog_refuses_changes_until_synced() {
         let dir = tempfile::tempdir().unwrap();
         let cat = Catalog::open(dir.path(), "a", true).unwrap();
         let key = MetricKey::new("d", "n", "m").unwrap();
         let p = Point { timestamp: 1, value: Num::Int(1), dimensions: Default::default(), tags: Default::default() };
         let batch = [(key, RowBatch::from_points(&[p]).unwrap())];
-        assert!(matches!(cat.admit(&batch), Err(CatalogError::NotSynced)));
-        cat.merge(CatalogState::default()).unwrap();
-        cat.admit(&batch).unwrap();
+        assert!(matches!(cat.admit(&batch).await, Err(CatalogError::NotSynced)));
+        cat.merge(CatalogState::default()).await.unwrap();
+        cat.admit(&batch).await.unwrap();
     }
 
-    #[test]
-    fn concurrent_conflicting_definitions_resolve_the_same_everywhere() {
+    #[tokio::test]
+    async fn concurrent_conflicting_definitions_resolve_the_same_everywhere() {
         let key = MetricKey::new("d", "n", "m").unwrap();
         let (mut a, mut b) = (CatalogState::default(), CatalogState::default());
         a.add_field(&"a".into(), &key, "x", (FieldClass::Dimension, FieldType::Int));

@@ -473,7 +473,7 @@ impl Node {
                 self.apply_drop(metric, epoch).await?;
             }
         }
-        Ok(self.catalog.merge(state)?)
+        Ok(self.catalog.merge(state).await?)
     }
 
     /// Removes this node's shards of `metric` held under an epoch before `epoch`, then records
@@ -484,7 +484,7 @@ impl Node {
             return Ok(());
         }
         self.storage.drop_metric(metric).await?;
-        self.catalog.note_drop(metric, epoch)?;
+        self.catalog.note_drop(metric, epoch).await?;
         tracing::info!(%metric, epoch, "dropped this node's shards of a metric dropped elsewhere");
         Ok(())
     }
@@ -636,7 +636,7 @@ impl Node {
                 &Default::default(),
             )
             .map_err(|e| NodeError::Unavailable(format!("cannot place shard {shard}: {e}")))?;
-            self.catalog.add_replicas(&shard, &replicas)?;
+            self.catalog.add_replicas(&shard, &replicas).await?;
         }
         // New placements go to every live peer before the write is acknowledged, so that a
         // query through any node right after the ack finds the new shards (best effort: a peer
@@ -666,7 +666,7 @@ impl Node {
         let expired: Vec<crate::model::ShardId> =
             self.catalog.placement().into_keys().filter(|s| s.start.saturating_add(interval) <= cut).collect();
         if !expired.is_empty() {
-            match self.catalog.remove_shards(&expired) {
+            match self.catalog.remove_shards(&expired).await {
                 Ok(()) => {
                     tracing::info!(shards = expired.len(), "dropped shards past shoal.retention from the catalog")
                 }
@@ -767,7 +767,7 @@ impl Node {
                 }
             }
         }
-        self.catalog.admit(&batch.metrics)?;
+        self.catalog.admit(&batch.metrics).await?;
         self.place_new_shards(&batch).await?;
         let accepted_ms = self.env.clock.now_ms();
         let total = batch.len();
@@ -1233,7 +1233,8 @@ impl Node {
             }
             node.storage.drop_metric(&metric).await?;
             node.catalog
-                .drop_metric(&metric, node.env.clock.now_ms())?
+                .drop_metric(&metric, node.env.clock.now_ms())
+                .await?
                 .ok_or_else(|| NodeError::NotFound(format!("metric {metric} does not exist")))
         })
         .await

@@ -271,7 +271,7 @@ impl Node {
             addrs.push((n, addr));
         }
         if !new.is_empty() {
-            if let Err(e) = self.catalog.add_replicas(shard, new) {
+            if let Err(e) = self.catalog.add_replicas(shard, new).await {
                 tracing::warn!(%shard, error = %e, "cannot record the new replicas");
                 return false;
             }
@@ -362,7 +362,7 @@ impl Node {
                 continue;
             }
             for g in &gone {
-                if let Err(e) = self.catalog.remove_replica(&shard, g) {
+                if let Err(e) = self.catalog.remove_replica(&shard, g).await {
                     tracing::warn!(%shard, replica = %g, error = %e, "cannot remove a lost replica");
                 }
             }
@@ -634,7 +634,7 @@ impl Node {
             tracing::warn!(%shard, "no storage node could take this shard yet");
             return false;
         }
-        if let Err(e) = self.catalog.remove_replica(shard, me) {
+        if let Err(e) = self.catalog.remove_replica(shard, me).await {
             tracing::warn!(%shard, error = %e, "cannot remove this node from a shard's placement");
         }
         self.publish_catalog().await;

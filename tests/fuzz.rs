@@ -265,10 +265,11 @@ fn fuzz_internal_wire_frames() {
 fn fuzz_catalog_state_and_file() {
     let dir = tempfile::tempdir().unwrap();
     let catalog = shoal::catalog::Catalog::open(dir.path(), "a", false).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let key = MetricKey::new("db", "ns", "cpu").unwrap();
-    catalog.admit(&[(key.clone(), sample_batch())]).unwrap();
+    rt.block_on(catalog.admit(&[(key.clone(), sample_batch())])).unwrap();
     let shard = shoal::model::ShardId { metric: key.clone(), start: 0 };
-    catalog.add_replicas(&shard, &["a".into(), "b".into()]).unwrap();
+    rt.block_on(catalog.add_replicas(&shard, &["a".into(), "b".into()])).unwrap();
     let state = catalog.state_bytes();
     drop(catalog);
     let file = std::fs::read(dir.path().join("catalog.bin")).unwrap();

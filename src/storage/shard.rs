@@ -547,16 +547,20 @@ impl Shard {
         columns: Option<&[String]>,
         f: &mut dyn FnMut(&RowBatch),
     ) -> Result<(), StorageError> {
-        let segments = {
+        // The lock is held only to copy the memtable (a memcpy of its columns, bounded by
+        // `memtable-max-points`) and take the rest by reference count: writers wait for that,
+        // never for the query's own work.
+        let (memtable, frozen, segments) = {
             let st = self.state.read().expect("shard lock");
-            if !st.memtable.batch.is_empty() {
-                f(&st.memtable.batch);
-            }
-            if let Some(frozen) = &st.frozen {
-                f(frozen);
-            }
-            st.segments.clone()
+            let memtable = (!st.memtable.batch.is_empty()).then(|| st.memtable.batch.clone());
+            (memtable, st.frozen.clone(), st.segments.clone())
         };
+        if let Some(memtable) = &memtable {
+            f(memtable);
+        }
+        if let Some(frozen) = &frozen {
+            f(frozen);
+        }
         for seg in segments {
             for meta in seg.blocks.iter().filter(|b| b.max_ts >= from && b.min_ts < to) {
                 f(&seg.read_block(meta, columns)?);
