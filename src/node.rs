@@ -213,7 +213,7 @@ pub struct Node {
     stop_tx: tokio::sync::watch::Sender<bool>,
     /// Client for the internal API of peers.
     pub(crate) peers: Arc<dyn crate::peer::PeerClient>,
-    pub(crate) hints: crate::hints::HintStore,
+    pub(crate) hints: Arc<crate::hints::HintStore>,
     pub(crate) repair: crate::repair::RepairState,
     /// Taken shared by every request that stores points at a checked drop epoch, and
     /// exclusively while a drop removes this node's shards: no point of the old epoch lands
@@ -335,6 +335,7 @@ impl Node {
         let readiness = Readiness { ready: false, reason: Some("starting".into()), live_members: 1, bootstrapped };
         let hints = crate::hints::HintStore::open(&cfg.data_dir, cfg.hints_bytes_max_per_node, cfg.hints_age_max)
             .map_err(|e| anyhow::anyhow!("cannot open the hints in {}: {e}", cfg.data_dir.display()))?;
+        let hints = Arc::new(hints);
         let node = Arc::new(Self {
             cfg,
             env,
@@ -887,14 +888,14 @@ impl Node {
         // Acknowledged, but some replicas missed it: keep their share for hinted handoff, before
         // the answer for those known now, behind it for the sends still running.
         for outcome in missed {
-            self.record_hint(&outcome, accepted_ms);
+            self.record_hint(outcome, accepted_ms).await;
         }
         if !sends.is_empty() {
             let node = self.clone();
             tokio::spawn(async move {
                 while let Some(outcome) = sends.next().await {
                     if outcome.result.is_err() {
-                        node.record_hint(&outcome, accepted_ms);
+                        node.record_hint(outcome, accepted_ms).await;
                     }
                 }
             });
@@ -907,9 +908,14 @@ impl Node {
     /// consistency level already made durable: replica repair copies the points instead.
     /// The hint is stamped with when the write was accepted (`accepted_ms`): a DELETE after
     /// that and before the hint was recorded still filters it at replay.
-    fn record_hint(&self, missed: &ReplicaOutcome, accepted_ms: i64) {
-        let Some(payload) = &missed.payload else { return };
-        if let Err(e) = self.hints.record(&missed.replica, payload, accepted_ms, &self.metrics) {
+    /// The record is fsynced on a blocking thread, not on the request's.
+    async fn record_hint(&self, missed: ReplicaOutcome, accepted_ms: i64) {
+        let Some(payload) = missed.payload else { return };
+        let (hints, metrics, replica) = (self.hints.clone(), self.metrics.clone(), missed.replica.clone());
+        let recorded = crate::env::spawn_blocking(move || hints.record(&replica, &payload, accepted_ms, &metrics))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(e) = recorded {
             self.metrics.hints_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(replica = %missed.replica, error = %e, "a replica missed an acknowledged write and no hint could be kept; repair will copy it");
         }

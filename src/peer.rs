@@ -174,6 +174,9 @@ pub trait PeerClient: Send + Sync + 'static {
 /// Most internal calls in flight to one peer; more wait, so a slow peer cannot absorb every
 /// task and connection of this node.
 pub const CALLS_PER_PEER_MAX: usize = 64;
+/// Longest a call waits for one of those slots: a stalled peer holds all of them for a call
+/// timeout each, and the calls queued behind fail fast instead of piling up.
+pub const QUEUE_WAIT_MAX: Duration = Duration::from_secs(2);
 
 /// Internal calls over HTTP, with connection reuse, our cluster id on every request and, when
 /// the cluster has a secret, a signature made with its keyring.
@@ -232,7 +235,15 @@ impl HttpPeers {
             .entry(addr.to_string())
             .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(CALLS_PER_PEER_MAX)))
             .clone();
-        let _permit = limit.acquire_owned().await.expect("never closed");
+        let _permit = tokio::time::timeout(QUEUE_WAIT_MAX, limit.acquire_owned())
+            .await
+            .map_err(|_| PeerError::Unreachable {
+                addr: addr.to_string(),
+                reason: format!(
+                    "{CALLS_PER_PEER_MAX} calls to it are already waiting for answers and none ended within {QUEUE_WAIT_MAX:?}"
+                ),
+            })?
+            .expect("never closed");
         let unreachable = |e: reqwest::Error| PeerError::Unreachable { addr: addr.to_string(), reason: e.to_string() };
         let resp = req.header(CLUSTER_HEADER, &self.cluster_id).send().await.map_err(unreachable)?;
         let status = resp.status();
@@ -256,5 +267,40 @@ impl PeerClient for HttpPeers {
     async fn post(&self, addr: &str, path: &str, body: Vec<u8>) -> Result<Vec<u8>, PeerError> {
         let req = self.signed(self.client.post(format!("{}://{addr}{path}", self.scheme)), "POST", path, &body);
         self.send(addr, req.body(body)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that accepts connections and never answers holds every call slot for a call
+    /// timeout each; the calls queued behind them fail after the queue wait, not later.
+    #[tokio::test]
+    async fn calls_queued_behind_a_stalled_peer_fail_fast() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let peers =
+            std::sync::Arc::new(HttpPeers::new("c", None, std::sync::Arc::new(crate::env::SystemClock), None).unwrap());
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..CALLS_PER_PEER_MAX + 1 {
+            let (peers, addr) = (peers.clone(), addr.clone());
+            calls.spawn(async move { peers.post(&addr, "/internal/v1/write", vec![1]).await });
+        }
+        let first = calls.join_next().await.unwrap().unwrap();
+        match first {
+            Err(PeerError::Unreachable { reason, .. }) => {
+                assert!(reason.contains("already waiting"), "the first to end is the queued call: {reason}")
+            }
+            other => panic!("expected the queued call to fail first, got {other:?}"),
+        }
+        calls.abort_all();
+        silent.abort();
     }
 }

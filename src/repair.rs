@@ -373,11 +373,12 @@ impl Node {
         // Hints for nodes that hold no replica any more can never be delivered usefully.
         let placed: BTreeSet<String> = self.catalog.placement().into_values().flatten().collect();
         for (target, _) in self.hints.pending() {
-            if !placed.contains(&target)
-                && self.is_gone(members, &target)
-                && let Err(e) = self.hints.discard(&target, &self.metrics)
-            {
-                tracing::warn!(%target, error = %e, "cannot discard hints");
+            if !placed.contains(&target) && self.is_gone(members, &target) {
+                let (hints, metrics, t) = (self.hints.clone(), self.metrics.clone(), target.clone());
+                let discarded = crate::env::spawn_blocking(move || hints.discard(&t, &metrics)).await;
+                if let Err(e) = discarded.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))) {
+                    tracing::warn!(%target, error = %e, "cannot discard hints");
+                }
             }
         }
     }
@@ -478,7 +479,11 @@ impl Node {
             let Some(addr) = live_addr(&members, &target) else { continue };
             loop {
                 let now_ms = self.env.clock.now_ms();
-                let (hints, offset) = match self.hints.next(&target, HINT_REPLAY_BYTES, now_ms, &self.metrics) {
+                let (store, metrics, t) = (self.hints.clone(), self.metrics.clone(), target.clone());
+                let next = crate::env::spawn_blocking(move || store.next(&t, HINT_REPLAY_BYTES, now_ms, &metrics))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                let (hints, offset) = match next {
                     Ok(Some(next)) => next,
                     Ok(None) => break,
                     Err(e) => {
@@ -524,7 +529,11 @@ impl Node {
                 if !delivered {
                     return;
                 }
-                if let Err(e) = self.hints.replayed(&target, offset, count, &self.metrics) {
+                let (store, metrics, t) = (self.hints.clone(), self.metrics.clone(), target.clone());
+                let replayed = crate::env::spawn_blocking(move || store.replayed(&t, offset, count, &metrics))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                if let Err(e) = replayed {
                     tracing::warn!(%target, error = %e, "cannot record replayed hints");
                     break;
                 }

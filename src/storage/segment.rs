@@ -308,12 +308,75 @@ impl SegmentWriter {
     }
 }
 
+/// Most segment files held open at once by the whole process. A node with many shards has
+/// many segments; each keeps only its footer in memory and borrows a file handle from this
+/// cache for its reads, reopening the file when the handle was evicted.
+pub const OPEN_SEGMENT_FILES_MAX: usize = 1024;
+
+/// The open segment files, by [`Segment::id`], evicted oldest first.
+struct OpenFiles {
+    files: std::collections::BTreeMap<u64, std::sync::Arc<File>>,
+    order: std::collections::VecDeque<u64>,
+}
+
+static OPEN_FILES: std::sync::Mutex<OpenFiles> = std::sync::Mutex::new(OpenFiles {
+    files: std::collections::BTreeMap::new(),
+    order: std::collections::VecDeque::new(),
+});
+static NEXT_SEGMENT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Keeps `file` as segment `id`'s handle, evicting the oldest past the bound (a reader still
+/// using an evicted handle keeps it open until it is done).
+fn keep_open(id: u64, file: std::sync::Arc<File>) {
+    let mut open = OPEN_FILES.lock().expect("open segment files lock");
+    if open.files.insert(id, file).is_none() {
+        open.order.push_back(id);
+    }
+    while open.files.len() > OPEN_SEGMENT_FILES_MAX {
+        let Some(oldest) = open.order.pop_front() else { break };
+        open.files.remove(&oldest);
+    }
+}
+
+/// How many segment files are open now (for `GET /metrics` and tests).
+pub fn open_segment_files() -> usize {
+    OPEN_FILES.lock().expect("open segment files lock").files.len()
+}
+
 /// An open segment: its footer in memory, blocks read on demand.
 pub struct Segment {
     pub seq: u64,
     pub path: PathBuf,
-    file: File,
+    /// This segment's key in the cache of open files: unique in the process, so a segment
+    /// written again at the same path (a metric dropped and created again) never reads
+    /// through the old file's handle.
+    id: u64,
     pub blocks: Vec<BlockMeta>,
+    /// Set once a compaction replaced this segment: its file goes when the last reader is
+    /// done with it (a running scan may need to reopen it after its handle was evicted).
+    retired: std::sync::atomic::AtomicBool,
+    /// The file's (device, inode), to recognise it at removal.
+    inode: (u64, u64),
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        {
+            let mut open = OPEN_FILES.lock().expect("open segment files lock");
+            if open.files.remove(&self.id).is_some() {
+                let id = self.id;
+                open.order.retain(|o| *o != id);
+            }
+        }
+        // Only this segment's own file: the path may hold a newer one by now (its metric
+        // dropped and created again while a scan still held this segment).
+        use std::os::unix::fs::MetadataExt;
+        if self.retired.load(std::sync::atomic::Ordering::SeqCst)
+            && std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.inode)
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl Segment {
@@ -321,7 +384,12 @@ impl Segment {
         let p = path.display().to_string();
         let corrupt = |what: &str| SegmentError::Corrupt { path: p.clone(), what: what.into() };
         let file = File::open(path).map_err(|source| SegmentError::Io { path: p.clone(), source })?;
-        let len = file.metadata().map_err(|source| SegmentError::Io { path: p.clone(), source })?.len();
+        let metadata = file.metadata().map_err(|source| SegmentError::Io { path: p.clone(), source })?;
+        let len = metadata.len();
+        let inode = {
+            use std::os::unix::fs::MetadataExt;
+            (metadata.dev(), metadata.ino())
+        };
         let trailer = 16u64;
         if len < MAGIC.len() as u64 + trailer {
             return Err(corrupt("too short"));
@@ -353,7 +421,14 @@ impl Segment {
         {
             return Err(corrupt("a block lies outside the file"));
         }
-        Ok(Self { seq, path: path.to_path_buf(), file, blocks: footer.blocks })
+        let id = NEXT_SEGMENT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        keep_open(id, std::sync::Arc::new(file));
+        Ok(Self { seq, path: path.to_path_buf(), id, blocks: footer.blocks, retired: Default::default(), inode })
+    }
+
+    /// Marks the file for removal once no reader holds this segment any more.
+    pub fn retire(&self) {
+        self.retired.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn points(&self) -> u64 {
@@ -399,11 +474,22 @@ impl Segment {
         Ok(batch)
     }
 
+    /// This segment's file handle: from the cache, or opened again and cached.
+    fn file(&self) -> Result<std::sync::Arc<File>, SegmentError> {
+        if let Some(file) = OPEN_FILES.lock().expect("open segment files lock").files.get(&self.id) {
+            return Ok(file.clone());
+        }
+        let io = |source| SegmentError::Io { path: self.path.display().to_string(), source };
+        let file = std::sync::Arc::new(File::open(&self.path).map_err(io)?);
+        keep_open(self.id, file.clone());
+        Ok(file)
+    }
+
     /// The encoded bytes of one block, checked against its checksum.
     fn read_block_bytes(&self, meta: &BlockMeta) -> Result<Vec<u8>, SegmentError> {
         let p = self.path.display().to_string();
         let mut bytes = vec![0u8; meta.len as usize];
-        self.file
+        self.file()?
             .read_exact_at(&mut bytes, meta.offset)
             .map_err(|source| SegmentError::Io { path: p.clone(), source })?;
         if crc32fast::hash(&bytes) != meta.crc {
@@ -429,6 +515,46 @@ impl Segment {
 mod tests {
     use super::*;
     use crate::model::Point;
+
+    #[test]
+    fn more_segments_than_open_files_all_read_and_a_retired_file_goes_with_its_last_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = RowBatchBuilder::default();
+        for t in 0..10 {
+            b.push(&Point {
+                timestamp: t,
+                value: Num::Int(t),
+                dimensions: Default::default(),
+                tags: Default::default(),
+            })
+            .unwrap();
+        }
+        let first = segment_path(dir.path(), 0);
+        write_segment(&first, &b.finish()).unwrap();
+        let count = OPEN_SEGMENT_FILES_MAX + 100;
+        let segments: Vec<std::sync::Arc<Segment>> = (1..=count as u64)
+            .map(|seq| {
+                let path = segment_path(dir.path(), seq);
+                std::fs::copy(&first, &path).unwrap();
+                std::sync::Arc::new(Segment::open(&path, seq).unwrap())
+            })
+            .collect();
+        assert!(open_segment_files() <= OPEN_SEGMENT_FILES_MAX, "the cache of open files is bounded");
+        // Every segment still reads, the evicted ones by opening their file again.
+        for seg in &segments {
+            assert_eq!(seg.read_all().unwrap().len(), 10, "{}", seg.path.display());
+        }
+        assert!(open_segment_files() <= OPEN_SEGMENT_FILES_MAX);
+        // A retired segment keeps its file while a reader holds it, even with its handle evicted.
+        let reader = segments[0].clone();
+        segments[0].retire();
+        drop(segments);
+        assert_eq!(reader.read_all().unwrap().len(), 10);
+        let path = reader.path.clone();
+        assert!(path.exists());
+        drop(reader);
+        assert!(!path.exists(), "the last reader's drop removes a retired segment's file");
+    }
 
     #[test]
     fn segment_roundtrip_and_corruption_is_reported() {

@@ -1301,8 +1301,7 @@ async fn rewrite(
         st.segments = replacement.into_iter().map(Arc::new).collect();
     }
     for seg in old {
-        // Open readers keep their file handle; unlinking is safe under a running scan.
-        let _ = std::fs::remove_file(&seg.path);
+        seg.retire();
     }
     Ok(dropped)
 }
