@@ -116,7 +116,8 @@ fn internal_routes(node: Arc<Node>) -> Router<Arc<Node>> {
         .route("/internal/v1/tombstones", post(internal_tombstones))
         .route("/internal/v1/status", get(internal_status))
         .route("/internal/v1/keyring", post(internal_keyring))
-        .route("/internal/v1/catalog", get(internal_catalog_get).post(internal_catalog_push).layer(large()))
+        .route("/internal/v1/catalog", post(internal_catalog_push).layer(large()))
+        .route("/internal/v1/catalog/diff", post(internal_catalog_diff).layer(large()))
         .route_layer(middleware::from_fn_with_state(node, internal_guard))
 }
 
@@ -495,8 +496,18 @@ fn check_cluster(node: &Node, headers: &axum::http::HeaderMap) -> Result<(), Api
     }
 }
 
-async fn internal_catalog_get(State(node): State<Arc<Node>>) -> Result<Response, ApiError> {
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], node.catalog.state_bytes()).into_response())
+/// Compares the asker's per-metric digests with this node's: answers with this node's parts
+/// that differ and the metrics it wants the asker's parts of.
+async fn internal_catalog_diff(
+    State(node): State<Arc<Node>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let raw = body(&node, raw)?;
+    let request: crate::catalog::CatalogDiffRequest =
+        postcard::from_bytes(&raw).map_err(|e| ApiError::bad(format!("catalog diff request: {e}")))?;
+    let diff = node.catalog.diff(&request.digests, request.metric.as_ref());
+    let bytes = postcard::to_stdvec(&diff).expect("diffs encode");
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
 async fn internal_catalog_push(

@@ -225,11 +225,9 @@ pub struct Node {
 }
 /// Shards a query asks at once.
 const SCATTER_SHARDS_MAX: usize = 32;
-/// `<data-dir>/last-alive`: the node's clock, written every flush period (see `Shard::note_write`).
-const LAST_ALIVE_FILE: &str = "last-alive";
 /// Anti-entropy also pulls from one live peer this often when all digests agree.
 const CATALOG_PULL_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-/// After a change, the new state is pushed to at most this many peers (gossip does the rest).
+/// After a change, the changed parts are pushed to at most this many peers (gossip does the rest).
 const CATALOG_PUSH_FANOUT: usize = 3;
 
 /// The rows of a metric's batch by the start of their shard's time bucket. A batch inside one
@@ -269,13 +267,8 @@ impl Node {
         crate::env::set_background_priority(cfg.compaction_priority);
         let storage = Storage::open(&cfg.data_dir, storage_cfg, metrics.clone(), tombstone_rule()).await?;
         let started_ms = env.clock.now_ms();
-        // When its shards last took points is not kept; the last time this node was recorded
-        // alive is at least as late (without a record, now: later still).
-        let last_alive = std::fs::read_to_string(cfg.data_dir.join(LAST_ALIVE_FILE))
-            .ok()
-            .and_then(|s| s.trim().parse::<i64>().ok())
-            .unwrap_or(started_ms);
-        storage.note_all_written(last_alive);
+        // Written by versions that guessed when points came from the time alive.
+        let _ = std::fs::remove_file(cfg.data_dir.join("last-alive"));
         let bootstrapped = cfg.data_dir.join("bootstrapped").exists() || cfg.bootstrap_expect <= 1;
         let roles: Vec<&str> = cfg
             .roles
@@ -402,12 +395,13 @@ impl Node {
             Readiness { ready: reason.is_none(), reason, live_members: live, bootstrapped };
     }
 
-    /// One round of catalog anti-entropy: publish our digest; pull from a peer whose digest
-    /// differs (or, now and then, from any live peer); push a changed state to a few peers.
+    /// One round of catalog anti-entropy: publish our digest; compare parts with a peer whose
+    /// digest differs (or, now and then, with any live peer); push the parts changed since the
+    /// last push to a few peers.
     async fn catalog_anti_entropy(
         &self,
         round: usize,
-        pushed_digest: &mut Option<u64>,
+        pushed: &mut std::collections::BTreeMap<MetricKey, u64>,
         last_pull: &mut tokio::time::Instant,
     ) {
         let digest = self.catalog.digest();
@@ -423,55 +417,105 @@ impl Node {
         }
         let differing: Vec<&&Member> =
             peers.iter().filter(|m| m.catalog_digest.as_deref().is_some_and(|d| d != digest_text)).collect();
-        let pull_from = if !differing.is_empty() {
+        let exchange_with = if !differing.is_empty() {
             Some(differing[round % differing.len()].http_addr.clone())
         } else if last_pull.elapsed() >= CATALOG_PULL_EVERY {
             Some(peers[round % peers.len()].http_addr.clone())
         } else {
             None
         };
-        if let Some(Some(addr)) = pull_from {
+        if let Some(Some(addr)) = exchange_with {
             *last_pull = tokio::time::Instant::now();
-            if let Err(e) = self.pull_catalog(&addr).await {
-                tracing::debug!(peer = %addr, error = %e, "catalog pull failed");
+            if let Err(e) = self.exchange_catalog(&addr).await {
+                tracing::debug!(peer = %addr, error = %e, "catalog exchange failed");
             }
         }
-        let digest = self.catalog.digest();
-        if *pushed_digest != Some(digest) {
-            *pushed_digest = Some(digest);
-            // The pull may have taken a while: push only to peers that are still live now.
-            let members = self.membership.members().await;
-            let peers: Vec<&Member> =
-                members.iter().filter(|m| !m.is_self && m.is_live() && m.http_addr.is_some()).collect();
-            if peers.is_empty() {
-                return;
-            }
-            let state = self.catalog.state_bytes();
-            for m in peers.iter().cycle().skip(round % peers.len()).take(CATALOG_PUSH_FANOUT.min(peers.len())) {
-                let Some(addr) = &m.http_addr else { continue };
-                if let Err(e) = self.peers.post(addr, "/internal/v1/catalog", state.clone()).await {
-                    tracing::debug!(peer = %addr, error = %e, "catalog push failed");
-                }
+        let digests = self.catalog.part_digests();
+        let changed: Vec<MetricKey> =
+            digests.iter().filter(|(k, d)| pushed.get(*k) != Some(*d)).map(|(k, _)| k.clone()).collect();
+        *pushed = digests;
+        if changed.is_empty() {
+            return;
+        }
+        // The exchange may have taken a while: push only to peers that are still live now.
+        let members = self.membership.members().await;
+        let peers: Vec<&Member> =
+            members.iter().filter(|m| !m.is_self && m.is_live() && m.http_addr.is_some()).collect();
+        if peers.is_empty() {
+            return;
+        }
+        let parts = self.catalog.parts_bytes(&changed);
+        for m in peers.iter().cycle().skip(round % peers.len()).take(CATALOG_PUSH_FANOUT.min(peers.len())) {
+            let Some(addr) = &m.http_addr else { continue };
+            if let Err(e) = self.peers.post(addr, "/internal/v1/catalog", parts.clone()).await {
+                tracing::debug!(peer = %addr, error = %e, "catalog push failed");
             }
         }
     }
 
-    async fn pull_catalog(&self, addr: &str) -> anyhow::Result<()> {
-        let bytes = self.peers.get(addr, "/internal/v1/catalog").await?;
-        let state = crate::catalog::CatalogState::from_bytes(&bytes).map_err(|e| anyhow::anyhow!(e))?;
-        if self.merge_catalog(state).await? {
+    /// Compares catalogs with a peer part by part: merges the parts it sends, and sends it the
+    /// parts it asks for.
+    async fn exchange_catalog(&self, addr: &str) -> anyhow::Result<()> {
+        let request = crate::catalog::CatalogDiffRequest { digests: self.catalog.part_digests(), metric: None };
+        let body = postcard::to_stdvec(&request).expect("diff requests encode");
+        let bytes = self.peers.post(addr, "/internal/v1/catalog/diff", body).await?;
+        if bytes.len() > crate::catalog::STATE_BYTES_MAX {
+            anyhow::bail!("a catalog diff larger than {} bytes", crate::catalog::STATE_BYTES_MAX);
+        }
+        let diff: crate::catalog::CatalogDiff = postcard::from_bytes(&bytes)?;
+        if self.merge_catalog(diff.state).await? {
             tracing::debug!(peer = %addr, "catalog updated from a peer");
         }
+        if !diff.wanted.is_empty() {
+            self.peers.post(addr, "/internal/v1/catalog", self.catalog.parts_bytes(&diff.wanted)).await?;
+        }
         Ok(())
+    }
+
+    /// Brings this node's part of the catalog for `metric` up to date with every live member
+    /// (and theirs with it): a DELETE must reach every shard of the metric, also one placed by
+    /// another node whose placement has not arrived here yet, or one this node could not
+    /// record (its disk full). Fails, naming the member, when one cannot be asked.
+    async fn sync_metric_catalog(&self, metric: &MetricKey) -> Result<(), NodeError> {
+        let members = self.membership.members().await;
+        let peers: Vec<String> =
+            members.iter().filter(|m| !m.is_self && m.is_live()).filter_map(|m| m.http_addr.clone()).collect();
+        let exchanges = peers.iter().map(|addr| async move {
+            let digests = self.catalog.part_digests().into_iter().filter(|(k, _)| k == metric).collect();
+            let request = crate::catalog::CatalogDiffRequest { digests, metric: Some(metric.clone()) };
+            let body = postcard::to_stdvec(&request).expect("diff requests encode");
+            let bytes = self.peers.post(addr, "/internal/v1/catalog/diff", body).await.map_err(|e| e.to_string())?;
+            let diff: crate::catalog::CatalogDiff = postcard::from_bytes(&bytes).map_err(|e| e.to_string())?;
+            self.merge_catalog(diff.state).await.map_err(|e| e.to_string())?;
+            if !diff.wanted.is_empty() {
+                let part = self.catalog.parts_bytes(std::slice::from_ref(metric));
+                self.peers.post(addr, "/internal/v1/catalog", part).await.map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        });
+        let failed: Vec<String> = futures_util::future::join_all(exchanges)
+            .await
+            .into_iter()
+            .zip(&peers)
+            .filter_map(|(r, addr)| r.err().map(|e| format!("{addr}: {e}")))
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(NodeError::Unavailable(format!(
+                "cannot confirm every shard of {metric} with every live member (retry the delete): {}",
+                failed.join("; ")
+            )))
+        }
     }
 
     /// Merges a peer's catalog state. A metric whose drop epoch it raises loses its local
     /// shards first (a node that was away during a DROP, say), so that nothing of the dropped
     /// metric is left to be read or copied once the catalog says it was dropped.
     pub async fn merge_catalog(&self, state: crate::catalog::CatalogState) -> Result<bool, NodeError> {
-        for (metric, &epoch) in state.drop_epochs() {
-            if epoch > self.catalog.drop_epoch(metric) {
-                self.apply_drop(metric, epoch).await?;
+        for (metric, epoch) in state.drop_epochs() {
+            if epoch > self.catalog.drop_epoch(&metric) {
+                self.apply_drop(&metric, epoch).await?;
             }
         }
         Ok(self.catalog.merge(state).await?)
@@ -628,21 +672,27 @@ impl Node {
                 capacity: m.capacity,
             })
             .collect();
-        for shard in new_shards {
+        for shard in &new_shards {
             let replicas = crate::placement::place(
-                &shard,
+                shard,
                 &candidates,
                 self.cfg.metrics_selector,
                 self.cfg.replication_factor,
                 &Default::default(),
             )
             .map_err(|e| NodeError::Unavailable(format!("cannot place shard {shard}: {e}")))?;
-            self.catalog.add_replicas(&shard, &replicas).await?;
+            self.catalog.add_replicas(shard, &replicas).await?;
         }
         // New placements go to every live peer before the write is acknowledged, so that a
         // query through any node right after the ack finds the new shards (best effort: a peer
-        // that misses this gets them by anti-entropy).
-        for e in self.post_to_live_peers("/internal/v1/catalog", self.catalog.state_bytes()).await {
+        // that misses this gets them by anti-entropy). Only the parts of their metrics go.
+        let metrics: Vec<MetricKey> = new_shards
+            .iter()
+            .map(|s| s.metric.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for e in self.post_to_live_peers("/internal/v1/catalog", self.catalog.parts_bytes(&metrics)).await {
             tracing::debug!(error = %e, "a peer missed a new placement; anti-entropy will bring it");
         }
         Ok(())
@@ -687,27 +737,17 @@ impl Node {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let (mut round, mut pushed_digest, mut last_pull) = (0usize, None, tokio::time::Instant::now());
+            let (mut round, mut pushed, mut last_pull) = (0usize, Default::default(), tokio::time::Instant::now());
             loop {
                 tick.tick().await;
                 let Some(node) = weak.upgrade() else { return };
                 round += 1;
-                node.catalog_anti_entropy(round, &mut pushed_digest, &mut last_pull).await;
+                node.catalog_anti_entropy(round, &mut pushed, &mut last_pull).await;
             }
         });
         self.every(self.cfg.gossip_interval, |node| async move { node.update_readiness().await });
         let flush_period = (self.cfg.flush_interval / 4).max(std::time::Duration::from_millis(100));
-        self.every(flush_period, |node| async move {
-            node.storage.flush_idle().await;
-            let (path, now) = (node.cfg.data_dir.join(LAST_ALIVE_FILE), node.env.clock.now_ms());
-            match crate::env::spawn_blocking(move || crate::storage::write_atomic(&path, now.to_string().as_bytes()))
-                .await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(error = %e, "cannot record the time alive"),
-                Err(e) => tracing::debug!(error = %e, "cannot record the time alive"),
-            }
-        });
+        self.every(flush_period, |node| async move { node.storage.flush_idle().await });
         self.every(self.cfg.hints_replay_interval, |node| async move { node.replay_hints().await });
         if let Some(retention) = self.cfg.retention {
             let period =
@@ -778,7 +818,8 @@ impl Node {
             std::pin::Pin<Box<dyn std::future::Future<Output = ReplicaOutcome> + Send>>,
         > = Default::default();
         let mut tally: std::collections::BTreeMap<crate::model::ShardId, ShardTally> = Default::default();
-        for (key, rows) in batch.metrics {
+        for (key, mut rows) in batch.metrics {
+            rows.stamp_written(accepted_ms);
             let by_shard = rows_by_shard(&rows.timestamps, interval);
             let single = by_shard.len() == 1;
             let epoch = self.catalog.drop_epoch(&key);
@@ -942,11 +983,7 @@ impl Node {
         let shard = write.shard.clone();
         if replica == self.cfg.node_id {
             let result = match self.fence_epoch(&shard.metric, write.epoch).await {
-                Ok(_stores) => {
-                    let stored = self.storage.write(&shard.metric, write.batch).await.map_err(NodeError::from);
-                    self.storage.note_write(&shard, self.env.clock.now_ms());
-                    stored
-                }
+                Ok(_stores) => self.storage.write(&shard.metric, write.batch).await.map_err(NodeError::from),
                 Err(e) => Err(e),
             };
             let disk_full = matches!(result, Err(NodeError::StorageFull(_)));
@@ -1101,6 +1138,7 @@ impl Node {
                 };
                 query::validate_fields(&self.catalog, &key, &probe)?;
                 let range = query::time_range(plan.filter.as_ref(), req.from, req.to);
+                self.sync_metric_catalog(&key).await?;
                 let shards = self.catalog.shards_of(&key, range.0, range.1, self.cfg.shard_interval_ms);
                 let (at_ms, epoch) = (self.env.clock.now_ms(), self.catalog.drop_epoch(&key));
                 // Every replica of every shard must apply the delete, or a later read could
@@ -1167,7 +1205,6 @@ impl Node {
         }
         let _stores = self.fence_epoch(&write.shard.metric, write.epoch).await?;
         self.storage.write(&write.shard.metric, write.batch).await?;
-        self.storage.note_write(&write.shard, self.env.clock.now_ms());
         Ok(())
     }
 
@@ -1247,7 +1284,8 @@ impl Node {
         .map_err(|e| NodeError::Internal(format!("the drop task failed: {e}")))??;
         // The new state carries the schema's removal and the drop epoch together: a member
         // that merges it drops its shards of the metric before the catalog says it is gone.
-        for e in self.post_to_live_peers("/internal/v1/catalog", self.catalog.state_bytes()).await {
+        let part = self.catalog.parts_bytes(std::slice::from_ref(key));
+        for e in self.post_to_live_peers("/internal/v1/catalog", part).await {
             tracing::warn!(error = %e, metric = %key, "a member did not get the drop now; anti-entropy will bring it");
         }
         tracing::info!(metric = %key, epoch, "dropped a metric");

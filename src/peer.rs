@@ -107,8 +107,6 @@ pub struct PartialRequest {
 /// margin) removed; answered with the postcard count of points stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergeRequest {
-    /// When the points were known to exist: read from a replica, or recorded as a hint.
-    pub as_of_ms: i64,
     pub shard: ShardId,
     pub batch: RowBatch,
     /// The sender's drop epoch of the shard's metric ([`crate::catalog::Catalog::drop_epoch`]).

@@ -176,23 +176,19 @@ impl Node {
                     work.push((start, block_end, (block_ms / SPLIT).max(1)));
                     continue;
                 }
-                let as_of_ms = self.env.clock.now_ms();
                 if theirs > 0 && !push_only {
                     let max = theirs.saturating_mul(2).max(TRANSFER_POINTS_MAX);
                     let req = PointsRequest { shard: shard.clone(), from: start, to: block_end, max, epoch };
                     let batch: RowBatch = self.call(addr, "/internal/v1/points", &req).await?;
                     batch.validate().map_err(|e| format!("points from {addr}: {e}"))?;
-                    let times = MergeTimes { as_of_ms, now_ms: self.env.clock.now_ms() };
+                    let times = MergeTimes { now_ms: self.env.clock.now_ms() };
                     let _stores = self.fence_epoch(&shard.metric, epoch).await.map_err(|e| e.to_string())?;
                     let stored = self.storage.merge(shard, batch, times).await.map_err(|e| e.to_string())?;
-                    if stored > 0 {
-                        self.storage.note_write(shard, times.now_ms);
-                    }
                     self.metrics.repair_points_copied.fetch_add(stored, Relaxed);
                 }
                 if mine > 0 {
                     let batch = self.local_points(shard, start, block_end).await?;
-                    let req = MergeRequest { as_of_ms, shard: shard.clone(), batch, epoch };
+                    let req = MergeRequest { shard: shard.clone(), batch, epoch };
                     let stored: u64 = self.call(addr, "/internal/v1/merge", &req).await?;
                     self.metrics.repair_points_copied.fetch_add(stored, Relaxed);
                 }
@@ -275,7 +271,7 @@ impl Node {
                 tracing::warn!(%shard, error = %e, "cannot record the new replicas");
                 return false;
             }
-            self.publish_catalog().await;
+            self.publish_catalog(shard).await;
             for (n, addr) in addrs {
                 if let Err(e) = self.sync_shard(shard, &addr, true).await {
                     tracing::warn!(%shard, to = %n, error = %e, "catch-up copy failed; repair will finish it");
@@ -299,10 +295,11 @@ impl Node {
         true
     }
 
-    /// Pushes the catalog to every live peer now (rather than waiting for anti-entropy), so
+    /// Pushes a shard's metric's part of the catalog to every live peer now (rather than waiting for anti-entropy), so
     /// write coordinators learn new placements quickly.
-    async fn publish_catalog(&self) {
-        for e in self.post_to_live_peers("/internal/v1/catalog", self.catalog.state_bytes()).await {
+    async fn publish_catalog(&self, shard: &ShardId) {
+        let part = self.catalog.parts_bytes(std::slice::from_ref(&shard.metric));
+        for e in self.post_to_live_peers("/internal/v1/catalog", part).await {
             tracing::debug!(error = %e, "a peer missed a placement change; anti-entropy will bring it");
         }
     }
@@ -366,7 +363,7 @@ impl Node {
                     tracing::warn!(%shard, replica = %g, error = %e, "cannot remove a lost replica");
                 }
             }
-            self.publish_catalog().await;
+            self.publish_catalog(&shard).await;
             self.metrics.shards_rereplicated.fetch_add(1, Relaxed);
             tracing::info!(%shard, lost = ?gone, added = ?new, "re-replicated a shard");
         }
@@ -494,7 +491,7 @@ impl Node {
                 let count = hints.len() as u64;
                 let mut delivered = true;
                 for hint in hints {
-                    let write = match ReplicaWrite::decode(&hint.payload) {
+                    let mut write = match ReplicaWrite::decode(&hint.payload) {
                         Ok(w) => w,
                         Err(e) => {
                             tracing::error!(%target, error = %e, "an undecodable hint is dropped");
@@ -502,12 +499,11 @@ impl Node {
                             continue;
                         }
                     };
-                    let req = MergeRequest {
-                        as_of_ms: hint.recorded_ms,
-                        shard: write.shard,
-                        batch: write.batch,
-                        epoch: write.epoch,
-                    };
+                    // A hint kept before points carried their write time: it is the hint's.
+                    if !write.batch.columns.contains_key(crate::model::batch::WRITTEN_COLUMN) {
+                        write.batch.stamp_written(hint.recorded_ms);
+                    }
+                    let req = MergeRequest { shard: write.shard, batch: write.batch, epoch: write.epoch };
                     let body = postcard::to_stdvec(&req).expect("merges encode");
                     match self.peers.post(&addr, "/internal/v1/merge", body).await {
                         Ok(_) => {}
@@ -646,7 +642,7 @@ impl Node {
         if let Err(e) = self.catalog.remove_replica(shard, me).await {
             tracing::warn!(%shard, error = %e, "cannot remove this node from a shard's placement");
         }
-        self.publish_catalog().await;
+        self.publish_catalog(shard).await;
         true
     }
 
@@ -703,11 +699,8 @@ impl Node {
         let write = ReplicaWrite { shard: req.shard, batch: req.batch, epoch: req.epoch };
         self.check_replica_write(&write)?;
         let _stores = self.fence_epoch(&write.shard.metric, write.epoch).await?;
-        let times = MergeTimes { as_of_ms: req.as_of_ms, now_ms: self.env.clock.now_ms() };
+        let times = MergeTimes { now_ms: self.env.clock.now_ms() };
         let stored = self.storage.merge(&write.shard, write.batch, times).await?;
-        if stored > 0 {
-            self.storage.note_write(&write.shard, times.now_ms);
-        }
         self.metrics.points_written.fetch_add(stored, Relaxed);
         Ok(stored)
     }
@@ -722,12 +715,9 @@ impl Node {
         Ok(self.storage.tombstones(&req.shard, self.env.clock.now_ms()).await?)
     }
 
-    /// Applies the tombstones this node's copy of `shard` lacks, so later merges are filtered
-    /// too. A tombstone made after this copy last took points also deletes what it matches
-    /// here: every such point predates the delete. A copy that took points since may hold
-    /// some written after the delete (a re-insert, which no replica filters), so there the
-    /// tombstone is only kept: an acknowledged point is never removed by a delete that
-    /// preceded it. Expired ones are ignored.
+    /// Applies the deletes this node's copy of `shard` missed, so that the points they
+    /// removed elsewhere go here too (only those written at or before each delete: a point
+    /// written again since stays) and later merges are filtered. Expired ones are ignored.
     async fn apply_tombstones(&self, shard: &ShardId, tombstones: Vec<Tombstone>, epoch: u64) -> Result<(), NodeError> {
         let now_ms = self.env.clock.now_ms();
         let grace_ms = self.cfg.hints_age_max.as_millis() as i64;
@@ -743,16 +733,10 @@ impl Node {
             return Ok(());
         }
         let held = self.storage.tombstones(shard, now_ms).await?;
-        let last_write_ms = self.storage.shard_if_held(shard).map_or(i64::MIN, |s| s.last_write_ms());
         for t in fresh.into_iter().filter(|t| !held.contains(t)) {
-            if t.at_ms > last_write_ms {
-                let keep = (crate::node::tombstone_rule())(&t.rule);
-                let removed = self.storage.delete(shard, keep, t).await?;
-                tracing::info!(%shard, removed, "applied a delete this replica had missed");
-            } else {
-                self.storage.add_tombstone(shard, t).await?;
-                tracing::info!(%shard, "kept a delete this replica had missed; its copy took points since, so nothing is removed");
-            }
+            let keep = (crate::node::tombstone_rule())(&t.rule);
+            let removed = self.storage.delete(shard, keep, t).await?;
+            tracing::info!(%shard, removed, "applied a delete this replica had missed");
         }
         Ok(())
     }

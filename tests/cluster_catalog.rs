@@ -80,13 +80,13 @@ fn catalog_spreads_persists_and_fills_empty_nodes() {
     // Catalog size: 100 more metrics with 3 fields each.
     let lines: String = (0..100).map(|i| format!("m{i},region=eu,host=h value=1i,load=2i 1000\n")).collect();
     assert_eq!(nodes[0].post("/write?db=db&namespace=ns&precision=ms", lines).0, 204);
-    let size = std::fs::metadata(nodes[0].data_dir.join("catalog.bin")).unwrap().len();
+    let size = std::fs::metadata(nodes[0].data_dir.join("catalog.log")).unwrap().len();
     let metrics = nodes[0].get("/commands/db/ns/metrics").1["metrics"].as_array().unwrap().len();
     println!("catalog: {size} bytes for {metrics} metrics = {} bytes per metric", size / metrics as u64);
 
     // The internal API refuses other clusters.
     let resp = reqwest::blocking::Client::new()
-        .get(nodes[0].url("/internal/v1/catalog"))
+        .post(nodes[0].url("/internal/v1/catalog/diff"))
         .header("x-shoal-cluster", "someone-else")
         .send()
         .unwrap();

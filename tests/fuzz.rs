@@ -236,7 +236,7 @@ fn fuzz_internal_wire_frames() {
     let batch = sample_batch();
     let seeds = vec![
         postcard::to_stdvec(&ReplicaWrite { shard: shard.clone(), batch: batch.clone(), epoch: 3 }).unwrap(),
-        postcard::to_stdvec(&MergeRequest { as_of_ms: 5, shard: shard.clone(), batch, epoch: 0 }).unwrap(),
+        postcard::to_stdvec(&MergeRequest { shard: shard.clone(), batch, epoch: 0 }).unwrap(),
         postcard::to_stdvec(&DigestRequest { shard: shard.clone(), from: 0, to: 10, block_ms: 1, epoch: 0 }).unwrap(),
         postcard::to_stdvec(&PointsRequest { shard: shard.clone(), from: 0, to: 10, max: 9, epoch: 0 }).unwrap(),
     ];
@@ -272,10 +272,9 @@ fn fuzz_catalog_state_and_file() {
     rt.block_on(catalog.add_replicas(&shard, &["a".into(), "b".into()])).unwrap();
     let state = catalog.state_bytes();
     drop(catalog);
-    let file = std::fs::read(dir.path().join("catalog.bin")).unwrap();
     let work = tempfile::tempdir().unwrap();
-    let tried = fuzz("catalog", vec![state, file], |input| {
-        // As a peer's state (the checksum is the file's only).
+    let tried = fuzz("catalog", vec![state], |input| {
+        // As a peer's state or a push of some parts.
         let state = match shoal::catalog::CatalogState::from_bytes(input) {
             Ok(s) => {
                 let _ = (s.placement(), s.schemas(), s.digest());
@@ -283,17 +282,18 @@ fn fuzz_catalog_state_and_file() {
             }
             Err(_) => "state-err",
         };
-        // As the node's file, with the checksum made to match so the decoder is reached.
-        let mut sealed = input.to_vec();
-        sealed.extend_from_slice(&crc32fast::hash(input).to_le_bytes());
-        std::fs::write(work.path().join("catalog.bin"), &sealed).unwrap();
+        // As a record of the node's catalog log, framed so that its checksum matches and the
+        // decoder is reached.
+        let mut record = Vec::new();
+        shoal::storage::wal::frame(input, &mut record);
+        std::fs::write(work.path().join("catalog.log"), &record).unwrap();
         let file = match shoal::catalog::Catalog::open(work.path(), "a", false) {
             Ok(c) => {
                 let _ = (c.placement(), c.metrics());
                 "file-ok".to_string()
             }
             Err(e) => {
-                assert!(e.to_string().contains("catalog.bin"), "the error names the file: {e}");
+                assert!(e.to_string().contains("catalog.log"), "the error names the file: {e}");
                 "file-err".to_string()
             }
         };

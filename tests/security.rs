@@ -73,12 +73,20 @@ fn a_node_without_the_cluster_secret_cannot_join_or_call_the_internal_api() {
 
     // The internal API: unsigned, or signed with another secret, is 401 and changes nothing.
     let http = reqwest::blocking::Client::new();
-    let resp = http.get(n1.url("/internal/v1/catalog")).header("x-shoal-cluster", "shoal").send().unwrap();
+    let empty = postcard::to_stdvec(&shoal::catalog::CatalogDiffRequest::default()).unwrap();
+    let resp = http
+        .post(n1.url("/internal/v1/catalog/diff"))
+        .header("x-shoal-cluster", "shoal")
+        .body(empty.clone())
+        .send()
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
     assert!(resp.text().unwrap().contains("must be signed"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     use shoal::peer::{PeerClient, PeerError};
-    let stolen = rt.block_on(async { peers(Some(S)).0.get(&n1.addr, "/internal/v1/catalog").await.unwrap() });
+    let diff =
+        rt.block_on(async { peers(Some(S)).0.post(&n1.addr, "/internal/v1/catalog/diff", empty).await.unwrap() });
+    let stolen = postcard::from_bytes::<shoal::catalog::CatalogDiff>(&diff).unwrap().state.to_bytes();
     let (wrong, _keep) = peers(Some(T));
     let push = rt.block_on(wrong.post(&n1.addr, "/internal/v1/catalog", stolen.clone()));
     match push {

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-/// Simulated wall clock: a fixed epoch plus tokio's (paused) elapsed time, plus a skew the
-/// run script may change.
+/// Simulated wall clock: a fixed epoch plus tokio's (paused) time elapsed since the cluster
+/// began, plus a skew the run script may change. Every node counts from the same instant, so
+/// that clocks agree but for the skew faults (a node joining later must not run behind).
 pub struct SimClock {
     start: tokio::time::Instant,
     pub skew_ms: AtomicI64,
@@ -21,14 +22,8 @@ pub struct SimClock {
 pub const EPOCH_MS: i64 = 1_800_000_000_000;
 
 impl SimClock {
-    pub fn new() -> Self {
-        Self { start: tokio::time::Instant::now(), skew_ms: AtomicI64::new(0) }
-    }
-}
-
-impl Default for SimClock {
-    fn default() -> Self {
-        Self::new()
+    pub fn new(start: tokio::time::Instant) -> Self {
+        Self { start, skew_ms: AtomicI64::new(0) }
     }
 }
 
@@ -64,6 +59,8 @@ pub struct Cluster {
     pub root: tempfile::TempDir,
     pub settings: Vec<String>,
     transport: SimTransport,
+    /// When the cluster began: time zero of every node's clock.
+    start: tokio::time::Instant,
 }
 
 impl Drop for Cluster {
@@ -84,7 +81,8 @@ impl Cluster {
         let shm = std::path::Path::new("/dev/shm");
         let builder = tempfile::Builder::new().prefix("shoal-sim").clone();
         let root = if shm.is_dir() { builder.tempdir_in(shm)? } else { builder.tempdir()? };
-        Ok(Self { transport: SimTransport(net.clone()), net, nodes: Vec::new(), root, settings })
+        let start = tokio::time::Instant::now();
+        Ok(Self { transport: SimTransport(net.clone()), net, nodes: Vec::new(), root, settings, start })
     }
 
     /// Adds node `n<i>` (the next index) and starts it.
@@ -93,7 +91,15 @@ impl Cluster {
         let id = format!("n{idx}");
         let dir = self.root.path().join(&id);
         crate::disk::add_node(&dir);
-        self.nodes.push(SimNode { idx, id, dir, clock: Arc::new(SimClock::new()), capacity, node: None, left: false });
+        self.nodes.push(SimNode {
+            idx,
+            id,
+            dir,
+            clock: Arc::new(SimClock::new(self.start)),
+            capacity,
+            node: None,
+            left: false,
+        });
         self.start(idx).await?;
         Ok(idx)
     }

@@ -6,6 +6,7 @@
 use crate::cluster::{Cluster, EPOCH_MS};
 use crate::net::Net;
 use crate::rng::Rng;
+use shoal::env::Clock;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -132,24 +133,16 @@ struct History {
     /// Points a DROP or DELETE may or may not have removed (the request failed, or the point
     /// was acknowledged too close to it): neither required nor forbidden.
     uncertain: BTreeSet<i64>,
-    /// Successful deletes: metric, host and when.
-    deletes: Vec<(&'static str, u64, tokio::time::Instant)>,
-    /// A clock-skew fault has been in force: deletes assume clocks within their margin (hint
-    /// and tombstone times come from different nodes' clocks), so later deletes are uncertain.
-    skewed: bool,
+    /// Each point's write time as its coordinator stamps it: between that node's clock when
+    /// the request was sent and when it was answered (clock skew faults included).
+    stamps: BTreeMap<i64, (i64, i64)>,
+    /// Deletes that may have taken effect (all but 404s): metric, host and the range of the
+    /// coordinator's clock the delete was stamped in.
+    deletes: Vec<(&'static str, u64, (i64, i64))>,
     next_id: i64,
 }
 
 const NO_HOST: u64 = u64::MAX;
-/// A point acknowledged this long before a DELETE has no replica send still in flight (the
-/// internal call timeout) and its hints are older than the DELETE: the DELETE removes it for
-/// certain. Closer to the DELETE, a slow replica send may store it after the tombstone.
-const DELETE_SETTLED: Duration = Duration::from_secs(6);
-/// A point written this soon after a DELETE that matches it is filtered from repair copies
-/// (the merge margin, `TOMBSTONE_MARGIN_MS`, plus call timeouts), and is lost if its shard
-/// moves to new replicas meanwhile: a known gap (seed 2016, docs/design/recovery.md).
-const REINSERT_MARGIN: Duration = Duration::from_secs(16);
-
 async fn simulate(seed: u64, verbose: bool) -> Report {
     let mut trace = Trace { start: tokio::time::Instant::now(), hash: 0xcbf2_9ce4_8422_2325, verbose };
     crate::disk::reset(seed);
@@ -220,7 +213,6 @@ async fn simulate(seed: u64, verbose: bool) -> Report {
             drop_metric(&cluster, &mut load, &mut history, &mut trace).await;
         } else if roll < 88 && active.len() < 2 {
             if let Some(fault) = start_fault(&mut cluster, &mut script, &active, &mut trace).await {
-                history.skewed |= matches!(fault, Fault::Skew(_));
                 let until = tokio::time::Instant::now() + Duration::from_millis(script.between(1_000, 12_000));
                 active.push((fault, until));
             }
@@ -291,15 +283,22 @@ async fn insert(cluster: &Cluster, load: &mut Rng, history: &mut History, trace:
         let host = load.below(5);
         lines.push_str(&format!("{metric},host=h{host} value={id}i {ts}\n"));
         history.attempted.insert(id, (metric, host));
-        let now = tokio::time::Instant::now();
-        if history.deletes.iter().any(|(m, h, at)| *m == metric && *h == host && *at + REINSERT_MARGIN > now) {
-            history.uncertain.insert(id);
-        }
         ids.push(id);
     }
     let uri = format!("/write?db=sim&namespace=ns&precision=ms&consistency={consistency}");
     let stale = behind_a_drop(cluster, via, metric);
+    let sent_ms = cluster.nodes[via].clock.now_ms();
     let (status, _) = cluster.request(via, "POST", &uri, lines).await;
+    let stamp = (sent_ms, cluster.nodes[via].clock.now_ms());
+    for id in &ids {
+        history.stamps.insert(*id, stamp);
+        let (metric, host) = history.attempted[id];
+        // Stamped no later than a DELETE that matches it (a clock behind, or at the same
+        // time): that DELETE may take it.
+        if history.deletes.iter().any(|(m, h, at)| *m == metric && *h == host && stamp.0 <= at.1) {
+            history.uncertain.insert(*id);
+        }
+    }
     if status == 204 {
         let now = tokio::time::Instant::now();
         history.acked.extend(ids.iter().map(|id| (*id, now)));
@@ -368,37 +367,42 @@ async fn schema_change(cluster: &Cluster, load: &mut Rng, history: &mut History,
     trace.event(format!("schema n{via} {metric}.{field}={value} -> {status}"));
 }
 
-/// `DELETE FROM m WHERE host = 'hK'`: on success the matching points acknowledged well before
-/// it are gone for good; the rest that match are uncertain.
+/// `DELETE FROM m WHERE host = 'hK'`: on success the matching points acknowledged with a write
+/// time before it are gone for good; those whose write time may fall after it are uncertain,
+/// and those written after it by the clocks must stay.
 async fn delete(cluster: &Cluster, load: &mut Rng, history: &mut History, trace: &mut Trace) {
     let Some(&via) = load.pick(&cluster.live()) else { return };
     let metric = *load.pick(&METRICS).expect("metrics");
     let host = load.below(5);
     let sql = format!("DELETE FROM {metric} WHERE host = 'h{host}'");
     let body = serde_json::json!({"db": "sim", "namespace": "ns", "queryString": sql});
-    let started = tokio::time::Instant::now();
+    let sent_ms = cluster.nodes[via].clock.now_ms();
     let (status, _) = cluster.request(via, "POST", "/query", body.to_string()).await;
+    let at = (sent_ms, cluster.nodes[via].clock.now_ms());
     let matching: Vec<i64> =
         history.attempted.iter().filter(|(_, (m, h))| *m == metric && *h == host).map(|(id, _)| *id).collect();
-    let skewed = history.skewed;
-    if status == 200 {
-        history.deletes.push((metric, host, started));
+    // A 404 (the metric does not exist yet) removes nothing. A failed DELETE may have reached
+    // some replicas, and spreads from there.
+    if status == 404 {
+        trace.event(format!("delete n{via} {metric} h{host} -> {status}"));
+        return;
     }
-    // Known gap: with the delete check strict, seed 1006 (`SHOAL_SIM_STRICT_DELETES=1
-    // SHOAL_SIM_SEED=1006 cargo run --release -p shoal-sim`) finds a point acknowledged long
-    // before a successful DELETE returned after it (docs/design/recovery.md). Until that is
-    // fixed, deleted points are only checked when asked, so random seeds stay meaningful for
-    // everything else.
-    let strict = std::env::var("SHOAL_SIM_STRICT_DELETES").is_ok_and(|v| v == "1");
+    history.deletes.push((metric, host, at));
     for id in matching {
-        let settled = strict && history.acked.get(&id).is_some_and(|at| *at + DELETE_SETTLED <= started);
-        // A 404 (the metric does not exist yet) removes nothing.
-        if status == 200 && settled && !skewed {
-            history.gone.insert(id);
-            history.uncertain.remove(&id);
-        } else if status != 404 && !history.gone.contains(&id) {
+        let Some(&(lo, hi)) = history.stamps.get(&id) else { continue };
+        if hi < at.0 {
+            // Written before the DELETE by the clocks (points carry their write time, and a
+            // DELETE removes what was written up to it): gone for good once it succeeded.
+            if status == 200 && history.acked.contains_key(&id) {
+                history.gone.insert(id);
+                history.uncertain.remove(&id);
+            } else if !history.gone.contains(&id) {
+                history.uncertain.insert(id);
+            }
+        } else if lo <= at.1 && !history.gone.contains(&id) {
             history.uncertain.insert(id);
         }
+        // Stamped after it (a clock ahead): the DELETE leaves it.
     }
     trace.event(format!("delete n{via} {metric} h{host} -> {status}"));
 }

@@ -28,6 +28,14 @@ impl DictColumn {
     }
 }
 
+/// The hidden column holding each row's write time: when a write coordinator accepted the
+/// point, epoch ms on its clock. A DELETE removes the matching points written at or before it
+/// (the last write wins), so a point written again after a delete is never taken by that
+/// delete, wherever it travels later (hint, repair copy, hand-off). The name is no valid field
+/// name, so no client can send it; it never shows in results, schemas or digests. Rows without
+/// it (stored before write times were kept) count as written at `i64::MIN`.
+pub const WRITTEN_COLUMN: &str = "~written";
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RowBatch {
     pub timestamps: Vec<i64>,
@@ -44,11 +52,37 @@ impl RowBatch {
         self.timestamps.is_empty()
     }
 
+    /// The dimension and tag columns a client sent (every column but the write time).
+    pub fn fields(&self) -> impl Iterator<Item = (&String, &DictColumn)> {
+        self.columns.iter().filter(|(name, _)| name.as_str() != WRITTEN_COLUMN)
+    }
+
+    /// Stamps every row as written at `at_ms` (see [`WRITTEN_COLUMN`]).
+    pub fn stamp_written(&mut self, at_ms: i64) {
+        let column = DictColumn {
+            class: Some(FieldClass::Dimension),
+            dict: vec![FieldValue::Int(at_ms)],
+            codes: vec![0; self.len()],
+        };
+        self.columns.insert(WRITTEN_COLUMN.to_string(), column);
+    }
+
+    /// Each row's write time (see [`WRITTEN_COLUMN`]).
+    pub fn written(&self) -> Vec<i64> {
+        let Some(col) = self.columns.get(WRITTEN_COLUMN) else { return vec![i64::MIN; self.len()] };
+        (0..self.len())
+            .map(|r| match col.get(r) {
+                Some(FieldValue::Int(at)) => *at,
+                _ => i64::MIN,
+            })
+            .collect()
+    }
+
     /// Rebuilds one row as a point (for raw query results).
     pub fn point(&self, row: usize) -> Point {
         let mut dimensions = BTreeMap::new();
         let mut tags = BTreeMap::new();
-        for (name, col) in &self.columns {
+        for (name, col) in self.fields() {
             if let Some(v) = col.get(row) {
                 match col.class {
                     Some(FieldClass::Tag) => tags.insert(name.clone(), v.clone()),

@@ -241,7 +241,7 @@ impl Schema {
         if has_dec {
             check("value", FieldClass::Value, FieldType::Dec)?;
         }
-        for (name, col) in &batch.columns {
+        for (name, col) in batch.fields() {
             let class = col.class.unwrap_or(FieldClass::Dimension);
             let mut types: Vec<FieldType> = col.dict.iter().map(FieldValue::field_type).collect();
             types.sort();

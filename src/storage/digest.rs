@@ -29,7 +29,8 @@ impl BlockDigest {
 /// canonical encoding of field values, splitmix finalizers).
 pub fn row_hashes(batch: &RowBatch) -> Vec<u64> {
     let mut fields = vec![0u64; batch.len()];
-    for (name, col) in &batch.columns {
+    // Not the write time: replicas holding one point written twice agree on it.
+    for (name, col) in batch.fields() {
         let dict: Vec<u64> = col
             .dict
             .iter()
@@ -83,7 +84,7 @@ pub fn same_point(a: &RowBatch, ra: usize, b: &RowBatch, rb: usize) -> bool {
         return false;
     }
     fn fields(batch: &RowBatch, row: usize) -> impl Iterator<Item = (&String, Option<FieldClass>, &FieldValue)> {
-        batch.columns.iter().filter_map(move |(name, col)| col.get(row).map(|v| (name, col.class, v)))
+        batch.fields().filter_map(move |(name, col)| col.get(row).map(|v| (name, col.class, v)))
     }
     let mut fa = fields(a, ra);
     let mut fb = fields(b, rb);

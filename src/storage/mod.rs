@@ -13,7 +13,7 @@ use crate::model::MetricKey;
 use crate::model::batch::RowBatch;
 use dashmap::DashMap;
 pub use digest::BlockDigest;
-pub use shard::{KeepRow, MergeTimes, Shard, ShardId, TOMBSTONE_MARGIN_MS, Tombstone, TombstoneRule};
+pub use shard::{KeepRow, MergeTimes, Shard, ShardId, Tombstone, TombstoneRule};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -205,26 +205,6 @@ impl Storage {
     /// (the shard is created if this node holds none yet, so the tombstone still applies).
     pub async fn delete(&self, id: &ShardId, keep: KeepRow, tombstone: Tombstone) -> Result<u64, StorageError> {
         self.shard(id.clone()).await?.delete(Some(keep), Some(tombstone)).await
-    }
-
-    /// Keeps a tombstone for later merges without deleting anything now.
-    pub async fn add_tombstone(&self, id: &ShardId, tombstone: Tombstone) -> Result<(), StorageError> {
-        self.shard(id.clone()).await?.delete(None, Some(tombstone)).await.map(|_| ())
-    }
-
-    /// Notes that points were stored in a shard at `at_ms` (the node's clock).
-    pub fn note_write(&self, id: &ShardId, at_ms: i64) {
-        if let Some(shard) = self.shard_if_held(id) {
-            shard.note_write(at_ms);
-        }
-    }
-
-    /// After a start: every shard counts as written at `at_ms` (the node's last recorded
-    /// time alive), since when its points came is not known.
-    pub fn note_all_written(&self, at_ms: i64) {
-        for shard in self.shards.iter() {
-            shard.note_write(at_ms);
-        }
     }
 
     /// The live tombstones of a shard held here (none when it is not held).
@@ -560,16 +540,10 @@ mod tests {
         let same: Vec<i64> = da.iter().filter(|d| db.contains(d)).map(|d| d.start).collect();
         assert_eq!(same, [300, 400, 500], "blocks with the same points have the same digest");
         // Merging both ways gives both the union, once.
+        assert_eq!(a.merge(&id, sb.points_in(0, 1000).unwrap(), MergeTimes { now_ms: 0 }).await.unwrap(), 400);
+        assert_eq!(b.merge(&id, sa.points_in(0, 1000).unwrap(), MergeTimes { now_ms: 0 }).await.unwrap(), 300);
         assert_eq!(
-            a.merge(&id, sb.points_in(0, 1000).unwrap(), MergeTimes { as_of_ms: 0, now_ms: 0 }).await.unwrap(),
-            400
-        );
-        assert_eq!(
-            b.merge(&id, sa.points_in(0, 1000).unwrap(), MergeTimes { as_of_ms: 0, now_ms: 0 }).await.unwrap(),
-            300
-        );
-        assert_eq!(
-            a.merge(&id, points(0..1000), MergeTimes { as_of_ms: 0, now_ms: 0 }).await.unwrap(),
+            a.merge(&id, points(0..1000), MergeTimes { now_ms: 0 }).await.unwrap(),
             0,
             "a repeated merge adds nothing"
         );
@@ -583,7 +557,7 @@ mod tests {
         a.write(&key, again).await.unwrap();
         assert_eq!(sa.points(), 1001, "only (999, 7) was new");
         assert!(sa.digests(0, 1000, 100).unwrap() != sb.digests(0, 1000, 100).unwrap());
-        b.merge(&id, sa.points_in(0, 1000).unwrap(), MergeTimes { as_of_ms: 0, now_ms: 0 }).await.unwrap();
+        b.merge(&id, sa.points_in(0, 1000).unwrap(), MergeTimes { now_ms: 0 }).await.unwrap();
         assert_eq!(sa.digests(0, 1000, 100).unwrap(), sb.digests(0, 1000, 100).unwrap());
         assert_eq!(BlockDigest::total(&sa.digests(0, 1000, 1000).unwrap()).0, 1001);
         a.drop_shard(&id).await.unwrap();
@@ -591,14 +565,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tombstones_stop_copies_read_before_the_delete_and_survive_reopen() {
+    async fn tombstones_stop_copies_written_before_the_delete_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let key = MetricKey::new("d", "n", "m").unwrap();
         let id = ShardId { metric: key.clone(), start: 0 };
         // The rule is "drop even timestamps"; storage does not care what it encodes.
         let evens: TombstoneRule =
             Arc::new(|_| Box::new(|b: &RowBatch| b.timestamps.iter().map(|t| t % 2 != 0).collect()));
-        let batch = |n: i64| {
+        let batch = |n: i64, written: Option<i64>| {
             let ps: Vec<Point> = (0..n)
                 .map(|i| Point {
                     timestamp: i,
@@ -607,27 +581,42 @@ mod tests {
                     tags: Default::default(),
                 })
                 .collect();
-            RowBatch::from_points(&ps).unwrap()
+            let mut b = RowBatch::from_points(&ps).unwrap();
+            if let Some(at) = written {
+                b.stamp_written(at);
+            }
+            b
         };
         let mut c = cfg(1000);
         c.tombstone_grace_ms = 60_000;
         let s = Storage::open(dir.path(), c, Arc::new(Metrics::default()), evens.clone()).await.unwrap();
-        s.write(&key, batch(10)).await.unwrap();
+        s.write(&key, batch(10, Some(99_000))).await.unwrap();
         let tomb = Tombstone { at_ms: 100_000, rule: vec![] };
-        assert_eq!(s.delete(&id, evens("".as_bytes()), tomb).await.unwrap(), 5);
-        // A copy read before the delete: its even points stay deleted.
-        let stale = MergeTimes { as_of_ms: 99_000, now_ms: 100_500 };
-        assert_eq!(s.merge(&id, batch(10), stale).await.unwrap(), 0);
+        assert_eq!(s.delete(&id, evens("".as_bytes()), tomb.clone()).await.unwrap(), 5);
+        // A copy of points written before the delete (or with no write time): the even
+        // points stay deleted.
+        let merged = MergeTimes { now_ms: 100_500 };
+        assert_eq!(s.merge(&id, batch(10, Some(99_999)), merged).await.unwrap(), 0);
+        assert_eq!(s.merge(&id, batch(10, None), merged).await.unwrap(), 0);
+        // The same delete again (another replica's copy of it) changes nothing.
+        assert_eq!(s.delete(&id, evens("".as_bytes()), tomb).await.unwrap(), 0);
         drop(s);
         let s = Storage::open(dir.path(), c, Arc::new(Metrics::default()), evens.clone()).await.unwrap();
-        assert_eq!(s.merge(&id, batch(10), stale).await.unwrap(), 0, "the tombstone was persisted");
-        // Points known well after the delete are new writes: stored. So is everything once
-        // the tombstone has expired.
-        let later = MergeTimes { as_of_ms: 100_000 + TOMBSTONE_MARGIN_MS + 1, now_ms: 120_000 };
-        assert_eq!(s.merge(&id, batch(4), later).await.unwrap(), 2);
-        let expired = MergeTimes { as_of_ms: 0, now_ms: 200_000 };
-        assert_eq!(s.merge(&id, batch(10), expired).await.unwrap(), 3);
+        assert_eq!(s.merge(&id, batch(10, Some(100_000)), merged).await.unwrap(), 0, "the tombstone was persisted");
+        // Points written after the delete, even a moment after, are new writes: stored. So is
+        // everything once the tombstone has expired.
+        assert_eq!(s.merge(&id, batch(4, Some(100_001)), merged).await.unwrap(), 2);
+        let expired = MergeTimes { now_ms: 200_000 };
+        assert_eq!(s.merge(&id, batch(10, Some(0)), expired).await.unwrap(), 3);
         assert_eq!(s.shard_if_held(&id).unwrap().points(), 10);
+        // A delete of the same rule made later removes only what was written before it.
+        let mut fresh = batch(10, None);
+        fresh.values.iter_mut().for_each(|v| *v = Num::Int(1_000));
+        fresh.stamp_written(300_000);
+        s.write(&key, fresh).await.unwrap();
+        let later = Tombstone { at_ms: 250_000, rule: vec![1] };
+        assert_eq!(s.delete(&id, evens("".as_bytes()), later).await.unwrap(), 5, "only the points from before it");
+        assert_eq!(s.shard_if_held(&id).unwrap().points(), 15);
     }
 
     #[tokio::test]

@@ -184,18 +184,25 @@ pub struct Tombstone {
 
 pub type TombstoneRule = Arc<dyn Fn(&[u8]) -> KeepRow + Send + Sync>;
 
-/// A delete this long before a merged copy was read still filters it: deletes reach the
-/// replicas of a shard within about this long of each other (two internal call timeouts).
-pub const TOMBSTONE_MARGIN_MS: i64 = 10_000;
-
-/// When a merged batch's points were known to exist (`as_of_ms`: read from a replica, or
-/// recorded as a hint) and when it is merged (`now_ms`, to expire old tombstones), both epoch ms
-/// on this node's clock (a hint's record time is the coordinator's: clocks are assumed to be
-/// within the margin of each other).
+/// When a batch is merged (`now_ms`, epoch ms on this node's clock): tombstones older than the
+/// grace then are forgotten.
 #[derive(Debug, Clone, Copy)]
 pub struct MergeTimes {
-    pub as_of_ms: i64,
     pub now_ms: i64,
+}
+
+/// A delete's rule limited to the points written at or before it (see
+/// [`crate::model::batch::WRITTEN_COLUMN`]): a point written again after the delete stays.
+pub fn keep_written_after(keep: KeepRow, at_ms: i64) -> KeepRow {
+    Box::new(move |batch: &RowBatch| {
+        let mut flags = keep(batch);
+        if flags.iter().any(|k| !k) {
+            for (flag, written) in flags.iter_mut().zip(batch.written()) {
+                *flag |= written > at_ms;
+            }
+        }
+        flags
+    })
 }
 
 /// `<shard>/TOMBSTONES`: the shard's live tombstones.
@@ -213,10 +220,6 @@ pub struct Shard {
     pub dir: PathBuf,
     state: RwLock<ShardState>,
     tx: mpsc::Sender<Command>,
-    /// The latest time (epoch ms, the node's clock) points were stored here, or a time at
-    /// least as late: whether a delete this replica missed may remove its points (see
-    /// `Node::apply_tombstones`). Storage has no clock: the node notes it.
-    last_write_ms: std::sync::atomic::AtomicI64,
 }
 
 struct Writer {
@@ -413,17 +416,11 @@ impl Shard {
         .await
         .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
         let Recovered { state, next_seq, legacy_wal } = recovered;
-        let tombstones = tombstones.into_iter().map(|t| (t.clone(), rule(&t.rule))).collect();
+        let tombstones =
+            tombstones.into_iter().map(|t| (t.clone(), keep_written_after(rule(&t.rule), t.at_ms))).collect();
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let end = id.start.saturating_add(cfg.shard_interval_ms);
-        let shard = Arc::new(Shard {
-            id,
-            end,
-            dir: dir.clone(),
-            state: RwLock::new(state),
-            tx,
-            last_write_ms: Default::default(),
-        });
+        let shard = Arc::new(Shard { id, end, dir: dir.clone(), state: RwLock::new(state), tx });
         let writer = Writer {
             shard: shard.clone(),
             wal,
@@ -501,14 +498,6 @@ impl Shard {
         let (done, rx) = oneshot::channel();
         self.tx.send(Command::Delete { keep, tombstone, done }).await.map_err(|_| StorageError::Closed)?;
         rx.await.map_err(|_| StorageError::Closed)?
-    }
-
-    pub fn note_write(&self, at_ms: i64) {
-        self.last_write_ms.fetch_max(at_ms, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub fn last_write_ms(&self) -> i64 {
-        self.last_write_ms.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The shard's tombstones still live at `now_ms` (younger than the grace).
@@ -601,8 +590,8 @@ impl Shard {
 
     /// Stores the points of `batch` this shard does not hold yet and returns how many. Hint
     /// replay, repair and hand-off store through here: like [`Shard::append`] (points are a
-    /// set), except that points matched by a tombstone newer than the copy (less the margin)
-    /// are not stored: they are copies read before their delete.
+    /// set), except that points a held tombstone removes (matched by its rule and written at or
+    /// before it) are not stored: they are copies from before their delete.
     pub async fn merge(&self, batch: RowBatch, times: MergeTimes) -> Result<u64, StorageError> {
         if batch.is_empty() {
             return Ok(0);
@@ -1089,12 +1078,15 @@ impl Writer {
         Ok(())
     }
 
-    /// Drops the rows of a merged batch that a live tombstone matches; forgets tombstones older
-    /// than the grace (they can no longer meet a copy read before their delete).
+    /// Drops the rows of a batch that a held tombstone removes (matched by its rule, written
+    /// at or before it): a merged copy from before the delete, or a replica write that was
+    /// still on its way when the delete came. A merge also forgets tombstones older than the
+    /// grace (they can no longer meet such a copy).
     fn apply_tombstones(&mut self, mut batch: RowBatch, merge: Option<MergeTimes>) -> RowBatch {
-        let Some(MergeTimes { as_of_ms, now_ms }) = merge else { return batch };
-        self.expire_tombstones(now_ms);
-        for (_, keep) in self.tombstones.iter().filter(|(t, _)| t.at_ms + TOMBSTONE_MARGIN_MS >= as_of_ms) {
+        if let Some(MergeTimes { now_ms }) = merge {
+            self.expire_tombstones(now_ms);
+        }
+        for (_, keep) in &self.tombstones {
             let mask = keep(&batch);
             if mask.iter().any(|k| !k) {
                 let rows: Vec<usize> = (0..batch.len()).filter(|&r| mask[r]).collect();
@@ -1117,17 +1109,22 @@ impl Writer {
     }
 
     /// Applies a delete. A tombstone this shard already holds (the same delete, again or
-    /// from another replica) changes nothing: its points are gone already.
+    /// from another replica) changes nothing: its points are gone already. With a tombstone,
+    /// only the points written at or before it go.
     async fn delete(&mut self, keep: Option<KeepRow>, tombstone: Option<Tombstone>) -> Result<u64, StorageError> {
         if tombstone.as_ref().is_some_and(|t| self.tombstones.iter().any(|(held, _)| held == t)) {
             return Ok(0);
         }
+        let keep = match (keep, &tombstone) {
+            (Some(keep), Some(t)) => Some(keep_written_after(keep, t.at_ms)),
+            (keep, _) => keep,
+        };
         if let Some(t) = tombstone {
             let mut all: Vec<Tombstone> = self.tombstones.iter().map(|(t, _)| t.clone()).collect();
             all.push(t.clone());
             let dir = self.shard.dir.clone();
             blocking(move || write_tombstones(&dir, &all)).await?;
-            let rule = (self.rule)(&t.rule);
+            let rule = keep_written_after((self.rule)(&t.rule), t.at_ms);
             self.tombstones.push((t, rule));
         }
         let Some(keep) = keep else { return Ok(0) };
