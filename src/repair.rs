@@ -241,6 +241,20 @@ impl Node {
         }
     }
 
+    /// Removes replicas that left from a shard's placement (see `rereplicate`).
+    async fn forget_left(&self, shard: &ShardId, left: &[&String]) {
+        if left.is_empty() {
+            return;
+        }
+        for r in left {
+            if let Err(e) = self.catalog.remove_replica(shard, r).await {
+                tracing::warn!(%shard, replica = %r, error = %e, "cannot remove a replica that left");
+            }
+        }
+        self.publish_catalog(shard).await;
+        tracing::info!(%shard, left = ?left, "removed replicas that left");
+    }
+
     fn new_replica_candidates(&self, members: &[Member], except: &str) -> Vec<Candidate> {
         members
             .iter()
@@ -349,13 +363,23 @@ impl Node {
             } else {
                 Vec::new()
             };
+            // A replica that left handed off what it held and is not coming back: it goes from
+            // the placement even while the shard stays below RF (it can be listed again by a
+            // top-up that ran while its leave was still spreading).
+            let left: Vec<&String> = gone
+                .iter()
+                .copied()
+                .filter(|r| members.iter().any(|m| &m.id == *r && m.state == Liveness::Left))
+                .collect();
             let full_without_gone = kept + new.len() >= rf;
             if (new.is_empty() && !full_without_gone) || !self.copy_to_new_replicas(&shard, &new, members).await {
+                self.forget_left(&shard, &left).await;
                 continue;
             }
             if !full_without_gone {
                 // Topped up as far as the ready nodes allow; the gone replicas stay listed.
                 tracing::info!(%shard, added = ?new, "topped up a shard below the replication factor");
+                self.forget_left(&shard, &left).await;
                 continue;
             }
             for g in &gone {
