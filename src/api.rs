@@ -81,6 +81,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/", get(index))
         .route("/data", post(post_data))
         .route("/write", post(post_write))
+        .route("/ping", get(ping).head(ping))
         .route("/query", post(post_query))
         .route("/commands/dbs", get(list_dbs))
         .route("/commands/{db}/namespaces", get(list_namespaces))
@@ -167,7 +168,7 @@ fn route_permission(
 /// the handler as an extension. The internal API has its own guard ([`internal_guard`]).
 async fn authenticate(State(node): State<Arc<Node>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    let open = matches!(path, "/livez" | "/readyz") || path.starts_with("/internal/");
+    let open = matches!(path, "/livez" | "/readyz" | "/ping") || path.starts_with("/internal/");
     let caller = match &node.users {
         Some(users) if !open => {
             let query = Query::<HashMap<String, String>>::try_from_uri(req.uri()).map(|q| q.0).unwrap_or_default();
@@ -264,19 +265,82 @@ async fn post_data(
     Ok(Json(serde_json::json!({ "points": points })))
 }
 
+/// The InfluxDB version Influx clients are told (`X-Influxdb-Version`): the 1.x API Shoal
+/// speaks.
+pub const INFLUXDB_VERSION: &str = "1.8.10";
+
+/// `GET|HEAD /ping`: InfluxDB's liveness probe (204 with its version headers); with
+/// `?verbose=true`, 200 and the version as JSON. Open without credentials, as in InfluxDB.
+async fn ping(Query(params): Query<HashMap<String, String>>) -> Response {
+    let headers = [("x-influxdb-version", INFLUXDB_VERSION), ("x-influxdb-build", "OSS")];
+    if params.get("verbose").is_some_and(|v| v == "true") {
+        (headers, Json(serde_json::json!({ "version": INFLUXDB_VERSION }))).into_response()
+    } else {
+        (StatusCode::NO_CONTENT, headers).into_response()
+    }
+}
+
+/// A request body, gunzipped when it says `Content-Encoding: gzip` (Telegraf's default),
+/// within the same byte limit as a plain body.
+fn decoded_body(node: &Node, headers: &axum::http::HeaderMap, raw: Bytes) -> Result<Bytes, ApiError> {
+    match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?")) {
+        None | Some("identity") => Ok(raw),
+        Some("gzip") => {
+            use std::io::Read;
+            let limit = node.cfg.http_body_bytes_max;
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(&raw[..])
+                .take(limit as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| ApiError::bad(format!("the gzip body cannot be decoded: {e}")))?;
+            if out.len() > limit {
+                return Err(ApiError {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    message: format!("the gunzipped request body is larger than {limit} bytes (shoal.http.max-body)"),
+                });
+            }
+            Ok(out.into())
+        }
+        Some(other) => Err(ApiError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            message: format!("Content-Encoding {other:?} is not supported (gzip is)"),
+        }),
+    }
+}
+
+/// The namespace of an Influx request: `namespace` (Shoal's name), or `rp` (InfluxDB's
+/// retention policy), or `shoal.write.default-namespace`.
+fn influx_namespace<'a>(node: &'a Node, params: &'a HashMap<String, String>) -> &'a str {
+    params
+        .get("namespace")
+        .or_else(|| params.get("rp"))
+        .map(String::as_str)
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or(&node.cfg.default_namespace)
+}
+
+/// `POST /write`: InfluxDB 1.x line protocol (`db`, optional `rp`/`namespace`, `precision`,
+/// gzip bodies). String fields are skipped and counted in `X-Shoal-Skipped-Fields`, or refused
+/// with `strict=true` (`shoal.write.strict-fields`).
 async fn post_write(
     State(node): State<Arc<Node>>,
+    headers: axum::http::HeaderMap,
     Query(params): Query<HashMap<String, String>>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let raw = body(&node, raw)?;
-    let param = |k: &str| params.get(k).ok_or_else(|| ApiError::bad(format!("query parameter {k:?} is required")));
-    let (db, namespace) = (param("db")?, param("namespace")?);
+    let raw = decoded_body(&node, &headers, body(&node, raw)?)?;
+    let db = params.get("db").ok_or_else(|| ApiError::bad("query parameter \"db\" is required"))?;
+    let namespace = influx_namespace(&node, &params);
     let precision = match params.get("precision") {
         None => Precision::Ns,
-        Some(p) => {
-            Precision::parse(p).ok_or_else(|| ApiError::bad(format!("precision {p:?} is not one of ns, us, ms, s")))?
-        }
+        Some(p) => Precision::parse(p)
+            .ok_or_else(|| ApiError::bad(format!("precision {p:?} is not one of n, ns, u, us, ms, s, m, h")))?,
+    };
+    let strict = match params.get("strict").map(String::as_str) {
+        None => node.cfg.strict_fields,
+        Some("true") => true,
+        Some("false") => false,
+        Some(other) => return Err(ApiError::bad(format!("parameter strict: expected true or false, got {other:?}"))),
     };
     let text = std::str::from_utf8(&raw).map_err(|e| ApiError::bad(format!("body is not UTF-8: {e}")))?;
     let batch = ingest::parse_line_protocol(
@@ -287,9 +351,18 @@ async fn post_write(
         node.env.clock.now_ms(),
         node.cfg.write_batch_points_max,
     )?;
-    node.ingest(batch, consistency(&params)?).await?;
+    let skipped = batch.skipped_fields;
+    if let Some(first) = batch.first_skipped.as_ref().filter(|_| strict) {
+        return Err(ApiError::bad(format!(
+            "{first} is a string; Shoal stores numbers only (strict mode refuses the batch; without it string fields are skipped)"
+        )));
+    }
+    if !batch.is_empty() {
+        node.ingest(batch, consistency(&params)?).await?;
+    }
+    node.metrics.fields_skipped.fetch_add(skipped as u64, Relaxed);
     // Influx clients expect 204 on success.
-    Ok(StatusCode::NO_CONTENT.into_response())
+    Ok((StatusCode::NO_CONTENT, [("x-shoal-skipped-fields", skipped.to_string())]).into_response())
 }
 
 async fn post_query(

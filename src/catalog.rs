@@ -56,6 +56,9 @@ pub struct MetricState {
     epoch: u64,
     fields: Fields,
     placement: Placement,
+    /// The Influx measurement and field the metric stands for, when it was written as another
+    /// field than `value` (see [`crate::ingest::Batch::origins`]).
+    origin: MVReg<(String, String), NodeId>,
 }
 
 /// The deterministic resolution of a field's concurrent definitions.
@@ -75,6 +78,7 @@ impl MetricState {
             std::cmp::Ordering::Equal => {
                 self.fields.merge(other.fields);
                 self.placement.merge(other.placement);
+                self.origin.merge(other.origin);
             }
             std::cmp::Ordering::Less => {}
         }
@@ -116,7 +120,12 @@ impl MetricState {
             defs.sort();
             fields.insert(name, defs);
         }
-        fnv(&postcard::to_stdvec(&(self.epoch, fields, self.placement())).expect("content encodes"))
+        fnv(&postcard::to_stdvec(&(self.epoch, fields, self.placement(), self.origin())).expect("content encodes"))
+    }
+
+    /// The Influx measurement and field, resolved the same way everywhere (the least).
+    fn origin(&self) -> Option<(String, String)> {
+        self.origin.read().val.into_iter().min()
     }
 
     fn add_field(&mut self, actor: &NodeId, name: &str, def: FieldDef) {
@@ -210,6 +219,12 @@ impl CatalogState {
     /// Every schema, with concurrent definitions resolved.
     pub fn schemas(&self) -> BTreeMap<MetricKey, Schema> {
         self.metrics.iter().filter_map(|(key, part)| Some((key.clone(), part.schema()?))).collect()
+    }
+
+    /// Each metric's Influx measurement and field, for those written as another field than
+    /// `value`.
+    pub fn origins(&self) -> BTreeMap<MetricKey, (String, String)> {
+        self.metrics.iter().filter_map(|(key, part)| Some((key.clone(), part.origin()?))).collect()
     }
 
     /// The metrics ever dropped, with their drop epochs.
@@ -595,7 +610,11 @@ impl Catalog {
 
     /// Checks every point of a batch against the schemas and extends them with new fields,
     /// all or nothing across all the batch's metrics.
-    pub async fn admit(&self, batch: &[(MetricKey, RowBatch)]) -> Result<(), CatalogError> {
+    pub async fn admit(
+        &self,
+        batch: &[(MetricKey, RowBatch)],
+        origins: &BTreeMap<MetricKey, (String, String)>,
+    ) -> Result<(), CatalogError> {
         let mut additions: Vec<(&MetricKey, Vec<NewField>)> = Vec::new();
         {
             let views = self.views.read().expect("catalog lock");
@@ -639,6 +658,13 @@ impl Catalog {
                 for (name, class, ty) in added {
                     part.add_field(actor, &name, (class, ty));
                 }
+                if let Some(origin) = origins.get(key)
+                    && part.origin().is_none()
+                {
+                    let ctx = part.origin.read_ctx().derive_add_ctx(actor.clone());
+                    let op = part.origin.write(origin.clone(), ctx);
+                    part.origin.apply(op);
+                }
             }
             Ok(())
         })
@@ -681,6 +707,11 @@ impl Catalog {
         })
         .await
         .map(|_| ())
+    }
+
+    /// Each metric's Influx measurement and field (see [`CatalogState::origins`]).
+    pub fn origins(&self) -> BTreeMap<MetricKey, (String, String)> {
+        self.state.lock().expect("catalog lock").origins()
     }
 
     pub fn metrics(&self) -> Vec<MetricKey> {
@@ -794,10 +825,10 @@ mod tests {
         let other = MetricKey::new("d", "n", "other").unwrap();
         let rows = |p: &[Point]| RowBatch::from_points(p).unwrap();
         let batch = vec![(other.clone(), rows(&[a.clone()])), (key.clone(), rows(&[a.clone(), b]))];
-        let err = cat.admit(&batch).await.unwrap_err().to_string();
+        let err = cat.admit(&batch, &Default::default()).await.unwrap_err().to_string();
         assert!(err.contains("region") && err.contains("one batch"), "{err}");
         assert!(cat.schema(&key).is_none() && cat.schema(&other).is_none(), "a rejected batch changes no schema");
-        cat.admit(&[(key.clone(), rows(&[a.clone()]))]).await.unwrap();
+        cat.admit(&[(key.clone(), rows(&[a.clone()]))], &Default::default()).await.unwrap();
         let shard = ShardId { metric: key.clone(), start: 0 };
         cat.add_replicas(&shard, &["a".into(), "b".into()]).await.unwrap();
         drop(cat);
@@ -807,7 +838,7 @@ mod tests {
         assert_eq!(cat.drop_metric(&key, 5000).await.unwrap(), Some(5000));
         assert!(cat.metrics().is_empty());
         // A later drop with a clock behind the first still raises the epoch.
-        cat.admit(&[(key.clone(), rows(&[a]))]).await.unwrap();
+        cat.admit(&[(key.clone(), rows(&[a]))], &Default::default()).await.unwrap();
         assert_eq!(cat.drop_metric(&key, 10).await.unwrap(), Some(5001));
         drop(cat);
         let cat = Catalog::open(dir.path(), "a", false).unwrap();
@@ -826,7 +857,7 @@ mod tests {
         let rows = RowBatch::from_points(&[p]).unwrap();
         for i in 0..300 {
             let key = MetricKey::new("d", "n", &format!("m{i}")).unwrap();
-            cat.admit(&[(key.clone(), rows.clone())]).await.unwrap();
+            cat.admit(&[(key.clone(), rows.clone())], &Default::default()).await.unwrap();
             cat.add_replicas(&ShardId { metric: key, start: 0 }, &["a".into(), "b".into()]).await.unwrap();
         }
         let whole = cat.state_bytes().len() as u64;
@@ -921,9 +952,9 @@ mod tests {
         let key = MetricKey::new("d", "n", "m").unwrap();
         let p = Point { timestamp: 1, value: Num::Int(1), dimensions: Default::default(), tags: Default::default() };
         let batch = [(key, RowBatch::from_points(&[p]).unwrap())];
-        assert!(matches!(cat.admit(&batch).await, Err(CatalogError::NotSynced)));
+        assert!(matches!(cat.admit(&batch, &Default::default()).await, Err(CatalogError::NotSynced)));
         cat.merge(CatalogState::default()).await.unwrap();
-        cat.admit(&batch).await.unwrap();
+        cat.admit(&batch, &Default::default()).await.unwrap();
     }
 
     #[tokio::test]

@@ -13,6 +13,13 @@ use std::collections::{BTreeMap, HashMap};
 #[derive(Debug, Default)]
 pub struct Batch {
     pub metrics: Vec<(MetricKey, RowBatch)>,
+    /// Line protocol string fields, which Shoal does not store: how many were skipped, and
+    /// where the first was (`line N: field "f"`), for a strict write to refuse.
+    pub skipped_fields: usize,
+    pub first_skipped: Option<String>,
+    /// The Influx measurement and field each metric of another field than `value` came from
+    /// (metric `<measurement>_<field>`), for the catalog to remember ([`crate::catalog`]).
+    pub origins: BTreeMap<MetricKey, (String, String)>,
 }
 
 impl Batch {
@@ -61,7 +68,7 @@ pub fn parse_nsdb_json(body: &[u8], now_ms: i64, points_max: usize) -> Result<Ba
     for (at, bit) in bits {
         push_bit(&mut builder, bit, now_ms).map_err(|e| invalid(format!("{at}: {e}")))?;
     }
-    Ok(Batch { metrics: vec![(key, builder.finish())] })
+    Ok(Batch { metrics: vec![(key, builder.finish())], ..Default::default() })
 }
 
 fn push_bit(builder: &mut RowBatchBuilder, bit: &serde_json::Value, now_ms: i64) -> Result<(), String> {
@@ -116,15 +123,20 @@ pub enum Precision {
     Us,
     Ms,
     S,
+    Minutes,
+    Hours,
 }
 
 impl Precision {
+    /// InfluxDB's names: `n`/`ns`, `u`/`us`, `ms`, `s`, `m` (minutes), `h`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "ns" | "n" => Some(Self::Ns),
-            "us" | "u" => Some(Self::Us),
+            "us" | "u" | "µ" => Some(Self::Us),
             "ms" => Some(Self::Ms),
             "s" => Some(Self::S),
+            "m" => Some(Self::Minutes),
+            "h" => Some(Self::Hours),
             _ => None,
         }
     }
@@ -134,12 +146,16 @@ impl Precision {
             Self::Us => Some(t.div_euclid(1_000)),
             Self::Ms => Some(t),
             Self::S => t.checked_mul(1000),
+            Self::Minutes => t.checked_mul(60_000),
+            Self::Hours => t.checked_mul(3_600_000),
         }
     }
 }
 
 /// Parses Influx line protocol. The field `value` becomes the point's value; any other field
 /// `f` becomes a point of metric `<measurement>_<f>`, so every field is one NSDb metric.
+/// Booleans are stored as 1 and 0; string fields are skipped and counted in the batch
+/// ([`Batch::skipped_fields`]), as a time-series store of numbers must.
 ///
 /// Lines of one series repeat the same measurement and tags, so a series' tags are parsed,
 /// checked and dictionary-coded once per body: a repeated series costs one hash lookup of its
@@ -158,7 +174,8 @@ pub fn parse_line_protocol(
     // The series text of a line (measurement and tags, as written) → (measurement, series).
     let mut known: FastMap<&str, (usize, u32)> = FastMap::with_capacity_and_hasher(1024, Default::default());
     let mut points = 0usize;
-    let mut fields: Vec<(Cow<str>, Num)> = Vec::new();
+    let (mut skipped_fields, mut first_skipped) = (0usize, None);
+    let mut fields: Vec<(Cow<str>, Option<Num>)> = Vec::new();
     let mut tags: Tags = Vec::new();
     // Rows of a field metric: one per line, the usual case, so they are allocated once.
     let rows_expected = lines_expected(body).min(ROWS_RESERVED_MAX);
@@ -204,6 +221,11 @@ pub fn parse_line_protocol(
         };
         let measurement = &mut measurements[m];
         for (field, value) in fields.drain(..) {
+            let Some(value) = value else {
+                skipped_fields += 1;
+                first_skipped.get_or_insert_with(|| format!("line {}: field {field:?}", idx + 1));
+                continue;
+            };
             let f = match measurement.fields.iter().position(|f| f.field == field) {
                 Some(f) => f,
                 None => {
@@ -233,7 +255,18 @@ pub fn parse_line_protocol(
             }
         }
     }
-    Ok(Batch { metrics: measurements.into_iter().flat_map(Measurement::finish).collect() })
+    let origins = measurements
+        .iter()
+        .flat_map(|m| {
+            m.fields.iter().filter(|f| f.field != "value").map(|f| (f.key.clone(), (m.name.to_string(), f.field.clone())))
+        })
+        .collect();
+    Ok(Batch {
+        metrics: measurements.into_iter().flat_map(Measurement::finish).collect(),
+        skipped_fields,
+        first_skipped,
+        origins,
+    })
 }
 
 /// Most rows a field metric reserves up front: a body of many measurements must not reserve
@@ -358,7 +391,10 @@ fn parse_series<'a>(text: &'a str, tags: &mut Tags<'a>) -> Result<Cow<'a, str>, 
 /// Parses `field=value[,field=value]*[ timestamp]` into `out` (cleared first) and returns the
 /// timestamp's text. Fields without escapes or quotes, nearly all, are read in one pass;
 /// the first `\\` or `"` hands the whole text to the general path.
-fn parse_fields_and_time<'a>(text: &'a str, out: &mut Vec<(Cow<'a, str>, Num)>) -> Result<Option<&'a str>, String> {
+fn parse_fields_and_time<'a>(
+    text: &'a str,
+    out: &mut Vec<(Cow<'a, str>, Option<Num>)>,
+) -> Result<Option<&'a str>, String> {
     out.clear();
     let b = text.as_bytes();
     let (mut start, mut i) = (0, 0);
@@ -394,7 +430,7 @@ fn parse_fields_and_time<'a>(text: &'a str, out: &mut Vec<(Cow<'a, str>, Num)>) 
 }
 
 /// Parses `field=value[,field=value]*` into `out` (cleared first).
-fn parse_fields<'a>(text: &'a str, out: &mut Vec<(Cow<'a, str>, Num)>) -> Result<(), String> {
+fn parse_fields<'a>(text: &'a str, out: &mut Vec<(Cow<'a, str>, Option<Num>)>) -> Result<(), String> {
     out.clear();
     let mut s = text;
     loop {
@@ -524,13 +560,23 @@ fn eight_digits(bytes: [u8; 8]) -> Option<u64> {
     Some(((v & mask).wrapping_mul(mul1).wrapping_add(((v >> 16) & mask).wrapping_mul(mul2))) >> 32)
 }
 
-fn parse_field_value(name: &str, v: &str) -> Result<Num, String> {
+/// A field's value: a number, a boolean as 1 or 0, or `None` for a string (skipped).
+fn parse_field_value(name: &str, v: &str) -> Result<Option<Num>, String> {
     if v.starts_with('"') {
-        return Err(format!("field {name:?} is a string; only numeric fields are supported"));
+        if v.len() < 2 || !v.ends_with('"') {
+            return Err(format!("field {name:?}: the string {v:?} is not closed"));
+        }
+        return Ok(None);
     }
-    if matches!(v, "t" | "T" | "true" | "True" | "TRUE" | "f" | "F" | "false" | "False" | "FALSE") {
-        return Err(format!("field {name:?} is a boolean; only numeric fields are supported"));
+    match v {
+        "t" | "T" | "true" | "True" | "TRUE" => return Ok(Some(Num::Int(1))),
+        "f" | "F" | "false" | "False" | "FALSE" => return Ok(Some(Num::Int(0))),
+        _ => {}
     }
+    parse_number(name, v).map(Some)
+}
+
+fn parse_number(name: &str, v: &str) -> Result<Num, String> {
     // A decimal, the usual case, ends in a digit or a dot; anything else is checked below.
     if v.ends_with(|c: char| c.is_ascii_digit() || c == '.') {
         return match parse_f64(v) {
@@ -676,13 +722,30 @@ mod tests {
         }
     }
 
+    /// Booleans are stored as 1 and 0; strings are skipped and counted, with where the first was.
+    #[test]
+    fn booleans_become_numbers_and_strings_are_skipped() {
+        let body = "m,h=a value=true,on=F,note=\"a b, c\",n=2i 1000\nm,h=a value=f,label=\"x\" 2000";
+        let b = parse_line_protocol(body, "d", "n", Precision::Ms, 0, 100).unwrap();
+        let values = |metric: &str| -> Vec<Num> {
+            b.metrics.iter().find(|(k, _)| k.metric == metric).map(|(_, r)| r.values.clone()).unwrap_or_default()
+        };
+        assert_eq!(values("m"), [Num::Int(1), Num::Int(0)]);
+        assert_eq!(values("m_on"), [Num::Int(0)]);
+        assert_eq!(values("m_n"), [Num::Int(2)]);
+        assert!(values("m_note").is_empty() && values("m_label").is_empty());
+        assert_eq!(b.skipped_fields, 2);
+        assert_eq!(b.first_skipped.as_deref(), Some("line 1: field \"note\""));
+        assert_eq!(Precision::parse("m").and_then(|p| p.to_ms(2)), Some(120_000));
+        assert_eq!(Precision::parse("h").and_then(|p| p.to_ms(1)), Some(3_600_000));
+    }
+
     #[test]
     fn line_protocol_errors_name_the_line() {
         for (body, needle) in [
             ("m value=1\nm value=abc", "line 2"),
             ("m", "line 1: missing fields"),
-            ("m value=\"s\"", "string"),
-            ("m value=true", "boolean"),
+            ("m value=\"s", "not closed"),
             ("m,t value=1", "no '='"),
             ("m value=1 12x", "timestamp"),
             ("9m value=1", "measurement"),

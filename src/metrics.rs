@@ -25,6 +25,8 @@ pub struct Metrics {
     pub shards_rereplicated: AtomicU64,
     /// Public API requests refused: no or wrong credentials (401) or missing permission (403).
     pub auth_refused: AtomicU64,
+    /// Line protocol string fields skipped (Shoal stores numbers).
+    pub fields_skipped: AtomicU64,
     fsync_buckets: [AtomicU64; FSYNC_BUCKETS.len()],
     fsync_count: AtomicU64,
     fsync_micros_sum: AtomicU64,
@@ -57,6 +59,12 @@ impl Metrics {
             "shoal_auth_refused_total",
             "Public API requests refused for missing or wrong credentials or permissions.",
             &self.auth_refused,
+        );
+        counter(
+            &mut out,
+            "shoal_write_fields_skipped_total",
+            "Line protocol string fields skipped (Shoal stores numbers).",
+            &self.fields_skipped,
         );
         counter(&mut out, "shoal_wal_torn_bytes_total", "Bytes cut from WAL tails on recovery.", &self.wal_torn_bytes);
         counter(&mut out, "shoal_segments_written_total", "Segments written by compaction.", &self.segments_written);

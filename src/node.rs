@@ -808,7 +808,7 @@ impl Node {
                 }
             }
         }
-        self.catalog.admit(&batch.metrics).await?;
+        self.catalog.admit(&batch.metrics, &batch.origins).await?;
         self.place_new_shards(&batch).await?;
         let accepted_ms = self.env.clock.now_ms();
         let total = batch.len();

@@ -267,7 +267,7 @@ fn fuzz_catalog_state_and_file() {
     let catalog = shoal::catalog::Catalog::open(dir.path(), "a", false).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let key = MetricKey::new("db", "ns", "cpu").unwrap();
-    rt.block_on(catalog.admit(&[(key.clone(), sample_batch())])).unwrap();
+    rt.block_on(catalog.admit(&[(key.clone(), sample_batch())], &Default::default())).unwrap();
     let shard = shoal::model::ShardId { metric: key.clone(), start: 0 };
     rt.block_on(catalog.add_replicas(&shard, &["a".into(), "b".into()])).unwrap();
     let state = catalog.state_bytes();

@@ -59,6 +59,8 @@ const KEYS: &[(&str, &str)] = &[
     ("shoal.write.consistency", "one of one, quorum, all"),
     ("shoal.storage.compaction-priority", "one of idle, low, normal"),
     ("shoal.write.max-batch-points", "an integer >= 1"),
+    ("shoal.write.default-namespace", "a name of letters, digits and '_', starting with a letter"),
+    ("shoal.write.strict-fields", "true or false"),
     ("shoal.storage.memtable-max-points", "an integer >= 1"),
     ("shoal.storage.flush-interval", "a duration such as 30s"),
     ("shoal.storage.segments-max", "an integer >= 1"),
@@ -165,6 +167,10 @@ pub struct Config {
     pub retention: Option<Duration>,
     pub write_consistency: Consistency,
     pub write_batch_points_max: usize,
+    /// The namespace of an Influx request that names no retention policy.
+    pub default_namespace: String,
+    /// Refuse line protocol batches with string fields instead of skipping those fields.
+    pub strict_fields: bool,
     pub memtable_points_max: usize,
     pub flush_interval: Duration,
     pub segments_max: usize,
@@ -481,6 +487,12 @@ impl Reader<'_> {
                 &[("one", Consistency::One), ("quorum", Consistency::Quorum), ("all", Consistency::All)],
             )?,
             write_batch_points_max: self.count("shoal.write.max-batch-points")?,
+            default_namespace: {
+                let ns = self.string("shoal.write.default-namespace")?;
+                crate::model::validate_name("namespace", &ns).map_err(|_| self.err("shoal.write.default-namespace"))?;
+                ns
+            },
+            strict_fields: self.choice("shoal.write.strict-fields", &[("true", true), ("false", false)])?,
             memtable_points_max: self.count("shoal.storage.memtable-max-points")?,
             flush_interval: self.duration("shoal.storage.flush-interval")?,
             segments_max: self.count("shoal.storage.segments-max")?,
