@@ -82,7 +82,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/data", post(post_data))
         .route("/write", post(post_write))
         .route("/ping", get(ping).head(ping))
-        .route("/query", post(post_query))
+        .route("/query", get(get_query).post(post_query))
         .route("/commands/dbs", get(list_dbs))
         .route("/commands/{db}/namespaces", get(list_namespaces))
         .route("/commands/{db}/{ns}/metrics", get(list_metrics))
@@ -365,14 +365,81 @@ async fn post_write(
     Ok((StatusCode::NO_CONTENT, [("x-shoal-skipped-fields", skipped.to_string())]).into_response())
 }
 
-async fn post_query(
+/// `GET /query`: InfluxQL ([`crate::influxql`]).
+async fn get_query(
     State(node): State<Arc<Node>>,
     Extension(caller): Extension<Caller>,
     Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    influx_query(&node, &caller, params).await
+}
+
+/// InfluxQL statements of `q`, answered in InfluxDB's shape. A statement that fails is its
+/// result's `error` (200); a query that does not parse is a 400, as in InfluxDB.
+async fn influx_query(node: &Node, caller: &Caller, params: HashMap<String, String>) -> Result<Response, ApiError> {
+    let influx_error =
+        |status: StatusCode, message: String| (status, Json(serde_json::json!({ "error": message }))).into_response();
+    let Some(q) = params.get("q") else {
+        return Ok(influx_error(StatusCode::BAD_REQUEST, "missing required parameter \"q\"".into()));
+    };
+    let epoch = match crate::influxql::Epoch::parse(params.get("epoch").map(String::as_str)) {
+        Ok(e) => e,
+        Err(e) => return Ok(influx_error(StatusCode::BAD_REQUEST, e)),
+    };
+    let now_ms = node.env.clock.now_ms();
+    let statements = match crate::influxql::parse::parse(q, now_ms) {
+        Ok(s) => s,
+        Err(e) => return Ok(influx_error(StatusCode::BAD_REQUEST, format!("error parsing query: {e}"))),
+    };
+    let ctx = crate::influxql::Context {
+        db: params.get("db").map(String::as_str).filter(|d| !d.is_empty()),
+        rp: params.get("rp").map(String::as_str).filter(|r| !r.is_empty()),
+        epoch,
+        now_ms,
+    };
+    for statement in &statements {
+        let perm = if crate::influxql::needs_admin(statement) { Perm::Admin } else { Perm::Read };
+        let db = crate::influxql::statement_db(statement, &ctx).unwrap_or(crate::auth::ALL_DBS);
+        if let Err(m) = caller.require(db, perm) {
+            return Ok(influx_error(StatusCode::FORBIDDEN, m));
+        }
+    }
+    node.metrics.queries.fetch_add(statements.len() as u64, Relaxed);
+    Ok(Json(crate::influxql::run(node, statements, &ctx).await).into_response())
+}
+
+/// `POST /query`: InfluxQL when it carries `q` (in the URL or a form body, as Influx clients
+/// send it), otherwise an NSDb JSON query.
+async fn post_query(
+    State(node): State<Arc<Node>>,
+    Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
+    Query(mut params): Query<HashMap<String, String>>,
     raw: Result<Bytes, BytesRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let raw = body(&node, raw)?;
-    let req: QueryRequest = serde_json::from_slice(&raw).map_err(|e| ApiError::bad(format!("query body: {e}")))?;
+    let form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if form {
+        let fields: HashMap<String, String> = serde_urlencoded::from_bytes(&raw)
+            .map_err(|e| ApiError::bad(format!("the form body cannot be read: {e}")))?;
+        params.extend(fields);
+    }
+    if params.contains_key("q") {
+        return influx_query(&node, &caller, params).await;
+    }
+    nsdb_query(&node, &caller, &params, &raw).await.map(IntoResponse::into_response)
+}
+
+async fn nsdb_query(
+    node: &Node,
+    caller: &Caller,
+    params: &HashMap<String, String>,
+    raw: &[u8],
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: QueryRequest = serde_json::from_slice(raw).map_err(|e| ApiError::bad(format!("query body: {e}")))?;
     if !caller.allows(&req.db, Perm::Admin) {
         // A DELETE needs admin, a select read: the statement says which.
         let statement = crate::query::plan::parse(&req.query_string, 0).map_err(|e| ApiError::bad(e.0))?;
@@ -380,7 +447,7 @@ async fn post_query(
             crate::query::plan::Statement::Delete(_) => Perm::Admin,
             crate::query::plan::Statement::Select(_) => Perm::Read,
         };
-        caller.require(&req.db, perm).map_err(|m| forbidden(&node, m))?;
+        caller.require(&req.db, perm).map_err(|m| forbidden(node, m))?;
     }
     let allow_partial = match params.get("partial").map(String::as_str) {
         None | Some("false") => false,

@@ -258,7 +258,10 @@ pub fn parse_line_protocol(
     let origins = measurements
         .iter()
         .flat_map(|m| {
-            m.fields.iter().filter(|f| f.field != "value").map(|f| (f.key.clone(), (m.name.to_string(), f.field.clone())))
+            m.fields
+                .iter()
+                .filter(|f| f.field != "value")
+                .map(|f| (f.key.clone(), (m.name.to_string(), f.field.clone())))
         })
         .collect();
     Ok(Batch {

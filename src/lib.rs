@@ -20,6 +20,7 @@ pub mod config;
 pub mod discovery;
 pub mod env;
 pub mod hints;
+pub mod influxql;
 pub mod ingest;
 pub mod keyring;
 pub mod membership;

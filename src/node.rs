@@ -1006,6 +1006,18 @@ impl Node {
     /// when it holds the shard, then the live others) for its partial result, and merges them.
     /// A shard no replica answers for fails the query, or with `allow_partial` is left out and
     /// named in the second value: an answer is never silently short.
+    /// Runs `plan` over `[from, to)` of one metric on every shard and merges the answers (the
+    /// InfluxQL executor builds on it).
+    pub async fn select(
+        &self,
+        key: &MetricKey,
+        plan: &plan::SelectPlan,
+        range: (i64, i64),
+    ) -> Result<Vec<crate::model::Point>, NodeError> {
+        let (partial, _) = self.scatter(key, plan, range, false).await?;
+        Ok(query::exec::finish(plan, partial))
+    }
+
     async fn scatter(
         &self,
         key: &MetricKey,
