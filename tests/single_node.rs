@@ -339,7 +339,7 @@ fn bad_inputs_get_clear_errors_and_change_nothing() {
         ("bad line", format!("/write?db={DB}&namespace={NS}"), "m value=1i\nm value=oops".into(), 400, "line 2"),
         ("line type conflict", format!("/write?db={DB}&namespace={NS}"), "m value=2.5".into(), 400, "DECIMAL"),
         ("missing db", format!("/write?namespace={NS}"), "m value=1i".into(), 400, "\"db\""),
-        ("bad precision", format!("/write?db={DB}&namespace={NS}&precision=h"), "m value=1i".into(), 400, "precision"),
+        ("bad precision", format!("/write?db={DB}&namespace={NS}&precision=x"), "m value=1i".into(), 400, "precision"),
         (
             "too many points",
             "/data".into(),
