@@ -518,9 +518,10 @@ async fn run_select(node: &Node, db: &str, s: &Select, ctx: &Context<'_>) -> Res
     let mut out = Vec::new();
     let series_count = by_series.len();
     for (values_of_tags, by_field) in by_series.into_iter().skip(s.soffset).take(s.slimit.unwrap_or(series_count)) {
-        // A raw SELECT without GROUP BY tags lists the tags as columns after the fields.
+        // `SELECT *` without GROUP BY tags lists the tags as columns too.
+        let wildcard = s.fields.iter().any(|p| p.expr == Expr::Wildcard);
         let tag_columns: Vec<String> =
-            if !aggregated && tag_names.is_empty() { all_tags_of(&by_field) } else { Vec::new() };
+            if wildcard && !aggregated && tag_names.is_empty() { all_tags_of(&by_field) } else { Vec::new() };
         let mut rows: Vec<(i64, Vec<Value>)> = if aggregated {
             aggregate_rows(s, &columns, &by_field, from, to)
         } else {
@@ -537,11 +538,18 @@ async fn run_select(node: &Node, db: &str, s: &Select, ctx: &Context<'_>) -> Res
         let mut names: Vec<String> = vec!["time".into()];
         names.extend(columns.iter().map(|c| c.name.clone()));
         names.extend(tag_columns.iter().cloned());
+        // `SELECT *` orders fields and tags together by name, as InfluxDB does.
+        let mut order: Vec<usize> = (1..names.len()).collect();
+        if wildcard {
+            order.sort_by(|a, b| names[*a].cmp(&names[*b]));
+        }
+        let names: Vec<String> =
+            std::iter::once(names[0].clone()).chain(order.iter().map(|i| names[*i].clone())).collect();
         let values: Vec<Value> = rows
             .into_iter()
             .map(|(t, vals)| {
                 let mut row = vec![ctx.epoch.time(t)];
-                row.extend(vals);
+                row.extend(order.iter().map(|i| vals[i - 1].clone()));
                 Value::Array(row)
             })
             .collect();
@@ -643,11 +651,8 @@ fn aggregate_rows(
             let (func, arg) = c.func.expect("aggregated");
             let mut values = grouped[i].remove(&start).unwrap_or_default();
             any |= !values.is_empty();
-            row.push(if values.is_empty() && func == Func::Count {
-                Value::Null
-            } else {
-                aggregate(func, arg, &mut values).map_or(Value::Null, |(v, _)| v)
-            });
+            // count() of an empty bucket is 0, as in InfluxDB; the others are null.
+            row.push(aggregate(func, arg, &mut values).map_or(Value::Null, |(v, _)| v));
         }
         if !any && s.fill == Fill::None {
             continue;

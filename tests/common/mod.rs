@@ -182,3 +182,27 @@ impl Drop for TestNode {
         }
     }
 }
+
+/// Starts nodes `ids` (each in `dir/<id>`, seeding from the first) with `settings`, and waits
+/// until every node sees every other alive.
+#[allow(dead_code)]
+pub fn cluster(dir: &Path, ids: &[&str], settings: &[&str]) -> Vec<TestNode> {
+    let mut sets: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
+    sets.push(format!("shoal.node.id={}", ids[0]));
+    let first = TestNode::start(&dir.join(ids[0]), &sets.iter().map(String::as_str).collect::<Vec<_>>());
+    let seed = format!("shoal.cluster.seeds=[\"{}\"]", first.gossip_addr());
+    let mut nodes = vec![first];
+    for id in &ids[1..] {
+        let mut sets: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
+        sets.push(format!("shoal.node.id={id}"));
+        sets.push(seed.clone());
+        nodes.push(TestNode::start(&dir.join(id), &sets.iter().map(String::as_str).collect::<Vec<_>>()));
+    }
+    for n in &nodes {
+        wait_until(Duration::from_secs(30), "every member alive", || {
+            let m = n.members();
+            (m.len() == ids.len() && m.iter().all(|(_, s, _)| s == "alive")).then_some(())
+        });
+    }
+    nodes
+}
