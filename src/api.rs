@@ -82,6 +82,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/data", post(post_data))
         .route("/write", post(post_write))
         .route("/ping", get(ping).head(ping))
+        .route("/api/v1/write", post(remote_write))
         .route("/query", get(get_query).post(post_query))
         .route("/commands/dbs", get(list_dbs))
         .route("/commands/{db}/namespaces", get(list_namespaces))
@@ -229,7 +230,10 @@ async fn request_timeout(State(node): State<Arc<Node>>, req: Request, next: Next
 
 async fn count_requests(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
     node.metrics.http_requests.fetch_add(1, Relaxed);
+    let route = crate::metrics::route_of(req.uri().path());
+    let started = tokio::time::Instant::now();
     let response = next.run(req).await;
+    node.metrics.request_seconds[route].observe(started.elapsed());
     if response.status().is_client_error() {
         node.metrics.http_client_errors.fetch_add(1, Relaxed);
     } else if response.status().is_server_error() {
@@ -319,6 +323,39 @@ fn influx_namespace<'a>(node: &'a Node, params: &'a HashMap<String, String>) -> 
         .unwrap_or(&node.cfg.default_namespace)
 }
 
+/// `POST /api/v1/write?db=D[&namespace=N]`: Prometheus remote_write ([`crate::prometheus`]);
+/// `db` defaults to `prometheus`. Skipped samples (stale markers) and series (names Shoal
+/// cannot take) are counted in `X-Shoal-Skipped-Samples` / `X-Shoal-Skipped-Series`.
+async fn remote_write(
+    State(node): State<Arc<Node>>,
+    Extension(caller): Extension<Caller>,
+    Query(params): Query<HashMap<String, String>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let raw = body(&node, raw)?;
+    let db = params.get("db").map(String::as_str).unwrap_or("prometheus");
+    caller.require(db, Perm::Write).map_err(|m| forbidden(&node, m))?;
+    let namespace = influx_namespace(&node, &params);
+    let (batch, skipped) = crate::prometheus::parse_remote_write(&raw, db, namespace, node.cfg.write_batch_points_max)
+        .map_err(ApiError::bad)?;
+    if let Some(first) = &skipped.first_series {
+        tracing::debug!(series = skipped.series, first = %first, "remote_write series skipped");
+    }
+    if !batch.is_empty() {
+        node.ingest(batch, consistency(&params)?).await?;
+    }
+    node.metrics.samples_skipped.fetch_add(skipped.samples as u64, Relaxed);
+    node.metrics.fields_skipped.fetch_add(skipped.series as u64, Relaxed);
+    Ok((
+        StatusCode::NO_CONTENT,
+        [
+            ("x-shoal-skipped-samples", skipped.samples.to_string()),
+            ("x-shoal-skipped-series", skipped.series.to_string()),
+        ],
+    )
+        .into_response())
+}
+
 /// `POST /write`: InfluxDB 1.x line protocol (`db`, optional `rp`/`namespace`, `precision`,
 /// gzip bodies). String fields are skipped and counted in `X-Shoal-Skipped-Fields`, or refused
 /// with `strict=true` (`shoal.write.strict-fields`).
@@ -405,7 +442,10 @@ async fn influx_query(node: &Node, caller: &Caller, params: HashMap<String, Stri
         }
     }
     node.metrics.queries.fetch_add(statements.len() as u64, Relaxed);
-    Ok(Json(crate::influxql::run(node, statements, &ctx).await).into_response())
+    let started = tokio::time::Instant::now();
+    let answer = crate::influxql::run(node, statements, &ctx).await;
+    node.metrics.query_seconds.observe(started.elapsed());
+    Ok(Json(answer).into_response())
 }
 
 /// `POST /query`: InfluxQL when it carries `q` (in the URL or a form body, as Influx clients
@@ -454,7 +494,10 @@ async fn nsdb_query(
         Some("true") => true,
         Some(other) => return Err(ApiError::bad(format!("parameter partial: expected true or false, got {other:?}"))),
     };
-    match node.query(req, allow_partial).await? {
+    let started = tokio::time::Instant::now();
+    let outcome = node.query(req, allow_partial).await;
+    node.metrics.query_seconds.observe(started.elapsed());
+    match outcome? {
         QueryOutcome::Records { records, missing } => {
             let mut answer = crate::query::records_json(&records);
             if !missing.is_empty() {
@@ -803,6 +846,33 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 
 async fn prometheus(State(node): State<Arc<Node>>) -> Response {
     let mut text = node.metrics.render(node.storage.shard_count());
+    // Gauges read at scrape time: members by state in this node's view, hints waiting, and
+    // how long ago the last full repair round finished.
+    let mut states: BTreeMap<String, usize> =
+        ["alive", "suspect", "dead", "left"].into_iter().map(|s| (s.to_string(), 0)).collect();
+    for m in node.members().await {
+        *states.entry(format!("{:?}", m.state).to_lowercase()).or_default() += 1;
+    }
+    let name = "shoal_members";
+    text.push_str(&format!("# HELP {name} Members in this node's view, by state.\n# TYPE {name} gauge\n"));
+    for (state, n) in states {
+        text.push_str(&format!("{name}{{state=\"{state}\"}} {n}\n"));
+    }
+    let pending = node.hints.pending();
+    let name = "shoal_hints_pending_bytes";
+    text.push_str(&format!("# HELP {name} Bytes of hints waiting for a replica.\n# TYPE {name} gauge\n"));
+    text.push_str(&format!("{name} {}\n", pending.iter().map(|(_, b)| b).sum::<u64>()));
+    let name = "shoal_hints_pending_targets";
+    text.push_str(&format!(
+        "# HELP {name} Replicas with hints waiting.\n# TYPE {name} gauge\n{name} {}\n",
+        pending.len()
+    ));
+    let finished = node.metrics.repair_round_finished_ms.load(Relaxed);
+    let name = "shoal_repair_lag_seconds";
+    text.push_str(&format!(
+        "# HELP {name} Seconds since this node last finished a full repair round (since start before the first).\n# TYPE {name} gauge\n{name} {}\n",
+        (node.env.clock.now_ms() - if finished > 0 { finished } else { node.started_ms }).max(0) as f64 / 1000.0
+    ));
     if let Some(keyring) = &node.keyring {
         let name = "shoal_cluster_auth_rejected_total";
         text.push_str(&format!(

@@ -29,6 +29,7 @@ pub mod model;
 pub mod node;
 pub mod peer;
 pub mod placement;
+pub mod prometheus;
 pub mod query;
 pub mod repair;
 pub mod server;

@@ -7,8 +7,96 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// Upper bounds (seconds) of the WAL fsync latency histogram buckets.
 const FSYNC_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0];
 
+/// Upper bounds (seconds) of the request and query latency histograms.
+const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// The routes requests are timed by: the first path segments that name an endpoint (the
+/// internal API by its call), so the label set stays small whatever clients send.
+pub const ROUTES: [&str; 16] = [
+    "/write",
+    "/data",
+    "/query",
+    "/api/v1/write",
+    "/ping",
+    "/commands",
+    "/status",
+    "/metrics",
+    "/cluster",
+    "/internal/write",
+    "/internal/merge",
+    "/internal/partial",
+    "/internal/catalog",
+    "/internal/repair",
+    "/internal/other",
+    "other",
+];
+
+/// The route label of a request path (see [`ROUTES`]).
+pub fn route_of(path: &str) -> usize {
+    let route = match path.trim_end_matches('/') {
+        p if p.starts_with("/internal/v1/") => match &p["/internal/v1/".len()..] {
+            "write" => "/internal/write",
+            "merge" => "/internal/merge",
+            "partial" => "/internal/partial",
+            c if c.starts_with("catalog") => "/internal/catalog",
+            "digests" | "points" | "tombstones" => "/internal/repair",
+            _ => "/internal/other",
+        },
+        "/write" => "/write",
+        "/data" => "/data",
+        "/query" => "/query",
+        "/api/v1/write" => "/api/v1/write",
+        "/ping" => "/ping",
+        "/status" => "/status",
+        "/metrics" => "/metrics",
+        p if p.starts_with("/commands") => "/commands",
+        p if p.starts_with("/cluster") => "/cluster",
+        _ => "other",
+    };
+    ROUTES.iter().position(|r| *r == route).expect("every label is listed")
+}
+
+/// A latency histogram (cumulative buckets, as Prometheus reads them).
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    micros_sum: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64();
+        for (bucket, bound) in self.buckets.iter().zip(LATENCY_BUCKETS) {
+            if secs <= bound {
+                bucket.fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.micros_sum.fetch_add(elapsed.as_micros() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (bucket, bound) in self.buckets.iter().zip(LATENCY_BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}", bucket.load(Relaxed));
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.micros_sum.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{braces} {count}");
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
+    /// Request latency by route (see [`ROUTES`]).
+    pub request_seconds: [Histogram; ROUTES.len()],
+    /// Latency of query statements (NSDb SQL and InfluxQL), from parse to answer.
+    pub query_seconds: Histogram,
+    /// When this node last finished a full repair round (epoch ms; 0: not yet).
+    pub repair_round_finished_ms: std::sync::atomic::AtomicI64,
     pub http_requests: AtomicU64,
     pub http_client_errors: AtomicU64,
     pub http_server_errors: AtomicU64,
@@ -27,6 +115,8 @@ pub struct Metrics {
     pub auth_refused: AtomicU64,
     /// Line protocol string fields skipped (Shoal stores numbers).
     pub fields_skipped: AtomicU64,
+    /// Prometheus remote_write samples skipped: stale markers and other NaN or infinite values.
+    pub samples_skipped: AtomicU64,
     fsync_buckets: [AtomicU64; FSYNC_BUCKETS.len()],
     fsync_count: AtomicU64,
     fsync_micros_sum: AtomicU64,
@@ -63,8 +153,14 @@ impl Metrics {
         counter(
             &mut out,
             "shoal_write_fields_skipped_total",
-            "Line protocol string fields skipped (Shoal stores numbers).",
+            "Line protocol string fields and remote_write series with names Shoal cannot take, skipped.",
             &self.fields_skipped,
+        );
+        counter(
+            &mut out,
+            "shoal_remote_write_samples_skipped_total",
+            "Prometheus remote_write samples skipped: stale markers and other NaN or infinite values.",
+            &self.samples_skipped,
         );
         counter(&mut out, "shoal_wal_torn_bytes_total", "Bytes cut from WAL tails on recovery.", &self.wal_torn_bytes);
         counter(&mut out, "shoal_segments_written_total", "Segments written by compaction.", &self.segments_written);
@@ -104,6 +200,17 @@ impl Metrics {
             out,
             "# HELP shoal_shards Shards held by this node.\n# TYPE shoal_shards gauge\nshoal_shards {shards}"
         );
+        let name = "shoal_http_request_duration_seconds";
+        let _ = writeln!(out, "# HELP {name} HTTP request latency by route.\n# TYPE {name} histogram");
+        for (route, histogram) in ROUTES.iter().zip(&self.request_seconds) {
+            histogram.render(&mut out, name, &format!("route=\"{route}\""));
+        }
+        let name = "shoal_query_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Query latency (NSDb SQL and InfluxQL), parse to answer.\n# TYPE {name} histogram"
+        );
+        self.query_seconds.render(&mut out, name, "");
         let name = "shoal_wal_fsync_seconds";
         let _ = writeln!(out, "# HELP {name} WAL group-commit fsync latency.\n# TYPE {name} histogram");
         for (bucket, bound) in self.fsync_buckets.iter().zip(FSYNC_BUCKETS) {

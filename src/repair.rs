@@ -483,6 +483,7 @@ impl Node {
                 if last_full.elapsed() >= full_every {
                     node.repair_round(&members, None).await;
                     last_full = tokio::time::Instant::now();
+                    node.metrics.repair_round_finished_ms.store(node.env.clock.now_ms(), Relaxed);
                 }
             }
         });
