@@ -91,7 +91,7 @@ fn prometheus_scrapes_a_node_and_remote_writes_into_the_cluster_exactly() {
     });
     // Five scrapes or more held by Prometheus.
     let until_ms = wait_until(Duration::from_secs(60), "Prometheus to hold five scrapes", || {
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        let now_ms = shoal::env::Clock::now_ms(&shoal::env::SystemClock);
         (prometheus_samples(&http, &prometheus.addr, "up", now_ms).len() >= 5).then_some(now_ms)
     });
     for metric in ["up", "scrape_samples_scraped", "shoal_http_requests_total"] {
