@@ -53,6 +53,7 @@ fn queries() -> Vec<(&'static str, String)> {
             q.push((metric, format!("SELECT {agg} FROM {metric} GROUP BY region")));
         }
         q.push((metric, format!("SELECT sum(value) FROM {metric} GROUP BY INTERVAL 1h")));
+        q.push((metric, format!("SELECT avg(value) FROM {metric} GROUP BY region, INTERVAL 6h")));
         q.push((metric, format!("SELECT count(distinct host) FROM {metric} GROUP BY region")));
         q.push((metric, format!("SELECT * FROM {metric} WHERE timestamp >= {mid} ORDER BY value DESC LIMIT 15")));
     }
@@ -63,6 +64,7 @@ fn queries() -> Vec<(&'static str, String)> {
     q.push(("disk", "SELECT region, value FROM disk WHERE value BETWEEN 10 AND 20".into()));
     q.push(("disk", "SELECT * FROM disk".into()));
     q.push(("disk", "SELECT count(distinct core) FROM disk".into()));
+    q.push(("disk", "SELECT max(value) FROM disk GROUP BY INTERVAL 12h, region".into()));
     q.push((
         "disk",
         format!("SELECT sum(value) FROM disk WHERE timestamp < {mid} GROUP BY region ORDER BY value LIMIT 2"),

@@ -3,7 +3,7 @@
 //! exactly; [`finish`] orders, limits and shapes the records. A partial is plain serde data so a
 //! remote replica can send it back.
 
-use super::plan::{AggFn, Aggregate, CmpOp, Filter, Group, Order, Projection, SelectPlan};
+use super::plan::{AggFn, Aggregate, CmpOp, Filter, Order, Projection, SelectPlan};
 use crate::model::batch::{DictColumn, NULL_CODE, RowBatch};
 use crate::model::{FieldValue, Num, Point};
 use serde::{Deserialize, Serialize};
@@ -278,12 +278,12 @@ impl AggState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum GroupKey {
-    All,
-    Tag(Key),
-    /// Lower bound of an interval bucket.
-    Bucket(i64),
+/// One group of an aggregate: its interval bucket (lower bound) and its tags' values, in the
+/// order of the GROUP BY.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct GroupKey {
+    pub bucket: Option<i64>,
+    pub tags: Vec<Key>,
 }
 
 /// What one shard (or a merge of shards) knows about a query's answer.
@@ -369,17 +369,19 @@ pub fn scan_batch(plan: &SelectPlan, batch: &RowBatch, from: i64, to: i64, parti
                     }
                 }
             };
-            match &plan.group {
-                None => {
-                    let state = groups.entry(GroupKey::All).or_default();
-                    rows.iter().for_each(|&r| add(state, r));
-                }
-                Some(Group::Tag(tag)) => {
-                    // Points without the tag belong to no group (as in NSDb).
-                    let Some(col) = batch.columns.get(tag) else {
-                        return;
-                    };
-                    // Indexed by code: a batch's dictionary holds only the values its rows use.
+            let Some(group) = &plan.group else {
+                let state = groups.entry(GroupKey::default()).or_default();
+                rows.iter().for_each(|&r| add(state, r));
+                return;
+            };
+            // Points without one of the tags belong to no group (as in NSDb).
+            let Some(cols) = group.tags.iter().map(|t| batch.columns.get(t)).collect::<Option<Vec<_>>>() else {
+                return;
+            };
+            match (cols.as_slice(), group.interval) {
+                ([col], None) => {
+                    // One tag, the usual case: states indexed by code (a batch's dictionary
+                    // holds only the values its rows use).
                     let mut per_code: Vec<Option<AggState>> = vec![None; col.dict.len()];
                     for &r in &rows {
                         let code = col.codes[r];
@@ -389,17 +391,24 @@ pub fn scan_batch(plan: &SelectPlan, batch: &RowBatch, from: i64, to: i64, parti
                     }
                     for (code, state) in per_code.into_iter().enumerate() {
                         if let Some(state) = state {
-                            groups.entry(GroupKey::Tag(Key(col.dict[code].clone()))).or_default().merge(state);
+                            let key = GroupKey { bucket: None, tags: vec![Key(col.dict[code].clone())] };
+                            groups.entry(key).or_default().merge(state);
                         }
                     }
                 }
-                Some(Group::Interval(width)) => {
-                    let mut per_bucket: HashMap<i64, AggState> = HashMap::new();
+                (cols, interval) => {
+                    let mut per_group: HashMap<(Option<i64>, Vec<u32>), AggState> = HashMap::new();
                     for &r in &rows {
-                        add(per_bucket.entry(batch.timestamps[r].div_euclid(*width) * width).or_default(), r);
+                        let codes: Vec<u32> = cols.iter().map(|c| c.codes[r]).collect();
+                        if codes.contains(&NULL_CODE) {
+                            continue;
+                        }
+                        let bucket = interval.map(|w| batch.timestamps[r].div_euclid(w) * w);
+                        add(per_group.entry((bucket, codes)).or_default(), r);
                     }
-                    for (lower, state) in per_bucket {
-                        groups.entry(GroupKey::Bucket(lower)).or_default().merge(state);
+                    for ((bucket, codes), state) in per_group {
+                        let tags = codes.iter().zip(cols).map(|(c, col)| Key(col.dict[*c as usize].clone())).collect();
+                        groups.entry(GroupKey { bucket, tags }).or_default().merge(state);
                     }
                 }
             }
@@ -451,17 +460,16 @@ pub fn finish(plan: &SelectPlan, partial: Partial) -> Vec<Point> {
                     continue;
                 };
                 let mut p = Point { timestamp: 0, value, dimensions: BTreeMap::new(), tags: BTreeMap::new() };
-                match (key, &plan.group) {
-                    (GroupKey::Tag(k), Some(Group::Tag(tag))) => {
-                        p.tags.insert(tag.clone(), k.0);
-                    }
-                    (GroupKey::Bucket(lower), Some(Group::Interval(w))) => {
-                        let upper = lower.saturating_add(*w);
+                if let Some(group) = &plan.group {
+                    if let (Some(lower), Some(w)) = (key.bucket, group.interval) {
+                        let upper = lower.saturating_add(w);
                         p.timestamp = upper;
                         p.dimensions.insert("lowerBound".into(), FieldValue::Int(lower));
                         p.dimensions.insert("upperBound".into(), FieldValue::Int(upper));
                     }
-                    _ => {}
+                    for (tag, k) in group.tags.iter().zip(key.tags) {
+                        p.tags.insert(tag.clone(), k.0);
+                    }
                 }
                 out.push(p);
             }
@@ -478,6 +486,40 @@ pub fn finish(plan: &SelectPlan, partial: Partial) -> Vec<Point> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GROUP BY several tags and an interval: one record per combination present, each with
+    /// its tags and bounds; points lacking a tag belong to no group.
+    #[test]
+    fn groups_by_several_tags_and_an_interval() {
+        let mut lines = String::new();
+        for i in 0..120i64 {
+            let (region, host) = (["eu", "us"][(i % 2) as usize], ["a", "b", "c"][(i % 3) as usize]);
+            lines.push_str(&format!("m,region={region},host={host} value={i}i {}\n", i * 1000));
+        }
+        lines.push_str("m,region=eu value=1000i 5000\n");
+        let batch =
+            crate::ingest::parse_line_protocol(&lines, "d", "n", crate::ingest::Precision::Ms, 0, 1000).unwrap();
+        let rows = &batch.metrics[0].1;
+        let sql = "SELECT count(*) FROM m GROUP BY region, host, INTERVAL 60000";
+        let plan = match crate::query::plan::parse(sql, 0).unwrap() {
+            crate::query::plan::Statement::Select(p) => p,
+            _ => unreachable!(),
+        };
+        let (left, right) =
+            (rows.select(&(0..60).collect::<Vec<_>>()), rows.select(&(60..rows.len()).collect::<Vec<_>>()));
+        let (mut a, mut b) = (Partial::empty(&plan), Partial::empty(&plan));
+        scan_batch(&plan, &left, i64::MIN, i64::MAX, &mut a);
+        scan_batch(&plan, &right, i64::MIN, i64::MAX, &mut b);
+        a.merge(b);
+        let records = finish(&plan, a);
+        // 2 regions × 3 hosts × 2 minutes; 120 points over 12 groups, 10 each.
+        assert_eq!(records.len(), 12);
+        assert!(records.iter().all(|r| r.value == Num::Int(10)), "{records:?}");
+        let first = &records[0];
+        assert_eq!(first.tags["region"], FieldValue::Str("eu".into()));
+        assert_eq!(first.tags["host"], FieldValue::Str("a".into()));
+        assert_eq!((first.dimensions["lowerBound"].clone(), first.timestamp), (FieldValue::Int(0), 60_000));
+    }
 
     #[test]
     fn distinct_values_count_toward_the_size_of_a_partial() {

@@ -9,7 +9,7 @@ use crate::catalog::Catalog;
 use crate::model::{FieldValue, MetricKey, Point};
 use crate::storage::{Storage, StorageError};
 use exec::Partial;
-use plan::{Aggregate, Filter, Group, Projection, SelectPlan};
+use plan::{Aggregate, Filter, Projection, SelectPlan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -34,13 +34,13 @@ pub fn validate_fields(catalog: &Catalog, key: &MetricKey, plan: &SelectPlan) ->
         Projection::Aggregate(Aggregate::CountDistinct(f)) => names.push(f.clone()),
         _ => {}
     }
-    if let Some(Group::Tag(t)) = &plan.group
-        && !matches!(catalog.field(key, t), Some((crate::model::FieldClass::Tag, _)))
-    {
-        return Err(QueryError::Invalid(format!("GROUP BY {t}: {t} is not a tag of metric {}", key.metric)));
+    for t in plan.group.iter().flat_map(|g| &g.tags) {
+        if !matches!(catalog.field(key, t), Some((crate::model::FieldClass::Tag, _))) {
+            return Err(QueryError::Invalid(format!("GROUP BY {t}: {t} is not a tag of metric {}", key.metric)));
+        }
     }
     if let Some(o) = &plan.order {
-        let group_field = matches!(&plan.group, Some(Group::Tag(t)) if *t == o.field);
+        let group_field = plan.group.as_ref().is_some_and(|g| g.tags.contains(&o.field));
         if !group_field {
             names.push(o.field.clone());
         }
@@ -82,8 +82,8 @@ pub fn partial_of_shards(
     if let Some(f) = &plan.filter {
         f.fields(&mut columns);
     }
-    if let Some(Group::Tag(t)) = &plan.group {
-        columns.push(t.clone());
+    if let Some(g) = &plan.group {
+        columns.extend(g.tags.iter().cloned());
     }
     if let Projection::Aggregate(Aggregate::CountDistinct(f)) = &plan.projection {
         columns.push(f.clone());

@@ -66,11 +66,13 @@ pub enum Aggregate {
     CountDistinct(String),
 }
 
+/// `GROUP BY tag[, tag…][, INTERVAL d]`: one group per combination of the tags' values (and
+/// time bucket).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Group {
-    Tag(String),
+pub struct Group {
+    pub tags: Vec<String>,
     /// Bucket width in milliseconds; buckets are `[k·w, (k+1)·w)`.
-    Interval(i64),
+    pub interval: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,24 +217,45 @@ fn rewrite_tokens(tokens: Vec<TokenWithSpan>, now_ms: i64) -> Result<(Vec<TokenW
             _ => out.push(tok),
         }
     }
-    // GROUP BY INTERVAL <ms>: cut it out, remember the width.
+    // GROUP BY …, INTERVAL <ms>, …: cut it out (with a comma next to it, and GROUP BY if
+    // nothing else is grouped by), remember the width.
     let mut interval = None;
     let is_kw = |t: &TokenWithSpan, k: Keyword| matches!(&t.token, Token::Word(w) if w.keyword == k);
-    if let Some(i) = (0..out.len().saturating_sub(2)).find(|&i| {
-        is_kw(&out[i], Keyword::GROUP) && is_kw(&out[i + 1], Keyword::BY) && is_kw(&out[i + 2], Keyword::INTERVAL)
-    }) {
-        let span = out[i + 2].span;
-        match out.get(i + 3).map(|t| &t.token) {
-            Some(Token::Number(n, _)) => {
-                let ms: i64 =
-                    n.parse().map_err(|_| PlanError(format!("interval {n:?} is not a whole number{}", at(span))))?;
-                if ms <= 0 {
-                    return err("GROUP BY INTERVAL needs a positive duration", span);
+    let comma = |t: &TokenWithSpan| matches!(t.token, Token::Comma);
+    if let Some(g) =
+        (0..out.len().saturating_sub(1)).find(|&i| is_kw(&out[i], Keyword::GROUP) && is_kw(&out[i + 1], Keyword::BY))
+    {
+        let end = (g + 2..out.len())
+            .find(|&j| [Keyword::ORDER, Keyword::LIMIT, Keyword::HAVING].iter().any(|k| is_kw(&out[j], *k)))
+            .unwrap_or(out.len());
+        if let Some(k) = (g + 2..end).find(|&j| is_kw(&out[j], Keyword::INTERVAL)) {
+            let span = out[k].span;
+            match out.get(k + 1).map(|t| &t.token) {
+                Some(Token::Number(n, _)) => {
+                    let ms: i64 = n
+                        .parse()
+                        .map_err(|_| PlanError(format!("interval {n:?} is not a whole number{}", at(span))))?;
+                    if ms <= 0 {
+                        return err("GROUP BY INTERVAL needs a positive duration", span);
+                    }
+                    interval = Some(ms);
                 }
-                interval = Some(ms);
-                out.drain(i..i + 4);
+                _ => return err("GROUP BY INTERVAL needs a duration such as 1h", span),
             }
-            _ => return err("GROUP BY INTERVAL needs a duration such as 1h", span),
+            if k + 2 < end && comma(&out[k + 2]) {
+                out.drain(k..k + 3);
+            } else if k > g + 2 && comma(&out[k - 1]) {
+                out.drain(k - 1..k + 2);
+            } else {
+                out.drain(k..k + 2);
+            }
+            let clause_empty = out.get(g + 2).is_none_or(|t| {
+                [Keyword::ORDER, Keyword::LIMIT, Keyword::HAVING].iter().any(|kw| is_kw(t, *kw))
+                    || matches!(t.token, Token::EOF | Token::SemiColon)
+            });
+            if clause_empty {
+                out.drain(g..g + 2);
+            }
         }
     }
     Ok((out, interval))
@@ -300,19 +323,17 @@ fn plan_select(q: ast::Query, interval: Option<i64>) -> Result<SelectPlan, PlanE
     let metric = table_name(&select.from, select.span())?;
     let projection = plan_projection(&select.projection)?;
     let filter = select.selection.as_ref().map(plan_filter).transpose()?;
-    let group = match (&select.group_by, interval) {
-        (ast::GroupByExpr::Expressions(exprs, _), None) if exprs.is_empty() => None,
-        (ast::GroupByExpr::Expressions(exprs, _), Some(ms)) if exprs.is_empty() => Some(Group::Interval(ms)),
-        (ast::GroupByExpr::Expressions(exprs, _), None) if exprs.len() == 1 => match &exprs[0] {
-            Expr::Identifier(id) => Some(Group::Tag(id.value.clone())),
-            other => {
-                return err("GROUP BY takes one tag name or INTERVAL <duration>", other.span());
-            }
-        },
-        (g, _) => {
-            return err("GROUP BY takes one tag name or INTERVAL <duration>", g.span());
-        }
+    let tags: Vec<String> = match &select.group_by {
+        ast::GroupByExpr::Expressions(exprs, _) => exprs
+            .iter()
+            .map(|e| match e {
+                Expr::Identifier(id) => Ok(id.value.clone()),
+                other => err("GROUP BY takes tag names and INTERVAL <duration>", other.span()),
+            })
+            .collect::<Result<_, _>>()?,
+        g => return err("GROUP BY takes tag names and INTERVAL <duration>", g.span()),
     };
+    let group = (!tags.is_empty() || interval.is_some()).then_some(Group { tags, interval });
     if group.is_some() && !matches!(projection, Projection::Aggregate(_)) {
         return err("GROUP BY needs an aggregate in SELECT, such as avg(value)", query_span);
     }
@@ -571,12 +592,12 @@ mod tests {
     fn nsdb_extensions() {
         let p =
             select("select avg(value) from cpu where timestamp > now - 2h and region = 'eu' group by interval 30 m");
-        assert_eq!(p.group, Some(Group::Interval(1_800_000)));
+        assert_eq!(p.group, Some(Group { tags: vec![], interval: Some(1_800_000) }));
         assert_eq!(p.projection, Projection::Aggregate(Aggregate::Value(AggFn::Avg)));
         assert_eq!(p.filter.unwrap().time_range(), (10_000_000 - 7_200_000 + 1, i64::MAX));
         let p = select("SELECT count(distinct host) FROM cpu GROUP BY region ORDER BY value DESC LIMIT 3");
         assert_eq!(p.projection, Projection::Aggregate(Aggregate::CountDistinct("host".into())));
-        assert_eq!(p.group, Some(Group::Tag("region".into())));
+        assert_eq!(p.group, Some(Group { tags: vec!["region".into()], interval: None }));
         assert_eq!(p.order, Some(Order { field: "value".into(), descending: true }));
         assert_eq!(p.limit, Some(3));
         let p = select("select * from m where 5 < value or host like 'a%' and not x is null");
