@@ -124,3 +124,51 @@ fn the_influx_cli_inserts_and_queries() {
     let text = format!("{}{}", String::from_utf8_lossy(&bad.stdout), String::from_utf8_lossy(&bad.stderr));
     assert!(text.contains("error parsing query"), "{text}");
 }
+
+/// What Telegraf relies on, by hand: `/ping` headers, a gzipped body, a batch whose string
+/// field is skipped and counted, and strict mode refusing that batch whole.
+#[test]
+fn ping_gzip_and_string_fields_behave_as_telegraf_expects() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[]);
+    let http = reqwest::blocking::Client::new();
+    for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+        let r = http.request(method.clone(), node.url("/ping")).send().unwrap();
+        assert_eq!(r.status().as_u16(), 204, "{method}");
+        assert!(r.headers()["x-influxdb-version"].to_str().unwrap().starts_with("1."));
+    }
+    let body = "sys,host=a load1=0.5,uptime=10i,uptime_format=\"0 days, 0:00\" 1600000000\n\
+                sys,host=a load1=0.75,uptime=20i,uptime_format=\"0 days, 0:01\" 1600000010\n";
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(body.as_bytes()).unwrap();
+    let gzipped = gz.finish().unwrap();
+    let r = http
+        .post(node.url("/write?db=tele&precision=s"))
+        .header("content-encoding", "gzip")
+        .body(gzipped.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(r.headers()["x-shoal-skipped-fields"], "2", "the two string fields were skipped and counted");
+    // Strict: the same batch is refused whole, naming the field; nothing more is stored.
+    let r = http
+        .post(node.url("/write?db=tele&precision=s&strict=true"))
+        .header("content-encoding", "gzip")
+        .body(gzipped)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let text = r.text().unwrap();
+    assert!(text.contains("uptime_format") && text.contains("line 1"), "{text}");
+    // A body that says gzip and is not: a clear 400.
+    let r = http.post(node.url("/write?db=tele")).header("content-encoding", "gzip").body("sys v=1").send().unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().unwrap().contains("gzip"));
+    let q = serde_urlencoded::to_string([("db", "tele"), ("q", "SELECT count(load1), sum(uptime) FROM sys")]).unwrap();
+    let v: serde_json::Value = http.get(node.url(&format!("/query?{q}"))).send().unwrap().json().unwrap();
+    assert_eq!(v["results"][0]["series"][0]["values"][0][1], 2, "{v}");
+    assert_eq!(v["results"][0]["series"][0]["values"][0][2], 30, "{v}");
+    let (_, metrics) = node.get("/metrics");
+    assert!(metrics.as_str().unwrap().contains("shoal_write_fields_skipped_total 2"));
+}
