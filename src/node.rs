@@ -499,14 +499,22 @@ impl Node {
             .zip(&peers)
             .filter_map(|(r, addr)| r.err().map(|e| format!("{addr}: {e}")))
             .collect();
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(NodeError::Unavailable(format!(
+        if !failed.is_empty() {
+            return Err(NodeError::Unavailable(format!(
                 "cannot confirm every shard of {metric} with every live member (retry the delete): {}",
                 failed.join("; ")
-            )))
+            )));
         }
+        // A node cut off from the others sees no one live and would confirm nothing: the shard
+        // map must come from a majority of the members it knows (all but those that left).
+        let known = members.iter().filter(|m| m.state != crate::membership::Liveness::Left).count().max(1);
+        let confirmed = peers.len() + 1;
+        if confirmed * 2 <= known {
+            return Err(NodeError::Unavailable(format!(
+                "a delete needs the shard map of {metric} confirmed by a majority of the cluster's members; this node reaches {confirmed} of {known} (retry once it sees them)"
+            )));
+        }
+        Ok(())
     }
 
     /// Merges a peer's catalog state. A metric whose drop epoch it raises loses its local

@@ -40,11 +40,14 @@ pub mod run;
 ///   syncs its metric's part of the catalog with every live member, or fails.
 /// - 6050: a write through a node whose clock ran 25 s behind was stamped before an earlier
 ///   DELETE and taken by it, as last-write-wins says (the simulator now tracks write times).
+/// - 796474849: a DELETE through a node cut off from every other (its network paused) synced
+///   its shard map with nobody, did not know the shards of a metric created again meanwhile,
+///   and answered 200. A DELETE now needs the shard map confirmed by a majority of members.
 /// - 795774691 also found that a write accepted by a node that had not heard of a drop goes
 ///   with the drop (now counted as concurrent with it, see docs/TESTING.md).
 pub const REGRESSION_SEEDS: &[u64] = &[
     795774592, 795774684, 795774691, 795774751, 795774760, 1016, 1037, 795802023, 2089, 2041, 5031, 2016, 1006, 6007,
-    6050,
+    6050, 796474849,
 ];
 
 /// Sets the process up for simulation: blocking work inline (no thread pool deciding the

@@ -479,6 +479,20 @@ mod tests {
         storage.flush_all().await.unwrap();
         storage.collect_wal().unwrap();
         assert_eq!(wal_files(), 1, "only the file appended to");
+        // Every record is in segments: the writer begins a new, empty file and the next
+        // collection removes the last one with records, its zero-filled tail included.
+        let wal_bytes = || -> u64 {
+            let wal_dir = dir.path().join("wal");
+            let seqs = wal::list_wal_seqs(&wal_dir).unwrap();
+            seqs.iter().map(|s| std::fs::metadata(wal::wal_path(&wal_dir, *s)).unwrap().len()).sum()
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while wal_bytes() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the compacted WAL still takes {} bytes", wal_bytes());
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            storage.collect_wal().unwrap();
+        }
+        assert_eq!(wal_files(), 1, "one empty file to append to");
         storage.write(&other, points(50..60, 7)).await.unwrap();
         let storage = reopen(storage, dir.path(), c).await;
         assert_eq!(count(&storage, &key), (10, 20));

@@ -143,6 +143,11 @@ impl AppendLog {
 
     /// Appends already-framed records and makes them durable before returning.
     pub fn append_durable(&mut self, records: &[u8]) -> std::io::Result<()> {
+        // Nothing to make durable (a writer that only begins a new file): no zeros ahead, no
+        // fsync.
+        if records.is_empty() && !self.needs_cut {
+            return Ok(());
+        }
         if self.needs_cut {
             self.cut()?;
         }
@@ -229,6 +234,8 @@ const GROUP_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// One shard writer's records for one group commit, and where to say where they ended.
 struct Submission {
     records: Vec<u8>,
+    /// Begin a new file first, even below the size bound (see [`NodeWal::remove_before`]).
+    rotate: bool,
     done: oneshot::Sender<std::io::Result<u64>>,
 }
 
@@ -332,7 +339,7 @@ impl NodeWal {
     /// be durable: a shard writer goes on checking its next appends meanwhile.
     pub async fn submit(&self, records: Vec<u8>) -> std::io::Result<Durable> {
         let (done, rx) = oneshot::channel();
-        self.tx.send(Submission { records, done }).await.map_err(|_| writer_stopped())?;
+        self.tx.send(Submission { records, rotate: false, done }).await.map_err(|_| writer_stopped())?;
         Ok(Durable(rx))
     }
 
@@ -344,11 +351,22 @@ impl NodeWal {
 
     /// Deletes the files whose records all end at or before `lsn` (every shard has them in
     /// segments). The file appended to is kept.
+    ///
+    /// When every record is in segments (`lsn` is the end) but the current file still holds
+    /// records, the writer is asked to begin a new file, so that the next call removes this
+    /// one: a WAL whose records are all compacted takes no space (its zero-filled tail
+    /// included), whether or not more writes come.
     pub fn remove_before(&self, lsn: u64) -> std::io::Result<()> {
         let mut files = self.shared.files.lock().expect("wal files lock");
         while files.len() > 1 && files[1] <= lsn {
             std::fs::remove_file(wal_path(&self.shared.dir, files[0]))?;
             files.remove(0);
+        }
+        let current_holds_records = files.last().is_some_and(|start| *start < self.end());
+        if lsn >= self.end() && current_holds_records {
+            let (done, _) = oneshot::channel();
+            // Best effort: with the queue full, writes are coming and a later call asks again.
+            let _ = self.tx.try_send(Submission { records: Vec::new(), rotate: true, done });
         }
         Ok(())
     }
@@ -403,7 +421,7 @@ async fn run(
             buf.extend_from_slice(&s.records);
             ends.push(base + buf.len() as u64);
         }
-        let rotate = log.len() >= shared.file_bytes;
+        let rotate = log.len() >= shared.file_bytes || (group.iter().any(|s| s.rotate) && !log.is_empty());
         let dir = shared.dir.clone();
         let started = tokio::time::Instant::now();
         let joined = crate::env::spawn_blocking(move || {
