@@ -153,15 +153,8 @@ pub enum Cond {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    Eq,
-    NotEq,
-    Lt,
-    LtEq,
-    Gt,
-    GtEq,
-}
+/// InfluxQL's comparisons are the NSDb dialect's.
+pub use crate::query::plan::CmpOp as Op;
 
 impl Cond {
     /// The time range `[from, to)` in ms that the time bounds joined by AND allow (bounds under
