@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# Issue 19's side-by-side benchmark: one data set into Shoal (a single node, then a 3-node RF 2
+# cluster), VictoriaMetrics and InfluxDB 1.x, one system at a time on this machine. Prints, per
+# system: load rate, bytes per point on disk (all files, after compaction), peak RSS, and the
+# median of 5 runs of five queries; then Shoal's ratios to VictoriaMetrics.
+#
+# Data set: BENCH_SERIES series (host × region, default 400), one point per series per
+# second, random two-decimal values, BENCH_LINES lines (default 10,000,000) loaded as
+# 100,000-line bodies over 2 streams. The 20,000-series variant:
+#   BENCH_SERIES=20000 bash benches/queries.sh
+# Queries: avg by region over all points; max for one host; avg per 1h over all points; avg
+# per 1m over the last hour by host; last value per host.
+#
+#   bash benches/queries.sh     # by hand, not in CI; installs what it needs (root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LINES=${BENCH_LINES:-10000000}
+SERIES=${BENCH_SERIES:-400}
+BODY=100000
+WORK=$(mktemp -d /tmp/shoal-queries.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+need=()
+command -v victoria-metrics >/dev/null || need+=(victoria-metrics)
+command -v influxd >/dev/null || need+=(influxdb)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+cargo build --release --quiet
+SHOAL=$(realpath ./target/release/shoal)
+
+# The data: second t holds one point of each series; it ends an hour before now.
+SECONDS_SPAN=$(( (LINES + SERIES - 1) / SERIES ))
+END_S=$(( $(date +%s) - 3600 ))
+BASE_S=$(( END_S - SECONDS_SPAN ))
+mkdir -p "$WORK/data"
+awk -v lines="$LINES" -v series="$SERIES" -v base="$BASE_S" -v body="$BODY" -v dir="$WORK/data" 'BEGIN {
+  srand(19); file = 0; n = 0
+  for (i = 0; i < lines; i++) {
+    if (n % body == 0) { if (n) close(out); out = sprintf("%s/%05d.lp", dir, file++) }
+    s = i % series; t = base + int(i / series)
+    printf "cpu,host=h%d,region=r%d value=%.2f %d\n", s, s % 8, rand() * 100, t > out
+    n++
+  }
+}'
+FROM_MS=$(( BASE_S * 1000 )); TO_MS=$(( (END_S + 1) * 1000 )); LAST_HOUR_MS=$(( TO_MS - 3600 * 1000 ))
+
+wait_http() { for _ in $(seq 1 300); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; return 1; }
+
+load() { # url-prefix... (bodies go round-robin over them, 2 streams) -> prints lines/s
+  local urls=("$@") start end
+  start=$(date +%s.%N)
+  ls "$WORK"/data/*.lp | awk -v n="${#urls[@]}" '{ print NR % n, $0 }' | \
+    while read -r i f; do echo "${urls[$i]} $f"; done | \
+    xargs -P2 -L1 sh -c 'curl -sf -o /dev/null --data-binary @"$1" "$0" || echo "load failed: $0 $1" >&2'
+  end=$(date +%s.%N)
+  echo "$LINES $start $end" | awk '{ printf "%.0f", $1 / ($3 - $2) }'
+}
+
+median5() { # command... -> median seconds of 5 runs
+  for _ in 1 2 3 4 5; do
+    local s e; s=$(date +%s.%N); "$@" > "$WORK/q.out"; e=$(date +%s.%N)
+    echo "$e - $s" | bc -l
+  done | sort -g | sed -n 3p
+}
+
+peak_rss_mib() { awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+bytes_per_point() { du -sb "$1" | awk -v n="$LINES" '{ printf "%.2f", $1 / n }'; }
+
+report() { # name load bytes rss q1..q5
+  printf "%-14s %10s lines/s %6s B/pt %6s MiB  %8.4f %8.4f %8.4f %8.4f %8.4f\n" "$@"
+  echo "$@" >> "$WORK/results"
+}
+
+printf "%-14s %18s %11s %10s  %8s %8s %8s %8s %8s\n" system load size peak_rss by_region one_host per_1h 1m_by_host last
+# --- Shoal: a single node, then a 3-node RF 2 cluster ---
+shoal_sql() { # addr sql
+  curl -sf -XPOST "http://$1/query" -H 'Content-Type: application/json' \
+    -d "{\"db\":\"bench\",\"namespace\":\"bench\",\"queryString\":\"$2\"}"
+}
+shoal_queries() { # addr
+  local a=$1
+  Q1=$(median5 shoal_sql "$a" "SELECT avg(value) FROM cpu GROUP BY region")
+  Q2=$(median5 shoal_sql "$a" "SELECT max(value) FROM cpu WHERE host = 'h7'")
+  Q3=$(median5 shoal_sql "$a" "SELECT avg(value) FROM cpu GROUP BY INTERVAL 1h")
+  Q4=$(median5 shoal_sql "$a" "SELECT avg(value) FROM cpu WHERE timestamp >= $LAST_HOUR_MS GROUP BY host, INTERVAL 1m")
+  Q5=$(median5 shoal_sql "$a" "SELECT last(value) FROM cpu GROUP BY host")
+}
+start_shoal() { # dir port gossip-port [seed] -> pid in SHOAL_PID
+  mkdir -p "$1"
+  local seed=()
+  [ -n "${4:-}" ] && seed=(--set "shoal.cluster.seeds=[\"127.0.0.1:$4\"]")
+  "$SHOAL" start --set "shoal.data-dir=$1" --set shoal.http.port="$2" --set shoal.gossip.port="$3" \
+    --set shoal.node.id="n$2" --set shoal.storage.flush-interval=5s --set shoal.log-level=warn \
+    --set shoal.cluster.replication-factor="${RF:-1}" "${seed[@]}" > "$1.log" 2>&1 &
+  SHOAL_PID=$!
+  wait_http "http://127.0.0.1:$2/readyz"
+}
+start_shoal "$WORK/shoal" 19100 19200
+LOAD=$(load "http://127.0.0.1:19100/write?db=bench&namespace=bench&precision=s")
+sleep 12  # past the flush interval: every point in segments, the WAL gone
+shoal_queries 127.0.0.1:19100
+report shoal "$LOAD" "$(bytes_per_point "$WORK/shoal")" "$(peak_rss_mib $SHOAL_PID)" "$Q1" "$Q2" "$Q3" "$Q4" "$Q5"
+kill $SHOAL_PID; wait $SHOAL_PID 2>/dev/null || true; rm -rf "$WORK/shoal"
+
+RF=2
+start_shoal "$WORK/c1" 19101 19201; P1=$SHOAL_PID
+start_shoal "$WORK/c2" 19102 19202 19201; P2=$SHOAL_PID
+start_shoal "$WORK/c3" 19103 19203 19201; P3=$SHOAL_PID
+for _ in $(seq 1 100); do
+  [ "$(curl -sf http://127.0.0.1:19101/cluster/members | grep -o '"alive"' | wc -l)" -ge 3 ] && break; sleep 0.2
+done
+LOAD=$(load "http://127.0.0.1:19101/write?db=bench&namespace=bench&precision=s" \
+  "http://127.0.0.1:19102/write?db=bench&namespace=bench&precision=s" \
+  "http://127.0.0.1:19103/write?db=bench&namespace=bench&precision=s")
+sleep 12
+shoal_queries 127.0.0.1:19101
+RSS=$(( $(peak_rss_mib $P1) + $(peak_rss_mib $P2) + $(peak_rss_mib $P3) ))
+BYTES=$(du -sb "$WORK/c1" "$WORK/c2" "$WORK/c3" | awk -v n="$LINES" '{ s += $1 } END { printf "%.2f", s / n }')
+report shoal-3xRF2 "$LOAD" "$BYTES" "$RSS" "$Q1" "$Q2" "$Q3" "$Q4" "$Q5"
+kill $P1 $P2 $P3; wait $P1 $P2 $P3 2>/dev/null || true; rm -rf "$WORK"/c?
+
+# --- VictoriaMetrics: Influx line protocol in, PromQL out ---
+victoria-metrics -storageDataPath="$WORK/vm" -httpListenAddr=127.0.0.1:18428 -retentionPeriod=100y \
+  -loggerLevel=ERROR > "$WORK/vm.log" 2>&1 &
+VM_PID=$!
+wait_http http://127.0.0.1:18428/health
+LOAD=$(load "http://127.0.0.1:18428/write?precision=s")
+curl -sf -o /dev/null http://127.0.0.1:18428/internal/force_flush || true
+sleep 5
+RANGE="$(( SECONDS_SPAN + 1 ))s"; AT=$(( END_S + 1 ))
+vm_query() { curl -sf -G http://127.0.0.1:18428/api/v1/query --data-urlencode "query=$1" --data-urlencode "time=$AT"; }
+vm_range() { curl -sf -G http://127.0.0.1:18428/api/v1/query_range --data-urlencode "query=$1" \
+  --data-urlencode "start=$2" --data-urlencode "end=$AT" --data-urlencode "step=$3"; }
+Q1=$(median5 vm_query "sum by (region) (sum_over_time(cpu_value[$RANGE])) / sum by (region) (count_over_time(cpu_value[$RANGE]))")
+Q2=$(median5 vm_query "max_over_time(cpu_value{host=\"h7\"}[$RANGE])")
+Q3=$(median5 vm_range "sum(sum_over_time(cpu_value[1h])) / sum(count_over_time(cpu_value[1h]))" "$BASE_S" 1h)
+Q4=$(median5 vm_range "avg by (host) (avg_over_time(cpu_value[1m]))" "$(( AT - 3600 ))" 1m)
+Q5=$(median5 vm_query "last_over_time(cpu_value[$RANGE])")
+report victoria "$LOAD" "$(bytes_per_point "$WORK/vm")" "$(peak_rss_mib $VM_PID)" "$Q1" "$Q2" "$Q3" "$Q4" "$Q5"
+kill $VM_PID; wait $VM_PID 2>/dev/null || true
+
+# --- InfluxDB 1.x: InfluxQL ---
+cat > "$WORK/influxdb.conf" <<EOF
+reporting-disabled = true
+bind-address = "127.0.0.1:18088"
+[meta]
+  dir = "$WORK/influx/meta"
+[data]
+  dir = "$WORK/influx/data"
+  wal-dir = "$WORK/influx/wal"
+  query-log-enabled = false
+[monitor]
+  store-enabled = false
+[http]
+  bind-address = "127.0.0.1:18086"
+  log-enabled = false
+EOF
+influxd -config "$WORK/influxdb.conf" > "$WORK/influxd.log" 2>&1 &
+INFLUX_PID=$!
+wait_http http://127.0.0.1:18086/ping
+curl -sf -o /dev/null -XPOST http://127.0.0.1:18086/query --data-urlencode "q=CREATE DATABASE bench"
+LOAD=$(load "http://127.0.0.1:18086/write?db=bench&precision=s")
+sleep 5
+influxql() { curl -sf -G http://127.0.0.1:18086/query --data-urlencode db=bench --data-urlencode "q=$1"; }
+W="time >= ${FROM_MS}ms AND time < ${TO_MS}ms"
+Q1=$(median5 influxql "SELECT mean(value) FROM cpu WHERE $W GROUP BY region")
+Q2=$(median5 influxql "SELECT max(value) FROM cpu WHERE host = 'h7' AND $W")
+Q3=$(median5 influxql "SELECT mean(value) FROM cpu WHERE $W GROUP BY time(1h)")
+Q4=$(median5 influxql "SELECT mean(value) FROM cpu WHERE time >= ${LAST_HOUR_MS}ms AND time < ${TO_MS}ms GROUP BY time(1m), host")
+Q5=$(median5 influxql "SELECT last(value) FROM cpu WHERE $W GROUP BY host")
+report influxdb "$LOAD" "$(bytes_per_point "$WORK/influx")" "$(peak_rss_mib $INFLUX_PID)" "$Q1" "$Q2" "$Q3" "$Q4" "$Q5"
+kill $INFLUX_PID; wait $INFLUX_PID 2>/dev/null || true
+
+# --- Ratios to VictoriaMetrics (load: higher is better; the rest: lower is better) ---
+echo
+echo "Shoal / VictoriaMetrics ($LINES lines, $SERIES series):"
+awk '$1 == "victoria" { for (i = 2; i <= 9; i++) vm[i] = $i }
+     $1 ~ /^shoal/ { rows[$1] = $0 }
+     END {
+       split("load bytes/pt peak_rss by_region one_host per_1h 1m_by_host last", names, " ")
+       for (r in rows) {
+         split(rows[r], f, " "); line = sprintf("%-12s", r)
+         for (i = 2; i <= 9; i++) line = line sprintf(" %s %.2fx", names[i - 1], f[i] / vm[i])
+         print line
+       }
+     }' "$WORK/results"
