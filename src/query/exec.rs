@@ -396,6 +396,16 @@ pub fn scan_batch(plan: &SelectPlan, batch: &RowBatch, from: i64, to: i64, parti
                         }
                     }
                 }
+                ([], Some(width)) => {
+                    // Buckets only: keyed by the bucket alone (a key per row costs no allocation).
+                    let mut per_bucket: HashMap<i64, AggState> = HashMap::new();
+                    for &r in &rows {
+                        add(per_bucket.entry(batch.timestamps[r].div_euclid(width) * width).or_default(), r);
+                    }
+                    for (lower, state) in per_bucket {
+                        groups.entry(GroupKey { bucket: Some(lower), tags: Vec::new() }).or_default().merge(state);
+                    }
+                }
                 (cols, interval) => {
                     let mut per_group: HashMap<(Option<i64>, Vec<u32>), AggState> = HashMap::new();
                     for &r in &rows {
