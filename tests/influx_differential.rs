@@ -7,31 +7,15 @@
 mod common;
 use common::wait_until;
 use serde_json::Value;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Seconds: the data spans 2 hours from here, every 10 s per series.
 const T0: i64 = 1_600_000_200;
 const SPAN: i64 = 7_200;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Influxd {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Influxd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_influxd(dir: &std::path::Path) -> Influxd {
-    let (http, rpc) = (free_port(), free_port());
+fn start_influxd(dir: &std::path::Path) -> common::Server {
+    let (http, rpc) = (common::free_port(), common::free_port());
     let conf = format!(
         "reporting-disabled = true\nbind-address = \"127.0.0.1:{rpc}\"\n[meta]\n  dir = \"{d}/meta\"\n[data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n  query-log-enabled = false\n[monitor]\n  store-enabled = false\n[http]\n  bind-address = \"127.0.0.1:{http}\"\n  log-enabled = false\n[continuous_queries]\n  enabled = false\n",
         d = dir.display()
@@ -46,7 +30,7 @@ fn start_influxd(dir: &std::path::Path) -> Influxd {
         .stderr(Stdio::from(log))
         .spawn()
         .unwrap();
-    let influxd = Influxd { child, addr: format!("127.0.0.1:{http}") };
+    let influxd = common::Server { child, addr: format!("127.0.0.1:{http}") };
     let http = reqwest::blocking::Client::new();
     wait_until(Duration::from_secs(30), "influxd to answer /ping", || {
         http.get(format!("http://{}/ping", influxd.addr)).send().ok().filter(|r| r.status().as_u16() == 204)

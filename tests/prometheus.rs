@@ -6,24 +6,8 @@
 mod common;
 use common::wait_until;
 use serde_json::Value;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-struct Prometheus {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// `up` and the scrape's own series, as Prometheus holds them: (timestamp ms, value) per
 /// series up to `until_ms`.
@@ -68,7 +52,7 @@ fn prometheus_scrapes_a_node_and_remote_writes_into_the_cluster_exactly() {
     shoal::tls::install_default_provider();
     let dir = tempfile::tempdir().unwrap();
     let nodes = common::cluster(dir.path(), &["a", "b", "c"], &["shoal.cluster.replication-factor=2"]);
-    let web = format!("127.0.0.1:{}", free_port());
+    let web = format!("127.0.0.1:{}", common::free_port());
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: shoal\n    static_configs:\n      - targets: [\"{}\"]\nremote_write:\n  - url: http://{}/api/v1/write?db=prom\n    queue_config:\n      batch_send_deadline: 1s\n",
         nodes[0].addr, nodes[1].addr
@@ -84,7 +68,7 @@ fn prometheus_scrapes_a_node_and_remote_writes_into_the_cluster_exactly() {
         .stderr(Stdio::from(log))
         .spawn()
         .unwrap();
-    let prometheus = Prometheus { child, addr: web };
+    let prometheus = common::Server { child, addr: web };
     let http = reqwest::blocking::Client::new();
     wait_until(Duration::from_secs(60), "Prometheus to be ready", || {
         http.get(format!("http://{}/-/ready", prometheus.addr)).send().ok().filter(|r| r.status().is_success())

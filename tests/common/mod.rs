@@ -206,3 +206,23 @@ pub fn cluster(dir: &Path, ids: &[&str], settings: &[&str]) -> Vec<TestNode> {
     }
     nodes
 }
+
+/// A port free on loopback now, for a server the test starts that cannot bind port 0 itself.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A server process the test started (InfluxDB, Prometheus), killed when the test ends.
+#[allow(dead_code)]
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
