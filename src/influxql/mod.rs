@@ -364,29 +364,18 @@ fn aggregate(func: Func, arg: Option<f64>, values: &mut [(i64, Num)]) -> Option<
             };
             (json!(m), None)
         }
-        Func::Min => {
-            let p = values.iter().min_by(|a, b| by_value(a, b)).expect("not empty");
-            (num_json(p.1), Some(p.0))
-        }
-        Func::Max => {
-            let p = values
-                .iter()
-                .max_by(|a, b| num_f64(a.1).total_cmp(&num_f64(b.1)).then(b.0.cmp(&a.0)))
-                .expect("not empty");
-            (num_json(p.1), Some(p.0))
-        }
-        Func::First => {
-            let p = values
-                .iter()
-                .min_by(|a, b| a.0.cmp(&b.0).then(num_f64(a.1).total_cmp(&num_f64(b.1))))
-                .expect("not empty");
-            (num_json(p.1), Some(p.0))
-        }
-        Func::Last => {
-            let p = values
-                .iter()
-                .max_by(|a, b| a.0.cmp(&b.0).then(num_f64(b.1).total_cmp(&num_f64(a.1))))
-                .expect("not empty");
+        // Selectors: the point that comes first in their order, ties broken so the answer does
+        // not depend on the order points arrived in.
+        Func::Min | Func::Max | Func::First | Func::Last => {
+            let v = |p: &(i64, Num)| num_f64(p.1);
+            let t = |p: &(i64, Num)| p.0;
+            let order = |a: &(i64, Num), b: &(i64, Num)| match func {
+                Func::Min => v(a).total_cmp(&v(b)).then(t(a).cmp(&t(b))),
+                Func::Max => v(b).total_cmp(&v(a)).then(t(a).cmp(&t(b))),
+                Func::First => t(a).cmp(&t(b)).then(v(a).total_cmp(&v(b))),
+                _ => t(b).cmp(&t(a)).then(v(a).total_cmp(&v(b))),
+            };
+            let p = values.iter().min_by(|a, b| order(a, b)).expect("not empty");
             (num_json(p.1), Some(p.0))
         }
         Func::Spread => {
