@@ -2,9 +2,11 @@
 //! dimensions and tags. Everything here is plain data plus validation; no I/O.
 
 pub mod batch;
+pub mod summary;
 
 use batch::RowBatch;
 use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -303,5 +305,55 @@ mod tests {
             point(Num::Int(1), &[("cpu", FieldValue::Dec(0.5))], &[]),
         ];
         assert!(check(&mixed).unwrap_err().contains("one batch"));
+    }
+}
+
+/// A total order on field values: numbers by value (integers before equal decimals), then strings.
+pub fn cmp_values(a: &FieldValue, b: &FieldValue) -> Ordering {
+    use FieldValue::*;
+    match (a, b) {
+        (Str(x), Str(y)) => x.cmp(y),
+        (Str(_), _) => Ordering::Greater,
+        (_, Str(_)) => Ordering::Less,
+        (Int(x), Int(y)) => x.cmp(y),
+        _ => {
+            let (x, y) = (as_number(a), as_number(b));
+            x.total_cmp(&y).then_with(|| matches!(a, Dec(_)).cmp(&matches!(b, Dec(_))))
+        }
+    }
+}
+
+fn as_number(v: &FieldValue) -> f64 {
+    match v {
+        FieldValue::Int(i) => *i as f64,
+        FieldValue::Dec(d) => *d,
+        FieldValue::Str(_) => f64::NAN,
+    }
+}
+
+impl Num {
+    /// The order of [`cmp_values`] on numbers.
+    pub fn total_cmp(self, other: Num) -> Ordering {
+        cmp_values(&self.into(), &other.into())
+    }
+}
+
+/// `FieldValue` with the total order above, usable as a map key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Key(pub FieldValue);
+impl PartialEq for Key {
+    fn eq(&self, o: &Self) -> bool {
+        cmp_values(&self.0, &o.0) == Ordering::Equal
+    }
+}
+impl Eq for Key {}
+impl PartialOrd for Key {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Key {
+    fn cmp(&self, o: &Self) -> Ordering {
+        cmp_values(&self.0, &o.0)
     }
 }

@@ -5,25 +5,8 @@
 
 use super::plan::{AggFn, Aggregate, CmpOp, Filter, Order, Projection, SelectPlan};
 use crate::model::batch::{DictColumn, NULL_CODE, RowBatch};
-use crate::model::{FieldValue, Num, Point};
-use serde::{Deserialize, Serialize};
-use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-
-/// A total order on field values: numbers by value (integers before equal decimals), then strings.
-pub fn cmp_values(a: &FieldValue, b: &FieldValue) -> Ordering {
-    use FieldValue::*;
-    match (a, b) {
-        (Str(x), Str(y)) => x.cmp(y),
-        (Str(_), _) => Ordering::Greater,
-        (_, Str(_)) => Ordering::Less,
-        (Int(x), Int(y)) => x.cmp(y),
-        _ => {
-            let (x, y) = (num(a), num(b));
-            x.total_cmp(&y).then_with(|| matches!(a, Dec(_)).cmp(&matches!(b, Dec(_))))
-        }
-    }
-}
+use crate::model::summary::Summary;
+use crate::model::{FieldValue, Key, Num, Point, cmp_values};
 
 fn num(v: &FieldValue) -> f64 {
     match v {
@@ -33,33 +16,13 @@ fn num(v: &FieldValue) -> f64 {
     }
 }
 
-fn cmp_num(a: Num, b: Num) -> Ordering {
-    cmp_values(&a.into(), &b.into())
-}
-
-/// `FieldValue` with the total order above, usable as a map key.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Key(pub FieldValue);
-impl PartialEq for Key {
-    fn eq(&self, o: &Self) -> bool {
-        cmp_values(&self.0, &o.0) == Ordering::Equal
-    }
-}
-impl Eq for Key {}
-impl PartialOrd for Key {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Key {
-    fn cmp(&self, o: &Self) -> Ordering {
-        cmp_values(&self.0, &o.0)
-    }
-}
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Compares a stored value with a literal the way SQL users expect: numbers numerically
 /// (an integer field against 2.5 works), strings by bytes, a number never equals a string.
-fn compare(stored: &FieldValue, op: CmpOp, lit: &FieldValue) -> bool {
+pub(super) fn compare(stored: &FieldValue, op: CmpOp, lit: &FieldValue) -> bool {
     let ord = match (stored, lit) {
         (FieldValue::Str(a), FieldValue::Str(b)) => a.cmp(b),
         (FieldValue::Str(_), _) | (_, FieldValue::Str(_)) => return op == CmpOp::NotEq,
@@ -102,7 +65,7 @@ pub fn like(text: &str, pattern: &str) -> bool {
     pi == p.len()
 }
 
-fn matches_leaf(f: &Filter, v: Option<&FieldValue>) -> bool {
+pub(super) fn matches_leaf(f: &Filter, v: Option<&FieldValue>) -> bool {
     match f {
         Filter::Cmp { op, value, .. } => v.is_some_and(|v| compare(v, *op, value)),
         Filter::Like { pattern, negated, .. } => {
@@ -127,7 +90,7 @@ enum Bound<'a> {
     Not(Box<Bound<'a>>),
 }
 
-fn field_of(f: &Filter) -> &str {
+pub(super) fn field_of(f: &Filter) -> &str {
     match f {
         Filter::Cmp { field, .. }
         | Filter::Like { field, .. }
@@ -185,95 +148,31 @@ pub fn matching_rows(filter: Option<&Filter>, batch: &RowBatch, from: i64, to: i
         .collect()
 }
 
-/// Running state of one aggregate group. Integer sums stay exact.
+/// Running state of one aggregate group.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct AggState {
-    pub count: u64,
-    pub int_sum: i128,
-    pub dec_sum: f64,
-    pub any_dec: bool,
-    pub min: Option<Num>,
-    pub max: Option<Num>,
-    pub first: Option<(i64, Num)>,
-    pub last: Option<(i64, Num)>,
+    pub summary: Summary,
     pub distinct: BTreeSet<Key>,
 }
 
 impl AggState {
-    fn add(&mut self, ts: i64, v: Num) {
-        self.add_to_sum(v);
-        self.keep_extremes(Some(v), Some(v), Some((ts, v)), Some((ts, v)));
-    }
-
-    /// Counts and sums `v` only: all that `count`, `sum` and `avg` read, and a quarter of the
-    /// work of [`AggState::add`].
-    fn add_to_sum(&mut self, v: Num) {
-        self.count += 1;
-        match v {
-            Num::Int(i) => self.int_sum += i128::from(i),
-            Num::Dec(d) => {
-                self.dec_sum += d;
-                self.any_dec = true;
-            }
-        }
-    }
-
-    /// Folds candidate extremes in. Ties on the timestamp break by value, so first/last do not
-    /// depend on the order in which shards were scanned.
-    fn keep_extremes(
-        &mut self,
-        min: Option<Num>,
-        max: Option<Num>,
-        first: Option<(i64, Num)>,
-        last: Option<(i64, Num)>,
-    ) {
-        let earlier = |a: (i64, Num), b: (i64, Num)| a.0.cmp(&b.0).then_with(|| cmp_num(a.1, b.1));
-        if let Some(v) = min
-            && self.min.is_none_or(|m| cmp_num(v, m) == Ordering::Less)
-        {
-            self.min = Some(v);
-        }
-        if let Some(v) = max
-            && self.max.is_none_or(|m| cmp_num(v, m) == Ordering::Greater)
-        {
-            self.max = Some(v);
-        }
-        if let Some(f) = first
-            && self.first.is_none_or(|x| earlier(f, x) == Ordering::Less)
-        {
-            self.first = Some(f);
-        }
-        if let Some(l) = last
-            && self.last.is_none_or(|x| earlier(l, x) == Ordering::Greater)
-        {
-            self.last = Some(l);
-        }
-    }
-
     pub fn merge(&mut self, o: AggState) {
-        self.count += o.count;
-        self.int_sum += o.int_sum;
-        self.dec_sum += o.dec_sum;
-        self.any_dec |= o.any_dec;
-        self.keep_extremes(o.min, o.max, o.first, o.last);
+        self.summary.merge(&o.summary);
         self.distinct.extend(o.distinct);
     }
 
     fn result(&self, agg: &Aggregate) -> Option<Num> {
+        let s = &self.summary;
         match agg {
             Aggregate::CountDistinct(_) => Some(Num::Int(self.distinct.len() as i64)),
-            Aggregate::Value(AggFn::Count) => Some(Num::Int(self.count as i64)),
-            Aggregate::Value(_) if self.count == 0 => None,
-            Aggregate::Value(AggFn::Sum) => Some(if self.any_dec {
-                Num::Dec(self.int_sum as f64 + self.dec_sum)
-            } else {
-                i64::try_from(self.int_sum).map_or(Num::Dec(self.int_sum as f64), Num::Int)
-            }),
-            Aggregate::Value(AggFn::Avg) => Some(Num::Dec((self.int_sum as f64 + self.dec_sum) / self.count as f64)),
-            Aggregate::Value(AggFn::Min) => self.min,
-            Aggregate::Value(AggFn::Max) => self.max,
-            Aggregate::Value(AggFn::First) => self.first.map(|f| f.1),
-            Aggregate::Value(AggFn::Last) => self.last.map(|l| l.1),
+            Aggregate::Value(AggFn::Count) => Some(Num::Int(s.count as i64)),
+            Aggregate::Value(_) if s.count == 0 => None,
+            Aggregate::Value(AggFn::Sum) => Some(s.sum()),
+            Aggregate::Value(AggFn::Avg) => Some(Num::Dec(s.mean())),
+            Aggregate::Value(AggFn::Min) => s.min,
+            Aggregate::Value(AggFn::Max) => s.max,
+            Aggregate::Value(AggFn::First) => s.first.map(|f| f.1),
+            Aggregate::Value(AggFn::Last) => s.last.map(|l| l.1),
         }
     }
 }
@@ -356,8 +255,8 @@ pub fn scan_batch(plan: &SelectPlan, batch: &RowBatch, from: i64, to: i64, parti
             };
             let extremes = matches!(agg, Aggregate::Value(AggFn::Min | AggFn::Max | AggFn::First | AggFn::Last));
             let add = |state: &mut AggState, r: usize| match distinct_col {
-                None if extremes => state.add(batch.timestamps[r], batch.values[r]),
-                None => state.add_to_sum(batch.values[r]),
+                None if extremes => state.summary.add(batch.timestamps[r], batch.values[r]),
+                None => state.summary.add_to_sum(batch.values[r]),
                 Some(field) => {
                     let v = match field {
                         "value" => Some(batch.values[r].into()),
@@ -378,49 +277,67 @@ pub fn scan_batch(plan: &SelectPlan, batch: &RowBatch, from: i64, to: i64, parti
             let Some(cols) = group.tags.iter().map(|t| batch.columns.get(t)).collect::<Option<Vec<_>>>() else {
                 return;
             };
-            match (cols.as_slice(), group.interval) {
-                ([col], None) => {
-                    // One tag, the usual case: states indexed by code (a batch's dictionary
-                    // holds only the values its rows use).
-                    let mut per_code: Vec<Option<AggState>> = vec![None; col.dict.len()];
-                    for &r in &rows {
-                        let code = col.codes[r];
-                        if code != NULL_CODE {
-                            add(per_code[code as usize].get_or_insert_with(AggState::default), r);
-                        }
-                    }
-                    for (code, state) in per_code.into_iter().enumerate() {
-                        if let Some(state) = state {
-                            let key = GroupKey { bucket: None, tags: vec![Key(col.dict[code].clone())] };
-                            groups.entry(key).or_default().merge(state);
+            let bucket_of = |r: usize| group.interval.map(|w| batch.timestamps[r].div_euclid(w) * w);
+            // Tags with one value in every row (a segment block holds one series): the rows
+            // group by bucket alone, counted in runs, since a block's rows are in time order.
+            let constant: Option<Vec<Key>> = cols
+                .iter()
+                .map(|c| (c.dict.len() == 1 && !c.codes.contains(&NULL_CODE)).then(|| Key(c.dict[0].clone())))
+                .collect();
+            if let Some(tags) = constant {
+                let mut per_bucket: HashMap<Option<i64>, AggState> = HashMap::new();
+                let mut run: Option<(Option<i64>, AggState)> = None;
+                for &r in &rows {
+                    let bucket = bucket_of(r);
+                    match &mut run {
+                        Some((b, state)) if *b == bucket => add(state, r),
+                        _ => {
+                            if let Some((b, state)) = run.take() {
+                                per_bucket.entry(b).or_default().merge(state);
+                            }
+                            let mut state = AggState::default();
+                            add(&mut state, r);
+                            run = Some((bucket, state));
                         }
                     }
                 }
-                ([], Some(width)) => {
-                    // Buckets only: keyed by the bucket alone (a key per row costs no allocation).
-                    let mut per_bucket: HashMap<i64, AggState> = HashMap::new();
-                    for &r in &rows {
-                        add(per_bucket.entry(batch.timestamps[r].div_euclid(width) * width).or_default(), r);
-                    }
-                    for (lower, state) in per_bucket {
-                        groups.entry(GroupKey { bucket: Some(lower), tags: Vec::new() }).or_default().merge(state);
+                if let Some((b, state)) = run {
+                    per_bucket.entry(b).or_default().merge(state);
+                }
+                for (bucket, state) in per_bucket {
+                    groups.entry(GroupKey { bucket, tags: tags.clone() }).or_default().merge(state);
+                }
+                return;
+            }
+            if let ([col], None) = (cols.as_slice(), group.interval) {
+                // One tag, the usual case: states indexed by code (a batch's dictionary holds
+                // only the values its rows use).
+                let mut per_code: Vec<Option<AggState>> = vec![None; col.dict.len()];
+                for &r in &rows {
+                    let code = col.codes[r];
+                    if code != NULL_CODE {
+                        add(per_code[code as usize].get_or_insert_with(AggState::default), r);
                     }
                 }
-                (cols, interval) => {
-                    let mut per_group: HashMap<(Option<i64>, Vec<u32>), AggState> = HashMap::new();
-                    for &r in &rows {
-                        let codes: Vec<u32> = cols.iter().map(|c| c.codes[r]).collect();
-                        if codes.contains(&NULL_CODE) {
-                            continue;
-                        }
-                        let bucket = interval.map(|w| batch.timestamps[r].div_euclid(w) * w);
-                        add(per_group.entry((bucket, codes)).or_default(), r);
-                    }
-                    for ((bucket, codes), state) in per_group {
-                        let tags = codes.iter().zip(cols).map(|(c, col)| Key(col.dict[*c as usize].clone())).collect();
-                        groups.entry(GroupKey { bucket, tags }).or_default().merge(state);
+                for (code, state) in per_code.into_iter().enumerate() {
+                    if let Some(state) = state {
+                        let key = GroupKey { bucket: None, tags: vec![Key(col.dict[code].clone())] };
+                        groups.entry(key).or_default().merge(state);
                     }
                 }
+                return;
+            }
+            let mut per_group: HashMap<(Option<i64>, Vec<u32>), AggState> = HashMap::new();
+            for &r in &rows {
+                let codes: Vec<u32> = cols.iter().map(|c| c.codes[r]).collect();
+                if codes.contains(&NULL_CODE) {
+                    continue;
+                }
+                add(per_group.entry((bucket_of(r), codes)).or_default(), r);
+            }
+            for ((bucket, codes), state) in per_group {
+                let tags = codes.iter().zip(&cols).map(|(c, col)| Key(col.dict[*c as usize].clone())).collect();
+                groups.entry(GroupKey { bucket, tags }).or_default().merge(state);
             }
         }
         (Partial::Groups(_), _) => unreachable!("groups only for aggregates"),
@@ -442,7 +359,7 @@ fn sort_records(rows: &mut [Point], order: Option<&Order>) {
         let primary = if order.descending { primary.reverse() } else { primary };
         primary
             .then_with(|| a.timestamp.cmp(&b.timestamp))
-            .then_with(|| cmp_num(a.value, b.value))
+            .then_with(|| a.value.total_cmp(b.value))
             .then_with(|| format!("{:?}{:?}", a.tags, a.dimensions).cmp(&format!("{:?}{:?}", b.tags, b.dimensions)))
     });
 }
@@ -566,13 +483,13 @@ mod tests {
     fn agg_merge_equals_single_pass() {
         let vals = [(5, Num::Int(3)), (1, Num::Dec(2.5)), (9, Num::Int(-4)), (1, Num::Int(7))];
         let mut whole = AggState::default();
-        vals.iter().for_each(|&(t, v)| whole.add(t, v));
+        vals.iter().for_each(|&(t, v)| whole.summary.add(t, v));
         let (mut a, mut b) = (AggState::default(), AggState::default());
-        vals[..2].iter().for_each(|&(t, v)| a.add(t, v));
-        vals[2..].iter().for_each(|&(t, v)| b.add(t, v));
+        vals[..2].iter().for_each(|&(t, v)| a.summary.add(t, v));
+        vals[2..].iter().for_each(|&(t, v)| b.summary.add(t, v));
         b.merge(a);
         assert_eq!(b, whole);
-        assert_eq!(whole.first, Some((1, Num::Dec(2.5))));
+        assert_eq!(whole.summary.first, Some((1, Num::Dec(2.5))));
         assert_eq!(whole.result(&Aggregate::Value(AggFn::Sum)), Some(Num::Dec(8.5)));
         assert_eq!(whole.result(&Aggregate::Value(AggFn::Min)), Some(Num::Int(-4)));
     }

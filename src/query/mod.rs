@@ -2,6 +2,7 @@
 //! and merges them. This module runs a query over the shards of this node; the cluster's read
 //! coordinator will run the same `exec` on each replica and merge the partials it receives.
 
+pub mod blocks;
 pub mod exec;
 pub mod plan;
 
@@ -91,20 +92,12 @@ pub fn partial_of_shards(
     // Raw rows need every column; aggregates decode only what they read.
     let columns = matches!(plan.projection, Projection::Aggregate(_)).then_some(columns);
     for shard in shards {
-        let mut partial = Partial::empty(plan);
-        let mut too_large = false;
-        shard.scan(range.0, range.1, columns.as_deref(), &mut |batch| {
-            if too_large {
-                return;
-            }
-            exec::scan_batch(plan, batch, range.0, range.1, &mut partial);
-            partial.trim(plan);
-            too_large = partial.size() > max;
-        })?;
-        if too_large {
+        let mut visitor = blocks::SelectVisitor::new(plan, range, max);
+        shard.visit(range.0, range.1, columns.as_deref(), &mut visitor)?;
+        if visitor.too_large {
             return Err(QueryError::TooLarge { max });
         }
-        total.merge(partial);
+        total.merge(visitor.partial);
         total.trim(plan);
     }
     Ok(total)

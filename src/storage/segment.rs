@@ -1,23 +1,41 @@
-//! Immutable columnar segments. A segment holds one shard's points sorted by timestamp, cut into
-//! blocks of at most `BLOCK_POINTS` rows. Each block stores its columns apart: timestamps and
-//! numbers with `pco` (a numeric codec that finds deltas and common bit patterns itself),
-//! dimension and tag columns as a zstd-compressed dictionary plus pco-compressed codes.
-//! The footer keeps each block's time and value range, so a scan skips blocks it cannot match.
+//! Immutable columnar segments. A segment holds one shard's points by series, then by time:
+//! a series is one combination of tag values, and a block holds the points of one series in
+//! one aligned window of time ([`BLOCK_WINDOW_MS`]), at most `BLOCK_POINTS` of them. Each block
+//! stores its columns apart: timestamps and numbers with `pco` (a numeric codec that finds
+//! deltas and common bit patterns itself), dimension columns as a zstd-compressed dictionary
+//! plus codes; the series' tags are kept once, in the footer.
+//!
+//! The footer is the segment's index: the series, each block's time range and a [`Summary`]
+//! of its values (count, sums, min, max, first, last). A query finds the series it selects
+//! through tag postings, skips blocks outside its range, and reads the summary instead of the
+//! points of a block that lies wholly inside its time range and bucket.
 //!
 //! File: `MAGIC | block* | footer | footer_len u32 | footer_crc u32 | END_MAGIC`, every block
-//! checked by its own crc32 on read. A mismatch is an error, never silently read.
+//! checked by its own crc32 on read. A mismatch is an error, never silently read. Segments of
+//! the first format (`SHOALSG1`: blocks of mixed series by time, no summaries) still read.
 
 use crate::model::batch::{DictColumn, NULL_CODE, RowBatch, RowBatchBuilder};
-use crate::model::{FieldClass, FieldValue, Num};
+use crate::model::summary::Summary;
+use crate::model::{FieldClass, FieldValue, Key, Num};
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"SHOALSG1";
+const MAGIC_V1: &[u8; 8] = b"SHOALSG1";
+const MAGIC: &[u8; 8] = b"SHOALSG2";
 const END_MAGIC: &[u8; 8] = b"SHOALEND";
 pub const BLOCK_POINTS: usize = 16_384;
+/// No block spans two of these windows (aligned to the epoch), so an aggregate by any whole
+/// number of hours, or over whole hours, reads block summaries. An hour holds a few thousand
+/// points of a series sampled every second, few enough that a query of the last minutes decodes
+/// little it does not need, many enough that a block's fixed costs stay small.
+pub const BLOCK_WINDOW_MS: i64 = 3_600_000;
 const FOOTER_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Bound on a footer's decompressed size: guards against a corrupt length.
+const FOOTER_DECODED_BYTES_MAX: usize = 512 * 1024 * 1024;
 const PCO_LEVEL: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +50,13 @@ pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("seg-{seq:016}.seg"))
 }
 
+/// A series: its tag values by tag name (in name order). Every point of a block has these tags
+/// and no other.
+pub type Series = Vec<(String, FieldValue)>;
+
+/// The series of a block of the first format, whose blocks mix series.
+pub const NO_SERIES: u32 = u32::MAX;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BlockMeta {
     pub offset: u64,
@@ -40,13 +65,47 @@ pub struct BlockMeta {
     pub count: u32,
     pub min_ts: i64,
     pub max_ts: i64,
-    pub min_value: f64,
-    pub max_value: f64,
+    /// Index into the segment's series, or [`NO_SERIES`].
+    pub series: u32,
+    /// The block's values summed up; `None` in segments of the first format.
+    pub summary: Option<Summary>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct Footer {
+    series: Vec<Series>,
+    /// By series, then by time.
     blocks: Vec<BlockMeta>,
+}
+
+/// The footer of the first format.
+#[derive(Deserialize)]
+struct FooterV1 {
+    blocks: Vec<BlockMetaV1>,
+}
+
+#[derive(Deserialize)]
+struct BlockMetaV1 {
+    offset: u64,
+    len: u64,
+    crc: u32,
+    count: u32,
+    min_ts: i64,
+    max_ts: i64,
+    _min_value: f64,
+    _max_value: f64,
+}
+
+/// Which window of [`BLOCK_WINDOW_MS`] holds `ts`.
+pub fn window_of(ts: i64) -> i64 {
+    ts.div_euclid(BLOCK_WINDOW_MS)
+}
+
+/// A series as a map key.
+pub type SeriesKey = Vec<(String, Key)>;
+
+pub fn series_key(series: &Series) -> SeriesKey {
+    series.iter().map(|(name, value)| (name.clone(), Key(value.clone()))).collect()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -156,6 +215,8 @@ fn pco_decompress<T: pco::data_types::Number>(bytes: &[u8]) -> Result<Vec<T>, St
     pco::standalone::simple_decompress(bytes).map_err(|e| e.to_string())
 }
 
+/// Encodes `rows` of `batch` (one series) as a block: the tag columns stay out (the footer
+/// holds the series' tags once).
 fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock {
     let timestamps: Vec<i64> = rows.iter().map(|&r| batch.timestamps[r]).collect();
     let mut kinds = Vec::with_capacity(rows.len());
@@ -174,7 +235,7 @@ fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock {
     }
     let value_kinds = if decs.is_empty() { Vec::new() } else { zstd_compress(&kinds) };
     let mut fields = Vec::new();
-    for (name, col) in &batch.columns {
+    for (name, col) in batch.columns.iter().filter(|(_, col)| col.class != Some(FieldClass::Tag)) {
         // Re-number the dictionary to the values these rows use, so blocks stay self-contained.
         let mut remap = vec![u32::MAX; col.dict.len()];
         let mut dict = Vec::new();
@@ -211,31 +272,86 @@ fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock {
     }
 }
 
-/// Writes `batch` (any order) as a new segment at `path`, fsynced. Returns the blocks written.
-pub fn write_segment(path: &Path, batch: &RowBatch) -> Result<Vec<BlockMeta>, SegmentError> {
+/// Writes `batch` (any order) as a new segment at `path`, fsynced.
+pub fn write_segment(path: &Path, batch: &RowBatch) -> Result<(), SegmentError> {
     let mut writer = SegmentWriter::create(path)?;
     writer.add_rows(batch)?;
     writer.finish()
 }
 
-/// Builds a segment file block by block: from rows (sorted and encoded here) or from blocks of
-/// other segments copied as they are (a merge of segments that do not overlap in time costs a
-/// copy, not a decode and re-encode). The file appears under its name only once complete and
-/// fsynced.
+/// Each row's series, numbered from 0 in the order of first appearance, and how many there are.
+/// One pass per tag column pairs the series so far with the column's code (no key per row).
+fn series_of_rows(batch: &RowBatch) -> (Vec<u32>, usize) {
+    let mut ids = vec![0u32; batch.len()];
+    let mut count = usize::from(!batch.is_empty());
+    for col in batch.columns.values().filter(|col| col.class == Some(FieldClass::Tag)) {
+        // A missing value is one more code.
+        let width = col.dict.len() + 1;
+        let code = |r: usize| match col.codes[r] {
+            NULL_CODE => col.dict.len(),
+            c => c as usize,
+        };
+        let mut next = 0u32;
+        if count * width <= 1 << 22 {
+            let mut dense = vec![u32::MAX; count * width];
+            for (r, id) in ids.iter_mut().enumerate() {
+                let slot = &mut dense[*id as usize * width + code(r)];
+                if *slot == u32::MAX {
+                    *slot = next;
+                    next += 1;
+                }
+                *id = *slot;
+            }
+        } else {
+            let mut pairs: HashMap<(u32, usize), u32> = HashMap::new();
+            for (r, id) in ids.iter_mut().enumerate() {
+                let fresh = pairs.len() as u32;
+                *id = *pairs.entry((*id, code(r))).or_insert(fresh);
+            }
+            next = pairs.len() as u32;
+        }
+        count = next as usize;
+    }
+    (ids, count)
+}
+
+/// The tags of row `r` of `batch`.
+pub fn series_of_row(batch: &RowBatch, r: usize) -> Series {
+    batch
+        .columns
+        .iter()
+        .filter(|(_, col)| col.class == Some(FieldClass::Tag))
+        .filter_map(|(name, col)| col.get(r).map(|v| (name.clone(), v.clone())))
+        .collect()
+}
+
+/// Builds a segment file block by block: from rows (grouped by series, sorted by time and
+/// encoded here) or from blocks of other segments copied as they are (a merge of segments that
+/// share no series' window costs a copy, not a decode and re-encode). The file appears under
+/// its name only once complete and fsynced.
 pub struct SegmentWriter {
     path: PathBuf,
     tmp: PathBuf,
     file: std::io::BufWriter<File>,
     offset: u64,
     blocks: Vec<BlockMeta>,
+    series: Vec<Series>,
+    series_ids: BTreeMap<SeriesKey, u32>,
 }
 
 impl SegmentWriter {
     pub fn create(path: &Path) -> Result<Self, SegmentError> {
         let tmp = path.with_extension("tmp");
         let file = File::create(&tmp).map_err(|source| SegmentError::Io { path: tmp.display().to_string(), source })?;
-        let mut writer =
-            Self { path: path.to_path_buf(), tmp, file: std::io::BufWriter::new(file), offset: 0, blocks: Vec::new() };
+        let mut writer = Self {
+            path: path.to_path_buf(),
+            tmp,
+            file: std::io::BufWriter::new(file),
+            offset: 0,
+            blocks: Vec::new(),
+            series: Vec::new(),
+            series_ids: BTreeMap::new(),
+        };
         writer.write(MAGIC)?;
         Ok(writer)
     }
@@ -250,49 +366,106 @@ impl SegmentWriter {
         Ok(())
     }
 
-    /// Appends the rows of `batch` (any order) as blocks sorted by timestamp.
-    pub fn add_rows(&mut self, batch: &RowBatch) -> Result<(), SegmentError> {
-        // Sorted as (timestamp, row) pairs, so comparisons read the keys in place rather than
-        // through the row numbers; a stable sort finds the runs of in-order appends.
-        let mut keyed: Vec<(i64, usize)> = batch.timestamps.iter().copied().zip(0..).collect();
-        if !keyed.is_sorted_by_key(|&(ts, _)| ts) {
-            keyed.sort_by_key(|&(ts, _)| ts);
+    fn series_id(&mut self, series: &Series) -> u32 {
+        let next = self.series.len() as u32;
+        let id = *self.series_ids.entry(series_key(series)).or_insert(next);
+        if id == next {
+            self.series.push(series.clone());
         }
-        let order: Vec<usize> = keyed.into_iter().map(|(_, r)| r).collect();
-        for rows in order.chunks(BLOCK_POINTS) {
-            let bytes = postcard::to_stdvec(&encode_block(batch, rows)).expect("block encodes");
-            let (mut min_value, mut max_value) = (f64::INFINITY, f64::NEG_INFINITY);
-            for &r in rows {
-                let v = batch.values[r].as_f64();
-                min_value = min_value.min(v);
-                max_value = max_value.max(v);
+        id
+    }
+
+    /// Appends the rows of `batch` (any order) as blocks of one series and window each.
+    pub fn add_rows(&mut self, batch: &RowBatch) -> Result<(), SegmentError> {
+        let (row_series, count) = series_of_rows(batch);
+        // Rows by series (a counting sort), then by time within each series: points mostly
+        // arrive in time order, so the second sort is mostly a check.
+        let mut starts = vec![0usize; count + 1];
+        for &s in &row_series {
+            starts[s as usize + 1] += 1;
+        }
+        for i in 0..count {
+            starts[i + 1] += starts[i];
+        }
+        let mut placed = starts.clone();
+        let mut order = vec![0usize; batch.len()];
+        for (r, &s) in row_series.iter().enumerate() {
+            order[placed[s as usize]] = r;
+            placed[s as usize] += 1;
+        }
+        for s in 0..count {
+            let rows = &mut order[starts[s]..starts[s + 1]];
+            if !rows.is_sorted_by_key(|&r| batch.timestamps[r]) {
+                rows.sort_by_key(|&r| (batch.timestamps[r], r));
             }
-            self.blocks.push(BlockMeta {
-                offset: self.offset,
-                len: bytes.len() as u64,
-                crc: crc32fast::hash(&bytes),
-                count: rows.len() as u32,
-                min_ts: batch.timestamps[rows[0]],
-                max_ts: batch.timestamps[*rows.last().expect("chunks are non-empty")],
-                min_value,
-                max_value,
-            });
-            self.write(&bytes)?;
+            let series = self.series_id(&series_of_row(batch, rows[0]));
+            let mut begin = 0;
+            while begin < rows.len() {
+                let window = window_of(batch.timestamps[rows[begin]]);
+                let end = (begin..rows.len().min(begin + BLOCK_POINTS))
+                    .find(|&i| window_of(batch.timestamps[rows[i]]) != window)
+                    .unwrap_or(rows.len().min(begin + BLOCK_POINTS));
+                self.add_block(batch, &rows[begin..end], series)?;
+                begin = end;
+            }
         }
         Ok(())
     }
 
-    /// Appends block `meta` of segment `from` as it is, after checking its checksum (a merge
-    /// never carries a corrupt block on under a new name).
-    pub fn copy_block(&mut self, from: &Segment, meta: &BlockMeta) -> Result<(), SegmentError> {
-        let bytes = from.read_block_bytes(meta)?;
-        self.blocks.push(BlockMeta { offset: self.offset, ..meta.clone() });
+    fn add_block(&mut self, batch: &RowBatch, rows: &[usize], series: u32) -> Result<(), SegmentError> {
+        let bytes = postcard::to_stdvec(&encode_block(batch, rows)).expect("block encodes");
+        let mut summary = Summary::default();
+        for &r in rows {
+            summary.add(batch.timestamps[r], batch.values[r]);
+        }
+        self.blocks.push(BlockMeta {
+            offset: self.offset,
+            len: bytes.len() as u64,
+            crc: crc32fast::hash(&bytes),
+            count: rows.len() as u32,
+            min_ts: batch.timestamps[rows[0]],
+            max_ts: batch.timestamps[*rows.last().expect("blocks are non-empty")],
+            series,
+            summary: Some(summary),
+        });
         self.write(&bytes)
     }
 
-    /// Writes the footer, fsyncs and renames the file into place; returns the blocks written.
-    pub fn finish(mut self) -> Result<Vec<BlockMeta>, SegmentError> {
-        let footer = postcard::to_stdvec(&Footer { blocks: self.blocks.clone() }).expect("footer encodes");
+    /// Appends block `meta` of segment `from` as it is, after checking its checksum (a merge
+    /// never carries a corrupt block on under a new name). Only blocks of one series copy.
+    pub fn copy_block(&mut self, from: &Segment, meta: &BlockMeta) -> Result<(), SegmentError> {
+        let Some(series) = from.series(meta.series) else {
+            return Err(SegmentError::Corrupt {
+                path: from.path.display().to_string(),
+                what: format!("block at {} names no series to copy", meta.offset),
+            });
+        };
+        let series = self.series_id(series);
+        let bytes = from.read_block_bytes(meta)?;
+        self.blocks.push(BlockMeta { offset: self.offset, series, ..meta.clone() });
+        self.write(&bytes)
+    }
+
+    /// Writes the footer (series in order, blocks by series then time), fsyncs and renames the
+    /// file into place.
+    pub fn finish(mut self) -> Result<(), SegmentError> {
+        // Series ids in the order of their keys, so that a segment's bytes depend only on its
+        // points.
+        let mut renumber = vec![0u32; self.series.len()];
+        for (new, (_, &old)) in self.series_ids.iter().enumerate() {
+            renumber[old as usize] = new as u32;
+        }
+        let mut series = vec![Series::new(); self.series.len()];
+        for (old, s) in std::mem::take(&mut self.series).into_iter().enumerate() {
+            series[renumber[old] as usize] = s;
+        }
+        let mut blocks = std::mem::take(&mut self.blocks);
+        for b in &mut blocks {
+            b.series = renumber[b.series as usize];
+        }
+        blocks.sort_by_key(|b| (b.series, b.min_ts, b.offset));
+        let footer = postcard::to_stdvec(&Footer { series, blocks }).expect("footer encodes");
+        let footer = zstd_compress(&footer);
         self.write(&footer)?;
         self.write(&(footer.len() as u32).to_le_bytes())?;
         self.write(&crc32fast::hash(&footer).to_le_bytes())?;
@@ -304,7 +477,7 @@ impl SegmentWriter {
         let io = |source| SegmentError::Io { path: self.path.display().to_string(), source };
         file.sync_all().map_err(io)?;
         std::fs::rename(&self.tmp, &self.path).map_err(io)?;
-        Ok(self.blocks)
+        Ok(())
     }
 }
 
@@ -352,11 +525,55 @@ pub struct Segment {
     /// through the old file's handle.
     id: u64,
     pub blocks: Vec<BlockMeta>,
+    index: SeriesIndex,
     /// Set once a compaction replaced this segment: its file goes when the last reader is
     /// done with it (a running scan may need to reopen it after its handle was evicted).
     retired: std::sync::atomic::AtomicBool,
     /// The file's (device, inode), to recognise it at removal.
     inode: (u64, u64),
+}
+
+/// A segment's series and where their blocks are: the series index of its shard's data on
+/// disk.
+#[derive(Default)]
+struct SeriesIndex {
+    series: Vec<Series>,
+    /// Blocks of series `i`: `blocks[ranges[i]]` (the footer keeps blocks by series).
+    ranges: Vec<Range<usize>>,
+    /// Blocks of the first format, which belong to no one series.
+    unsorted: Range<usize>,
+    /// Tag name → value → the series holding it, ascending.
+    postings: HashMap<String, BTreeMap<Key, Vec<u32>>>,
+}
+
+impl SeriesIndex {
+    fn of(series: Vec<Series>, blocks: &[BlockMeta]) -> Result<Self, String> {
+        let mut ranges = vec![0..0; series.len()];
+        let unsorted_from = blocks.partition_point(|b| b.series != NO_SERIES);
+        if blocks[unsorted_from..].iter().any(|b| b.series != NO_SERIES) {
+            return Err("blocks are out of series order".into());
+        }
+        let mut i = 0;
+        while i < unsorted_from {
+            let id = blocks[i].series;
+            let end = i + blocks[i..unsorted_from].partition_point(|b| b.series == id);
+            let Some(range) = ranges.get_mut(id as usize) else {
+                return Err(format!("a block names series {id} of {}", series.len()));
+            };
+            if range.start != range.end {
+                return Err("blocks are out of series order".into());
+            }
+            *range = i..end;
+            i = end;
+        }
+        let mut postings: HashMap<String, BTreeMap<Key, Vec<u32>>> = HashMap::new();
+        for (id, tags) in series.iter().enumerate() {
+            for (name, value) in tags {
+                postings.entry(name.clone()).or_default().entry(Key(value.clone())).or_default().push(id as u32);
+            }
+        }
+        Ok(Self { series, ranges, unsorted: unsorted_from..blocks.len(), postings })
+    }
 }
 
 impl Drop for Segment {
@@ -383,8 +600,9 @@ impl Segment {
     pub fn open(path: &Path, seq: u64) -> Result<Self, SegmentError> {
         let p = path.display().to_string();
         let corrupt = |what: &str| SegmentError::Corrupt { path: p.clone(), what: what.into() };
-        let file = File::open(path).map_err(|source| SegmentError::Io { path: p.clone(), source })?;
-        let metadata = file.metadata().map_err(|source| SegmentError::Io { path: p.clone(), source })?;
+        let io = |source| SegmentError::Io { path: p.clone(), source };
+        let file = File::open(path).map_err(io)?;
+        let metadata = file.metadata().map_err(io)?;
         let len = metadata.len();
         let inode = {
             use std::os::unix::fs::MetadataExt;
@@ -394,8 +612,10 @@ impl Segment {
         if len < MAGIC.len() as u64 + trailer {
             return Err(corrupt("too short"));
         }
+        let mut head = [0u8; 8];
+        file.read_exact_at(&mut head, 0).map_err(io)?;
         let mut tail = [0u8; 16];
-        file.read_exact_at(&mut tail, len - trailer).map_err(|source| SegmentError::Io { path: p.clone(), source })?;
+        file.read_exact_at(&mut tail, len - trailer).map_err(io)?;
         if &tail[8..] != END_MAGIC {
             return Err(corrupt("missing end marker"));
         }
@@ -405,12 +625,36 @@ impl Segment {
             return Err(corrupt("bad footer length"));
         }
         let mut footer = vec![0u8; footer_len as usize];
-        file.read_exact_at(&mut footer, len - trailer - footer_len)
-            .map_err(|source| SegmentError::Io { path: p.clone(), source })?;
+        file.read_exact_at(&mut footer, len - trailer - footer_len).map_err(io)?;
         if crc32fast::hash(&footer) != footer_crc {
             return Err(corrupt("footer checksum mismatch"));
         }
-        let footer: Footer = postcard::from_bytes(&footer).map_err(|e| corrupt(&format!("footer: {e}")))?;
+        let footer = match &head {
+            MAGIC => {
+                let bytes = zstd::bulk::decompress(&footer, FOOTER_DECODED_BYTES_MAX)
+                    .map_err(|e| corrupt(&format!("footer: {e}")))?;
+                postcard::from_bytes::<Footer>(&bytes).map_err(|e| corrupt(&format!("footer: {e}")))?
+            }
+            MAGIC_V1 => {
+                let old: FooterV1 = postcard::from_bytes(&footer).map_err(|e| corrupt(&format!("footer: {e}")))?;
+                let blocks = old
+                    .blocks
+                    .into_iter()
+                    .map(|b| BlockMeta {
+                        offset: b.offset,
+                        len: b.len,
+                        crc: b.crc,
+                        count: b.count,
+                        min_ts: b.min_ts,
+                        max_ts: b.max_ts,
+                        series: NO_SERIES,
+                        summary: None,
+                    })
+                    .collect();
+                Footer { series: Vec::new(), blocks }
+            }
+            _ => return Err(corrupt("not a segment (unknown magic)")),
+        };
         // Every block lies between the magic and the footer: a footer naming bytes beyond them
         // would make a read allocate whatever length it claims.
         let blocks_end = len - trailer - footer_len;
@@ -421,9 +665,63 @@ impl Segment {
         {
             return Err(corrupt("a block lies outside the file"));
         }
+        let index = SeriesIndex::of(footer.series, &footer.blocks).map_err(|what| corrupt(&what))?;
         let id = NEXT_SEGMENT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         keep_open(id, std::sync::Arc::new(file));
-        Ok(Self { seq, path: path.to_path_buf(), id, blocks: footer.blocks, retired: Default::default(), inode })
+        Ok(Self { seq, path: path.to_path_buf(), id, blocks: footer.blocks, index, retired: Default::default(), inode })
+    }
+
+    /// The tags of series `id` (`None` for [`NO_SERIES`]).
+    pub fn series(&self, id: u32) -> Option<&Series> {
+        self.index.series.get(id as usize)
+    }
+
+    pub fn series_count(&self) -> usize {
+        self.index.series.len()
+    }
+
+    /// Whether some series of this segment has tag `name` (then a series without it has no
+    /// value for it in any row).
+    pub fn has_tag(&self, name: &str) -> bool {
+        self.index.postings.contains_key(name)
+    }
+
+    /// The series whose tag `name` is `value`, ascending; `None` when no series has the tag.
+    pub fn series_with(&self, name: &str, value: &FieldValue) -> Option<&[u32]> {
+        let values = self.index.postings.get(name)?;
+        Some(values.get(&Key(value.clone())).map_or(&[], Vec::as_slice))
+    }
+
+    /// The blocks of the given series (ascending ids), each series' in time order; with
+    /// `None`, every block. Blocks of the first format belong to every selection.
+    pub fn blocks_of<'a>(&'a self, series: Option<&'a [u32]>) -> Box<dyn Iterator<Item = &'a BlockMeta> + 'a> {
+        match series {
+            None => Box::new(self.blocks.iter()),
+            Some(ids) => Box::new(
+                ids.iter()
+                    .filter_map(|&id| self.index.ranges.get(id as usize))
+                    .flat_map(|range| &self.blocks[range.clone()])
+                    .chain(&self.blocks[self.index.unsorted.clone()]),
+            ),
+        }
+    }
+
+    /// Whether block `meta` may hold row `r` of `batch`: its series has the row's tags.
+    pub fn may_hold(&self, meta: &BlockMeta, batch: &RowBatch, r: usize) -> bool {
+        let Some(series) = self.series(meta.series) else { return true };
+        let mut tags = batch
+            .columns
+            .iter()
+            .filter(|(_, col)| col.class == Some(FieldClass::Tag))
+            .filter_map(|(name, col)| col.get(r).map(|v| (name, v)));
+        let mut expected = series.iter();
+        loop {
+            match (tags.next(), expected.next()) {
+                (None, None) => return true,
+                (Some((name, value)), Some((tag, tag_value))) if name == tag && value == tag_value => {}
+                _ => return false,
+            }
+        }
     }
 
     /// Marks the file for removal once no reader holds this segment any more.
@@ -471,6 +769,13 @@ impl Segment {
             }
             batch.columns.insert(f.name, DictColumn { class: Some(f.class), dict, codes });
         }
+        for (name, value) in self.series(meta.series).into_iter().flatten() {
+            if columns.is_none_or(|cols| cols.contains(name)) {
+                let column =
+                    DictColumn { class: Some(FieldClass::Tag), dict: vec![value.clone()], codes: vec![0; batch.len()] };
+                batch.columns.insert(name.clone(), column);
+            }
+        }
         Ok(batch)
     }
 
@@ -486,7 +791,7 @@ impl Segment {
     }
 
     /// The encoded bytes of one block, checked against its checksum.
-    fn read_block_bytes(&self, meta: &BlockMeta) -> Result<Vec<u8>, SegmentError> {
+    pub(crate) fn read_block_bytes(&self, meta: &BlockMeta) -> Result<Vec<u8>, SegmentError> {
         let p = self.path.display().to_string();
         let mut bytes = vec![0u8; meta.len as usize];
         self.file()?
@@ -556,14 +861,13 @@ mod tests {
         assert!(!path.exists(), "the last reader's drop removes a retired segment's file");
     }
 
-    #[test]
-    fn segment_roundtrip_and_corruption_is_reported() {
-        let dir = tempfile::tempdir().unwrap();
+    /// Points of 4 series (by region; every other one with a host dimension) over three
+    /// hour-windows, written in descending time order.
+    fn four_series(n: usize) -> RowBatch {
         let mut b = RowBatchBuilder::default();
-        let n = BLOCK_POINTS + 100;
         for i in (0..n).rev() {
             let mut p = Point {
-                timestamp: i as i64,
+                timestamp: (i as i64) * 1000,
                 value: if i % 3 == 0 { Num::Dec(i as f64 / 2.0) } else { Num::Int(i as i64) },
                 dimensions: Default::default(),
                 tags: Default::default(),
@@ -574,26 +878,101 @@ mod tests {
             }
             b.push(&p).unwrap();
         }
-        let batch = b.finish();
+        b.finish()
+    }
+
+    fn sorted_points(batch: &RowBatch) -> Vec<String> {
+        let mut points: Vec<String> = (0..batch.len()).map(|r| format!("{:?}", batch.point(r))).collect();
+        points.sort();
+        points
+    }
+
+    #[test]
+    fn blocks_hold_one_series_in_one_window_with_their_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 3 * 3600 + 500;
+        let batch = four_series(n);
         let path = segment_path(dir.path(), 1);
         write_segment(&path, &batch).unwrap();
         let seg = Segment::open(&path, 1).unwrap();
-        assert_eq!(seg.blocks.len(), 2);
         assert_eq!(seg.points(), n as u64);
-        assert_eq!((seg.blocks[0].min_ts, seg.blocks[1].max_ts), (0, n as i64 - 1));
-        let back = seg.read_all().unwrap();
-        for row in 0..n {
-            // Written in descending order, read back sorted ascending.
-            assert_eq!(back.point(row), batch.point(n - 1 - row));
+        assert_eq!(seg.series_count(), 4);
+        // Four series over four windows (the last one partly).
+        assert_eq!(seg.blocks.len(), 16);
+        for meta in &seg.blocks {
+            let block = seg.read_block(meta, None).unwrap();
+            let series = seg.series(meta.series).unwrap();
+            assert_eq!(window_of(meta.min_ts), window_of(meta.max_ts), "one window per block");
+            assert!(block.timestamps.is_sorted());
+            let mut summary = Summary::default();
+            for r in 0..block.len() {
+                assert_eq!(&series_of_row(&block, r), series, "the series' tags come back on every row");
+                summary.add(block.timestamps[r], block.values[r]);
+            }
+            assert_eq!(meta.summary.as_ref(), Some(&summary));
         }
+        assert_eq!(sorted_points(&seg.read_all().unwrap()), sorted_points(&batch), "every point comes back");
+        // The postings: one series per region, none for an unknown value or tag.
+        let r2 = seg.series_with("region", &FieldValue::Str("r2".into())).unwrap();
+        assert_eq!(r2.len(), 1);
+        assert!(seg.blocks_of(Some(r2)).all(|b| b.series == r2[0]));
+        assert_eq!(seg.blocks_of(Some(r2)).map(|b| b.count as usize).sum::<usize>(), n / 4);
+        assert_eq!(seg.series_with("region", &FieldValue::Str("r9".into())), Some(&[][..]));
+        assert!(seg.series_with("host", &FieldValue::Int(1)).is_none(), "host is a dimension, not in the index");
+        // Only the columns asked for.
         let only_region = seg.read_block(&seg.blocks[0], Some(&["region".to_string()])).unwrap();
         assert!(only_region.columns.contains_key("region") && !only_region.columns.contains_key("host"));
+    }
+
+    #[test]
+    fn a_corrupt_block_is_reported_and_a_first_format_segment_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let batch = four_series(1000);
+        let path = segment_path(dir.path(), 1);
+        write_segment(&path, &batch).unwrap();
         // Flip one byte inside the first block: reading it must fail, not return wrong data.
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[20] ^= 0x55;
         std::fs::write(&path, &bytes).unwrap();
         let seg = Segment::open(&path, 1).unwrap();
-        assert!(matches!(seg.read_block(&seg.blocks[0], None), Err(SegmentError::Corrupt { .. })));
+        let first_in_file = seg.blocks.iter().min_by_key(|b| b.offset).unwrap();
+        assert!(matches!(seg.read_block(first_in_file, None), Err(SegmentError::Corrupt { .. })));
+
+        // The first format: blocks of mixed series by time (no tags kept apart), a plain
+        // footer of (offset, len, crc, count, min_ts, max_ts, min_value, max_value).
+        let mut file = MAGIC_V1.to_vec();
+        let mut metas = Vec::new();
+        let rows: Vec<usize> = (0..batch.len()).rev().collect();
+        let mut v1 = batch.clone();
+        for col in v1.columns.values_mut() {
+            col.class = Some(FieldClass::Dimension);
+        }
+        for chunk in rows.chunks(600) {
+            let block = postcard::to_stdvec(&encode_block(&v1, chunk)).unwrap();
+            let ts = |r: usize| v1.timestamps[r];
+            metas.push((
+                file.len() as u64,
+                block.len() as u64,
+                crc32fast::hash(&block),
+                chunk.len() as u32,
+                ts(chunk[0]),
+                ts(*chunk.last().unwrap()),
+                0f64,
+                0f64,
+            ));
+            file.extend_from_slice(&block);
+        }
+        let footer = postcard::to_stdvec(&metas).unwrap();
+        file.extend_from_slice(&footer);
+        file.extend_from_slice(&(footer.len() as u32).to_le_bytes());
+        file.extend_from_slice(&crc32fast::hash(&footer).to_le_bytes());
+        file.extend_from_slice(END_MAGIC);
+        let old = segment_path(dir.path(), 2);
+        std::fs::write(&old, &file).unwrap();
+        let seg = Segment::open(&old, 2).unwrap();
+        assert!(seg.blocks.iter().all(|b| b.series == NO_SERIES && b.summary.is_none()));
+        assert_eq!(seg.blocks_of(Some(&[])).count(), 2, "blocks of mixed series belong to every selection");
+        assert_eq!(sorted_points(&seg.read_all().unwrap()), sorted_points(&v1));
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! removed.
 
 use super::digest::{BlockDigest, row_hashes, same_point};
-use super::segment::{BLOCK_POINTS, BlockMeta, Segment, SegmentWriter, segment_path, write_segment};
+use super::segment::{
+    BlockMeta, Segment, SegmentWriter, SeriesKey, segment_path, series_key, window_of, write_segment,
+};
 use super::wal::{Durable, NodeWal, encode_record, list_wal_seqs, replay_shard_wal, wal_path};
 use super::{StorageConfig, StorageError, fsync_dir};
 use crate::metrics::Metrics;
@@ -536,6 +538,25 @@ impl Shard {
         columns: Option<&[String]>,
         f: &mut dyn FnMut(&RowBatch),
     ) -> Result<(), StorageError> {
+        struct Every<'a>(&'a mut dyn FnMut(&RowBatch));
+        impl BlockVisitor for Every<'_> {
+            fn rows(&mut self, batch: &RowBatch) {
+                (self.0)(batch)
+            }
+        }
+        self.visit(from, to, columns, &mut Every(f))
+    }
+
+    /// Shows `visitor` what may hold points in `[from, to)`: the in-memory batches, then each
+    /// segment's blocks of the series it selects, which it decodes or answers from the block's
+    /// summary.
+    pub fn visit(
+        &self,
+        from: i64,
+        to: i64,
+        columns: Option<&[String]>,
+        visitor: &mut dyn BlockVisitor,
+    ) -> Result<(), StorageError> {
         // The lock is held only to copy the memtable (a memcpy of its columns, bounded by
         // `memtable-max-points`) and take the rest by reference count: writers wait for that,
         // never for the query's own work.
@@ -545,18 +566,45 @@ impl Shard {
             (memtable, st.frozen.clone(), st.segments.clone())
         };
         if let Some(memtable) = &memtable {
-            f(memtable);
+            visitor.rows(memtable);
         }
         if let Some(frozen) = &frozen {
-            f(frozen);
+            visitor.rows(frozen);
         }
         for seg in segments {
-            for meta in seg.blocks.iter().filter(|b| b.max_ts >= from && b.min_ts < to) {
-                f(&seg.read_block(meta, columns)?);
+            let series = visitor.series(&seg);
+            for meta in seg.blocks_of(series.as_deref()).filter(|b| b.max_ts >= from && b.min_ts < to) {
+                if visitor.block(&seg, meta) == BlockUse::Decode {
+                    visitor.rows(&seg.read_block(meta, columns)?);
+                }
             }
         }
         Ok(())
     }
+}
+
+/// What a scan does with a block of a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockUse {
+    /// Its points are needed: decode it.
+    Decode,
+    /// Not needed, or answered from the block's summary.
+    Skip,
+}
+
+/// A reader of a shard's points, which may use the segments' series index and summaries to
+/// read less (see [`Shard::visit`]).
+pub trait BlockVisitor {
+    /// The series of `seg` worth reading, ascending; `None`: every series.
+    fn series(&mut self, _seg: &Segment) -> Option<Vec<u32>> {
+        None
+    }
+    /// What to do with block `meta` of `seg`, which meets the scan's time range.
+    fn block(&mut self, _seg: &Segment, _meta: &BlockMeta) -> BlockUse {
+        BlockUse::Decode
+    }
+    /// Points that may be in the scan's range (a caller filters them by time itself).
+    fn rows(&mut self, batch: &RowBatch);
 }
 
 impl Shard {
@@ -858,7 +906,7 @@ impl Writer {
                         st.segments.iter().flat_map(|seg| seg.blocks.iter().map(move |b| (seg, b))).collect()
                     });
                     for (i, (seg, meta)) in blocks.iter().enumerate() {
-                        if ts < meta.min_ts || ts > meta.max_ts {
+                        if ts < meta.min_ts || ts > meta.max_ts || !seg.may_hold(meta, &batch, r) {
                             continue;
                         }
                         let (block, index) = match decoded.entry(i) {
@@ -1136,29 +1184,49 @@ impl Writer {
 }
 
 /// Per segment, per block: whether a merge may copy the block as it is (see [`rewrite`]).
+/// Which blocks of `segments` a merge copies as they are: those of one series whose window no
+/// block of another segment shares for that series. The others are decoded and encoded anew
+/// together, so a series' window ends up in one run of blocks (blocks of the first format,
+/// which mix series, always are).
 fn blocks_to_copy(segments: &[Arc<Segment>]) -> Vec<Vec<bool>> {
-    let mut copy: Vec<Vec<bool>> =
-        segments.iter().map(|seg| seg.blocks.iter().map(|b| b.count as usize >= BLOCK_POINTS / 2).collect()).collect();
-    // (min_ts, max_ts, segment, block), by start: a block overlaps a later-starting one exactly
-    // when that one starts before this one ends.
-    let mut spans: Vec<(i64, i64, usize, usize)> = segments
+    // Each segment's series numbered across all of them.
+    let mut numbers: BTreeMap<SeriesKey, usize> = BTreeMap::new();
+    let global: Vec<Vec<usize>> = segments
         .iter()
-        .enumerate()
-        .flat_map(|(s, seg)| seg.blocks.iter().enumerate().map(move |(b, m)| (m.min_ts, m.max_ts, s, b)))
+        .map(|seg| {
+            (0..seg.series_count())
+                .map(|id| {
+                    let next = numbers.len();
+                    *numbers.entry(series_key(seg.series(id as u32).expect("in range"))).or_insert(next)
+                })
+                .collect()
+        })
         .collect();
-    spans.sort_unstable();
-    for (i, &(_, end, seg, block)) in spans.iter().enumerate() {
-        for &(start, _, other_seg, other_block) in &spans[i + 1..] {
-            if start > end {
-                break;
-            }
-            if other_seg != seg {
-                copy[seg][block] = false;
-                copy[other_seg][other_block] = false;
+    let series_of = |s: usize, meta: &BlockMeta| global[s].get(meta.series as usize).copied();
+    // (series, window) → the one segment holding it, or `None` once a second one does.
+    let mut holder: HashMap<(usize, i64), Option<usize>> = HashMap::new();
+    for (s, seg) in segments.iter().enumerate() {
+        for meta in &seg.blocks {
+            if let Some(series) = series_of(s, meta) {
+                holder
+                    .entry((series, window_of(meta.min_ts)))
+                    .and_modify(|h| *h = h.filter(|&one| one == s))
+                    .or_insert(Some(s));
             }
         }
     }
-    copy
+    segments
+        .iter()
+        .enumerate()
+        .map(|(s, seg)| {
+            seg.blocks
+                .iter()
+                .map(|meta| {
+                    series_of(s, meta).is_some_and(|series| holder[&(series, window_of(meta.min_ts))] == Some(s))
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Puts a frozen memtable back after a failed compaction; its points are still in the WAL.
@@ -1396,43 +1464,52 @@ mod tests {
         assert_eq!(shard.points(), distinct);
     }
 
-    /// A merge copies the blocks that overlap no other segment and re-encodes the rest, and
-    /// either way every point survives it.
+    /// A merge copies the blocks of windows that no other segment shares for their series and
+    /// re-encodes the rest; either way every point survives it, and each window of a series
+    /// ends up in one block.
     #[tokio::test]
-    async fn merge_copies_disjoint_blocks_and_keeps_every_point() {
+    async fn merge_copies_unshared_windows_and_keeps_every_point() {
         let dir = tempfile::tempdir().unwrap();
         let shard = open_shard(dir.path()).await;
-        // Three segments: the second and third overlap in [79_990, 80_000).
-        for (range, value) in [(0..40_000, 1), (40_000..80_000, 2), (79_990..100_000, 3)] {
-            shard.append(rows(range, value)).await.unwrap();
+        let seconds = |range: std::ops::Range<i64>, value| {
+            let mut batch = rows(range, value);
+            batch.timestamps.iter_mut().for_each(|t| *t *= 1000);
+            batch
+        };
+        // Three segments, one point a second: the first two share window 11 (39_600 s to
+        // 43_200 s), the last two window 22 (79_200 s to 82_800 s), where they also overlap.
+        let parts = [(0..40_000, 1), (40_000..80_000, 2), (79_990..100_000, 3)];
+        for (range, value) in &parts[..2] {
+            shard.append(seconds(range.clone(), *value)).await.unwrap();
             shard.flush().await.unwrap();
         }
+        let segments = shard.state.read().unwrap().segments.clone();
+        assert_eq!(segments.len(), 2);
+        let copy = blocks_to_copy(&segments);
+        for (seg, flags) in segments.iter().zip(&copy) {
+            for (meta, &copied) in seg.blocks.iter().zip(flags) {
+                assert_eq!(copied, window_of(meta.min_ts) != 11, "block {}..{}", meta.min_ts, meta.max_ts);
+            }
+        }
+        let (range, value) = &parts[2];
+        shard.append(seconds(range.clone(), *value)).await.unwrap();
+        shard.flush().await.unwrap();
         let segments = shard.state.read().unwrap().segments.clone();
         assert_eq!(segments.len(), 1, "three segments over a limit of two merge into one");
         let merged = &segments[0];
         assert_eq!(merged.points(), 100_010);
-        // Full blocks away from the overlap come through as they were: the second segment's
-        // first block starts at 40_000, where a merge that re-encoded everything would have cut
-        // its blocks at multiples of 16_384.
-        let spans: Vec<(i64, i64)> = merged.blocks.iter().map(|b| (b.min_ts, b.max_ts)).collect();
-        assert!(spans.contains(&(0, 16_383)) && spans.contains(&(40_000, 56_383)), "{spans:?}");
+        let windows: Vec<i64> = merged.blocks.iter().map(|b| window_of(b.min_ts)).collect();
+        assert_eq!(windows, (0..=27).collect::<Vec<_>>(), "one block per window");
         let mut seen: Vec<(i64, i64)> = Vec::new();
         shard
             .scan(i64::MIN, i64::MAX, None, &mut |b| {
-                seen.extend(b.timestamps.iter().zip(&b.values).map(|(&t, v)| (t, v.as_f64() as i64)))
+                seen.extend(b.timestamps.iter().zip(&b.values).map(|(&t, v)| (t / 1000, v.as_f64() as i64)))
             })
             .unwrap();
         seen.sort_unstable();
-        let mut expected: Vec<(i64, i64)> = (0..40_000)
-            .map(|t| (t, 1))
-            .chain((40_000..80_000).map(|t| (t, 2)))
-            .chain((79_990..100_000).map(|t| (t, 3)))
-            .collect();
+        let mut expected: Vec<(i64, i64)> =
+            parts.iter().flat_map(|(range, value)| range.clone().map(move |t| (t, *value))).collect();
         expected.sort_unstable();
         assert_eq!(seen, expected);
-        // No block of the merged segment overlaps the overlap's other copy: the overlap rows sit
-        // in one sorted run.
-        let overlapping = merged.blocks.iter().filter(|b| b.min_ts <= 79_999 && b.max_ts >= 79_990).count();
-        assert_eq!(overlapping, 1, "{spans:?}");
     }
 }
