@@ -478,7 +478,7 @@ async fn nsdb_query(
     caller: &Caller,
     params: &HashMap<String, String>,
     raw: &[u8],
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let req: QueryRequest = serde_json::from_slice(raw).map_err(|e| ApiError::bad(format!("query body: {e}")))?;
     if !caller.allows(&req.db, Perm::Admin) {
         // A DELETE needs admin, a select read: the statement says which.
@@ -499,13 +499,9 @@ async fn nsdb_query(
     node.metrics.query_seconds.observe(started.elapsed());
     match outcome? {
         QueryOutcome::Records { records, missing } => {
-            let mut answer = crate::query::records_json(&records);
-            if !missing.is_empty() {
-                answer["partial"] = serde_json::json!(missing);
-            }
-            Ok(Json(answer))
+            Ok(Json(crate::query::RecordsJson { records: &records, partial: &missing }).into_response())
         }
-        QueryOutcome::Deleted(n) => Ok(Json(serde_json::json!({ "records": [], "deleted": n }))),
+        QueryOutcome::Deleted(n) => Ok(Json(serde_json::json!({ "records": [], "deleted": n })).into_response()),
     }
 }
 

@@ -165,6 +165,17 @@ impl<'a> SelectVisitor<'a> {
     }
 }
 
+impl SelectVisitor<'_> {
+    /// Whether the partial outgrew `max`: counted in full (with distinct values) only for
+    /// `count(distinct …)`, since counting walks every group.
+    fn over_max(&self) -> bool {
+        match (&self.partial, &self.plan.projection) {
+            (Partial::Groups(groups), Projection::Aggregate(Aggregate::Value(_))) => groups.len() > self.max,
+            (partial, _) => partial.size() > self.max,
+        }
+    }
+}
+
 impl BlockVisitor for SelectVisitor<'_> {
     fn series(&mut self, seg: &Segment) -> Option<Vec<u32>> {
         self.plan.filter.as_ref().and_then(|f| candidates(f, seg))
@@ -186,7 +197,7 @@ impl BlockVisitor for SelectVisitor<'_> {
             // What the points would have added: count and sums only.
             state.summary.merge_sums(summary);
         }
-        self.too_large = self.partial.size() > self.max;
+        self.too_large = self.over_max();
         BlockUse::Skip
     }
 
@@ -196,7 +207,7 @@ impl BlockVisitor for SelectVisitor<'_> {
         }
         exec::scan_batch(self.plan, batch, self.range.0, self.range.1, &mut self.partial);
         self.partial.trim(self.plan);
-        self.too_large = self.partial.size() > self.max;
+        self.too_large = self.over_max();
     }
 }
 

@@ -1319,39 +1319,44 @@ async fn rewrite(
     let old2 = old.clone();
     let (replacement, dropped) = background(move || {
         let copyable = blocks_to_copy(&old2);
-        let mut copied: Vec<(&Segment, &BlockMeta)> = Vec::new();
-        let mut rest = RowBatchBuilder::default();
-        let mut dropped = 0u64;
+        let path = segment_path(&dir, seg_seq);
+        let mut writer = SegmentWriter::create(&path)?;
+        // The blocks to decode, by window: encoded anew one window at a time, so a merge holds
+        // one window's points in memory, not every point it re-encodes.
+        let mut by_window: BTreeMap<i64, Vec<(&Segment, &BlockMeta, bool)>> = BTreeMap::new();
         for (seg, flags) in old2.iter().zip(&copyable) {
             for (meta, &copy) in seg.blocks.iter().zip(flags) {
                 if copy && keep.is_none() {
-                    copied.push((seg, meta));
-                    continue;
+                    writer.copy_block(seg, meta)?;
+                } else {
+                    by_window.entry(window_of(meta.min_ts)).or_default().push((seg, meta, copy));
                 }
+            }
+        }
+        let mut dropped = 0u64;
+        for blocks in by_window.into_values() {
+            let mut rest = RowBatchBuilder::default();
+            for (seg, meta, copy) in blocks {
                 let batch = seg.read_block(meta, None)?;
                 let mask = keep.as_ref().map(|k| k(&batch));
                 let removed = mask.as_ref().map_or(0, |m| m.iter().filter(|keep| !**keep).count() as u64);
                 dropped += removed;
                 if copy && removed == 0 {
-                    copied.push((seg, meta));
+                    writer.copy_block(seg, meta)?;
                 } else {
                     rest.extend_from(&batch, mask.as_deref());
                 }
             }
+            writer.add_rows(&rest.finish())?;
         }
         if keep.is_some() && dropped == 0 {
+            writer.abandon();
             return Ok((None, 0));
         }
-        let rest = rest.finish();
-        let seg = if rest.is_empty() && copied.is_empty() {
+        let seg = if writer.is_empty() {
+            writer.abandon();
             None
         } else {
-            let path = segment_path(&dir, seg_seq);
-            let mut writer = SegmentWriter::create(&path)?;
-            for (seg, meta) in copied {
-                writer.copy_block(seg, meta)?;
-            }
-            writer.add_rows(&rest)?;
             writer.finish()?;
             fsync_dir(&dir)?;
             Some(Segment::open(&path, seg_seq)?)
