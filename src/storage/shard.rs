@@ -1297,6 +1297,9 @@ impl Compaction {
     }
 }
 
+/// Points a merge decodes before it encodes them (whole series' windows, so a little more).
+const MERGE_ROWS_MAX: usize = 262_144;
+
 /// Replaces all segments of `shard` by one (`seg_seq`), keeping the rows `keep` accepts (all
 /// when `None`). Returns how many rows were dropped. Callers make sure no other compaction of
 /// the shard runs meanwhile.
@@ -1321,21 +1324,26 @@ async fn rewrite(
         let copyable = blocks_to_copy(&old2);
         let path = segment_path(&dir, seg_seq);
         let mut writer = SegmentWriter::create(&path)?;
-        // The blocks to decode, by window: encoded anew one window at a time, so a merge holds
-        // one window's points in memory, not every point it re-encodes.
-        let mut by_window: BTreeMap<i64, Vec<(&Segment, &BlockMeta, bool)>> = BTreeMap::new();
+        // The blocks to decode, by window and series: encoded anew a few series at a time, so
+        // a merge holds a bounded number of points in memory, not every point it re-encodes
+        // (a series' window is always encoded whole, in one run of blocks).
+        let mut by_window: BTreeMap<(i64, SeriesKey), Vec<(&Segment, &BlockMeta, bool)>> = BTreeMap::new();
         for (seg, flags) in old2.iter().zip(&copyable) {
             for (meta, &copy) in seg.blocks.iter().zip(flags) {
                 if copy && keep.is_none() {
                     writer.copy_block(seg, meta)?;
                 } else {
-                    by_window.entry(window_of(meta.min_ts)).or_default().push((seg, meta, copy));
+                    let series = seg.series(meta.series).map(series_key).unwrap_or_default();
+                    by_window.entry((window_of(meta.min_ts), series)).or_default().push((seg, meta, copy));
                 }
             }
         }
         let mut dropped = 0u64;
+        let mut rest = RowBatchBuilder::default();
         for blocks in by_window.into_values() {
-            let mut rest = RowBatchBuilder::default();
+            if rest.batch.len() >= MERGE_ROWS_MAX {
+                writer.add_rows(&std::mem::take(&mut rest).finish())?;
+            }
             for (seg, meta, copy) in blocks {
                 let batch = seg.read_block(meta, None)?;
                 let mask = keep.as_ref().map(|k| k(&batch));
@@ -1347,8 +1355,8 @@ async fn rewrite(
                     rest.extend_from(&batch, mask.as_deref());
                 }
             }
-            writer.add_rows(&rest.finish())?;
         }
+        writer.add_rows(&rest.finish())?;
         if keep.is_some() && dropped == 0 {
             writer.abandon();
             return Ok((None, 0));
