@@ -1297,6 +1297,9 @@ impl Compaction {
     }
 }
 
+/// A block a merge decodes, and whether it may still be copied (when no row of it is dropped).
+type BlockToMerge<'a> = (&'a Segment, &'a BlockMeta, bool);
+
 /// Points a merge decodes before it encodes them (whole series' windows, so a little more).
 const MERGE_ROWS_MAX: usize = 262_144;
 
@@ -1327,7 +1330,7 @@ async fn rewrite(
         // The blocks to decode, by window and series: encoded anew a few series at a time, so
         // a merge holds a bounded number of points in memory, not every point it re-encodes
         // (a series' window is always encoded whole, in one run of blocks).
-        let mut by_window: BTreeMap<(i64, SeriesKey), Vec<(&Segment, &BlockMeta, bool)>> = BTreeMap::new();
+        let mut by_window: BTreeMap<(i64, SeriesKey), Vec<BlockToMerge>> = BTreeMap::new();
         for (seg, flags) in old2.iter().zip(&copyable) {
             for (meta, &copy) in seg.blocks.iter().zip(flags) {
                 if copy && keep.is_none() {
