@@ -828,7 +828,7 @@ impl Segment {
     }
 
     /// The encoded bytes of one block, checked against its checksum.
-    pub(crate) fn read_block_bytes(&self, meta: &BlockMeta) -> Result<Vec<u8>, SegmentError> {
+    fn read_block_bytes(&self, meta: &BlockMeta) -> Result<Vec<u8>, SegmentError> {
         let p = self.path.display().to_string();
         let mut bytes = vec![0u8; meta.len as usize];
         self.file()?
