@@ -79,6 +79,16 @@ pub fn set_full(dir: &Path, full: bool) {
     })
 }
 
+/// Whether `path` is a node WAL file (`wal-<seq>.log`) with a newer one beside it (maybe
+/// still empty, so never fsynced through the seam).
+fn superseded_wal_file(path: &Path) -> bool {
+    let wal_name =
+        |p: &Path| p.file_name().and_then(|n| n.to_str()).filter(|n| n.starts_with("wal-")).map(String::from);
+    let (Some(name), Some(dir)) = (wal_name(path), path.parent()) else { return false };
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().filter_map(|e| wal_name(&e.path())).any(|other| other > name)
+}
+
 /// The power goes out under node `dir`: each log loses what was written after its last fsync,
 /// and, when the seed says so, one log ends in a torn record (a write that was under way).
 /// Returns what was cut and added, for the trace.
@@ -98,6 +108,9 @@ pub fn crash(dir: &Path) -> String {
             }
             logs.push(path.clone());
         }
+        // Only a log still being appended to can hold a write under way: the node WAL appends
+        // to its newest file alone (an older one was fsynced whole before the next began).
+        logs.retain(|path| !superseded_wal_file(path));
         let mut torn = String::new();
         if rng.chance(0.5)
             && let Some(path) = rng.pick(&logs).cloned()

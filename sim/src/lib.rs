@@ -45,9 +45,13 @@ pub mod run;
 ///   and answered 200. A DELETE now needs the shard map confirmed by a majority of members.
 /// - 795774691 also found that a write accepted by a node that had not heard of a drop goes
 ///   with the drop (now counted as concurrent with it, see docs/TESTING.md).
+/// - 12044, 796496292 (simulator bugs): a crash tore a record onto a WAL file that a newer one
+///   had already replaced, which no real power cut can do, and the node refused to restart
+///   unnoticed (a failed restart is now a violation); and the trace named the seed's
+///   temporary dir, so the same seed gave two trace hashes.
 pub const REGRESSION_SEEDS: &[u64] = &[
     795774592, 795774684, 795774691, 795774751, 795774760, 1016, 1037, 795802023, 2089, 2041, 5031, 2016, 1006, 6007,
-    6050, 796474849,
+    6050, 796474849, 12044, 796496292,
 ];
 
 /// Sets the process up for simulation: blocking work inline (no thread pool deciding the

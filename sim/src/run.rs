@@ -196,7 +196,7 @@ async fn simulate(seed: u64, verbose: bool) -> Report {
         let (ended, kept): (Vec<_>, Vec<_>) = active.into_iter().partition(|(_, until)| *until <= now);
         active = kept;
         for (fault, _) in ended {
-            end_fault(&mut cluster, &fault, &mut trace).await;
+            violations.extend(end_fault(&mut cluster, &fault, &mut trace).await);
         }
         let roll = load.below(100);
         if roll < 55 {
@@ -238,7 +238,7 @@ async fn simulate(seed: u64, verbose: bool) -> Report {
 
     // Heal everything, restart what crashed, and let the cluster settle.
     for (fault, _) in active.drain(..) {
-        end_fault(&mut cluster, &fault, &mut trace).await;
+        violations.extend(end_fault(&mut cluster, &fault, &mut trace).await);
     }
     trace.event(format!("healed; {} acknowledged of {} attempted", history.acked.len(), history.attempted.len()));
     let healed_at = tokio::time::Instant::now();
@@ -507,7 +507,10 @@ async fn start_fault(
     Some(fault)
 }
 
-async fn end_fault(cluster: &mut Cluster, fault: &Fault, trace: &mut Trace) {
+/// Ends `fault`; a node that cannot start again after a crash or a restart is a violation
+/// (its data dir is what a real power cut or SIGTERM leaves behind).
+async fn end_fault(cluster: &mut Cluster, fault: &Fault, trace: &mut Trace) -> Option<String> {
+    let mut violation = None;
     match fault {
         Fault::Partition(_) | Fault::OneWay(_) => cluster.net.with(|n| n.faults.cut.clear()),
         Fault::Loss => cluster.net.with(|n| n.faults.loss = 0.0),
@@ -515,7 +518,10 @@ async fn end_fault(cluster: &mut Cluster, fault: &Fault, trace: &mut Trace) {
         Fault::Duplicate => cluster.net.with(|n| n.faults.duplicate = 0.0),
         Fault::Crash(i) | Fault::Restart(i) => {
             if let Err(e) = cluster.start(*i).await {
+                // The error names files under the seed's temporary dir, which differs per run.
+                let e = e.to_string().replace(&cluster.nodes[*i].dir.display().to_string(), "<dir>");
                 trace.event(format!("restart n{i} failed: {e}"));
+                violation = Some(format!("n{i} failed to restart after {fault:?}: {e}"));
             }
         }
         Fault::Pause(i) => {
@@ -525,6 +531,7 @@ async fn end_fault(cluster: &mut Cluster, fault: &Fault, trace: &mut Trace) {
         Fault::DiskFull(i) => crate::disk::set_full(&cluster.nodes[*i].dir, false),
     }
     trace.event(format!("fault end {fault:?}"));
+    violation
 }
 
 /// None when every live node sees every other live node alive (and left nodes not alive).
