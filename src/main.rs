@@ -1,5 +1,7 @@
 //! The `shoal` command: `start` runs a node; the other subcommands are clients of a node's HTTP API.
 
+mod cli;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::Write;
@@ -119,6 +121,27 @@ enum Command {
         #[command(flatten)]
         node: NodeArg,
     },
+    /// Start N nodes of one cluster on this machine for trying Shoal; prints their addresses
+    /// and runs until Ctrl-C (which stops them all).
+    LocalCluster {
+        /// How many nodes (1 to 16).
+        nodes: usize,
+        /// Where the nodes keep their data dirs and logs.
+        #[arg(long, default_value = "./shoal-local")]
+        dir: PathBuf,
+        /// HTTP port of node1 (node2 takes the next, and so on); 0 lets the OS choose every port.
+        #[arg(long, default_value_t = 9001)]
+        http_port: u16,
+        /// Gossip (UDP) port of node1 (node2 takes the next, and so on).
+        #[arg(long, default_value_t = 7281)]
+        gossip_port: u16,
+        /// Copies of each shard (at most the number of nodes).
+        #[arg(long, default_value_t = 2)]
+        replication_factor: usize,
+        /// Override one key on every node, as for `shoal start` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// Print a new random cluster secret (for shoal.cluster.secret).
     Keygen,
     /// Show or change the cluster keyring on every live member: install a new secret, use it
@@ -174,6 +197,17 @@ fn main() -> ExitCode {
                 client(node.http()?.get(url)).await
             }
             Command::Members { node, json } => members(&node, json).await,
+            Command::LocalCluster { nodes, dir, http_port, gossip_port, replication_factor, sets } => {
+                cli::local_cluster::run(cli::local_cluster::Options {
+                    nodes,
+                    dir,
+                    http_port,
+                    gossip_port,
+                    replication_factor,
+                    sets,
+                })
+                .await
+            }
             Command::Leave { node } => leave(&node).await,
             Command::Keygen => {
                 println!("{}", shoal::keyring::generate_secret());
@@ -370,6 +404,10 @@ async fn start(config: Option<PathBuf>, sets: Vec<String>, salvage_wal: bool) ->
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
+    let env_names: Vec<String> = std::env::vars().map(|(name, _)| name).collect();
+    for name in shoal::config::unknown_env_vars(env_names.iter().map(String::as_str)) {
+        tracing::warn!(variable = %name, "ignoring an environment variable that names no config key (docs/configuration.md)");
+    }
     let addr_file = cfg.data_dir.join("http.addr");
     let _ = std::fs::remove_file(&addr_file);
     let listener = tokio::net::TcpListener::bind((cfg.http_host.as_str(), cfg.http_port)).await.with_context(|| {

@@ -27,6 +27,9 @@ pub enum LeaveError {
 }
 
 /// What can go wrong serving a request, with enough detail to pick the HTTP status.
+/// A file in the data dir of a node that completed `shoal leave`.
+const LEFT_MARKER: &str = "left";
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("{0}")]
@@ -250,6 +253,18 @@ impl Node {
     pub async fn open(cfg: Config, env: Env, io: NodeIo<'_>) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", cfg.data_dir.display()))?;
+        // A node that left handed its shards to others: starting it again on the same data dir
+        // would bring back copies that no placement lists (a container restarted after
+        // `shoal leave`, as a StatefulSet does until it is scaled down).
+        let left = cfg.data_dir.join(LEFT_MARKER);
+        if left.exists() {
+            anyhow::bail!(
+                "node {} left the cluster (shoal leave) and its shards live elsewhere now; to join again, \
+                 start it on an empty data dir (remove {} or point shoal.data-dir elsewhere)",
+                cfg.node_id,
+                cfg.data_dir.display()
+            );
+        }
         let metrics = Arc::new(Metrics::default());
         // A node that was part of a formed cluster but lost its catalog file must sync first.
         let was_in_cluster = cfg.data_dir.join("bootstrapped").exists();
@@ -608,6 +623,9 @@ impl Node {
             self.membership.set(KEY_READINESS, if bootstrapped { "ready" } else { "joining" }).await;
             self.update_readiness().await;
             return Err(LeaveError::Abandoned { kept, total });
+        }
+        if let Err(e) = crate::storage::write_atomic(&self.cfg.data_dir.join(LEFT_MARKER), b"left\n") {
+            tracing::warn!(error = %e, "cannot record the leave in the data dir; a restart there would rejoin");
         }
         let spread = (self.cfg.gossip_interval * 10).max(std::time::Duration::from_millis(500));
         tokio::time::sleep(spread).await;

@@ -64,6 +64,17 @@ fn five_nodes_converge_detect_failure_restart_and_leave() {
     for i in [0, 1, 2, 4] {
         wait_view(&nodes[i], &n4_left, "everyone to see n4 as left");
     }
+    // Started again on its data dir (as a StatefulSet restarts a container until it is scaled
+    // down), a node that left refuses to rejoin with copies no placement lists.
+    let again = std::process::Command::new(common::BIN)
+        .arg("start")
+        .args(nodes[3].sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]))
+        .args(["--set", &format!("shoal.data-dir={}", nodes[3].data_dir.display()), "--set", "shoal.http.port=0"])
+        .args(["--set", "shoal.gossip.port=0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && stderr.contains("left the cluster"), "{stderr}");
 
     // The operator's table shows the same.
     let out = std::process::Command::new(common::BIN).args(["members", "--node", &nodes[0].url("")]).output().unwrap();

@@ -203,6 +203,27 @@ pub fn env_var_for(key: &str) -> String {
     key.to_uppercase().replace(['.', '-'], "_")
 }
 
+/// Environment variables that look like Shoal's (`SHOAL_…`) but name no config key: a typo
+/// there would otherwise be ignored without a word.
+pub fn unknown_env_vars<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let known: std::collections::HashSet<String> = KEYS.iter().map(|(key, _)| env_var_for(key)).collect();
+    // Variables of the CLI and of the tests, not config keys.
+    const OTHERS: &[&str] = &[
+        "SHOAL_NODE",
+        "SHOAL_USER",
+        "SHOAL_PASSWORD",
+        "SHOAL_CA_FILE",
+        "SHOAL_SIM_SEED",
+        "SHOAL_FUZZ_SEED",
+        "SHOAL_FUZZ_SECONDS",
+    ];
+    names
+        .into_iter()
+        .filter(|n| n.starts_with("SHOAL_") && !known.contains(*n) && !OTHERS.contains(n))
+        .map(String::from)
+        .collect()
+}
+
 impl Config {
     /// Builds the config from the embedded defaults, an optional file, the process environment
     /// and `--set` overrides.
