@@ -314,7 +314,8 @@ impl Node {
         };
         let membership = Membership::start(membership_cfg, io.gossip_transport, keys).await?;
         membership.spawn_observer();
-        if let Some(name) = cfg.discovery_name.clone().or_else(|| cfg.discovery_service.clone()) {
+        if cfg.discovery_mode != crate::config::DiscoveryMode::Static {
+            let name = cfg.discovery_name.clone().or_else(|| cfg.discovery_service.clone()).unwrap_or_default();
             let dns_server = match &cfg.discovery_dns_server {
                 Some(s) => Some(s.parse().map_err(|_| {
                     anyhow::anyhow!("config key shoal.cluster.discovery.dns-server: expected ip:port, got {s:?}")
@@ -331,6 +332,9 @@ impl Node {
                 name,
                 dns_server,
                 gossip_port: io.gossip_advertise.port(),
+                etcd: (cfg.discovery_mode == crate::config::DiscoveryMode::Etcd).then(|| cfg.discovery_etcd.clone()),
+                cluster_id: cfg.cluster_id.clone(),
+                node_id: cfg.node_id.clone(),
             };
             crate::discovery::spawn(&membership, discovery);
         }

@@ -39,10 +39,13 @@ const KEYS: &[(&str, &str)] = &[
     ("shoal.gossip.dead-node-grace", "a duration such as 1h"),
     ("shoal.cluster.id", "a non-empty name"),
     ("shoal.cluster.seeds", "a list of \"host:port\" strings"),
-    ("shoal.cluster.discovery.mode", "one of static, dns, dns-srv"),
+    ("shoal.cluster.discovery.mode", "one of static, dns, dns-srv, etcd"),
     ("shoal.cluster.discovery.name", "a DNS name"),
     ("shoal.cluster.discovery.service", "a DNS SRV name"),
     ("shoal.cluster.discovery.dns-server", "host:port of a DNS server"),
+    ("shoal.cluster.discovery.etcd.endpoints", "a list of etcd client URLs such as [\"http://10.0.0.5:2379\"]"),
+    ("shoal.cluster.discovery.etcd.prefix", "an etcd key prefix such as /shoal"),
+    ("shoal.cluster.discovery.etcd.lease-ttl", "a duration of at least 2s, such as 10s"),
     ("shoal.cluster.bootstrap-expect", "an integer >= 1"),
     ("shoal.cluster.required-contact-point-nr", "an integer >= 1"),
     ("shoal.cluster.replication-factor", "an integer >= 1"),
@@ -103,6 +106,7 @@ pub enum DiscoveryMode {
     Static,
     Dns,
     DnsSrv,
+    Etcd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +152,7 @@ pub struct Config {
     pub discovery_name: Option<String>,
     pub discovery_service: Option<String>,
     pub discovery_dns_server: Option<String>,
+    pub discovery_etcd: crate::discovery::etcd::EtcdConfig,
     /// The cluster secret (from `shoal.cluster.secret` or the file `secret-file` names);
     /// `None`: gossip and the internal API are not authenticated.
     pub cluster_secret: Option<String>,
@@ -408,7 +413,12 @@ impl Reader<'_> {
         }
         let discovery_mode = self.choice(
             "shoal.cluster.discovery.mode",
-            &[("static", DiscoveryMode::Static), ("dns", DiscoveryMode::Dns), ("dns-srv", DiscoveryMode::DnsSrv)],
+            &[
+                ("static", DiscoveryMode::Static),
+                ("dns", DiscoveryMode::Dns),
+                ("dns-srv", DiscoveryMode::DnsSrv),
+                ("etcd", DiscoveryMode::Etcd),
+            ],
         )?;
         let discovery_name = self.opt_string("shoal.cluster.discovery.name")?;
         let discovery_service = self.opt_string("shoal.cluster.discovery.service")?;
@@ -417,6 +427,17 @@ impl Reader<'_> {
         }
         if discovery_mode == DiscoveryMode::DnsSrv && discovery_service.is_none() {
             return Err(self.err("shoal.cluster.discovery.service"));
+        }
+        let discovery_etcd = crate::discovery::etcd::EtcdConfig {
+            endpoints: self.strings("shoal.cluster.discovery.etcd.endpoints")?,
+            prefix: self.string("shoal.cluster.discovery.etcd.prefix")?,
+            lease_ttl: self.duration_min("shoal.cluster.discovery.etcd.lease-ttl", Duration::from_secs(2))?,
+        };
+        if discovery_mode == DiscoveryMode::Etcd
+            && (discovery_etcd.endpoints.is_empty()
+                || discovery_etcd.endpoints.iter().any(|e| !e.starts_with("http://") && !e.starts_with("https://")))
+        {
+            return Err(self.err("shoal.cluster.discovery.etcd.endpoints"));
         }
         Ok(Config {
             node_id,
@@ -454,6 +475,7 @@ impl Reader<'_> {
             discovery_name,
             discovery_service,
             discovery_dns_server: self.opt_string("shoal.cluster.discovery.dns-server")?,
+            discovery_etcd,
             cluster_secret: {
                 let secret = {
                     let inline = self.opt_string("shoal.cluster.secret")?.filter(|s| !s.is_empty());

@@ -2,6 +2,10 @@
 //! records of a name (a Kubernetes headless service) and gossips to each address on our own
 //! gossip port; `dns-srv` looks up SRV records, which carry each peer's host and port. The
 //! lookups repeat, so nodes that appear later are found with no config change anywhere.
+//! `etcd` registers this node under a key prefix in etcd and reads its peers there
+//! ([`etcd`]).
+
+pub mod etcd;
 
 use crate::config::DiscoveryMode;
 use crate::membership::Membership;
@@ -29,6 +33,11 @@ pub struct DiscoveryConfig {
     pub dns_server: Option<SocketAddr>,
     /// Port to gossip to for `dns` mode (A records carry no port): our own gossip port.
     pub gossip_port: u16,
+    /// For `etcd` mode: where and how to register.
+    pub etcd: Option<etcd::EtcdConfig>,
+    /// For `etcd` mode: this node's key is `<prefix>/<cluster id>/<node id>`.
+    pub cluster_id: String,
+    pub node_id: String,
 }
 
 fn resolver(dns_server: Option<SocketAddr>) -> anyhow::Result<TokioResolver> {
@@ -57,7 +66,8 @@ pub async fn lookup(cfg: &DiscoveryConfig) -> anyhow::Result<Vec<SocketAddr>> {
     let resolver = resolver(cfg.dns_server)?;
     let mut out = Vec::new();
     match cfg.mode {
-        DiscoveryMode::Static => {}
+        // etcd is read through a registration (see `spawn`), not looked up.
+        DiscoveryMode::Static | DiscoveryMode::Etcd => {}
         DiscoveryMode::Dns => {
             let ips = resolver.lookup_ip(cfg.name.as_str()).await?;
             out.extend(ips.iter().map(|ip| SocketAddr::new(ip, cfg.gossip_port)));
@@ -98,6 +108,9 @@ pub fn spawn(membership: &Arc<Membership>, cfg: DiscoveryConfig) {
     if cfg.mode == DiscoveryMode::Static {
         return;
     }
+    if cfg.mode == DiscoveryMode::Etcd {
+        return spawn_etcd(membership, cfg);
+    }
     let weak = Arc::downgrade(membership);
     tokio::spawn(async move {
         loop {
@@ -114,6 +127,39 @@ pub fn spawn(membership: &Arc<Membership>, cfg: DiscoveryConfig) {
             let alone = membership.members().await.len() <= 1;
             drop(membership);
             tokio::time::sleep(if alone { SEARCH_INTERVAL } else { REFRESH_INTERVAL }).await;
+        }
+    });
+}
+
+/// Registers this node in etcd and keeps its lease alive, gossiping to every peer registered
+/// there; ends with the membership (the key then goes when its lease runs out).
+fn spawn_etcd(membership: &Arc<Membership>, cfg: DiscoveryConfig) {
+    let own = membership.config().advertise_addr;
+    let Some(etcd_cfg) = cfg.etcd.clone() else {
+        tracing::error!("etcd discovery without shoal.cluster.discovery.etcd settings");
+        return;
+    };
+    let mut registration = match etcd::Registration::new(etcd_cfg, &cfg.cluster_id, &cfg.node_id, own) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up etcd discovery");
+            return;
+        }
+    };
+    let weak = Arc::downgrade(membership);
+    tokio::spawn(async move {
+        loop {
+            let Some(membership) = weak.upgrade() else { return };
+            match registration.refresh().await {
+                Ok(peers) => {
+                    for peer in peers.into_iter().filter(|p| *p != own).take(PEERS_MAX) {
+                        membership.gossip_to(peer);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "etcd discovery: cannot register or read peers"),
+            }
+            drop(membership);
+            tokio::time::sleep(registration.refresh_interval()).await;
         }
     });
 }
