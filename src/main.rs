@@ -37,6 +37,10 @@ struct NodeArg {
 }
 
 impl NodeArg {
+    fn api(&self) -> anyhow::Result<cli::bulk::Api> {
+        Ok(cli::bulk::Api { http: self.http()?, node: self.node.trim_end_matches('/').to_string() })
+    }
+
     /// An HTTP client that sends --user/--password (HTTP Basic) with every request.
     fn http(&self) -> anyhow::Result<reqwest::Client> {
         let mut headers = reqwest::header::HeaderMap::new();
@@ -121,6 +125,39 @@ enum Command {
         #[command(flatten)]
         node: NodeArg,
     },
+    /// Back up every shard of a db (read from live replicas through --node) into a new
+    /// directory: a manifest and one compressed file of points per shard.
+    Backup {
+        #[command(flatten)]
+        node: NodeArg,
+        #[arg(long)]
+        db: String,
+        /// The directory to create.
+        out: PathBuf,
+    },
+    /// Load a backup into the cluster of --node (an empty one, or another one).
+    Restore {
+        #[command(flatten)]
+        node: NodeArg,
+        /// Restore into this db instead of the one backed up.
+        #[arg(long)]
+        db: Option<String>,
+        /// The backup directory.
+        dir: PathBuf,
+    },
+    /// Load a file of Influx line protocol (`-` for standard input) in batches, with progress.
+    Import {
+        #[command(flatten)]
+        node: NodeArg,
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        namespace: String,
+        /// Timestamp unit of the lines: ns, us, ms or s.
+        #[arg(long, default_value = "ns")]
+        precision: String,
+        file: PathBuf,
+    },
     /// Start N nodes of one cluster on this machine for trying Shoal; prints their addresses
     /// and runs until Ctrl-C (which stops them all).
     LocalCluster {
@@ -197,6 +234,11 @@ fn main() -> ExitCode {
                 client(node.http()?.get(url)).await
             }
             Command::Members { node, json } => members(&node, json).await,
+            Command::Backup { node, db, out } => cli::bulk::backup(&node.api()?, &db, &out).await,
+            Command::Restore { node, db, dir } => cli::bulk::restore(&node.api()?, &dir, db.as_deref()).await,
+            Command::Import { node, db, namespace, precision, file } => {
+                cli::bulk::import(&node.api()?, &file, &db, &namespace, &precision).await
+            }
             Command::LocalCluster { nodes, dir, http_port, gossip_port, replication_factor, sets } => {
                 cli::local_cluster::run(cli::local_cluster::Options {
                     nodes,
@@ -321,7 +363,8 @@ async fn leave(arg: &NodeArg) -> anyhow::Result<()> {
         anyhow::bail!("the node answered {status}: {}", resp.text().await.unwrap_or_default());
     }
     println!("leaving: announced to the cluster; handing off shards");
-    // Progress comes from the node's status until it stops answering; the wait is bounded.
+    // A bar on a terminal; a line per change otherwise (scripts and logs read those).
+    let bar = cli::bulk::leave_bar();
     let mut last = None;
     let deadline = std::time::Duration::from_secs(3600);
     let started = tokio::time::Instant::now();
@@ -329,30 +372,34 @@ async fn leave(arg: &NodeArg) -> anyhow::Result<()> {
         let status = match http.get(format!("{node}/status")).send().await {
             Ok(resp) => resp.json::<serde_json::Value>().await.ok(),
             Err(_) => {
+                bar.finish_and_clear();
                 println!("left");
                 return Ok(());
             }
         };
         let leave = status.as_ref().map(|s| s["repair"]["leave"].clone()).filter(|l| !l.is_null());
         if let Some(leave) = leave {
-            let line = format!(
-                "shards moved {}/{}{}{}",
-                leave["moved"],
-                leave["total"],
-                if leave["kept"].as_u64().unwrap_or(0) > 0 {
-                    format!(", {} waiting (no other storage node could take them yet)", leave["kept"])
-                } else {
-                    String::new()
-                },
-                if leave["done"] == true { "; waiting for the node to exit" } else { "" }
-            );
-            if last.as_ref() != Some(&line) {
+            let count = |k: &str| leave[k].as_u64().unwrap_or(0);
+            let waiting = if count("kept") > 0 {
+                format!(", {} waiting (no other storage node could take them yet)", count("kept"))
+            } else {
+                String::new()
+            };
+            let exiting = if leave["done"] == true { "; waiting for the node to exit" } else { "" };
+            bar.set_length(count("total"));
+            bar.set_position(count("moved"));
+            bar.set_message(format!("{waiting}{exiting}"));
+            let line = format!("shards moved {}/{}{waiting}{exiting}", count("moved"), count("total"));
+            if bar.is_hidden() && last.as_ref() != Some(&line) {
                 println!("{line}");
                 last = Some(line);
             }
             if leave["abandoned"] == true {
-                let count = |k: &str| leave[k].as_u64().unwrap_or(0) as usize;
-                anyhow::bail!(shoal::node::LeaveError::Abandoned { kept: count("kept"), total: count("total") });
+                bar.abandon();
+                anyhow::bail!(shoal::node::LeaveError::Abandoned {
+                    kept: count("kept") as usize,
+                    total: count("total") as usize
+                });
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

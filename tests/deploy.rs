@@ -8,6 +8,10 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Time a stop leaves for compacting memtables after the drain (default memtable bounds; a
+/// compaction cut short only means a WAL replay at the next start).
+const COMPACT_SECS: u64 = 60;
+
 fn read(rel: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
 }
@@ -58,17 +62,16 @@ fn kubernetes_manifest_is_a_valid_config_whose_ports_and_grace_agree() {
     assert!(manifest.contains(&format!("name: gossip, port: {}, protocol: UDP", cfg.gossip_port)));
     assert!(manifest.contains(&format!("name: http, port: {}, protocol: TCP", cfg.http_port)));
     assert!(manifest.contains(&format!("_gossip._udp.{}", "shoal.default.svc.cluster.local")));
-    // SIGTERM drains requests for up to the request timeout, then compacts: the grace
-    // period must leave time for both.
+    // SIGTERM drains open requests, then compacts: the grace period must leave time for both.
     let grace = manifest_number(&manifest, "terminationGracePeriodSeconds");
     assert!(
-        grace >= cfg.http_request_timeout.as_secs() + 20,
+        grace >= COMPACT_SECS + shoal::server::DRAIN_TIMEOUT.as_secs(),
         "terminationGracePeriodSeconds {grace} leaves no time to compact after a {:?} drain",
-        cfg.http_request_timeout
+        shoal::server::DRAIN_TIMEOUT
     );
-    // One pod down at a time keeps a replica of every shard.
-    let unavailable = manifest_number(&manifest, "maxUnavailable");
-    assert!((unavailable as usize) < cfg.replication_factor, "a PodDisruptionBudget below replication-factor");
+    // One pod down at a time leaves a quorum of every shard's replicas, so writes go on.
+    let unavailable = manifest_number(&manifest, "maxUnavailable") as usize;
+    assert!(cfg.replication_factor - unavailable > cfg.replication_factor / 2, "a disruption breaks quorum writes");
     assert_eq!(manifest_number(&manifest, "replicas"), cfg.bootstrap_expect as u64);
     // docs/deployment.md points at the manifest rather than keeping a second copy that drifts.
     assert!(read("docs/deployment.md").contains("deploy/kubernetes/shoal.yaml"));
@@ -78,9 +81,8 @@ fn kubernetes_manifest_is_a_valid_config_whose_ports_and_grace_agree() {
 fn systemd_unit_passes_systemd_analyze_verify() {
     let unit = read("deploy/systemd/shoal.service");
     let stop: u64 = unit.lines().find_map(|l| l.strip_prefix("TimeoutStopSec=")).unwrap().parse().unwrap();
-    let cfg = shoal::config::Config::from_layers("", &HashMap::new(), &[]).unwrap();
     assert!(
-        stop >= cfg.http_request_timeout.as_secs() + 20,
+        stop >= COMPACT_SECS + shoal::server::DRAIN_TIMEOUT.as_secs(),
         "TimeoutStopSec {stop} is shorter than a drain plus a compaction"
     );
     if std::process::Command::new("systemd-analyze").arg("--version").output().is_err() {
