@@ -96,6 +96,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .merge(internal_routes(node.clone()))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/ui", get(ui_page))
         .route("/metrics", get(prometheus))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(node.clone(), authenticate))
@@ -711,6 +712,12 @@ async fn cluster_shards(
         Some("true") => true,
         Some(other) => return Err(ApiError::bad(format!("verify: expected true or false, got {other:?}"))),
     };
+    Ok(Json(serde_json::json!({ "shards": shard_map(&node, verify, usize::MAX).await })))
+}
+
+/// The catalog's shards (the first `limit` in placement order) with each replica's member
+/// state and, with `verify`, the points and digest each replica reports.
+pub(crate) async fn shard_map(node: &Arc<Node>, verify: bool, limit: usize) -> Vec<serde_json::Value> {
     let members = node.members().await;
     let state = |id: &str| {
         members.iter().find(|m| m.id == id).map_or("unknown".to_string(), |m| {
@@ -718,8 +725,8 @@ async fn cluster_shards(
         })
     };
     let interval = node.shard_interval_ms();
-    let shards = node.catalog.placement().into_iter().map(|(shard, replicas)| {
-        let (node, members, of) = (&node, &members, shard.clone());
+    let shards = node.catalog.placement().into_iter().take(limit).map(|(shard, replicas)| {
+        let (node, members, of) = (node, &members, shard.clone());
         let replicas = replicas.into_iter().map(move |id| {
             let shard = of.clone();
             async move {
@@ -743,8 +750,7 @@ async fn cluster_shards(
             })
         }
     });
-    let shards = futures_util::future::join_all(shards).await;
-    Ok(Json(serde_json::json!({ "shards": shards })))
+    futures_util::future::join_all(shards).await
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, ApiError> {
@@ -812,6 +818,12 @@ async fn internal_partial(
 ) -> Result<Response, ApiError> {
     let req = decode("partial request", &body(&node, raw)?)?;
     encoded(&node.replica_partial(req).await?)
+}
+
+/// The status page (docs/operations.md): server-rendered, no script, refreshes itself.
+async fn ui_page(State(node): State<Arc<Node>>) -> Response {
+    let html = crate::ui::page(&node).await;
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], html).into_response()
 }
 
 async fn cluster_members(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {

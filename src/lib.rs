@@ -35,6 +35,7 @@ pub mod repair;
 pub mod server;
 pub mod storage;
 pub mod tls;
+pub mod ui;
 
 /// Serves the HTTP API on `listener` until `shutdown` completes, with the connection limits,
 /// timeouts and TLS of [`server`]. The caller owns the listener so tests and the simulator can

@@ -120,6 +120,42 @@ pub struct Metrics {
     fsync_buckets: [AtomicU64; FSYNC_BUCKETS.len()],
     fsync_count: AtomicU64,
     fsync_micros_sum: AtomicU64,
+    /// Write and query rates for the status page, measured between its renders.
+    pub rates: RateMeter,
+}
+
+/// Points stored and queries answered per second, over the time between two samples at
+/// least [`RateMeter::WINDOW_MS`] apart (a sample sooner gives the last rates again).
+#[derive(Default)]
+pub struct RateMeter {
+    state: std::sync::Mutex<RateState>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct RateState {
+    /// (time ms, points written, queries) at the last sample.
+    last: Option<(i64, u64, u64)>,
+    rates: Option<(f64, f64)>,
+}
+
+impl RateMeter {
+    pub const WINDOW_MS: i64 = 1000;
+
+    /// (points stored/s, queries/s) of `metrics` at `now_ms`; `None` until two samples exist.
+    pub fn sample(&self, metrics: &Metrics, now_ms: i64) -> Option<(f64, f64)> {
+        let (points, queries) = (metrics.points_written.load(Relaxed), metrics.queries.load(Relaxed));
+        let mut state = self.state.lock().expect("rates lock");
+        match state.last {
+            Some((at, p, q)) if now_ms - at >= Self::WINDOW_MS => {
+                let secs = (now_ms - at) as f64 / 1000.0;
+                state.rates = Some((points.saturating_sub(p) as f64 / secs, queries.saturating_sub(q) as f64 / secs));
+                state.last = Some((now_ms, points, queries));
+            }
+            Some(_) => {}
+            None => state.last = Some((now_ms, points, queries)),
+        }
+        state.rates
+    }
 }
 
 impl Metrics {
