@@ -360,8 +360,23 @@ fn sort_records(rows: &mut [Point], order: Option<&Order>) {
         primary
             .then_with(|| a.timestamp.cmp(&b.timestamp))
             .then_with(|| a.value.total_cmp(b.value))
-            .then_with(|| format!("{:?}{:?}", a.tags, a.dimensions).cmp(&format!("{:?}{:?}", b.tags, b.dimensions)))
+            .then_with(|| cmp_fields(&a.tags, &b.tags))
+            .then_with(|| cmp_fields(&a.dimensions, &b.dimensions))
     });
+}
+
+/// Orders two points' tags (or dimensions) by name, then value, pair by pair: the tie-break
+/// of records equal in time and value (many groups share a bucket), without formatting them.
+fn cmp_fields(a: &BTreeMap<String, FieldValue>, b: &BTreeMap<String, FieldValue>) -> Ordering {
+    let mut b_pairs = b.iter();
+    for (ka, va) in a {
+        let Some((kb, vb)) = b_pairs.next() else { return Ordering::Greater };
+        let order = ka.cmp(kb).then_with(|| cmp_values(va, vb));
+        if order != Ordering::Equal {
+            return order;
+        }
+    }
+    if b_pairs.next().is_some() { Ordering::Less } else { Ordering::Equal }
 }
 
 /// Turns a fully merged partial into NSDb-shaped records.
