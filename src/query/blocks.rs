@@ -122,6 +122,8 @@ fn candidates(f: &Filter, seg: &Segment) -> Option<Vec<u32>> {
 /// Runs one select over one shard's points into a partial.
 pub struct SelectVisitor<'a> {
     plan: &'a SelectPlan,
+    /// The plan's filter less the time bounds that `range` already applies.
+    residual: Option<Filter>,
     range: (i64, i64),
     max: usize,
     pub partial: Partial,
@@ -130,7 +132,12 @@ pub struct SelectVisitor<'a> {
 
 impl<'a> SelectVisitor<'a> {
     pub fn new(plan: &'a SelectPlan, range: (i64, i64), max: usize) -> Self {
-        Self { plan, range, max, partial: Partial::empty(plan), too_large: false }
+        // The range applies the filter's time bounds (whatever the caller passed), so they
+        // are not checked again per row.
+        let bounds = plan.filter.as_ref().map_or((i64::MIN, i64::MAX), Filter::time_range);
+        let range = (range.0.max(bounds.0), range.1.min(bounds.1));
+        let residual = plan.filter.as_ref().and_then(Filter::without_time_bounds);
+        Self { plan, residual, range, max, partial: Partial::empty(plan), too_large: false }
     }
 
     /// The group that all points of block `meta` fall in, when its summary can stand for
@@ -205,7 +212,7 @@ impl BlockVisitor for SelectVisitor<'_> {
         if self.too_large {
             return;
         }
-        exec::scan_batch(self.plan, batch, self.range.0, self.range.1, &mut self.partial);
+        exec::scan_batch(self.plan, self.residual.as_ref(), batch, self.range.0, self.range.1, &mut self.partial);
         self.partial.trim(self.plan);
         self.too_large = self.over_max();
     }
@@ -320,7 +327,9 @@ mod tests {
             let mut full = Partial::empty(&plan);
             for shard in storage.shards_of(&key, range.0, range.1) {
                 shard
-                    .scan(range.0, range.1, None, &mut |b| exec::scan_batch(&plan, b, range.0, range.1, &mut full))
+                    .scan(range.0, range.1, None, &mut |b| {
+                        exec::scan_batch(&plan, plan.filter.as_ref(), b, range.0, range.1, &mut full)
+                    })
                     .unwrap();
             }
             assert_eq!(exec::finish(&plan, indexed), exec::finish(&plan, full), "{sql}");

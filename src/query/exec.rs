@@ -203,6 +203,8 @@ impl Partial {
     pub fn merge(&mut self, other: Partial) {
         match (self, other) {
             (Partial::Rows(a), Partial::Rows(b)) => a.extend(b),
+            // The first partial merged into an empty one (one shard, one replica) moves whole.
+            (Partial::Groups(a), Partial::Groups(b)) if a.is_empty() => *a = b,
             (Partial::Groups(a), Partial::Groups(b)) => {
                 for (k, s) in b {
                     a.entry(k).or_default().merge(s);
@@ -231,9 +233,17 @@ impl Partial {
     }
 }
 
-/// Adds the rows of `batch` in `[from, to)` that match the plan to `partial`.
-pub fn scan_batch(plan: &SelectPlan, batch: &RowBatch, from: i64, to: i64, partial: &mut Partial) {
-    let rows = matching_rows(plan.filter.as_ref(), batch, from, to);
+/// Adds the rows of `batch` in `[from, to)` that pass `filter` (the plan's, or what is left of
+/// it within the range: [`Filter::without_time_bounds`]) to `partial`.
+pub fn scan_batch(
+    plan: &SelectPlan,
+    filter: Option<&Filter>,
+    batch: &RowBatch,
+    from: i64,
+    to: i64,
+    partial: &mut Partial,
+) {
+    let rows = matching_rows(filter, batch, from, to);
     if rows.is_empty() {
         return;
     }
@@ -450,8 +460,8 @@ mod tests {
         let (left, right) =
             (rows.select(&(0..60).collect::<Vec<_>>()), rows.select(&(60..rows.len()).collect::<Vec<_>>()));
         let (mut a, mut b) = (Partial::empty(&plan), Partial::empty(&plan));
-        scan_batch(&plan, &left, i64::MIN, i64::MAX, &mut a);
-        scan_batch(&plan, &right, i64::MIN, i64::MAX, &mut b);
+        scan_batch(&plan, plan.filter.as_ref(), &left, i64::MIN, i64::MAX, &mut a);
+        scan_batch(&plan, plan.filter.as_ref(), &right, i64::MIN, i64::MAX, &mut b);
         a.merge(b);
         let records = finish(&plan, a);
         // 2 regions × 3 hosts × 2 minutes; 120 points over 12 groups, 10 each.
@@ -474,7 +484,7 @@ mod tests {
             _ => unreachable!(),
         };
         let mut partial = Partial::empty(&plan);
-        scan_batch(&plan, rows, i64::MIN, i64::MAX, &mut partial);
+        scan_batch(&plan, plan.filter.as_ref(), rows, i64::MIN, i64::MAX, &mut partial);
         assert_eq!(partial.size(), 1 + 100, "one group holding 100 distinct hosts");
     }
 

@@ -121,6 +121,20 @@ impl Filter {
         }
     }
 
+    /// This filter without the timestamp bounds at its top level (`timestamp >= t AND …`),
+    /// for rows already cut to [`Filter::time_range`]: those bounds say exactly that range,
+    /// so they need no evaluation per row. `None`: nothing else is left.
+    pub fn without_time_bounds(&self) -> Option<Filter> {
+        match self {
+            Filter::Cmp { field, op, value: FieldValue::Int(_) } if field == "timestamp" && *op != CmpOp::NotEq => None,
+            Filter::And(a, b) => match (a.without_time_bounds(), b.without_time_bounds()) {
+                (Some(a), Some(b)) => Some(Filter::And(Box::new(a), Box::new(b))),
+                (one, other) => one.or(other),
+            },
+            other => Some(other.clone()),
+        }
+    }
+
     /// A superset of the timestamps this filter can accept, as `[from, to)`.
     pub fn time_range(&self) -> (i64, i64) {
         const ALL: (i64, i64) = (i64::MIN, i64::MAX);
@@ -594,7 +608,13 @@ mod tests {
             select("select avg(value) from cpu where timestamp > now - 2h and region = 'eu' group by interval 30 m");
         assert_eq!(p.group, Some(Group { tags: vec![], interval: Some(1_800_000) }));
         assert_eq!(p.projection, Projection::Aggregate(Aggregate::Value(AggFn::Avg)));
-        assert_eq!(p.filter.unwrap().time_range(), (10_000_000 - 7_200_000 + 1, i64::MAX));
+        let filter = p.filter.unwrap();
+        assert_eq!(filter.time_range(), (10_000_000 - 7_200_000 + 1, i64::MAX));
+        // Within that range only the tag condition is left to check per row.
+        match filter.without_time_bounds() {
+            Some(Filter::Cmp { field, .. }) => assert_eq!(field, "region"),
+            other => panic!("{other:?}"),
+        }
         let p = select("SELECT count(distinct host) FROM cpu GROUP BY region ORDER BY value DESC LIMIT 3");
         assert_eq!(p.projection, Projection::Aggregate(Aggregate::CountDistinct("host".into())));
         assert_eq!(p.group, Some(Group { tags: vec!["region".into()], interval: None }));
