@@ -36,6 +36,18 @@ struct NodeArg {
     ca_file: Option<PathBuf>,
 }
 
+/// Where line protocol goes, for `insert` and `import`.
+#[derive(clap::Args)]
+struct LinesTarget {
+    #[arg(long)]
+    db: String,
+    #[arg(long)]
+    namespace: String,
+    /// Timestamp unit of the lines: ns, us, ms or s.
+    #[arg(long, default_value = "ns")]
+    precision: String,
+}
+
 impl NodeArg {
     fn api(&self) -> anyhow::Result<cli::bulk::Api> {
         Ok(cli::bulk::Api { http: self.http()?, node: self.node.trim_end_matches('/').to_string() })
@@ -94,13 +106,8 @@ enum Command {
     Insert {
         #[command(flatten)]
         node: NodeArg,
-        #[arg(long)]
-        db: String,
-        #[arg(long)]
-        namespace: String,
-        /// Timestamp unit of the lines: ns, us, ms or s.
-        #[arg(long, default_value = "ns")]
-        precision: String,
+        #[command(flatten)]
+        target: LinesTarget,
         /// Lines such as `cpu,region=eu value=0.5 1700000000000000000`.
         lines: Vec<String>,
     },
@@ -149,13 +156,8 @@ enum Command {
     Import {
         #[command(flatten)]
         node: NodeArg,
-        #[arg(long)]
-        db: String,
-        #[arg(long)]
-        namespace: String,
-        /// Timestamp unit of the lines: ns, us, ms or s.
-        #[arg(long, default_value = "ns")]
-        precision: String,
+        #[command(flatten)]
+        target: LinesTarget,
         file: PathBuf,
     },
     /// Start N nodes of one cluster on this machine for trying Shoal; prints their addresses
@@ -212,7 +214,7 @@ fn main() -> ExitCode {
                 let body = serde_json::json!({ "db": db, "namespace": namespace, "queryString": sql });
                 client(node.http()?.post(format!("{}/query", node.node)).json(&body)).await
             }
-            Command::Insert { node, db, namespace, precision, lines } => {
+            Command::Insert { node, target: LinesTarget { db, namespace, precision }, lines } => {
                 let body = if lines.is_empty() {
                     std::io::read_to_string(std::io::stdin()).context("reading standard input")?
                 } else {
@@ -236,8 +238,8 @@ fn main() -> ExitCode {
             Command::Members { node, json } => members(&node, json).await,
             Command::Backup { node, db, out } => cli::bulk::backup(&node.api()?, &db, &out).await,
             Command::Restore { node, db, dir } => cli::bulk::restore(&node.api()?, &dir, db.as_deref()).await,
-            Command::Import { node, db, namespace, precision, file } => {
-                cli::bulk::import(&node.api()?, &file, &db, &namespace, &precision).await
+            Command::Import { node, target, file } => {
+                cli::bulk::import(&node.api()?, &file, &target.db, &target.namespace, &target.precision).await
             }
             Command::LocalCluster { nodes, dir, http_port, gossip_port, replication_factor, sets } => {
                 cli::local_cluster::run(cli::local_cluster::Options {
