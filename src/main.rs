@@ -13,6 +13,34 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc by default commits its arenas up front and holds freed pages for 10 ms (100 ms in
+/// arenas) before it returns them: a node loading at full speed then sits on ~110 MiB of freed
+/// memtable and body buffers (peak RSS 290 MiB against a 200 MiB peak heap in the 10M-line
+/// benchmark). Committing on demand and returning freed pages at once brings the peak to
+/// ~155 MiB for a few percent of the load rate. Set from a constructor because the first
+/// allocation, before `main`, creates the first arena; a `MIMALLOC_*` variable set by the
+/// operator wins (read with `getenv`, which does not allocate).
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static RETURN_FREED_MEMORY_PROMPTLY: extern "C" fn() = return_freed_memory_promptly;
+
+#[cfg(target_os = "linux")]
+extern "C" fn return_freed_memory_promptly() {
+    // Positions in mimalloc's `mi_option_e` (v2), which libmimalloc-sys does not name.
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    for (option, var) in [(ARENA_EAGER_COMMIT, c"MIMALLOC_ARENA_EAGER_COMMIT"), (PURGE_DELAY, c"MIMALLOC_PURGE_DELAY")]
+    {
+        // SAFETY: getenv of a constant name, and a plain integer option set before any thread.
+        unsafe {
+            if libc::getenv(var.as_ptr()).is_null() {
+                libmimalloc_sys::mi_option_set(option, 0);
+            }
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "Shoal: a masterless clustered time-series database")]
 struct Cli {
