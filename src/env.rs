@@ -65,6 +65,15 @@ pub fn spawn_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
     }
 }
 
+/// How many threads one scan of a shard may use: the cores (at most 4), or 1 under the
+/// simulator, where threads of their own would make runs depend on the OS scheduler.
+pub fn scan_threads() -> usize {
+    if BLOCKING_INLINE.load(std::sync::atomic::Ordering::Relaxed) {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
 /// How much CPU background work (compaction, segment merges) may take from the work that
 /// requests wait for (`shoal.storage.compaction-priority`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

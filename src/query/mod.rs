@@ -91,17 +91,46 @@ pub fn partial_of_shards(
     }
     // Raw rows need every column; aggregates decode only what they read.
     let columns = matches!(plan.projection, Projection::Aggregate(_)).then_some(columns);
+    let threads = crate::env::scan_threads();
     for shard in shards {
-        let mut visitor = blocks::SelectVisitor::new(plan, range, max);
-        shard.visit(range.0, range.1, columns.as_deref(), &mut visitor)?;
-        if visitor.too_large {
-            return Err(QueryError::TooLarge { max });
+        let snapshot = shard.snapshot();
+        let parts = if snapshot.blocks_in(range.0, range.1) >= PARALLEL_SCAN_BLOCKS_MIN { threads } else { 1 };
+        let scan_part = |part: usize| -> Result<Partial, QueryError> {
+            let mut visitor = blocks::SelectVisitor::new(plan, range, max);
+            snapshot.visit_part(range.0, range.1, columns.as_deref(), &mut visitor, part, parts)?;
+            if visitor.too_large {
+                return Err(QueryError::TooLarge { max });
+            }
+            Ok(visitor.partial)
+        };
+        let partials: Vec<Result<Partial, QueryError>> = if parts == 1 {
+            vec![scan_part(0)]
+        } else {
+            std::thread::scope(|scope| {
+                let scan_part = &scan_part;
+                let running: Vec<_> = (1..parts).map(|part| scope.spawn(move || scan_part(part))).collect();
+                let mut partials = vec![scan_part(0)];
+                for worker in running {
+                    partials.push(worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+                }
+                partials
+            })
+        };
+        // Merged in part order, so a sum adds up the same way on every run.
+        for partial in partials {
+            total.merge(partial?);
+            total.trim(plan);
+            if total.size() > max {
+                return Err(QueryError::TooLarge { max });
+            }
         }
-        total.merge(visitor.partial);
-        total.trim(plan);
     }
     Ok(total)
 }
+
+/// A shard scan is split over the cores from this many blocks in range: below it, starting
+/// threads and merging their partials costs more than it saves.
+const PARALLEL_SCAN_BLOCKS_MIN: usize = 64;
 
 /// The HTTP answer to a select: `{"records": [...]}`, plus `"partial"` naming the shards no
 /// replica answered for when the caller accepts a partial answer. Serialized straight from the

@@ -557,24 +557,63 @@ impl Shard {
         columns: Option<&[String]>,
         visitor: &mut dyn BlockVisitor,
     ) -> Result<(), StorageError> {
-        // The lock is held only to copy the memtable (a memcpy of its columns, bounded by
-        // `memtable-max-points`) and take the rest by reference count: writers wait for that,
-        // never for the query's own work.
-        let (memtable, frozen, segments) = {
-            let st = self.state.read().expect("shard lock");
-            let memtable = (!st.memtable.batch.is_empty()).then(|| st.memtable.batch.clone());
-            (memtable, st.frozen.clone(), st.segments.clone())
-        };
-        if let Some(memtable) = &memtable {
-            visitor.rows(memtable);
+        self.snapshot().visit_part(from, to, columns, visitor, 0, 1)
+    }
+
+    /// What the shard holds now, for one or more scans that must see the same points.
+    /// The lock is held only to copy the memtable (a memcpy of its columns, bounded by
+    /// `memtable-max-points`) and take the rest by reference count: writers wait for that,
+    /// never for the query's own work.
+    pub fn snapshot(&self) -> ShardSnapshot {
+        let st = self.state.read().expect("shard lock");
+        ShardSnapshot {
+            memtable: (!st.memtable.batch.is_empty()).then(|| st.memtable.batch.clone()),
+            frozen: st.frozen.clone(),
+            segments: st.segments.clone(),
         }
-        if let Some(frozen) = &frozen {
-            visitor.rows(frozen);
+    }
+}
+
+/// A shard's points at one instant (see [`Shard::snapshot`]).
+pub struct ShardSnapshot {
+    memtable: Option<RowBatch>,
+    frozen: Option<Arc<RowBatch>>,
+    segments: Vec<Arc<Segment>>,
+}
+
+impl ShardSnapshot {
+    /// How many segment blocks meet `[from, to)`: the work a scan may have to decode.
+    pub fn blocks_in(&self, from: i64, to: i64) -> usize {
+        self.segments.iter().flat_map(|seg| &seg.blocks).filter(|b| b.max_ts >= from && b.min_ts < to).count()
+    }
+
+    /// [`Shard::visit`] over part `part` of `parts`: part 0 takes the in-memory batches, and
+    /// each part one contiguous run of every segment's selected blocks (runs of whole series,
+    /// mostly), so that parts scanned side by side build partials with few groups in common.
+    pub fn visit_part(
+        &self,
+        from: i64,
+        to: i64,
+        columns: Option<&[String]>,
+        visitor: &mut dyn BlockVisitor,
+        part: usize,
+        parts: usize,
+    ) -> Result<(), StorageError> {
+        if part == 0 {
+            if let Some(memtable) = &self.memtable {
+                visitor.rows(memtable);
+            }
+            if let Some(frozen) = &self.frozen {
+                visitor.rows(frozen);
+            }
         }
-        for seg in segments {
-            let series = visitor.series(&seg);
-            for meta in seg.blocks_of(series.as_deref()).filter(|b| b.max_ts >= from && b.min_ts < to) {
-                if visitor.block(&seg, meta) == BlockUse::Decode {
+        for seg in &self.segments {
+            let series = visitor.series(seg);
+            let selected: Vec<&BlockMeta> =
+                seg.blocks_of(series.as_deref()).filter(|b| b.max_ts >= from && b.min_ts < to).collect();
+            let run = selected.len() * part / parts..selected.len() * (part + 1) / parts;
+            for meta in &selected[run] {
+                if visitor.block(seg, meta) == BlockUse::Decode {
                     visitor.rows(&seg.read_block(meta, columns)?);
                 }
             }
