@@ -42,10 +42,7 @@ fn etcd_keys(http: &reqwest::blocking::Client, etcd: &str, prefix: &str) -> Opti
 
 #[test]
 fn nodes_find_each_other_through_etcd_and_a_dead_node_drops_out() {
-    if Command::new("etcd").arg("--version").output().is_err() {
-        println!(
-            "SKIP etcd discovery test: etcd is not installed (Debian package etcd-server; .ci/run installs it as root)"
-        );
+    if common::tool_missing("etcd", "--version", "etcd discovery test", "etcd-server") {
         return;
     }
     shoal::tls::install_default_provider();

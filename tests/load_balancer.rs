@@ -29,10 +29,7 @@ fn haproxy(nodes: &[TestNode], listen: &str) -> Server {
 
 #[test]
 fn writes_through_haproxy_survive_a_killed_node_and_nothing_acknowledged_is_lost() {
-    if Command::new("haproxy").arg("-v").output().is_err() {
-        println!(
-            "SKIP load balancer test: haproxy is not installed (Debian package haproxy; .ci/run installs it as root)"
-        );
+    if common::tool_missing("haproxy", "-v", "load balancer test", "haproxy") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

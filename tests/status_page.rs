@@ -29,10 +29,7 @@ fn member_row(dom: &str, id: &str) -> Option<String> {
 
 #[test]
 fn status_page_in_chromium_shows_members_shards_and_a_killed_node_dead() {
-    if Command::new("chromium").arg("--version").output().is_err() {
-        println!(
-            "SKIP status page test: chromium is not installed (Debian package chromium; .ci/run installs it as root)"
-        );
+    if common::tool_missing("chromium", "--version", "status page test", "chromium") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -226,3 +226,14 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// Whether `program` is missing (it does not answer `program version_arg`); if so, prints why
+/// `test` is skipped and which Debian package brings it (.ci/run installs them as root).
+#[allow(dead_code)]
+pub fn tool_missing(program: &str, version_arg: &str, test: &str, package: &str) -> bool {
+    if Command::new(program).arg(version_arg).output().is_ok() {
+        return false;
+    }
+    println!("SKIP {test}: {program} is not installed (Debian package {package}; .ci/run installs it as root)");
+    true
+}
