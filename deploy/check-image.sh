@@ -30,6 +30,8 @@ if [ -n "${SHOAL_LOCAL_BASES:-}" ]; then
   tar -C "$root/slim" -c . | run_engine import - docker.io/library/debian:bookworm-slim >/dev/null
   cp -a "$root/slim" "$root/rust"
   chroot "$root/rust" /bin/sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev make ca-certificates' >/dev/null
+  # The host's CA bundle, so that cargo in the image trusts what the host trusts (a proxy's CA).
+  cp /etc/ssl/certs/ca-certificates.crt "$root/rust/etc/ssl/certs/ca-certificates.crt"
   toolchain=$(rustc --print sysroot)
   mkdir -p "$root/rust/usr/local/rustup/toolchain" "$root/rust/usr/local/cargo/bin"
   cp -a "$toolchain/bin" "$toolchain/lib" "$root/rust/usr/local/rustup/toolchain/"
