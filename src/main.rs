@@ -266,8 +266,8 @@ fn main() -> ExitCode {
             Command::Members { node, json } => members(&node, json).await,
             Command::Backup { node, db, out } => cli::bulk::backup(&node.api()?, &db, &out).await,
             Command::Restore { node, db, dir } => cli::bulk::restore(&node.api()?, &dir, db.as_deref()).await,
-            Command::Import { node, target, file } => {
-                cli::bulk::import(&node.api()?, &file, &target.db, &target.namespace, &target.precision).await
+            Command::Import { node, target: LinesTarget { db, namespace, precision }, file } => {
+                cli::bulk::import(&node.api()?, &file, &db, &namespace, &precision).await
             }
             Command::LocalCluster { nodes, dir, http_port, gossip_port, replication_factor, sets } => {
                 cli::local_cluster::run(cli::local_cluster::Options {

@@ -94,7 +94,8 @@ pub fn partial_of_shards(
     let threads = crate::env::scan_threads();
     for shard in shards {
         let snapshot = shard.snapshot();
-        let parts = if snapshot.blocks_in(range.0, range.1) >= PARALLEL_SCAN_BLOCKS_MIN { threads } else { 1 };
+        let work = snapshot.blocks_in(range.0, range.1, &mut blocks::SelectVisitor::new(plan, range, max));
+        let parts = if work >= PARALLEL_SCAN_BLOCKS_MIN { threads } else { 1 };
         let scan_part = |part: usize| -> Result<Partial, QueryError> {
             let mut visitor = blocks::SelectVisitor::new(plan, range, max);
             snapshot.visit_part(range.0, range.1, columns.as_deref(), &mut visitor, part, parts)?;

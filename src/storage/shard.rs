@@ -582,9 +582,16 @@ pub struct ShardSnapshot {
 }
 
 impl ShardSnapshot {
-    /// How many segment blocks meet `[from, to)`: the work a scan may have to decode.
-    pub fn blocks_in(&self, from: i64, to: i64) -> usize {
-        self.segments.iter().flat_map(|seg| &seg.blocks).filter(|b| b.max_ts >= from && b.min_ts < to).count()
+    /// How many segment blocks of the series `visitor` selects meet `[from, to)`: the work a
+    /// scan may have to decode (a one-host query over a big shard has little).
+    pub fn blocks_in(&self, from: i64, to: i64, visitor: &mut dyn BlockVisitor) -> usize {
+        self.segments
+            .iter()
+            .map(|seg| {
+                let series = visitor.series(seg);
+                seg.blocks_of(series.as_deref()).filter(|b| b.max_ts >= from && b.min_ts < to).count()
+            })
+            .sum()
     }
 
     /// [`Shard::visit`] over part `part` of `parts`: part 0 takes the in-memory batches, and
