@@ -499,8 +499,8 @@ async fn nsdb_query(
     let outcome = node.query(req, allow_partial).await;
     node.metrics.query_seconds.observe(started.elapsed());
     match outcome? {
-        QueryOutcome::Records { records, missing } => {
-            Ok(Json(crate::query::RecordsJson { records: &records, partial: &missing }).into_response())
+        QueryOutcome::Records(body) => {
+            Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
         }
         QueryOutcome::Deleted(n) => Ok(Json(serde_json::json!({ "records": [], "deleted": n })).into_response()),
     }

@@ -102,6 +102,8 @@ pub struct Metrics {
     pub http_server_errors: AtomicU64,
     pub points_written: AtomicU64,
     pub queries: AtomicU64,
+    /// Selects answered from the answer cache (every replica read confirmed its copy unchanged).
+    pub query_cache_hits: AtomicU64,
     pub wal_torn_bytes: AtomicU64,
     pub segments_written: AtomicU64,
     pub hints_stored: AtomicU64,
@@ -180,6 +182,12 @@ impl Metrics {
         counter(&mut out, "shoal_http_server_errors_total", "HTTP requests answered 5xx.", &self.http_server_errors);
         counter(&mut out, "shoal_points_written_total", "Points made durable on this node.", &self.points_written);
         counter(&mut out, "shoal_queries_total", "Queries executed.", &self.queries);
+        counter(
+            &mut out,
+            "shoal_query_cache_hits_total",
+            "Selects answered from the answer cache, every shard copy read being unchanged.",
+            &self.query_cache_hits,
+        );
         counter(
             &mut out,
             "shoal_auth_refused_total",

@@ -9,7 +9,7 @@ use crate::membership::{
     KEY_CAPACITY, KEY_CATALOG_DIGEST, KEY_HTTP_ADDR, KEY_READINESS, KEY_ROLES, Member, Membership, MembershipConfig,
 };
 use crate::metrics::Metrics;
-use crate::model::{MetricKey, Point};
+use crate::model::MetricKey;
 use crate::query::{self, QueryError, plan};
 use crate::storage::{Storage, StorageConfig, StorageError};
 use std::sync::Arc;
@@ -99,12 +99,10 @@ pub struct QueryRequest {
 }
 
 pub enum QueryOutcome {
-    /// A select's records. `missing` names the shards no replica could answer for: empty
-    /// unless the request allowed a partial answer (otherwise they fail it with a 503).
-    Records {
-        records: Vec<Point>,
-        missing: Vec<String>,
-    },
+    /// A select's records, with the shards no replica could answer for named in `"partial"`
+    /// (only when the request allowed a partial answer; otherwise they fail it with a 503).
+    /// The answer's JSON body (see [`query::RecordsJson`]), perhaps a kept one.
+    Records(axum::body::Bytes),
     Deleted(u64),
 }
 
@@ -173,6 +171,32 @@ pub(crate) fn tombstone_epoch(rule: &[u8]) -> u64 {
 }
 
 /// Why the read coordinator has no partial result for a shard.
+/// What the read coordinator learned of one shard.
+enum ShardReply {
+    /// The copy the cached answer read is unchanged.
+    Unchanged(crate::model::ShardId),
+    /// The shard's partial, and the copy it was read from (`None`: no replica holds one).
+    Computed { partial: query::exec::Partial, source: Option<query::cache::Source> },
+}
+
+/// Answers gathered so far by a scatter.
+struct Gathered {
+    total: query::exec::Partial,
+    missing: Vec<String>,
+    reasons: Vec<String>,
+    sources: Option<Vec<query::cache::Source>>,
+    unchanged: Vec<crate::model::ShardId>,
+}
+
+/// What a scatter came to.
+enum Scattered {
+    /// Every shard the cached answer read is unchanged, and no other shard is in range.
+    Unchanged,
+    /// The merged partial, the shards missing from it, and the copies it read (`None` when
+    /// that cannot be told, so the answer is not kept).
+    Merged { partial: query::exec::Partial, missing: Vec<String>, sources: Option<Vec<query::cache::Source>> },
+}
+
 enum ShardAnswer {
     /// No replica could answer: the shard is missing from the result.
     Missing { shard: String, reason: String },
@@ -222,6 +246,8 @@ pub struct Node {
     /// exclusively while a drop removes this node's shards: no point of the old epoch lands
     /// after the drop, none of the new one before it (see [`Node::fence_epoch`]).
     drop_fence: tokio::sync::RwLock<()>,
+    /// Answers of recent selects, kept to be served again while their shard copies are unchanged.
+    answers: std::sync::Mutex<query::cache::AnswerCache>,
     pub keyring: Option<Arc<crate::keyring::Keyring>>,
     /// The users of the public API (`shoal.auth.file`); `None`: no credentials are asked.
     pub users: Option<Arc<crate::auth::Users>>,
@@ -348,6 +374,7 @@ impl Node {
         let hints = crate::hints::HintStore::open(&cfg.data_dir, cfg.hints_bytes_max_per_node, cfg.hints_age_max)
             .map_err(|e| anyhow::anyhow!("cannot open the hints in {}: {e}", cfg.data_dir.display()))?;
         let hints = Arc::new(hints);
+        let answers = std::sync::Mutex::new(query::cache::AnswerCache::new(cfg.query_cache_bytes));
         let node = Arc::new(Self {
             cfg,
             env,
@@ -364,6 +391,7 @@ impl Node {
             hints,
             repair: Default::default(),
             drop_fence: Default::default(),
+            answers,
             keyring: io.keyring,
             users,
         });
@@ -1044,93 +1072,47 @@ impl Node {
         plan: &plan::SelectPlan,
         range: (i64, i64),
     ) -> Result<Vec<crate::model::Point>, NodeError> {
-        let (partial, _) = self.scatter(key, plan, range, false).await?;
-        Ok(query::exec::finish(plan, partial))
+        match self.scatter(key, plan, range, false, None).await? {
+            Scattered::Merged { partial, .. } => Ok(query::exec::finish(plan, partial)),
+            Scattered::Unchanged => unreachable!("nothing cached was named"),
+        }
     }
 
+    /// Asks every shard in range for its partial and merges them. With `cached`, the replicas
+    /// it read are asked first whether their copies changed: if none did and no other shard
+    /// is in range, the cached answer stands (`Scattered::Unchanged`).
     async fn scatter(
         &self,
         key: &MetricKey,
         plan: &plan::SelectPlan,
         range: (i64, i64),
         allow_partial: bool,
-    ) -> Result<(query::exec::Partial, Vec<String>), NodeError> {
+        cached: Option<&query::cache::CachedAnswer>,
+    ) -> Result<Scattered, NodeError> {
         let interval = self.cfg.shard_interval_ms;
         let shards = self.catalog.shards_of(key, range.0, range.1, interval);
-        let epoch = self.catalog.drop_epoch(key);
-        let asks = shards.into_iter().map(|(shard, replicas)| async move {
-            let mut order: Vec<String> = replicas.iter().filter(|r| **r == self.cfg.node_id).cloned().collect();
-            order.extend(replicas.iter().filter(|r| **r != self.cfg.node_id).cloned());
-            let mut errors = Vec::new();
-            let mut none_held = false;
-            for replica in order {
-                let req = crate::peer::PartialRequest {
-                    shard: shard.clone(),
-                    plan: plan.clone(),
-                    from: range.0,
-                    to: range.1,
-                    epoch,
-                };
-                // A result too large for one shard is the query's fault, not the replica's:
-                // it fails the query (413) instead of passing for an unreachable replica.
-                let answer = if replica == self.cfg.node_id {
-                    match self.replica_partial(req).await {
-                        Err(e @ NodeError::TooLarge(_)) => return Err(ShardAnswer::Fatal(e)),
-                        other => other.map_err(|e| e.to_string()),
-                    }
-                } else {
-                    let Some(addr) = self.live_http_addr(&replica).await else {
-                        errors.push(format!("{replica} is not live"));
-                        continue;
-                    };
-                    match self
-                        .peers
-                        .post(&addr, "/internal/v1/partial", postcard::to_stdvec(&req).expect("encodes"))
-                        .await
-                    {
-                        Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| e.to_string()),
-                        Err(crate::peer::PeerError::Refused { status: 413, message, .. }) => {
-                            return Err(ShardAnswer::Fatal(NodeError::TooLarge(message)));
-                        }
-                        Err(e) => Err(e.to_string()),
-                    }
-                };
-                match answer {
-                    Ok(Some(partial)) => return Ok(partial),
-                    // A placed replica without a copy (a new disk, a copy not made yet) would
-                    // answer with nothing: the next replica is asked instead.
-                    Ok(None) => none_held = true,
-                    Err(e) => errors.push(format!("{replica}: {e}")),
-                }
+        let shard_count = shards.len();
+        let mut gathered = Gathered {
+            total: query::exec::Partial::empty(plan),
+            missing: Vec::new(),
+            reasons: Vec::new(),
+            sources: Some(Vec::new()),
+            unchanged: Vec::new(),
+        };
+        self.gather(key, shards.clone(), plan, range, cached, &mut gathered).await?;
+        if !gathered.unchanged.is_empty() {
+            if gathered.unchanged.len() == shard_count && cached.is_some_and(|c| c.sources.len() == shard_count) {
+                return Ok(Scattered::Unchanged);
             }
-            if none_held && errors.is_empty() {
-                // Every replica answered and none holds a copy: no point of it exists.
-                return Ok(query::exec::Partial::empty(plan));
-            }
-            // A replica that could not be asked may hold the copy the others lack.
-            Err(ShardAnswer::Missing { shard: shard.to_string(), reason: errors.join("; ") })
-        });
-        let mut total = query::exec::Partial::empty(plan);
-        let mut missing = Vec::new();
-        let mut reasons = Vec::new();
-        // Partials are merged as they arrive, and at most this many shards are asked at once,
-        // so a query holds one bounded result, not one per shard.
-        use futures_util::StreamExt;
-        let mut answers = futures_util::stream::iter(asks).buffer_unordered(SCATTER_SHARDS_MAX);
-        while let Some(answer) = answers.next().await {
-            match answer {
-                Ok(partial) => total.merge(partial),
-                Err(ShardAnswer::Fatal(e)) => return Err(e),
-                Err(ShardAnswer::Missing { shard, reason }) => {
-                    reasons.push(format!("{shard} ({reason})"));
-                    missing.push(shard);
-                }
-            }
-            total.trim(plan);
-            if total.size() > self.cfg.query_records_max {
-                return Err(QueryError::TooLarge { max: self.cfg.query_records_max }.into());
-            }
+            // Some copies changed (or a shard came into range): the partials of the unchanged
+            // ones were not kept, so they are read after all.
+            let again = std::mem::take(&mut gathered.unchanged)
+                .into_iter()
+                .filter_map(|shard| shards.get(&shard).map(|replicas| (shard.clone(), replicas.clone())))
+                .collect();
+            self.gather(key, again, plan, range, None, &mut gathered).await?;
         }
+        let Gathered { total, missing, reasons, sources, .. } = gathered;
         if !missing.is_empty() && !allow_partial {
             return Err(NodeError::Unavailable(format!(
                 "no replica could answer for {} shard(s) of {key}, so the answer would be incomplete \
@@ -1139,7 +1121,114 @@ impl Node {
                 reasons.join("; ")
             )));
         }
-        Ok((total, missing))
+        let sources = sources.filter(|_| missing.is_empty());
+        Ok(Scattered::Merged { partial: total, missing, sources })
+    }
+
+    /// Asks `shards` and merges their answers into `into` as they arrive; at most
+    /// `SCATTER_SHARDS_MAX` shards are asked at once, so a query holds one bounded result,
+    /// not one per shard.
+    async fn gather(
+        &self,
+        key: &MetricKey,
+        shards: std::collections::BTreeMap<crate::model::ShardId, std::collections::BTreeSet<String>>,
+        plan: &plan::SelectPlan,
+        range: (i64, i64),
+        cached: Option<&query::cache::CachedAnswer>,
+        into: &mut Gathered,
+    ) -> Result<(), NodeError> {
+        let epoch = self.catalog.drop_epoch(key);
+        let asks =
+            shards.into_iter().map(|(shard, replicas)| self.ask_shard(shard, replicas, plan, range, epoch, cached));
+        use futures_util::StreamExt;
+        let mut answers = futures_util::stream::iter(asks).buffer_unordered(SCATTER_SHARDS_MAX);
+        while let Some(answer) = answers.next().await {
+            match answer {
+                Ok(ShardReply::Unchanged(shard)) => into.unchanged.push(shard),
+                Ok(ShardReply::Computed { partial, source }) => {
+                    into.total.merge(partial);
+                    match (source, &mut into.sources) {
+                        (Some(source), Some(sources)) => sources.push(source),
+                        _ => into.sources = None,
+                    }
+                }
+                Err(ShardAnswer::Fatal(e)) => return Err(e),
+                Err(ShardAnswer::Missing { shard, reason }) => {
+                    into.reasons.push(format!("{shard} ({reason})"));
+                    into.missing.push(shard);
+                }
+            }
+            into.total.trim(plan);
+            if into.total.size() > self.cfg.query_records_max {
+                return Err(QueryError::TooLarge { max: self.cfg.query_records_max }.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the replicas of one shard in turn (this node first when it holds the shard) until
+    /// one answers for it.
+    async fn ask_shard(
+        &self,
+        shard: crate::model::ShardId,
+        replicas: std::collections::BTreeSet<String>,
+        plan: &plan::SelectPlan,
+        range: (i64, i64),
+        epoch: u64,
+        cached: Option<&query::cache::CachedAnswer>,
+    ) -> Result<ShardReply, ShardAnswer> {
+        let mut order: Vec<String> = replicas.iter().filter(|r| **r == self.cfg.node_id).cloned().collect();
+        order.extend(replicas.iter().filter(|r| **r != self.cfg.node_id).cloned());
+        let mut errors = Vec::new();
+        let mut none_held = false;
+        for replica in order {
+            let req = crate::peer::PartialRequest {
+                shard: shard.clone(),
+                plan: plan.clone(),
+                from: range.0,
+                to: range.1,
+                epoch,
+                known: cached.and_then(|c| c.version_of(&shard, &replica)),
+            };
+            // A result too large for one shard is the query's fault, not the replica's:
+            // it fails the query (413) instead of passing for an unreachable replica.
+            let answer = if replica == self.cfg.node_id {
+                match self.replica_partial(req).await {
+                    Err(e @ NodeError::TooLarge(_)) => return Err(ShardAnswer::Fatal(e)),
+                    other => other.map_err(|e| e.to_string()),
+                }
+            } else {
+                let Some(addr) = self.live_http_addr(&replica).await else {
+                    errors.push(format!("{replica} is not live"));
+                    continue;
+                };
+                match self.peers.post(&addr, "/internal/v1/partial", postcard::to_stdvec(&req).expect("encodes")).await
+                {
+                    Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| e.to_string()),
+                    Err(crate::peer::PeerError::Refused { status: 413, message, .. }) => {
+                        return Err(ShardAnswer::Fatal(NodeError::TooLarge(message)));
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            match answer {
+                Ok(crate::peer::PartialAnswer::Computed { version, partial }) => {
+                    let source = query::cache::Source { shard, replica, version };
+                    return Ok(ShardReply::Computed { partial, source: Some(source) });
+                }
+                Ok(crate::peer::PartialAnswer::Unchanged) => return Ok(ShardReply::Unchanged(shard)),
+                // A placed replica without a copy (a new disk, a copy not made yet) would
+                // answer with nothing: the next replica is asked instead.
+                Ok(crate::peer::PartialAnswer::NotHeld) => none_held = true,
+                Err(e) => errors.push(format!("{replica}: {e}")),
+            }
+        }
+        if none_held && errors.is_empty() {
+            // Every replica answered and none holds a copy: no point of it exists.
+            return Ok(ShardReply::Computed { partial: query::exec::Partial::empty(plan), source: None });
+        }
+        // A replica that could not be asked may hold the copy the others lack.
+        Err(ShardAnswer::Missing { shard: shard.to_string(), reason: errors.join("; ") })
     }
 
     /// Runs a select or a delete. With `allow_partial`, a select whose shards are not all
@@ -1165,8 +1254,27 @@ impl Node {
             plan::Statement::Select(plan) => {
                 query::validate_fields(&self.catalog, &key, &plan)?;
                 let range = query::time_range(plan.filter.as_ref(), req.from, req.to);
-                let (partial, missing) = self.scatter(&key, &plan, range, allow_partial).await?;
-                Ok(QueryOutcome::Records { records: query::exec::finish(&plan, partial), missing })
+                let cache_key = (self.cfg.query_cache_bytes > 0)
+                    .then(|| query::cache::AnswerKey::new(&key, &plan, range, self.catalog.drop_epoch(&key)));
+                let cached = cache_key.as_ref().and_then(|k| self.answers.lock().expect("answers lock").get(k));
+                match self.scatter(&key, &plan, range, allow_partial, cached.as_deref()).await? {
+                    Scattered::Unchanged => {
+                        self.metrics.query_cache_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Ok(QueryOutcome::Records(cached.expect("an answer was cached").body.clone()))
+                    }
+                    Scattered::Merged { partial, missing, sources } => {
+                        let records = query::exec::finish(&plan, partial);
+                        let json = serde_json::to_vec(&query::RecordsJson { records: &records, partial: &missing })
+                            .map_err(|e| NodeError::Internal(e.to_string()))?;
+                        let body = axum::body::Bytes::from(json);
+                        if let (Some(k), Some(mut sources)) = (cache_key, sources) {
+                            sources.sort_by(|a, b| a.shard.cmp(&b.shard));
+                            let answer = query::cache::CachedAnswer { sources, body: body.clone() };
+                            self.answers.lock().expect("answers lock").put(k, answer);
+                        }
+                        Ok(QueryOutcome::Records(body))
+                    }
+                }
             }
             plan::Statement::Delete(plan) => {
                 self.write_gate()?;
@@ -1283,20 +1391,29 @@ impl Node {
         Ok(removed)
     }
 
-    /// This node's partial result for one shard (the replica side of the internal query API);
-    /// `None` when this node holds no copy of it.
+    /// This node's partial result for one shard (the replica side of the internal query API),
+    /// or word that its copy is still at the version the asker knows.
     pub async fn replica_partial(
         &self,
         req: crate::peer::PartialRequest,
-    ) -> Result<Option<crate::query::exec::Partial>, NodeError> {
+    ) -> Result<crate::peer::PartialAnswer, NodeError> {
+        use crate::peer::{PartialAnswer, ShardVersion};
         drop(self.fence_epoch(&req.shard.metric, req.epoch).await?);
-        let Some(shard) = self.storage.shard_if_held(&req.shard) else { return Ok(None) };
+        let Some(shard) = self.storage.shard_if_held(&req.shard) else { return Ok(PartialAnswer::NotHeld) };
+        let generation = self.membership.config().generation;
+        if req.known == Some(ShardVersion { generation, state: shard.version() }) {
+            return Ok(PartialAnswer::Unchanged);
+        }
         let max = self.cfg.query_records_max;
-        crate::env::spawn_blocking(move || query::partial_of_shards(Some(shard), &req.plan, (req.from, req.to), max))
-            .await
-            .map_err(|e| NodeError::Internal(e.to_string()))?
-            .map(Some)
-            .map_err(NodeError::from)
+        crate::env::spawn_blocking(move || {
+            let snapshot = shard.snapshot();
+            let version = ShardVersion { generation, state: snapshot.version };
+            query::partial_of_shards(Some(snapshot), &req.plan, (req.from, req.to), max)
+                .map(|partial| PartialAnswer::Computed { version, partial })
+        })
+        .await
+        .map_err(|e| NodeError::Internal(e.to_string()))?
+        .map_err(NodeError::from)
     }
 
     /// Drops a metric everywhere: its schema and placements leave the catalog (and spread by

@@ -90,16 +90,37 @@ impl ReplicaDelete {
 }
 
 /// `POST /internal/v1/partial`: this replica's partial result of a select over one shard,
-/// within `[from, to)`; answered with a postcard `Option<query::exec::Partial>`, `None` when this
-/// node holds no copy of the shard (the coordinator then asks the next replica).
+/// within `[from, to)`; answered with a postcard [`PartialAnswer`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartialRequest {
     pub shard: ShardId,
     pub plan: SelectPlan,
     pub from: i64,
     pub to: i64,
+    /// The version of this replica's copy that the asker's cached answer was computed from:
+    /// if the copy is still at it, the replica answers `Unchanged` without reading anything.
+    pub known: Option<ShardVersion>,
     /// The sender's drop epoch of the shard's metric ([`crate::catalog::Catalog::drop_epoch`]).
     pub epoch: u64,
+}
+
+/// One state of one replica's copy of a shard: equal versions hold the same points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardVersion {
+    /// The replica's generation: a restarted node never repeats a version.
+    pub generation: u64,
+    pub state: u64,
+}
+
+/// A replica's answer to a [`PartialRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PartialAnswer {
+    /// This node holds no copy of the shard (the coordinator then asks the next replica).
+    NotHeld,
+    /// The copy is at the version the request named.
+    Unchanged,
+    /// The partial result over the copy at `version`.
+    Computed { version: ShardVersion, partial: crate::query::exec::Partial },
 }
 
 /// `POST /internal/v1/merge`: store the points of one shard that the replica does not hold

@@ -7,8 +7,8 @@ use chitchat::transport::ChannelTransport;
 use common::inproc::start;
 use shoal::ingest::{Precision, parse_line_protocol};
 use shoal::model::{MetricKey, ShardId};
-use shoal::peer::{HttpPeers, PartialRequest, PeerClient, PeerError, ReplicaWrite};
-use shoal::query::exec::{Partial, finish};
+use shoal::peer::{HttpPeers, PartialAnswer, PartialRequest, PeerClient, PeerError, ReplicaWrite, ShardVersion};
+use shoal::query::exec::finish;
 use shoal::query::plan::{Statement, parse};
 
 fn select(sql: &str) -> shoal::query::plan::SelectPlan {
@@ -37,18 +37,48 @@ async fn replica_write_and_partial_through_the_peer_client() {
     assert_eq!(storage.storage.shard_if_held(&shard).unwrap().points(), 3, "stored on the replica");
 
     let plan = select("SELECT sum(value) FROM cpu GROUP BY region");
-    let req = PartialRequest { shard: shard.clone(), plan: plan.clone(), from: i64::MIN, to: i64::MAX, epoch: 0 };
-    let bytes = peers.post(&addr, "/internal/v1/partial", postcard::to_stdvec(&req).unwrap()).await.unwrap();
-    let partial: Partial = postcard::from_bytes::<Option<Partial>>(&bytes).unwrap().expect("the replica holds it");
+    let req = PartialRequest {
+        shard: shard.clone(),
+        plan: plan.clone(),
+        from: i64::MIN,
+        to: i64::MAX,
+        epoch: 0,
+        known: None,
+    };
+    let ask = async |req: &PartialRequest| {
+        let bytes = peers.post(&addr, "/internal/v1/partial", postcard::to_stdvec(req).unwrap()).await.unwrap();
+        postcard::from_bytes::<PartialAnswer>(&bytes).unwrap()
+    };
+    let PartialAnswer::Computed { version, partial } = ask(&req).await else { panic!("the replica holds it") };
     let records = finish(&plan, partial);
     let sums: Vec<(String, f64)> =
         records.iter().map(|r| (format!("{:?}", r.tags["region"]), r.value.as_f64())).collect();
     assert_eq!(sums, [("Str(\"eu\")".to_string(), 4.0), ("Str(\"us\")".to_string(), 5.0)]);
 
+    // Asked with the version it answered from, the replica only confirms it; after a write
+    // it computes again, at a new version.
+    let known = PartialRequest { known: Some(version), ..req.clone() };
+    assert!(matches!(ask(&known).await, PartialAnswer::Unchanged));
+    let another = parse_line_protocol("cpu,region=us value=7i 4000", "db", "ns", Precision::Ms, 0, 100).unwrap();
+    let rows_4000 = another.metrics.into_iter().next().unwrap().1;
+    let one_more = ReplicaWrite { shard: shard.clone(), batch: rows_4000, epoch: 0 };
+    peers.post(&addr, "/internal/v1/write", postcard::to_stdvec(&one_more).unwrap()).await.unwrap();
+    match ask(&known).await {
+        PartialAnswer::Computed { version: newer, partial } => {
+            assert_ne!(newer, version);
+            let us = finish(&plan, partial).into_iter().find(|r| format!("{:?}", r.tags["region"]) == "Str(\"us\")");
+            assert_eq!(us.unwrap().value.as_f64(), 12.0, "the new point is read");
+        }
+        other => panic!("a changed copy is read again, not confirmed: {other:?}"),
+    }
+    // Another generation's version (a restarted node) is not this copy's.
+    let stale =
+        PartialRequest { known: Some(ShardVersion { generation: version.generation + 1, ..version }), ..req.clone() };
+    assert!(matches!(ask(&stale).await, PartialAnswer::Computed { .. }));
+
     // A shard this node does not hold answers "none held", not an error.
     let other = PartialRequest { shard: ShardId { metric: key.clone(), start: 3_600_000 }, ..req.clone() };
-    let bytes = peers.post(&addr, "/internal/v1/partial", postcard::to_stdvec(&other).unwrap()).await.unwrap();
-    assert!(postcard::from_bytes::<Option<Partial>>(&bytes).unwrap().is_none());
+    assert!(matches!(ask(&other).await, PartialAnswer::NotHeld));
 
     // Points outside the named shard are refused.
     let wrong = ReplicaWrite {
@@ -120,7 +150,80 @@ async fn a_replica_without_its_copy_is_passed_over_by_reads() {
         to: None,
     };
     match b.query(req, false).await.unwrap() {
-        shoal::node::QueryOutcome::Records { records: r, .. } => assert_eq!(r[0].value.as_f64(), 100.0, "{r:?}"),
+        shoal::node::QueryOutcome::Records(body) => {
+            let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(answer["records"][0]["value"], 100, "{answer}");
+        }
         shoal::node::QueryOutcome::Deleted(_) => panic!("a select answers records"),
     }
+}
+
+/// A select asked again is answered from the coordinator's cache only while every shard copy
+/// it read is unchanged: each coordinator serves its kept answer (a hit is counted), and a
+/// write or a delete through the other node, to copies on either node, is in the next answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_answer_is_served_only_while_its_copies_are_unchanged() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let transport = ChannelTransport::with_mtu(65_507);
+    let sets = ["shoal.sharding.interval=1h", "shoal.cluster.replication-factor=1", "shoal.repair.interval=1h"];
+    let a = start(&transport, dir.path(), 1, &sets).await;
+    let b = start(&transport, dir.path(), 2, &sets).await;
+    common::inproc::eventually("both nodes to see each other", async || {
+        a.members().await.iter().filter(|m| m.is_live()).count() == 2
+            && b.members().await.iter().filter(|m| m.is_live()).count() == 2
+    })
+    .await;
+    let write = async |via: &std::sync::Arc<shoal::node::Node>, from: i64, n: i64, offset_ms: i64| {
+        // Points an hour apart: one shard each, placed on either node.
+        let lines: String = (from..from + n)
+            .map(|i| format!("cpu,host=h{} value={i}i {}\n", i % 3, i * 3_600_000 + offset_ms))
+            .collect();
+        let batch = parse_line_protocol(&lines, "db", "ns", Precision::Ms, 0, 1000).unwrap();
+        via.ingest(batch, Some(shoal::config::Consistency::All)).await.unwrap();
+    };
+    let query = async |via: &shoal::node::Node, sql: &str| {
+        let req = shoal::node::QueryRequest {
+            db: "db".into(),
+            namespace: "ns".into(),
+            metric: None,
+            query_string: sql.into(),
+            from: None,
+            to: None,
+        };
+        match via.query(req, false).await.unwrap() {
+            shoal::node::QueryOutcome::Records(body) => serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            shoal::node::QueryOutcome::Deleted(n) => serde_json::json!({ "deleted": n }),
+        }
+    };
+    let sum = "SELECT sum(value) FROM cpu";
+    write(&a, 0, 8, 0).await;
+    let key = MetricKey::new("db", "ns", "cpu").unwrap();
+    let held = |n: &shoal::node::Node, hour: i64| {
+        n.storage.shard_if_held(&ShardId { metric: key.clone(), start: hour * 3_600_000 }).is_some()
+    };
+    let holders = |n: &shoal::node::Node| (0..8).filter(|&hour| held(n, hour)).count();
+    assert_eq!(holders(&a) + holders(&b), 8, "each shard on one node");
+    assert!(holders(&a) > 0 && holders(&b) > 0, "copies on both nodes: each coordinator asks a remote replica");
+    for node in [&a, &b] {
+        let hits = node.metrics.query_cache_hits.load(Relaxed);
+        assert_eq!(query(node, sum).await["records"][0]["value"], 28);
+        assert_eq!(query(node, sum).await["records"][0]["value"], 28);
+        assert_eq!(node.metrics.query_cache_hits.load(Relaxed), hits + 1, "the second answer is the kept one");
+    }
+    // A point into an existing shard and one into a new shard, through the other node.
+    write(&b, 3, 1, 1).await;
+    assert_eq!(query(&a, sum).await["records"][0]["value"], 31, "a changed copy is read again");
+    write(&b, 8, 1, 0).await;
+    assert_eq!(query(&a, sum).await["records"][0]["value"], 39, "a new shard in range is read");
+    // A point already stored (points are a set) changes nothing, and the answer stays right.
+    write(&b, 8, 1, 0).await;
+    assert_eq!(query(&b, sum).await["records"][0]["value"], 39);
+    let deleted = query(&b, "DELETE FROM cpu WHERE host = 'h0'").await;
+    assert!(deleted["deleted"].as_u64().unwrap() > 0, "{deleted}");
+    // h0 held 0, 3 (at two times), 6: 12 less.
+    assert_eq!(query(&a, sum).await["records"][0]["value"], 27, "a delete is in the next answer");
+    let hits = a.metrics.query_cache_hits.load(Relaxed);
+    assert_eq!(query(&a, sum).await["records"][0]["value"], 27);
+    assert_eq!(a.metrics.query_cache_hits.load(Relaxed), hits + 1);
 }

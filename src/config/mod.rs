@@ -68,6 +68,7 @@ const KEYS: &[(&str, &str)] = &[
     ("shoal.storage.flush-interval", "a duration such as 30s"),
     ("shoal.storage.segments-max", "an integer >= 1"),
     ("shoal.query.max-records", "an integer >= 1"),
+    ("shoal.query.cache-size", "a size in bytes (0: no answers kept), like 64MiB"),
     ("shoal.hints.max-bytes-per-node", "a byte size such as 1GiB"),
     ("shoal.hints.max-age", "a duration such as 3h"),
     ("shoal.hints.replay-interval", "a duration of at least 10ms, such as 1s"),
@@ -181,6 +182,8 @@ pub struct Config {
     pub segments_max: usize,
     pub compaction_priority: crate::env::BackgroundPriority,
     pub query_records_max: usize,
+    /// Bytes of answers kept for repeated selects (`shoal.query.cache-size`); 0: none.
+    pub query_cache_bytes: usize,
     pub hints_bytes_max_per_node: u64,
     pub hints_age_max: Duration,
     pub hints_replay_interval: Duration,
@@ -544,6 +547,10 @@ impl Reader<'_> {
                 self.choice("shoal.storage.compaction-priority", &[("idle", Idle), ("low", Low), ("normal", Normal)])?
             },
             query_records_max: self.count("shoal.query.max-records")?,
+            query_cache_bytes: match self.0.get_bytes("shoal.query.cache-size") {
+                Ok(v) if v >= 0 => v as usize,
+                _ => return Err(self.err("shoal.query.cache-size")),
+            },
             hints_bytes_max_per_node: self.bytes("shoal.hints.max-bytes-per-node")? as u64,
             hints_age_max: self.duration("shoal.hints.max-age")?,
             hints_replay_interval: match self.duration("shoal.hints.replay-interval")? {

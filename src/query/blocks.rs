@@ -321,9 +321,13 @@ mod tests {
         for sql in queries {
             let Statement::Select(plan) = plan::parse(sql, 0).unwrap() else { unreachable!() };
             let range = crate::query::time_range(plan.filter.as_ref(), None, None);
-            let indexed =
-                crate::query::partial_of_shards(storage.shards_of(&key, range.0, range.1), &plan, range, 1 << 30)
-                    .unwrap();
+            let indexed = crate::query::partial_of_shards(
+                storage.shards_of(&key, range.0, range.1).into_iter().map(|s| s.snapshot()),
+                &plan,
+                range,
+                1 << 30,
+            )
+            .unwrap();
             let mut full = Partial::empty(&plan);
             for shard in storage.shards_of(&key, range.0, range.1) {
                 shard

@@ -3,6 +3,7 @@
 //! coordinator will run the same `exec` on each replica and merge the partials it receives.
 
 pub mod blocks;
+pub mod cache;
 pub mod exec;
 pub mod plan;
 
@@ -68,12 +69,13 @@ pub fn partial_local(
     range: (i64, i64),
     max: usize,
 ) -> Result<Partial, QueryError> {
-    partial_of_shards(storage.shards_of(key, range.0, range.1), plan, range, max)
+    partial_of_shards(storage.shards_of(key, range.0, range.1).into_iter().map(|s| s.snapshot()), plan, range, max)
 }
 
-/// Runs a select over the given shards (a replica answering for one shard, or all local ones).
+/// Runs a select over the given shard states (a replica answering for one shard, or all local
+/// ones; an iterator takes each snapshot only when its shard's turn comes).
 pub fn partial_of_shards(
-    shards: impl IntoIterator<Item = std::sync::Arc<crate::storage::Shard>>,
+    snapshots: impl IntoIterator<Item = crate::storage::ShardSnapshot>,
     plan: &SelectPlan,
     range: (i64, i64),
     max: usize,
@@ -92,8 +94,7 @@ pub fn partial_of_shards(
     // Raw rows need every column; aggregates decode only what they read.
     let columns = matches!(plan.projection, Projection::Aggregate(_)).then_some(columns);
     let threads = crate::env::scan_threads();
-    for shard in shards {
-        let snapshot = shard.snapshot();
+    for snapshot in snapshots {
         let work = snapshot.blocks_in(range.0, range.1, &mut blocks::SelectVisitor::new(plan, range, max));
         let parts = if work >= PARALLEL_SCAN_BLOCKS_MIN { threads } else { 1 };
         let scan_part = |part: usize| -> Result<Partial, QueryError> {

@@ -13,7 +13,7 @@ use crate::model::MetricKey;
 use crate::model::batch::RowBatch;
 use dashmap::DashMap;
 pub use digest::BlockDigest;
-pub use shard::{KeepRow, MergeTimes, Shard, ShardId, Tombstone, TombstoneRule};
+pub use shard::{KeepRow, MergeTimes, Shard, ShardId, ShardSnapshot, Tombstone, TombstoneRule};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

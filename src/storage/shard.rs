@@ -139,6 +139,17 @@ struct ShardState {
     memtable_lsn: u64,
     /// As in the MANIFEST (see [`Manifest::flushed_lsn`]).
     flushed_lsn: u64,
+    /// Changes with every change of what a scan sees (see [`Shard::state_mut`]).
+    version: u64,
+}
+
+/// Versions of shard states, unique in this process (so a shard dropped and made again never
+/// repeats a version its former self had): with the node's generation, a version names one
+/// state of one shard on one node for good, which is what a cached answer is checked against.
+static NEXT_VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_version() -> u64 {
+    NEXT_VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Where the writer sends a command's outcome.
@@ -455,7 +466,7 @@ impl Shard {
     /// Replays one of the shard's node WAL records, `[start, end)`: `batch` is its postcard
     /// `RowBatch`. Records already in segments are skipped. Only before the first append.
     pub fn replay(&self, start: u64, end: u64, batch: &[u8]) -> Result<(), StorageError> {
-        let mut st = self.state.write().expect("shard lock");
+        let mut st = self.state_mut();
         if end <= st.flushed_lsn {
             return Ok(());
         }
@@ -560,6 +571,20 @@ impl Shard {
         self.snapshot().visit_part(from, to, columns, visitor, 0, 1)
     }
 
+    /// The version of the shard's state now (see [`ShardSnapshot::version`]).
+    pub fn version(&self) -> u64 {
+        self.state.read().expect("shard lock").version
+    }
+
+    /// The state, to change it: every change gets a new version, so an answer computed from
+    /// an earlier state is never taken for this one. (A write lock that changes nothing
+    /// costs a cached answer, never a wrong one.)
+    fn state_mut(&self) -> std::sync::RwLockWriteGuard<'_, ShardState> {
+        let mut st = self.state.write().expect("shard lock");
+        st.version = next_version();
+        st
+    }
+
     /// What the shard holds now, for one or more scans that must see the same points.
     /// The lock is held only to copy the memtable (a memcpy of its columns, bounded by
     /// `memtable-max-points`) and take the rest by reference count: writers wait for that,
@@ -567,6 +592,7 @@ impl Shard {
     pub fn snapshot(&self) -> ShardSnapshot {
         let st = self.state.read().expect("shard lock");
         ShardSnapshot {
+            version: st.version,
             memtable: (!st.memtable.batch.is_empty()).then(|| st.memtable.batch.clone()),
             frozen: st.frozen.clone(),
             segments: st.segments.clone(),
@@ -576,6 +602,9 @@ impl Shard {
 
 /// A shard's points at one instant (see [`Shard::snapshot`]).
 pub struct ShardSnapshot {
+    /// The state's version: equal versions of one shard on one node (of one generation) hold
+    /// the same points.
+    pub version: u64,
     memtable: Option<RowBatch>,
     frozen: Option<Arc<RowBatch>>,
     segments: Vec<Arc<Segment>>,
@@ -722,7 +751,7 @@ fn recover(dir: &Path, wal_end: u64, metrics: &Metrics) -> Result<Recovered, Sto
             (manifest, None)
         }
     };
-    let mut state = ShardState { flushed_lsn: manifest.flushed_lsn, ..Default::default() };
+    let mut state = ShardState { flushed_lsn: manifest.flushed_lsn, version: next_version(), ..Default::default() };
     let mut max_seq = 0;
     for &seq in &manifest.segments {
         state.segments.push(Arc::new(Segment::open(&segment_path(dir, seq), seq)?));
@@ -1015,7 +1044,7 @@ impl Writer {
         if !bytes.is_empty() {
             // The records will begin at or after the WAL's end now; the memtable keeps the log
             // from there on until it is in a segment.
-            self.shard.state.write().expect("shard lock").memtable_wal_from.get_or_insert(self.wal.end());
+            self.shard.state_mut().memtable_wal_from.get_or_insert(self.wal.end());
             match self.wal.submit(bytes).await {
                 Ok(durable) => group.durable = Some(durable),
                 Err(e) => {
@@ -1043,7 +1072,7 @@ impl Writer {
         let group = self.in_flight.pop_front().expect("settled group is in flight");
         let written = group.rows();
         let memtable_len = {
-            let mut st = self.shard.state.write().expect("shard lock");
+            let mut st = self.shard.state_mut();
             if let Some(lsn) = lsn {
                 // The group's index names rows from where the memtable ends now; had the
                 // memtable changed since the index was built (a failed compaction put rows
@@ -1096,7 +1125,7 @@ impl Writer {
         for later in &mut self.in_flight {
             later.earlier_failed.get_or_insert_with(|| (e.kind(), e.to_string()));
         }
-        let mut st = self.shard.state.write().expect("shard lock");
+        let mut st = self.shard.state_mut();
         if st.memtable.batch.is_empty() && self.in_flight.is_empty() {
             st.memtable_wal_from = None;
         }
@@ -1137,7 +1166,7 @@ impl Writer {
             running.await.map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
         }
         let (frozen, flushed_lsn) = {
-            let mut st = self.shard.state.write().expect("shard lock");
+            let mut st = self.shard.state_mut();
             if st.memtable.batch.is_empty() {
                 // No record of a failed append keeps the WAL (see `fail_in_flight`).
                 st.memtable_wal_from = None;
@@ -1277,7 +1306,7 @@ fn blocks_to_copy(segments: &[Arc<Segment>]) -> Vec<Vec<bool>> {
 
 /// Puts a frozen memtable back after a failed compaction; its points are still in the WAL.
 fn unfreeze(shard: &Shard) {
-    let mut st = shard.state.write().expect("shard lock");
+    let mut st = shard.state_mut();
     if let Some(frozen) = st.frozen.take() {
         st.memtable_wal_from = st.frozen_wal_from.take().into_iter().chain(st.memtable_wal_from).min();
         let mut restored = RowBatchBuilder::default();
@@ -1328,7 +1357,7 @@ impl Compaction {
         })
         .await?;
         {
-            let mut st = self.shard.state.write().expect("shard lock");
+            let mut st = self.shard.state_mut();
             st.segments.push(Arc::new(seg));
             st.frozen = None;
             st.frozen_wal_from = None;
@@ -1424,7 +1453,7 @@ async fn rewrite(
     .await?;
     let Some(replacement) = replacement else { return Ok(0) };
     {
-        let mut st = shard.state.write().expect("shard lock");
+        let mut st = shard.state_mut();
         st.segments = replacement.into_iter().map(Arc::new).collect();
     }
     for seg in old {
