@@ -282,8 +282,9 @@ impl Storage {
     }
 
     /// Compacts the memtables of shards that have held points longer than the flush interval,
-    /// and of those that keep the WAL's oldest file when it has grown past its bound; then
-    /// deletes the WAL files whose records are all in segments.
+    /// and of those that keep the WAL's oldest file when it has grown past its bound; starts
+    /// merging the segments of idle shards (see [`Shard::needs_merge`]); then deletes the WAL
+    /// files whose records are all in segments.
     pub async fn flush_idle(&self) {
         let now = tokio::time::Instant::now();
         let (wal_bytes, oldest_file_end) = self.wal.size();
@@ -296,6 +297,9 @@ impl Storage {
                 && let Err(e) = shard.flush().await
             {
                 tracing::error!(shard = %shard.id, error = %e, "background compaction failed");
+            }
+            if shard.needs_merge() {
+                shard.merge_segments();
             }
         }
         if let Err(e) = self.collect_wal() {

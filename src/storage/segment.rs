@@ -770,6 +770,11 @@ impl Segment {
         self.blocks.iter().map(|b| u64::from(b.count)).sum()
     }
 
+    /// Bytes of its blocks (the footer aside).
+    pub fn block_bytes(&self) -> u64 {
+        self.blocks.iter().map(|b| b.len).sum()
+    }
+
     /// Decodes one block. `columns`: the dimension/tag columns to decode (`None` = all).
     pub fn read_block(&self, meta: &BlockMeta, columns: Option<&[String]>) -> Result<RowBatch, SegmentError> {
         let p = self.path.display().to_string();

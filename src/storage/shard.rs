@@ -166,6 +166,8 @@ enum Command {
     Flush {
         done: Reply<()>,
     },
+    /// Merge the segments of an idle shard into one (see [`Shard::needs_merge`]).
+    Merge,
     /// `keep: None` records the tombstone only (for later merges) and deletes nothing.
     Delete {
         keep: Option<KeepRow>,
@@ -535,6 +537,27 @@ impl Shard {
     }
 
     /// True when the shard has in-memory points older than `age`.
+    /// Whether the shard is idle (nothing in memory) with segments worth merging into one:
+    /// those written since its largest one hold at least an eighth as many bytes. Each flush
+    /// of a shard with many series writes a few points per series per block; merged, a series
+    /// has one block per window, which is smaller on disk and quicker to read. The eighth
+    /// keeps a shard that gets a point now and then from being rewritten at every flush.
+    pub fn needs_merge(&self) -> bool {
+        let st = self.state.read().expect("shard lock");
+        if !st.memtable.batch.is_empty() || st.frozen.is_some() || st.segments.len() < 2 {
+            return false;
+        }
+        let sizes: Vec<u64> = st.segments.iter().map(|seg| seg.block_bytes()).collect();
+        let largest = sizes.iter().copied().max().unwrap_or(0);
+        (sizes.iter().sum::<u64>() - largest) * 8 >= largest
+    }
+
+    /// Asks the writer to merge the segments in the background (see [`Shard::needs_merge`]).
+    pub fn merge_segments(&self) {
+        // A full queue means the shard is busy, so not idle: the merge waits for a later turn.
+        let _ = self.tx.try_send(Command::Merge);
+    }
+
     pub fn needs_flush(&self, now: tokio::time::Instant, age: std::time::Duration) -> bool {
         let st = self.state.read().expect("shard lock");
         st.memtable_since.is_some_and(|since| now.duration_since(since) >= age)
@@ -874,6 +897,7 @@ impl Writer {
                     self.settle_all().await;
                     let _ = done.send(self.flush(true).await);
                 }
+                Command::Merge => self.merge_idle().await,
                 Command::Delete { keep, tombstone, done } => {
                     self.settle_all().await;
                     let _ = done.send(self.delete(keep, tombstone).await);
@@ -1145,6 +1169,32 @@ impl Writer {
         if let Err(e) = self.flush(false).await {
             tracing::error!(shard = %self.shard.id, error = %e, "compaction failed; points stay in the WAL");
         }
+    }
+
+    /// Starts merging the segments into one in the background, as a compaction (so the next
+    /// flush, delete or close waits for it), unless a compaction runs or the shard is no
+    /// longer idle.
+    async fn merge_idle(&mut self) {
+        if let Some(running) = self.compacting.take() {
+            if !running.is_finished() {
+                self.compacting = Some(running);
+                return;
+            }
+            if let Ok(Err(e)) = running.await {
+                tracing::error!(shard = %self.shard.id, error = %e, "compaction failed; points stay in the WAL");
+            }
+        }
+        if !self.in_flight.is_empty() || !self.shard.needs_merge() {
+            return;
+        }
+        let (shard, seg_seq, flushed_lsn) = (self.shard.clone(), self.take_seq(), self.shard.flushed_lsn());
+        self.compacting = Some(tokio::spawn(async move {
+            let merged = rewrite(&shard, seg_seq, flushed_lsn, None).await.map(|_| ());
+            if let Err(e) = &merged {
+                tracing::error!(shard = %shard.id, error = %e, "merging an idle shard's segments failed");
+            }
+            merged
+        }));
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -1558,6 +1608,48 @@ mod tests {
     /// A merge copies the blocks of windows that no other segment shares for their series and
     /// re-encodes the rest; either way every point survives it, and each window of a series
     /// ends up in one block.
+    /// An idle shard's segments are merged into one once the newer ones are worth it: the
+    /// points stay, each series' window ends in one block, and a shard written to again is not
+    /// merged while its memtable holds points.
+    #[tokio::test]
+    async fn an_idle_shard_merges_its_segments_into_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = open_shard(dir.path()).await;
+        // Values that do not compress to nothing, so bytes follow points.
+        let varied = |range: std::ops::Range<i64>| {
+            let mut batch = rows(range, 0);
+            for (v, t) in batch.values.iter_mut().zip(&batch.timestamps) {
+                *v = Num::Int(
+                    (t.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407) >> 33) % 100_000,
+                );
+            }
+            batch
+        };
+        shard.append(varied(0..4000)).await.unwrap();
+        shard.flush().await.unwrap();
+        assert!(!shard.needs_merge(), "one segment");
+        shard.append(varied(4000..4100)).await.unwrap();
+        shard.flush().await.unwrap();
+        assert!(!shard.needs_merge(), "100 points after 4000 are not worth a rewrite");
+        let dir = tempfile::tempdir().unwrap();
+        let shard = open_shard(dir.path()).await;
+        shard.append(varied(0..4000)).await.unwrap();
+        shard.flush().await.unwrap();
+        shard.append(varied(4000..5000)).await.unwrap();
+        assert!(!shard.needs_merge(), "points in the memtable: not idle");
+        shard.flush().await.unwrap();
+        assert!(shard.needs_merge());
+        let before = shard.version();
+        shard.merge_segments();
+        shard.flush().await.unwrap(); // waits for the merge, as every flush waits for a compaction
+        let snapshot = shard.snapshot();
+        assert_eq!(snapshot.segments.len(), 1);
+        assert_eq!(snapshot.segments[0].blocks.len(), 1, "one series, one window: one block");
+        assert_eq!(shard.points(), 5000);
+        assert_ne!(shard.version(), before, "a merge is a new state for cached answers");
+        assert!(!shard.needs_merge());
+    }
+
     #[tokio::test]
     async fn merge_copies_unshared_windows_and_keeps_every_point() {
         let dir = tempfile::tempdir().unwrap();
