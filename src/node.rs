@@ -523,7 +523,7 @@ impl Node {
     /// (and theirs with it): a DELETE must reach every shard of the metric, also one placed by
     /// another node whose placement has not arrived here yet, or one this node could not
     /// record (its disk full). Fails, naming the member, when one cannot be asked.
-    async fn sync_metric_catalog(&self, metric: &MetricKey) -> Result<(), NodeError> {
+    async fn sync_metric_catalog(&self, metric: &MetricKey, what: &str) -> Result<(), NodeError> {
         let members = self.membership.members().await;
         let peers: Vec<String> =
             members.iter().filter(|m| !m.is_self && m.is_live()).filter_map(|m| m.http_addr.clone()).collect();
@@ -548,7 +548,7 @@ impl Node {
             .collect();
         if !failed.is_empty() {
             return Err(NodeError::Unavailable(format!(
-                "cannot confirm every shard of {metric} with every live member (retry the delete): {}",
+                "cannot confirm every shard of {metric} with every live member (retry the {what}): {}",
                 failed.join("; ")
             )));
         }
@@ -558,7 +558,7 @@ impl Node {
         let confirmed = peers.len() + 1;
         if confirmed * 2 <= known {
             return Err(NodeError::Unavailable(format!(
-                "a delete needs the shard map of {metric} confirmed by a majority of the cluster's members; this node reaches {confirmed} of {known} (retry once it sees them)"
+                "a {what} needs the shard map of {metric} confirmed by a majority of the cluster's members; this node reaches {confirmed} of {known} (retry once it sees them)"
             )));
         }
         Ok(())
@@ -1288,7 +1288,7 @@ impl Node {
                 };
                 query::validate_fields(&self.catalog, &key, &probe)?;
                 let range = query::time_range(plan.filter.as_ref(), req.from, req.to);
-                self.sync_metric_catalog(&key).await?;
+                self.sync_metric_catalog(&key, "delete").await?;
                 let shards = self.catalog.shards_of(&key, range.0, range.1, self.cfg.shard_interval_ms);
                 let (at_ms, epoch) = (self.env.clock.now_ms(), self.catalog.drop_epoch(&key));
                 // Every replica of every shard must apply the delete, or a later read could
@@ -1427,6 +1427,10 @@ impl Node {
     /// own, so a client that goes away cannot cut it between the two.
     pub async fn drop_metric(self: &Arc<Self>, key: &MetricKey) -> Result<(), NodeError> {
         self.write_gate()?;
+        // As for a DELETE, a majority must be reachable: a node cut off from the others would
+        // record a drop that nobody hears of until the partition heals, and that would then
+        // take the points written meanwhile on the other side (simulator seed 90012).
+        self.sync_metric_catalog(key, "drop").await?;
         let (node, metric) = (self.clone(), key.clone());
         let epoch = tokio::spawn(async move {
             let _exclusive = node.drop_fence.write().await;
