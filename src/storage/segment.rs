@@ -242,6 +242,88 @@ fn pco_decompress<T: pco::data_types::Number>(bytes: &[u8]) -> Result<Vec<T>, St
     pco::standalone::simple_decompress(bytes).map_err(|e| e.to_string())
 }
 
+/// `value_kinds` of a block whose values are all decimal (a zstd frame is never one byte).
+const ALL_DECIMAL: &[u8] = b"D";
+
+/// Marks timestamps stored as (first, stride, count): pco's chunks begin with `pco!`.
+const STRIDE: u8 = b'S';
+
+/// Timestamps at a fixed stride (a scrape or a sensor's period) as three varints, where pco's
+/// chunk header alone is larger; `None` when they are not.
+fn encode_stride(timestamps: &[i64]) -> Option<Vec<u8>> {
+    let (&first, &second) = (timestamps.first()?, timestamps.get(1)?);
+    let stride = second.checked_sub(first)?;
+    if !timestamps.windows(2).all(|w| w[1].checked_sub(w[0]) == Some(stride)) {
+        return None;
+    }
+    let mut out = vec![STRIDE];
+    out.extend(postcard::to_stdvec(&(first, stride, timestamps.len() as u32)).expect("numbers encode"));
+    Some(out)
+}
+
+fn decode_timestamps(bytes: &[u8]) -> Result<Vec<i64>, String> {
+    match bytes.split_first() {
+        Some((&STRIDE, rest)) => {
+            let (first, stride, count): (i64, i64, u32) = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+            if count as usize > BLOCK_POINTS {
+                return Err(format!("{count} timestamps in one block"));
+            }
+            (0..i64::from(count))
+                .map(|i| stride.checked_mul(i).and_then(|d| first.checked_add(d)))
+                .collect::<Option<Vec<i64>>>()
+                .ok_or_else(|| "timestamps past the range of i64".to_string())
+        }
+        _ => pco_decompress(bytes),
+    }
+}
+
+/// Marks a dictionary column stored as runs of integers (its `dict` is then empty, which a
+/// dictionary never is).
+const INT_RUNS: u8 = b'R';
+
+/// A column of integers without nulls as runs (change from the previous run's value, length),
+/// in varints. The write-time column is such: a few distinct times per block, in long runs,
+/// where a dictionary and its codes cost a zstd frame each.
+fn encode_int_runs(dict: &[FieldValue], codes: &[u32]) -> Option<Vec<u8>> {
+    let mut runs: Vec<(i64, u32)> = Vec::new();
+    let mut previous = 0i64;
+    let mut current: Option<i64> = None;
+    for &c in codes {
+        let FieldValue::Int(v) = dict.get(c as usize)? else { return None };
+        match runs.last_mut() {
+            Some(run) if current == Some(*v) => run.1 += 1,
+            _ => {
+                runs.push((v.wrapping_sub(previous), 1));
+                previous = *v;
+                current = Some(*v);
+            }
+        }
+    }
+    let mut out = vec![INT_RUNS];
+    out.extend(postcard::to_stdvec(&runs).expect("numbers encode"));
+    Some(out)
+}
+
+/// The dictionary and codes of a column stored by [`encode_int_runs`].
+fn decode_int_runs(bytes: &[u8]) -> Result<(Vec<FieldValue>, Vec<u32>), String> {
+    let runs: Vec<(i64, u32)> = postcard::from_bytes(&bytes[1..]).map_err(|e| e.to_string())?;
+    if runs.iter().map(|r| r.1 as usize).sum::<usize>() > BLOCK_POINTS {
+        return Err("more runs than a block holds".into());
+    }
+    let (mut dict, mut codes) = (Vec::new(), Vec::new());
+    let mut seen: HashMap<i64, u32> = HashMap::new();
+    let mut value = 0i64;
+    for (change, len) in runs {
+        value = value.wrapping_add(change);
+        let code = *seen.entry(value).or_insert_with(|| {
+            dict.push(FieldValue::Int(value));
+            dict.len() as u32 - 1
+        });
+        codes.extend(std::iter::repeat_n(code, len as usize));
+    }
+    Ok((dict, codes))
+}
+
 /// Encodes `rows` of `batch` (one series) as a block: the tag columns stay out (the footer
 /// holds the series' tags once).
 fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock {
@@ -260,7 +342,11 @@ fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock {
             }
         }
     }
-    let value_kinds = if decs.is_empty() { Vec::new() } else { zstd_compress(&kinds) };
+    let value_kinds = match (ints.is_empty(), decs.is_empty()) {
+        (_, true) => Vec::new(),
+        (true, false) => ALL_DECIMAL.to_vec(),
+        (false, false) => zstd_compress(&kinds),
+    };
     let mut fields = Vec::new();
     for (name, col) in batch.columns.iter().filter(|(_, col)| col.class != Some(FieldClass::Tag)) {
         // Re-number the dictionary to the values these rows use, so blocks stay self-contained.
@@ -283,15 +369,21 @@ fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock {
             continue;
         }
         let dict_bytes = postcard::to_stdvec(&dict).expect("values encode");
-        fields.push(EncodedField {
+        let mut field = EncodedField {
             name: name.clone(),
             class: col.class.unwrap_or(FieldClass::Dimension),
             dict: zstd_compress(&dict_bytes),
             codes: encode_codes(&codes, dict.len()),
-        });
+        };
+        if let Some(runs) = encode_int_runs(&dict, &codes)
+            && runs.len() < field.dict.len() + field.codes.len()
+        {
+            (field.dict, field.codes) = (Vec::new(), runs);
+        }
+        fields.push(field);
     }
     EncodedBlock {
-        timestamps: pco_compress_timestamps(&timestamps),
+        timestamps: encode_stride(&timestamps).unwrap_or_else(|| pco_compress_timestamps(&timestamps)),
         value_kinds,
         ints: pco_compress(&ints),
         decs: pco_compress(&decs),
@@ -781,11 +873,13 @@ impl Segment {
         let corrupt = |what: String| SegmentError::Corrupt { path: p.clone(), what };
         let bytes = self.read_block_bytes(meta)?;
         let block: EncodedBlock = postcard::from_bytes(&bytes).map_err(|e| corrupt(format!("block: {e}")))?;
-        let timestamps: Vec<i64> = pco_decompress(&block.timestamps).map_err(corrupt)?;
+        let timestamps: Vec<i64> = decode_timestamps(&block.timestamps).map_err(corrupt)?;
         let ints: Vec<i64> = pco_decompress(&block.ints).map_err(corrupt)?;
         let decs: Vec<f64> = pco_decompress(&block.decs).map_err(corrupt)?;
         let values: Vec<Num> = if block.value_kinds.is_empty() {
             ints.into_iter().map(Num::Int).collect()
+        } else if block.value_kinds == ALL_DECIMAL {
+            decs.into_iter().map(Num::Dec).collect()
         } else {
             let kinds = zstd_decompress(&block.value_kinds, BLOCK_POINTS).map_err(corrupt)?;
             let (mut i, mut d) = (ints.into_iter(), decs.into_iter());
@@ -803,9 +897,13 @@ impl Segment {
             if columns.is_some_and(|cols| !cols.contains(&f.name)) {
                 continue;
             }
-            let dict_bytes = zstd_decompress(&f.dict, DICT_BYTES_MAX).map_err(corrupt)?;
-            let dict: Vec<FieldValue> = postcard::from_bytes(&dict_bytes).map_err(|e| corrupt(e.to_string()))?;
-            let codes: Vec<u32> = decode_codes(&f.codes).map_err(corrupt)?;
+            let (dict, codes) = if f.dict.is_empty() && f.codes.first() == Some(&INT_RUNS) {
+                decode_int_runs(&f.codes).map_err(corrupt)?
+            } else {
+                let dict_bytes = zstd_decompress(&f.dict, DICT_BYTES_MAX).map_err(corrupt)?;
+                let dict: Vec<FieldValue> = postcard::from_bytes(&dict_bytes).map_err(|e| corrupt(e.to_string()))?;
+                (dict, decode_codes(&f.codes).map_err(corrupt)?)
+            };
             if codes.len() != batch.len() || codes.iter().any(|&c| c != NULL_CODE && c as usize >= dict.len()) {
                 return Err(corrupt(format!("column {} is inconsistent", f.name)));
             }
@@ -964,6 +1062,75 @@ mod tests {
         // Only the columns asked for.
         let only_region = seg.read_block(&seg.blocks[0], Some(&["region".to_string()])).unwrap();
         assert!(only_region.columns.contains_key("region") && !only_region.columns.contains_key("host"));
+    }
+
+    /// The compact forms come back exactly: timestamps at a fixed stride, all-decimal values,
+    /// write times as runs; irregular timestamps and integer columns with nulls keep the
+    /// general forms.
+    #[test]
+    fn compact_columns_round_trip() {
+        let points = |times: &[i64], dec: bool, at_ms: i64| {
+            let mut b = RowBatchBuilder::default();
+            for (i, &t) in times.iter().enumerate() {
+                let mut p = Point {
+                    timestamp: t,
+                    value: if dec { Num::Dec(i as f64 + 0.25) } else { Num::Int(i as i64) },
+                    dimensions: Default::default(),
+                    tags: Default::default(),
+                };
+                if !dec && i % 2 == 0 {
+                    p.dimensions.insert("code".into(), FieldValue::Int(200 + i as i64 % 3));
+                }
+                b.push(&p).unwrap();
+            }
+            let mut batch = b.finish();
+            batch.stamp_written(at_ms);
+            batch
+        };
+        let regular: Vec<i64> = (0..300).map(|i| i * 10_000).collect();
+        let irregular: Vec<i64> = (0..300).map(|i| 2_000_000_000 + i * i).collect();
+        let mut all = RowBatchBuilder::default();
+        // One regular decimal series written in three goes (three runs of write times).
+        for (part, at) in regular.chunks(100).zip([7_000, 9_000, 8_000]) {
+            all.extend_from(&points(part, true, at), None);
+        }
+        all.extend_from(&points(&irregular, false, 5), None);
+        let mut batch = all.finish();
+        // A second series: the irregular one differs by a tag.
+        batch.columns.insert(
+            "s".into(),
+            DictColumn {
+                class: Some(FieldClass::Tag),
+                dict: vec![FieldValue::Str("a".into()), FieldValue::Str("b".into())],
+                codes: (0..batch.len()).map(|r| u32::from(r >= 300)).collect(),
+            },
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_path(dir.path(), 1);
+        write_segment(&path, &batch).unwrap();
+        let seg = Segment::open(&path, 1).unwrap();
+        let back = seg.read_all().unwrap();
+        assert_eq!(sorted_points(&back), sorted_points(&batch));
+        let mut written: Vec<(i64, i64)> = back.timestamps.iter().copied().zip(back.written()).collect();
+        let mut expected: Vec<(i64, i64)> = batch.timestamps.iter().copied().zip(batch.written()).collect();
+        written.sort();
+        expected.sort();
+        assert_eq!(written, expected, "write times come back with their points");
+        let mut forms = Vec::new();
+        for meta in &seg.blocks {
+            let block: EncodedBlock = postcard::from_bytes(&seg.read_block_bytes(meta).unwrap()).unwrap();
+            let runs = block.fields.iter().find(|f| f.name == crate::model::batch::WRITTEN_COLUMN).unwrap();
+            let code = block.fields.iter().find(|f| f.name == "code");
+            forms.push((
+                block.timestamps[0] == STRIDE,
+                block.value_kinds == ALL_DECIMAL,
+                runs.dict.is_empty() && runs.codes[0] == INT_RUNS,
+                code.is_some_and(|c| !c.dict.is_empty()),
+            ));
+        }
+        forms.sort();
+        // The irregular integer series, then the regular decimal one.
+        assert_eq!(forms, [(false, false, true, true), (true, true, true, false)]);
     }
 
     #[test]
