@@ -298,7 +298,7 @@ impl Storage {
             {
                 tracing::error!(shard = %shard.id, error = %e, "background compaction failed");
             }
-            if shard.needs_merge() {
+            if shard.needs_merge(tokio::time::Instant::now(), self.cfg.flush_interval) {
                 shard.merge_segments();
             }
         }

@@ -126,6 +126,8 @@ struct ShardState {
     memtable_rows_expected: usize,
     /// When the oldest point in the memtable arrived (for flushing idle shards).
     memtable_since: Option<tokio::time::Instant>,
+    /// When points last joined the memtable: a shard is idle when this is long past.
+    last_write: Option<tokio::time::Instant>,
     /// A memtable being written to a segment: still visible to scans until the segment is.
     frozen: Option<Arc<RowBatch>>,
     segments: Vec<Arc<Segment>>,
@@ -537,14 +539,17 @@ impl Shard {
     }
 
     /// True when the shard has in-memory points older than `age`.
-    /// Whether the shard is idle (nothing in memory) with segments worth merging into one:
+    /// Whether the shard is idle (nothing in memory, nothing written for `idle`; a shard being
+    /// loaded has an empty memtable for a moment after each flush) with segments worth merging
+    /// into one:
     /// those written since its largest one hold at least an eighth as many bytes. Each flush
     /// of a shard with many series writes a few points per series per block; merged, a series
     /// has one block per window, which is smaller on disk and quicker to read. The eighth
     /// keeps a shard that gets a point now and then from being rewritten at every flush.
-    pub fn needs_merge(&self) -> bool {
+    pub fn needs_merge(&self, now: tokio::time::Instant, idle: std::time::Duration) -> bool {
         let st = self.state.read().expect("shard lock");
-        if !st.memtable.batch.is_empty() || st.frozen.is_some() || st.segments.len() < 2 {
+        let written_lately = st.last_write.is_some_and(|at| now.duration_since(at) < idle);
+        if written_lately || !st.memtable.batch.is_empty() || st.frozen.is_some() || st.segments.len() < 2 {
             return false;
         }
         let sizes: Vec<u64> = st.segments.iter().map(|seg| seg.block_bytes()).collect();
@@ -1109,9 +1114,9 @@ impl Writer {
                 for batch in &group.batches {
                     st.memtable.extend_from(batch, None);
                 }
-                if st.memtable_since.is_none() {
-                    st.memtable_since = Some(tokio::time::Instant::now());
-                }
+                let now = tokio::time::Instant::now();
+                st.memtable_since.get_or_insert(now);
+                st.last_write = Some(now);
                 st.memtable_lsn = lsn;
                 if in_place {
                     self.index.rows += written;
@@ -1184,16 +1189,19 @@ impl Writer {
                 tracing::error!(shard = %self.shard.id, error = %e, "compaction failed; points stay in the WAL");
             }
         }
-        if !self.in_flight.is_empty() || !self.shard.needs_merge() {
+        // The caller found the shard idle: only what changed since is checked again.
+        if !self.in_flight.is_empty() || !self.shard.needs_merge(tokio::time::Instant::now(), std::time::Duration::ZERO)
+        {
             return;
         }
         let (shard, seg_seq, flushed_lsn) = (self.shard.clone(), self.take_seq(), self.shard.flushed_lsn());
+        // A merge that fails (a full disk) leaves the segments as they were: it is only
+        // logged, so that the next flush or delete does not fail with its error.
         self.compacting = Some(tokio::spawn(async move {
-            let merged = rewrite(&shard, seg_seq, flushed_lsn, None).await.map(|_| ());
-            if let Err(e) = &merged {
-                tracing::error!(shard = %shard.id, error = %e, "merging an idle shard's segments failed");
+            if let Err(e) = rewrite(&shard, seg_seq, flushed_lsn, None).await {
+                tracing::warn!(shard = %shard.id, error = %e, "merging an idle shard's segments failed; they stay");
             }
-            merged
+            Ok(())
         }));
     }
 
@@ -1613,6 +1621,7 @@ mod tests {
     /// merged while its memtable holds points.
     #[tokio::test]
     async fn an_idle_shard_merges_its_segments_into_one() {
+        let mergeable = |shard: &Shard| shard.needs_merge(tokio::time::Instant::now(), std::time::Duration::ZERO);
         let dir = tempfile::tempdir().unwrap();
         let shard = open_shard(dir.path()).await;
         // Values that do not compress to nothing, so bytes follow points.
@@ -1627,18 +1636,20 @@ mod tests {
         };
         shard.append(varied(0..4000)).await.unwrap();
         shard.flush().await.unwrap();
-        assert!(!shard.needs_merge(), "one segment");
+        assert!(!mergeable(&shard), "one segment");
         shard.append(varied(4000..4100)).await.unwrap();
         shard.flush().await.unwrap();
-        assert!(!shard.needs_merge(), "100 points after 4000 are not worth a rewrite");
+        assert!(!mergeable(&shard), "100 points after 4000 are not worth a rewrite");
         let dir = tempfile::tempdir().unwrap();
         let shard = open_shard(dir.path()).await;
         shard.append(varied(0..4000)).await.unwrap();
         shard.flush().await.unwrap();
         shard.append(varied(4000..5000)).await.unwrap();
-        assert!(!shard.needs_merge(), "points in the memtable: not idle");
+        assert!(!mergeable(&shard), "points in the memtable: not idle");
         shard.flush().await.unwrap();
-        assert!(shard.needs_merge());
+        assert!(mergeable(&shard));
+        let an_hour = std::time::Duration::from_secs(3600);
+        assert!(!shard.needs_merge(tokio::time::Instant::now(), an_hour), "written within the hour: not idle");
         let before = shard.version();
         shard.merge_segments();
         shard.flush().await.unwrap(); // waits for the merge, as every flush waits for a compaction
@@ -1647,7 +1658,7 @@ mod tests {
         assert_eq!(snapshot.segments[0].blocks.len(), 1, "one series, one window: one block");
         assert_eq!(shard.points(), 5000);
         assert_ne!(shard.version(), before, "a merge is a new state for cached answers");
-        assert!(!shard.needs_merge());
+        assert!(!mergeable(&shard));
     }
 
     #[tokio::test]
