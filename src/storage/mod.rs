@@ -660,10 +660,16 @@ mod tests {
 
         pub static HOLD: (Mutex<Hold>, Condvar) = (Mutex::new(Hold::Off), Condvar::new());
 
+        /// Path prefixes whose disk is full: nothing more is written to a path beginning so.
+        pub static FULL: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
         pub struct Seam;
 
         impl crate::env::DiskSeam for Seam {
             fn writable(&self, path: &Path, len: usize) -> usize {
+                if FULL.lock().unwrap().iter().any(|prefix| path.to_string_lossy().starts_with(prefix.as_str())) {
+                    return 0;
+                }
                 let mut hold = HOLD.0.lock().unwrap();
                 if !matches!(&*hold, Hold::Armed(dir) if path.starts_with(dir)) {
                     return len;
@@ -707,6 +713,46 @@ mod tests {
                 std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
             }
         }
+    }
+
+    /// A delete whose rewrite fails (a full disk) after its tombstone was recorded is applied
+    /// again at the next tombstone exchange, once the disk has room: otherwise the points
+    /// stayed on this replica while the tombstone kept them from the others (simulator seed
+    /// 795802023 showed two replicas that repair could not make agree).
+    #[tokio::test]
+    async fn a_delete_cut_short_by_a_full_disk_is_finished_later() {
+        crate::env::install_disk_seam(Box::new(held_write::Seam));
+        let dir = tempfile::tempdir().unwrap();
+        // A tombstone's rule: the 8 bytes of a time; points before it go.
+        let before: TombstoneRule = Arc::new(|rule: &[u8]| {
+            let cut = i64::from_le_bytes(rule.try_into().expect("8 bytes"));
+            Box::new(move |b: &RowBatch| b.timestamps.iter().map(|&t| t >= cut).collect())
+        });
+        let key = MetricKey::new("d", "n", "m").unwrap();
+        let storage =
+            Storage::open(dir.path(), cfg(1_000_000), Arc::new(Metrics::default()), before.clone()).await.unwrap();
+        let shard = storage.shard(ShardId { metric: key.clone(), start: 0 }).await.unwrap();
+        shard.append(points(0..100, 1)).await.unwrap();
+        shard.flush().await.unwrap();
+        let tombstone = Tombstone { at_ms: 1_000, rule: 50i64.to_le_bytes().to_vec() };
+        let segments = shard.dir.join("seg-").to_string_lossy().into_owned();
+        let full = |on: bool| {
+            let mut prefixes = held_write::FULL.lock().unwrap();
+            prefixes.retain(|p| p != &segments);
+            if on {
+                prefixes.push(segments.clone());
+            }
+        };
+        // Full for segment files only: the tombstone is recorded, the rewrite fails.
+        full(true);
+        let failed = shard.delete(Some(before(&tombstone.rule)), Some(tombstone.clone())).await;
+        full(false);
+        assert!(failed.is_err(), "the rewrite cannot be written: {failed:?}");
+        assert_eq!(shard.points(), 100, "nothing deleted yet");
+        assert_eq!(shard.tombstones(0).await.unwrap(), [tombstone.clone()], "the tombstone is recorded");
+        // The exchange above applied it.
+        assert_eq!(shard.points(), 50, "the recorded delete is finished");
+        assert_eq!(count(&storage, &key), (50, 50));
     }
 
     /// A group in flight behind one whose WAL write fails is answered with an error (it was

@@ -253,6 +253,11 @@ struct Writer {
     index: MemtableIndex,
     frozen_index: MemtableIndex,
     tombstones: Vec<(Tombstone, KeepRow)>,
+    /// Tombstones recorded whose delete did not complete (a full disk failed its flush or
+    /// rewrite): applied again at each tombstone exchange until it does. Without this, the
+    /// points stayed here while the tombstone kept another replica from taking them back, and
+    /// repair never made the two agree. At most one per tombstone.
+    unapplied: Vec<Tombstone>,
     rule: TombstoneRule,
     /// Groups submitted to the WAL, oldest first: not yet in the memtable, but new appends are
     /// checked against them too.
@@ -448,6 +453,7 @@ impl Shard {
             index: MemtableIndex::stale(),
             frozen_index: MemtableIndex::default(),
             tombstones,
+            unapplied: Vec::new(),
             rule,
             in_flight: VecDeque::new(),
         };
@@ -909,6 +915,10 @@ impl Writer {
                 }
                 Command::Tombstones { now_ms, done } => {
                     self.expire_tombstones(now_ms);
+                    // Repair exchanges tombstones before it compares replicas: a delete left
+                    // half-done is finished first.
+                    self.settle_all().await;
+                    self.apply_unapplied().await;
                     let _ = done.send(Ok(self.tombstones.iter().map(|(t, _)| t.clone()).collect()));
                 }
                 Command::Close { done } => {
@@ -1300,19 +1310,50 @@ impl Writer {
             (Some(keep), Some(t)) => Some(keep_written_after(keep, t.at_ms)),
             (keep, _) => keep,
         };
-        if let Some(t) = tombstone {
+        if let Some(t) = &tombstone {
             let mut all: Vec<Tombstone> = self.tombstones.iter().map(|(t, _)| t.clone()).collect();
             all.push(t.clone());
             let dir = self.shard.dir.clone();
             blocking(move || write_tombstones(&dir, &all)).await?;
             let rule = keep_written_after((self.rule)(&t.rule), t.at_ms);
-            self.tombstones.push((t, rule));
+            self.tombstones.push((t.clone(), rule));
         }
         let Some(keep) = keep else { return Ok(0) };
+        let removed = self.remove_rows(keep).await;
+        if let (Err(_), Some(t)) = (&removed, tombstone) {
+            self.unapplied.push(t);
+        }
+        removed
+    }
+
+    /// Flushes the memtable and rewrites the segments without the rows `keep` refuses.
+    async fn remove_rows(&mut self, keep: KeepRow) -> Result<u64, StorageError> {
         self.flush(true).await?;
         let flushed_lsn = self.shard.flushed_lsn();
         let seg_seq = self.take_seq();
         rewrite(&self.shard, seg_seq, flushed_lsn, Some(keep)).await
+    }
+
+    /// Applies again the deletes of tombstones recorded while their delete failed.
+    async fn apply_unapplied(&mut self) {
+        if self.unapplied.is_empty() {
+            return;
+        }
+        let rules: Vec<KeepRow> =
+            self.unapplied.iter().map(|t| keep_written_after((self.rule)(&t.rule), t.at_ms)).collect();
+        let keep: KeepRow = Box::new(move |batch: &RowBatch| {
+            let mut keep = vec![true; batch.len()];
+            for rule in &rules {
+                for (k, r) in keep.iter_mut().zip(rule(batch)) {
+                    *k &= r;
+                }
+            }
+            keep
+        });
+        match self.remove_rows(keep).await {
+            Ok(_) => self.unapplied.clear(),
+            Err(e) => tracing::warn!(shard = %self.shard.id, error = %e, "a recorded delete still cannot be applied"),
+        }
     }
 }
 
