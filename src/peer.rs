@@ -197,6 +197,10 @@ pub const CALLS_PER_PEER_MAX: usize = 64;
 /// timeout each, and the calls queued behind fail fast instead of piling up.
 pub const QUEUE_WAIT_MAX: Duration = Duration::from_secs(2);
 
+/// Longest a pooled connection to a peer stays idle: below the smallest sensible
+/// `shoal.http.header-read-timeout`, after which the peer closes it.
+pub const POOL_IDLE_MAX: Duration = Duration::from_secs(4);
+
 /// Internal calls over HTTP, with connection reuse, our cluster id on every request and, when
 /// the cluster has a secret, a signature made with its keyring.
 pub struct HttpPeers {
@@ -218,7 +222,11 @@ impl HttpPeers {
         tls: Option<rustls::ClientConfig>,
     ) -> anyhow::Result<Self> {
         crate::tls::install_default_provider();
-        let mut builder = reqwest::Client::builder().timeout(CALL_TIMEOUT);
+        // A node closes a connection that sends no request within its header-read timeout
+        // (10 s by default), also between requests; a call that picks such a connection from
+        // the pool as it closes fails with "error sending request" (seen as 503s under load in
+        // the 3-node benchmark). Idle connections are let go well before.
+        let mut builder = reqwest::Client::builder().timeout(CALL_TIMEOUT).pool_idle_timeout(POOL_IDLE_MAX);
         let scheme = match tls {
             Some(config) => {
                 builder = builder.tls_backend_preconfigured(config);

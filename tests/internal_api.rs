@@ -117,6 +117,25 @@ async fn replica_write_and_partial_through_the_peer_client() {
     }
 }
 
+/// Two in-process nodes with one-hour shards and replication factor `rf`, once each sees the
+/// other live.
+async fn two_nodes(
+    transport: &ChannelTransport,
+    dir: &std::path::Path,
+    rf: u8,
+) -> (std::sync::Arc<shoal::node::Node>, std::sync::Arc<shoal::node::Node>) {
+    let rf = format!("shoal.cluster.replication-factor={rf}");
+    let sets = ["shoal.sharding.interval=1h", rf.as_str(), "shoal.repair.interval=1h"];
+    let a = start(transport, dir, 1, &sets).await;
+    let b = start(transport, dir, 2, &sets).await;
+    common::inproc::eventually("both nodes to see each other", async || {
+        a.members().await.iter().filter(|m| m.is_live()).count() == 2
+            && b.members().await.iter().filter(|m| m.is_live()).count() == 2
+    })
+    .await;
+    (a, b)
+}
+
 /// A replica that is placed but has lost its copy (a new disk, say) is passed over by the read
 /// coordinator, even when it is the coordinator itself: the query answers from the replica
 /// that holds the points, not with nothing.
@@ -124,14 +143,7 @@ async fn replica_write_and_partial_through_the_peer_client() {
 async fn a_replica_without_its_copy_is_passed_over_by_reads() {
     let dir = tempfile::tempdir().unwrap();
     let transport = ChannelTransport::with_mtu(65_507);
-    let sets = ["shoal.sharding.interval=1h", "shoal.cluster.replication-factor=2", "shoal.repair.interval=1h"];
-    let a = start(&transport, dir.path(), 1, &sets).await;
-    let b = start(&transport, dir.path(), 2, &sets).await;
-    common::inproc::eventually("both nodes to see each other", async || {
-        a.members().await.iter().filter(|m| m.is_live()).count() == 2
-            && b.members().await.iter().filter(|m| m.is_live()).count() == 2
-    })
-    .await;
+    let (a, b) = two_nodes(&transport, dir.path(), 2).await;
     let lines: String = (0..100).map(|i| format!("cpu,region=eu value={i}i {}\n", 1000 + i)).collect();
     let batch = parse_line_protocol(&lines, "db", "ns", Precision::Ms, 0, 1000).unwrap();
     a.ingest(batch, Some(shoal::config::Consistency::All)).await.unwrap();
@@ -166,14 +178,7 @@ async fn a_kept_answer_is_served_only_while_its_copies_are_unchanged() {
     use std::sync::atomic::Ordering::Relaxed;
     let dir = tempfile::tempdir().unwrap();
     let transport = ChannelTransport::with_mtu(65_507);
-    let sets = ["shoal.sharding.interval=1h", "shoal.cluster.replication-factor=1", "shoal.repair.interval=1h"];
-    let a = start(&transport, dir.path(), 1, &sets).await;
-    let b = start(&transport, dir.path(), 2, &sets).await;
-    common::inproc::eventually("both nodes to see each other", async || {
-        a.members().await.iter().filter(|m| m.is_live()).count() == 2
-            && b.members().await.iter().filter(|m| m.is_live()).count() == 2
-    })
-    .await;
+    let (a, b) = two_nodes(&transport, dir.path(), 1).await;
     let write = async |via: &std::sync::Arc<shoal::node::Node>, from: i64, n: i64, offset_ms: i64| {
         // Points an hour apart: one shard each, placed on either node.
         let lines: String = (from..from + n)
