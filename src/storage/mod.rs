@@ -749,7 +749,7 @@ mod tests {
         full(false);
         assert!(failed.is_err(), "the rewrite cannot be written: {failed:?}");
         assert_eq!(shard.points(), 100, "nothing deleted yet");
-        assert_eq!(shard.tombstones(0).await.unwrap(), [tombstone.clone()], "the tombstone is recorded");
+        assert_eq!(shard.tombstones(0).await.unwrap(), [tombstone], "the tombstone is recorded");
         // The exchange above applied it.
         assert_eq!(shard.points(), 50, "the recorded delete is finished");
         assert_eq!(count(&storage, &key), (50, 50));
