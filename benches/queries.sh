@@ -53,7 +53,7 @@ load() { # url-prefix... (bodies go round-robin over them, 2 streams) -> prints 
   start=$(date +%s.%N)
   ls "$WORK"/data/*.lp | awk -v n="${#urls[@]}" '{ print NR % n, $0 }' | \
     while read -r i f; do echo "${urls[$i]} $f"; done | \
-    xargs -P2 -L1 sh -c 'curl -sf -o /dev/null --data-binary @"$1" "$0" || echo "load failed: $0 $1" >&2'
+    xargs -P2 -L1 sh -c 'out=$(curl -s -w " %{http_code}" --data-binary @"$1" "$0"); case "$out" in *" 204") ;; *) echo "load failed: $0 $1: $out" | head -c 1000 >&2; echo >&2 ;; esac'
   end=$(date +%s.%N)
   echo "$LINES $start $end" | awk '{ printf "%.0f", $1 / ($3 - $2) }'
 }

@@ -271,7 +271,17 @@ impl HttpPeers {
                 ),
             })?
             .expect("never closed");
-        let unreachable = |e: reqwest::Error| PeerError::Unreachable { addr: addr.to_string(), reason: e.to_string() };
+        // With its causes: reqwest's own message ("error sending request") does not say
+        // whether the connection was refused, reset or closed.
+        let unreachable = |e: reqwest::Error| {
+            let mut reason = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                reason.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            PeerError::Unreachable { addr: addr.to_string(), reason }
+        };
         let resp = req.header(CLUSTER_HEADER, &self.cluster_id).send().await.map_err(unreachable)?;
         let status = resp.status();
         let body = resp.bytes().await.map_err(unreachable)?;
