@@ -99,9 +99,9 @@ pub struct QueryRequest {
 }
 
 pub enum QueryOutcome {
-    /// A select's records, with the shards no replica could answer for named in `"partial"`
-    /// (only when the request allowed a partial answer; otherwise they fail it with a 503).
-    /// The answer's JSON body (see [`query::RecordsJson`]), perhaps a kept one.
+    /// A select's answer as its JSON body ([`query::RecordsJson`]), computed or kept: the
+    /// records, and under `"partial"` the shards no replica could answer for (only when the
+    /// request allowed a partial answer; otherwise they fail it with a 503).
     Records(axum::body::Bytes),
     Deleted(u64),
 }
@@ -170,7 +170,6 @@ pub(crate) fn tombstone_epoch(rule: &[u8]) -> u64 {
     crate::peer::ReplicaDelete::from_rule(rule).map_or(0, |d| d.epoch)
 }
 
-/// Why the read coordinator has no partial result for a shard.
 /// What the read coordinator learned of one shard.
 enum ShardReply {
     /// The copy the cached answer read is unchanged.
@@ -197,6 +196,7 @@ enum Scattered {
     Merged { partial: query::exec::Partial, missing: Vec<String>, sources: Option<Vec<query::cache::Source>> },
 }
 
+/// Why the read coordinator has no partial result for a shard.
 enum ShardAnswer {
     /// No replica could answer: the shard is missing from the result.
     Missing { shard: String, reason: String },

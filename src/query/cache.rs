@@ -50,8 +50,8 @@ pub struct CachedAnswer {
 
 impl CachedAnswer {
     fn bytes(&self) -> usize {
-        self.body.len()
-            + self.sources.iter().map(|s| s.replica.len() + s.shard.metric.to_string().len() + 48).sum::<usize>()
+        let key_len = |k: &MetricKey| k.db.len() + k.namespace.len() + k.metric.len();
+        self.body.len() + self.sources.iter().map(|s| s.replica.len() + key_len(&s.shard.metric) + 48).sum::<usize>()
     }
 
     /// The version of `shard`'s copy on `replica` that this answer read, if it read that copy.

@@ -654,6 +654,9 @@ pub struct Segment {
     /// through the old file's handle.
     id: u64,
     pub blocks: Vec<BlockMeta>,
+    /// Bytes of its blocks (the footer aside), summed once: idle shards are checked for a
+    /// merge at every flush tick.
+    pub block_bytes: u64,
     index: SeriesIndex,
     /// Set once a compaction replaced this segment: its file goes when the last reader is
     /// done with it (a running scan may need to reopen it after its handle was evicted).
@@ -797,7 +800,17 @@ impl Segment {
         let index = SeriesIndex::of(footer.series, &footer.blocks).map_err(|what| corrupt(&what))?;
         let id = NEXT_SEGMENT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         keep_open(id, std::sync::Arc::new(file));
-        Ok(Self { seq, path: path.to_path_buf(), id, blocks: footer.blocks, index, retired: Default::default(), inode })
+        let block_bytes = footer.blocks.iter().map(|b| b.len).sum();
+        Ok(Self {
+            seq,
+            path: path.to_path_buf(),
+            id,
+            blocks: footer.blocks,
+            block_bytes,
+            index,
+            retired: Default::default(),
+            inode,
+        })
     }
 
     /// The tags of series `id` (`None` for [`NO_SERIES`]).
@@ -860,11 +873,6 @@ impl Segment {
 
     pub fn points(&self) -> u64 {
         self.blocks.iter().map(|b| u64::from(b.count)).sum()
-    }
-
-    /// Bytes of its blocks (the footer aside).
-    pub fn block_bytes(&self) -> u64 {
-        self.blocks.iter().map(|b| b.len).sum()
     }
 
     /// Decodes one block. `columns`: the dimension/tag columns to decode (`None` = all).

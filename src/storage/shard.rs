@@ -547,8 +547,7 @@ impl Shard {
     /// True when the shard has in-memory points older than `age`.
     /// Whether the shard is idle (nothing in memory, nothing written for `idle`; a shard being
     /// loaded has an empty memtable for a moment after each flush) with segments worth merging
-    /// into one:
-    /// those written since its largest one hold at least an eighth as many bytes. Each flush
+    /// into one: those written since its largest one hold at least an eighth as many bytes. Each flush
     /// of a shard with many series writes a few points per series per block; merged, a series
     /// has one block per window, which is smaller on disk and quicker to read. The eighth
     /// keeps a shard that gets a point now and then from being rewritten at every flush.
@@ -558,9 +557,11 @@ impl Shard {
         if written_lately || !st.memtable.batch.is_empty() || st.frozen.is_some() || st.segments.len() < 2 {
             return false;
         }
-        let sizes: Vec<u64> = st.segments.iter().map(|seg| seg.block_bytes()).collect();
-        let largest = sizes.iter().copied().max().unwrap_or(0);
-        (sizes.iter().sum::<u64>() - largest) * 8 >= largest
+        let (total, largest) = st
+            .segments
+            .iter()
+            .fold((0, 0), |(total, largest), seg| (total + seg.block_bytes, largest.max(seg.block_bytes)));
+        (total - largest) * 8 >= largest
     }
 
     /// Asks the writer to merge the segments in the background (see [`Shard::needs_merge`]).
