@@ -99,8 +99,8 @@ pub struct QueryRequest {
 }
 
 pub enum QueryOutcome {
-    /// A select's answer as its JSON body ([`query::RecordsJson`]), computed or kept: the
-    /// records, and under `"partial"` the shards no replica could answer for (only when the
+    /// A select's answer as its JSON body ([`query::answer::Records::to_json`]), computed or
+    /// kept: the records, and under `"partial"` the shards no replica could answer for (only when the
     /// request allowed a partial answer; otherwise they fail it with a 503).
     Records(axum::body::Bytes),
     Deleted(u64),
@@ -1073,7 +1073,7 @@ impl Node {
         range: (i64, i64),
     ) -> Result<Vec<crate::model::Point>, NodeError> {
         match self.scatter(key, plan, range, false, None).await? {
-            Scattered::Merged { partial, .. } => Ok(query::exec::finish(plan, partial)),
+            Scattered::Merged { partial, .. } => Ok(query::answer::finish(plan, partial).into_points()),
             Scattered::Unchanged => unreachable!("nothing cached was named"),
         }
     }
@@ -1159,7 +1159,7 @@ impl Node {
                 }
             }
             into.total.trim(plan);
-            if into.total.size() > self.cfg.query_records_max {
+            if into.total.size(plan) > self.cfg.query_records_max {
                 return Err(QueryError::TooLarge { max: self.cfg.query_records_max }.into());
             }
         }
@@ -1263,9 +1263,8 @@ impl Node {
                         Ok(QueryOutcome::Records(cached.expect("an answer was cached").body.clone()))
                     }
                     Scattered::Merged { partial, missing, sources } => {
-                        let records = query::exec::finish(&plan, partial);
-                        let json = serde_json::to_vec(&query::RecordsJson { records: &records, partial: &missing })
-                            .map_err(|e| NodeError::Internal(e.to_string()))?;
+                        let records = query::answer::finish(&plan, partial);
+                        let json = records.to_json(&missing);
                         let body = axum::body::Bytes::from(json);
                         if let (Some(k), Some(mut sources)) = (cache_key, sources) {
                             sources.sort_by(|a, b| a.shard.cmp(&b.shard));

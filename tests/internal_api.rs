@@ -8,7 +8,7 @@ use common::inproc::start;
 use shoal::ingest::{Precision, parse_line_protocol};
 use shoal::model::{MetricKey, ShardId};
 use shoal::peer::{HttpPeers, PartialAnswer, PartialRequest, PeerClient, PeerError, ReplicaWrite, ShardVersion};
-use shoal::query::exec::finish;
+use shoal::query::answer::finish;
 use shoal::query::plan::{Statement, parse};
 
 fn select(sql: &str) -> shoal::query::plan::SelectPlan {
@@ -50,7 +50,7 @@ async fn replica_write_and_partial_through_the_peer_client() {
         postcard::from_bytes::<PartialAnswer>(&bytes).unwrap()
     };
     let PartialAnswer::Computed { version, partial } = ask(&req).await else { panic!("the replica holds it") };
-    let records = finish(&plan, partial);
+    let records = finish(&plan, partial).into_points();
     let sums: Vec<(String, f64)> =
         records.iter().map(|r| (format!("{:?}", r.tags["region"]), r.value.as_f64())).collect();
     assert_eq!(sums, [("Str(\"eu\")".to_string(), 4.0), ("Str(\"us\")".to_string(), 5.0)]);
@@ -66,7 +66,10 @@ async fn replica_write_and_partial_through_the_peer_client() {
     match ask(&known).await {
         PartialAnswer::Computed { version: newer, partial } => {
             assert_ne!(newer, version);
-            let us = finish(&plan, partial).into_iter().find(|r| format!("{:?}", r.tags["region"]) == "Str(\"us\")");
+            let us = finish(&plan, partial)
+                .into_points()
+                .into_iter()
+                .find(|r| format!("{:?}", r.tags["region"]) == "Str(\"us\")");
             assert_eq!(us.unwrap().value.as_f64(), 12.0, "the new point is read");
         }
         other => panic!("a changed copy is read again, not confirmed: {other:?}"),

@@ -334,7 +334,11 @@ fn as_number(v: &FieldValue) -> f64 {
 impl Num {
     /// The order of [`cmp_values`] on numbers.
     pub fn total_cmp(self, other: Num) -> Ordering {
-        cmp_values(&self.into(), &other.into())
+        match (self, other) {
+            (Num::Dec(a), Num::Dec(b)) => a.total_cmp(&b),
+            (Num::Int(a), Num::Int(b)) => a.cmp(&b),
+            _ => cmp_values(&self.into(), &other.into()),
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! its time range and bucket instead of decoding it. Whatever is not settled that way is decoded
 //! and filtered point by point, so answers are the same either way.
 
-use super::exec::{self, AggState, GroupKey, Partial, compare, field_of, matches_leaf};
+use super::exec::{self, Partial, compare, field_of, matches_leaf};
 use super::plan::{AggFn, Aggregate, CmpOp, Filter, Projection, SelectPlan};
 use crate::model::batch::RowBatch;
 use crate::model::{FieldValue, Key};
@@ -119,6 +119,12 @@ fn candidates(f: &Filter, seg: &Segment) -> Option<Vec<u32>> {
     }
 }
 
+/// The group all points of a block fall in.
+struct Group {
+    tags: Vec<Key>,
+    bucket: Option<i64>,
+}
+
 /// Runs one select over one shard's points into a partial.
 pub struct SelectVisitor<'a> {
     plan: &'a SelectPlan,
@@ -143,7 +149,7 @@ impl<'a> SelectVisitor<'a> {
     /// The group that all points of block `meta` fall in, when its summary can stand for
     /// them: every point passes the filter and lies in the range and in one bucket.
     /// `Some(None)`: the points belong to no group (the series lacks a grouping tag).
-    fn summary_group(&self, seg: &Segment, meta: &BlockMeta) -> Option<Option<GroupKey>> {
+    fn summary_group(&self, seg: &Segment, meta: &BlockMeta) -> Option<Option<Group>> {
         let (from, to) = self.range;
         if meta.min_ts < from || meta.max_ts >= to {
             return None;
@@ -153,7 +159,7 @@ impl<'a> SelectVisitor<'a> {
         {
             return None;
         }
-        let Some(group) = &self.plan.group else { return Some(Some(GroupKey::default())) };
+        let Some(group) = &self.plan.group else { return Some(Some(Group { tags: Vec::new(), bucket: None })) };
         let bucket = match group.interval {
             Some(w) if meta.min_ts.div_euclid(w) != meta.max_ts.div_euclid(w) => return None,
             Some(w) => Some(meta.min_ts.div_euclid(w) * w),
@@ -168,18 +174,7 @@ impl<'a> SelectVisitor<'a> {
                 None => return None,
             }
         }
-        Some(Some(GroupKey { bucket, tags }))
-    }
-}
-
-impl SelectVisitor<'_> {
-    /// Whether the partial outgrew `max`: counted in full (with distinct values) only for
-    /// `count(distinct …)`, since counting walks every group.
-    fn over_max(&self) -> bool {
-        match (&self.partial, &self.plan.projection) {
-            (Partial::Groups(groups), Projection::Aggregate(Aggregate::Value(_))) => groups.len() > self.max,
-            (partial, _) => partial.size() > self.max,
-        }
+        Some(Some(Group { tags, bucket }))
     }
 }
 
@@ -197,14 +192,14 @@ impl BlockVisitor for SelectVisitor<'_> {
             return BlockUse::Decode;
         };
         let (Some(key), Partial::Groups(groups)) = (key, &mut self.partial) else { return BlockUse::Skip };
-        let state = groups.entry(key).or_insert_with(AggState::default);
+        let state = groups.state(&key.tags, key.bucket);
         if matches!(agg, AggFn::Min | AggFn::Max | AggFn::First | AggFn::Last) {
             state.summary.merge(summary);
         } else {
             // What the points would have added: count and sums only.
             state.summary.merge_sums(summary);
         }
-        self.too_large = self.over_max();
+        self.too_large = self.partial.size(self.plan) > self.max;
         BlockUse::Skip
     }
 
@@ -214,7 +209,7 @@ impl BlockVisitor for SelectVisitor<'_> {
         }
         exec::scan_batch(self.plan, self.residual.as_ref(), batch, self.range.0, self.range.1, &mut self.partial);
         self.partial.trim(self.plan);
-        self.too_large = self.over_max();
+        self.too_large = self.partial.size(self.plan) > self.max;
     }
 }
 
@@ -348,9 +343,10 @@ mod tests {
                     split.trim(&plan);
                 }
             }
-            let full = exec::finish(&plan, full);
-            assert_eq!(exec::finish(&plan, split), full, "{sql} split in parts");
-            assert_eq!(exec::finish(&plan, indexed), full, "{sql}");
+            let finish = |partial| crate::query::answer::finish(&plan, partial).into_points();
+            let full = finish(full);
+            assert_eq!(finish(split), full, "{sql} split in parts");
+            assert_eq!(finish(indexed), full, "{sql}");
         }
         // How many segment blocks a select decodes over all the metric's shards.
         let decoded = |sql: &str| {

@@ -1,12 +1,12 @@
 //! Query execution as partial results plus a merge: each shard turns its batches into a
 //! [`Partial`]; partials from any number of shards (and, in a cluster, of nodes) merge
-//! exactly; [`finish`] orders, limits and shapes the records. A partial is plain serde data so a
+//! exactly; [`super::answer::finish`] orders, limits and shapes the records. A partial is plain serde data so a
 //! remote replica can send it back.
 
-use super::plan::{AggFn, Aggregate, CmpOp, Filter, Order, Projection, SelectPlan};
+use super::plan::{AggFn, Aggregate, CmpOp, Filter, Projection, SelectPlan};
 use crate::model::batch::{DictColumn, NULL_CODE, RowBatch};
 use crate::model::summary::Summary;
-use crate::model::{FieldValue, Key, Num, Point, cmp_values};
+use crate::model::{FieldValue, Key, Num, Point};
 
 fn num(v: &FieldValue) -> f64 {
     match v {
@@ -139,6 +139,11 @@ impl Bound<'_> {
 
 /// Rows of `batch` that `filter` accepts and that fall in `[from, to)`.
 pub fn matching_rows(filter: Option<&Filter>, batch: &RowBatch, from: i64, to: i64) -> Vec<usize> {
+    // The common case, a block wholly inside the range and no other filter, checked first: a
+    // plain count is a fifth of the work of the per-row test.
+    if filter.is_none() && batch.timestamps.iter().all(|&t| t >= from && t < to) {
+        return (0..batch.len()).collect();
+    }
     let bound = filter.map(|f| bind(f, batch));
     (0..batch.len())
         .filter(|&r| {
@@ -161,7 +166,7 @@ impl AggState {
         self.distinct.extend(o.distinct);
     }
 
-    fn result(&self, agg: &Aggregate) -> Option<Num> {
+    pub(super) fn result(&self, agg: &Aggregate) -> Option<Num> {
         let s = &self.summary;
         match agg {
             Aggregate::CountDistinct(_) => Some(Num::Int(self.distinct.len() as i64)),
@@ -177,25 +182,157 @@ impl AggState {
     }
 }
 
-/// One group of an aggregate: its interval bucket (lower bound) and its tags' values, in the
-/// order of the GROUP BY.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
-pub struct GroupKey {
-    pub bucket: Option<i64>,
-    pub tags: Vec<Key>,
+/// The groups of an aggregate: by the values of the GROUP BY tags (in its order), then by
+/// interval bucket (lower bound). Two levels, since a segment block holds one series: a scan
+/// looks a series' tags up once per block, not once per bucket, and each tuple of tag values is
+/// held once for all its buckets.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Groups {
+    by_tags: BTreeMap<Vec<Key>, Buckets>,
+    /// Groups in all (tags × bucket), counted as they are added: `shoal.query.max-records`
+    /// is checked after every block.
+    len: usize,
+}
+
+impl Groups {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The buckets of one tuple of tag values, added when new (its key copied only then).
+    fn buckets<'a>(by_tags: &'a mut BTreeMap<Vec<Key>, Buckets>, tags: &[Key]) -> &'a mut Buckets {
+        if !by_tags.contains_key(tags) {
+            by_tags.insert(tags.to_vec(), Buckets::default());
+        }
+        by_tags.get_mut(tags).expect("just added")
+    }
+
+    /// The running state of one group, added when new.
+    pub fn state(&mut self, tags: &[Key], bucket: Option<i64>) -> &mut AggState {
+        let (state, added) = Self::buckets(&mut self.by_tags, tags).state(bucket);
+        self.len += usize::from(added);
+        state
+    }
+
+    /// Adds the states of buckets of one tuple of tag values (ascending, as a block's rows
+    /// give them, or in any order).
+    fn add_buckets(&mut self, tags: &[Key], states: Vec<(Option<i64>, AggState)>) {
+        let buckets = Self::buckets(&mut self.by_tags, tags);
+        if states.windows(2).all(|w| w[0].0 < w[1].0) {
+            self.len += buckets.merge(Buckets(states));
+        } else {
+            for (bucket, state) in states {
+                let (into, added) = buckets.state(bucket);
+                into.merge(state);
+                self.len += usize::from(added);
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Groups) {
+        if self.is_empty() {
+            *self = other;
+            return;
+        }
+        for (tags, buckets) in other.by_tags {
+            match self.by_tags.entry(tags) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    self.len += buckets.0.len();
+                    v.insert(buckets);
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => self.len += o.get_mut().merge(buckets),
+            }
+        }
+    }
+
+    /// Every tuple of tag values with its buckets in ascending order.
+    pub fn into_tag_groups(self) -> impl Iterator<Item = (Vec<Key>, Vec<(Option<i64>, AggState)>)> {
+        self.by_tags.into_iter().map(|(tags, buckets)| (tags, buckets.0))
+    }
+
+    fn distinct_values(&self) -> usize {
+        self.by_tags.values().flat_map(|b| &b.0).map(|(_, s)| s.distinct.len()).sum()
+    }
+}
+
+/// The buckets of one tuple of tag values, ascending. A vector, not a map: buckets mostly come
+/// in time order (a block's rows do), so adding one is a push, and a few hundred thousand
+/// groups cost no tree nodes to build, walk and free.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct Buckets(Vec<(Option<i64>, AggState)>);
+
+impl Buckets {
+    /// The state of `bucket`, and whether it was added now.
+    fn state(&mut self, bucket: Option<i64>) -> (&mut AggState, bool) {
+        let at = match self.0.last() {
+            None => Err(0),
+            Some((last, _)) if *last == bucket => Ok(self.0.len() - 1),
+            Some((last, _)) if *last < bucket => Err(self.0.len()),
+            Some(_) => self.0.binary_search_by(|(b, _)| b.cmp(&bucket)),
+        };
+        match at {
+            Ok(i) => (&mut self.0[i].1, false),
+            Err(i) => {
+                self.0.insert(i, (bucket, AggState::default()));
+                (&mut self.0[i].1, true)
+            }
+        }
+    }
+
+    /// Merges ascending buckets in (in one pass, whatever their order against these);
+    /// returns how many were new.
+    fn merge(&mut self, other: Buckets) -> usize {
+        let (Some(last), Some(first)) = (self.0.last(), other.0.first()) else {
+            let added = other.0.len();
+            self.0.extend(other.0);
+            return added;
+        };
+        if last.0 < first.0 {
+            let added = other.0.len();
+            self.0.extend(other.0);
+            return added;
+        }
+        let mut added = 0;
+        let mut merged = Vec::with_capacity(self.0.len() + other.0.len());
+        let (mut ours, mut theirs) =
+            (std::mem::take(&mut self.0).into_iter().peekable(), other.0.into_iter().peekable());
+        loop {
+            let next = match (ours.peek(), theirs.peek()) {
+                (Some(a), Some(b)) if a.0 < b.0 => ours.next(),
+                (Some(a), Some(b)) if a.0 == b.0 => {
+                    let (bucket, mut state) = ours.next().expect("peeked");
+                    state.merge(theirs.next().expect("peeked").1);
+                    Some((bucket, state))
+                }
+                (_, Some(_)) => {
+                    added += 1;
+                    theirs.next()
+                }
+                (Some(_), None) => ours.next(),
+                (None, None) => break,
+            };
+            merged.extend(next);
+        }
+        self.0 = merged;
+        added
+    }
 }
 
 /// What one shard (or a merge of shards) knows about a query's answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Partial {
     Rows(Vec<Point>),
-    Groups(BTreeMap<GroupKey, AggState>),
+    Groups(Groups),
 }
 
 impl Partial {
     pub fn empty(plan: &SelectPlan) -> Self {
         match plan.projection {
-            Projection::Aggregate(_) => Partial::Groups(BTreeMap::new()),
+            Projection::Aggregate(_) => Partial::Groups(Groups::default()),
             _ => Partial::Rows(Vec::new()),
         }
     }
@@ -203,13 +340,7 @@ impl Partial {
     pub fn merge(&mut self, other: Partial) {
         match (self, other) {
             (Partial::Rows(a), Partial::Rows(b)) => a.extend(b),
-            // The first partial merged into an empty one (one shard, one replica) moves whole.
-            (Partial::Groups(a), Partial::Groups(b)) if a.is_empty() => *a = b,
-            (Partial::Groups(a), Partial::Groups(b)) => {
-                for (k, s) in b {
-                    a.entry(k).or_default().merge(s);
-                }
-            }
+            (Partial::Groups(a), Partial::Groups(b)) => a.merge(b),
             _ => unreachable!("partials of one plan have one shape"),
         }
     }
@@ -218,17 +349,19 @@ impl Partial {
     /// final merge sorts by the same key.
     pub fn trim(&mut self, plan: &SelectPlan) {
         if let (Partial::Rows(rows), Some(limit)) = (self, plan.limit) {
-            sort_records(rows, plan.order.as_ref());
+            super::answer::sort_points(rows, plan.order.as_ref());
             rows.truncate(limit);
         }
     }
 
-    /// What the partial holds, as `shoal.query.max-records` counts it: rows, or groups plus
-    /// the values kept for `count(distinct …)` (a few groups can hold millions of those).
-    pub fn size(&self) -> usize {
-        match self {
-            Partial::Rows(r) => r.len(),
-            Partial::Groups(g) => g.len() + g.values().map(|s| s.distinct.len()).sum::<usize>(),
+    /// What the partial holds, as `shoal.query.max-records` counts it: rows, or groups plus,
+    /// for `count(distinct …)`, the values kept (a few groups can hold millions of those;
+    /// counting them walks every group, so only that aggregate does).
+    pub fn size(&self, plan: &SelectPlan) -> usize {
+        match (self, &plan.projection) {
+            (Partial::Rows(r), _) => r.len(),
+            (Partial::Groups(g), Projection::Aggregate(Aggregate::CountDistinct(_))) => g.len() + g.distinct_values(),
+            (Partial::Groups(g), _) => g.len(),
         }
     }
 }
@@ -279,7 +412,7 @@ pub fn scan_batch(
                 }
             };
             let Some(group) = &plan.group else {
-                let state = groups.entry(GroupKey::default()).or_default();
+                let state = groups.state(&[], None);
                 rows.iter().for_each(|&r| add(state, r));
                 return;
             };
@@ -295,28 +428,24 @@ pub fn scan_batch(
                 .map(|c| (c.dict.len() == 1 && !c.codes.contains(&NULL_CODE)).then(|| Key(c.dict[0].clone())))
                 .collect();
             if let Some(tags) = constant {
-                let mut per_bucket: HashMap<Option<i64>, AggState> = HashMap::new();
-                let mut run: Option<(Option<i64>, AggState)> = None;
+                // The rows are in time order, so a bucket's bounds are worked out once per run.
+                let mut runs: Vec<(Option<i64>, AggState)> = Vec::new();
+                let mut span = (i64::MAX, i64::MIN);
                 for &r in &rows {
-                    let bucket = bucket_of(r);
-                    match &mut run {
-                        Some((b, state)) if *b == bucket => add(state, r),
-                        _ => {
-                            if let Some((b, state)) = run.take() {
-                                per_bucket.entry(b).or_default().merge(state);
-                            }
-                            let mut state = AggState::default();
-                            add(&mut state, r);
-                            run = Some((bucket, state));
+                    let t = batch.timestamps[r];
+                    if !(span.0 <= t && t < span.1) {
+                        let bucket = bucket_of(r);
+                        span = match (bucket, group.interval) {
+                            (Some(lower), Some(w)) => (lower, lower.saturating_add(w)),
+                            _ => (i64::MIN, i64::MAX),
+                        };
+                        if runs.last().is_none_or(|run| run.0 != bucket) {
+                            runs.push((bucket, AggState::default()));
                         }
                     }
+                    add(&mut runs.last_mut().expect("a run was started").1, r);
                 }
-                if let Some((b, state)) = run {
-                    per_bucket.entry(b).or_default().merge(state);
-                }
-                for (bucket, state) in per_bucket {
-                    groups.entry(GroupKey { bucket, tags: tags.clone() }).or_default().merge(state);
-                }
+                groups.add_buckets(&tags, runs);
                 return;
             }
             if let ([col], None) = (cols.as_slice(), group.interval) {
@@ -331,8 +460,7 @@ pub fn scan_batch(
                 }
                 for (code, state) in per_code.into_iter().enumerate() {
                     if let Some(state) = state {
-                        let key = GroupKey { bucket: None, tags: vec![Key(col.dict[code].clone())] };
-                        groups.entry(key).or_default().merge(state);
+                        groups.state(&[Key(col.dict[code].clone())], None).merge(state);
                     }
                 }
                 return;
@@ -345,94 +473,22 @@ pub fn scan_batch(
                 }
                 add(per_group.entry((bucket_of(r), codes)).or_default(), r);
             }
-            for ((bucket, codes), state) in per_group {
-                let tags = codes.iter().zip(&cols).map(|(c, col)| Key(col.dict[*c as usize].clone())).collect();
-                groups.entry(GroupKey { bucket, tags }).or_default().merge(state);
+            // Each tuple of tags once, with its buckets in order.
+            let mut per_group: Vec<_> = per_group.into_iter().collect();
+            per_group.sort_unstable_by(|((b1, c1), _), ((b2, c2), _)| c1.cmp(c2).then(b1.cmp(b2)));
+            let mut per_group = per_group.into_iter().peekable();
+            while let Some(((bucket, codes), state)) = per_group.next() {
+                let mut states = vec![(bucket, state)];
+                while let Some(((bucket, _), state)) = per_group.next_if(|((_, next), _)| *next == codes) {
+                    states.push((bucket, state));
+                }
+                let tags: Vec<Key> =
+                    codes.iter().zip(&cols).map(|(c, col)| Key(col.dict[*c as usize].clone())).collect();
+                groups.add_buckets(&tags, states);
             }
         }
         (Partial::Groups(_), _) => unreachable!("groups only for aggregates"),
     }
-}
-
-fn sort_records(rows: &mut [Point], order: Option<&Order>) {
-    let default = Order { field: "timestamp".into(), descending: false };
-    let order = order.unwrap_or(&default);
-    rows.sort_by(|a, b| {
-        let (x, y) = (a.field(&order.field), b.field(&order.field));
-        // Nulls last whatever the direction; then a full tie-break for a stable answer.
-        let primary = match (&x, &y) {
-            (None, None) => Ordering::Equal,
-            (None, Some(_)) => return Ordering::Greater,
-            (Some(_), None) => return Ordering::Less,
-            (Some(x), Some(y)) => cmp_values(x, y),
-        };
-        let primary = if order.descending { primary.reverse() } else { primary };
-        primary
-            .then_with(|| a.timestamp.cmp(&b.timestamp))
-            .then_with(|| a.value.total_cmp(b.value))
-            .then_with(|| cmp_fields(&a.tags, &b.tags))
-            .then_with(|| cmp_fields(&a.dimensions, &b.dimensions))
-    });
-}
-
-/// Orders two points' tags (or dimensions) by name, then value, pair by pair: the tie-break
-/// of records equal in time and value (many groups share a bucket), without formatting them.
-fn cmp_fields(a: &BTreeMap<String, FieldValue>, b: &BTreeMap<String, FieldValue>) -> Ordering {
-    let mut b_pairs = b.iter();
-    for (ka, va) in a {
-        let Some((kb, vb)) = b_pairs.next() else { return Ordering::Greater };
-        let order = ka.cmp(kb).then_with(|| cmp_values(va, vb));
-        if order != Ordering::Equal {
-            return order;
-        }
-    }
-    if b_pairs.next().is_some() { Ordering::Less } else { Ordering::Equal }
-}
-
-/// Turns a fully merged partial into NSDb-shaped records.
-pub fn finish(plan: &SelectPlan, partial: Partial) -> Vec<Point> {
-    let mut records = match partial {
-        Partial::Rows(rows) => rows,
-        Partial::Groups(groups) => {
-            let Projection::Aggregate(agg) = &plan.projection else { unreachable!("groups only for aggregates") };
-            let mut out = Vec::new();
-            if groups.is_empty()
-                && plan.group.is_none()
-                && matches!(agg, Aggregate::Value(AggFn::Count) | Aggregate::CountDistinct(_))
-            {
-                out.push(Point {
-                    timestamp: 0,
-                    value: Num::Int(0),
-                    dimensions: BTreeMap::new(),
-                    tags: BTreeMap::new(),
-                });
-            }
-            for (key, state) in groups {
-                let Some(value) = state.result(agg) else {
-                    continue;
-                };
-                let mut p = Point { timestamp: 0, value, dimensions: BTreeMap::new(), tags: BTreeMap::new() };
-                if let Some(group) = &plan.group {
-                    if let (Some(lower), Some(w)) = (key.bucket, group.interval) {
-                        let upper = lower.saturating_add(w);
-                        p.timestamp = upper;
-                        p.dimensions.insert("lowerBound".into(), FieldValue::Int(lower));
-                        p.dimensions.insert("upperBound".into(), FieldValue::Int(upper));
-                    }
-                    for (tag, k) in group.tags.iter().zip(key.tags) {
-                        p.tags.insert(tag.clone(), k.0);
-                    }
-                }
-                out.push(p);
-            }
-            out
-        }
-    };
-    sort_records(&mut records, plan.order.as_ref());
-    if let Some(limit) = plan.limit {
-        records.truncate(limit);
-    }
-    records
 }
 
 #[cfg(test)]
@@ -463,7 +519,7 @@ mod tests {
         scan_batch(&plan, plan.filter.as_ref(), &left, i64::MIN, i64::MAX, &mut a);
         scan_batch(&plan, plan.filter.as_ref(), &right, i64::MIN, i64::MAX, &mut b);
         a.merge(b);
-        let records = finish(&plan, a);
+        let records = crate::query::answer::finish(&plan, a).into_points();
         // 2 regions × 3 hosts × 2 minutes; 120 points over 12 groups, 10 each.
         assert_eq!(records.len(), 12);
         assert!(records.iter().all(|r| r.value == Num::Int(10)), "{records:?}");
@@ -485,7 +541,7 @@ mod tests {
         };
         let mut partial = Partial::empty(&plan);
         scan_batch(&plan, plan.filter.as_ref(), rows, i64::MIN, i64::MAX, &mut partial);
-        assert_eq!(partial.size(), 1 + 100, "one group holding 100 distinct hosts");
+        assert_eq!(partial.size(&plan), 1 + 100, "one group holding 100 distinct hosts");
     }
 
     #[test]
@@ -500,7 +556,7 @@ mod tests {
     #[test]
     fn value_order_is_total() {
         let mut v = vec![FieldValue::Str("a".into()), FieldValue::Dec(1.5), FieldValue::Int(2), FieldValue::Int(1)];
-        v.sort_by(cmp_values);
+        v.sort_by(crate::model::cmp_values);
         assert_eq!(v, vec![FieldValue::Int(1), FieldValue::Dec(1.5), FieldValue::Int(2), FieldValue::Str("a".into())]);
     }
 

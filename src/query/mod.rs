@@ -2,13 +2,14 @@
 //! and merges them. This module runs a query over the shards of this node; the cluster's read
 //! coordinator will run the same `exec` on each replica and merge the partials it receives.
 
+pub mod answer;
 pub mod blocks;
 pub mod cache;
 pub mod exec;
 pub mod plan;
 
 use crate::catalog::Catalog;
-use crate::model::{FieldValue, MetricKey, Point};
+use crate::model::MetricKey;
 use crate::storage::{Storage, StorageError};
 use exec::Partial;
 use plan::{Aggregate, Filter, Projection, SelectPlan};
@@ -122,7 +123,7 @@ pub fn partial_of_shards(
         for partial in partials {
             total.merge(partial?);
             total.trim(plan);
-            if total.size() > max {
+            if total.size(plan) > max {
                 return Err(QueryError::TooLarge { max });
             }
         }
@@ -133,52 +134,3 @@ pub fn partial_of_shards(
 /// A shard scan is split over the cores from this many blocks in range: below it, starting
 /// threads and merging their partials costs more than it saves.
 const PARALLEL_SCAN_BLOCKS_MIN: usize = 64;
-
-/// The HTTP answer to a select: `{"records": [...]}`, plus `"partial"` naming the shards no
-/// replica answered for when the caller accepts a partial answer. Serialized straight from the
-/// points (building a JSON tree first cost most of the time of a query with many groups).
-pub struct RecordsJson<'a> {
-    pub records: &'a [Point],
-    pub partial: &'a [String],
-}
-
-impl serde::Serialize for RecordsJson<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        struct Value<'a>(&'a FieldValue);
-        impl serde::Serialize for Value<'_> {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                match self.0 {
-                    FieldValue::Int(i) => serializer.serialize_i64(*i),
-                    FieldValue::Dec(d) if d.is_finite() => serializer.serialize_f64(*d),
-                    FieldValue::Dec(_) => serializer.serialize_none(),
-                    FieldValue::Str(s) => serializer.serialize_str(s),
-                }
-            }
-        }
-        struct Fields<'a>(&'a std::collections::BTreeMap<String, FieldValue>);
-        impl serde::Serialize for Fields<'_> {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.collect_map(self.0.iter().map(|(k, v)| (k, Value(v))))
-            }
-        }
-        struct Record<'a>(&'a Point);
-        impl serde::Serialize for Record<'_> {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                let p = self.0;
-                let mut map = serializer.serialize_map(Some(4))?;
-                map.serialize_entry("dimensions", &Fields(&p.dimensions))?;
-                map.serialize_entry("tags", &Fields(&p.tags))?;
-                map.serialize_entry("timestamp", &p.timestamp)?;
-                map.serialize_entry("value", &Value(&p.value.into()))?;
-                map.end()
-            }
-        }
-        let mut map = serializer.serialize_map(None)?;
-        if !self.partial.is_empty() {
-            map.serialize_entry("partial", self.partial)?;
-        }
-        map.serialize_entry("records", &self.records.iter().map(Record).collect::<Vec<_>>())?;
-        map.end()
-    }
-}

@@ -108,22 +108,24 @@ pub fn series_key(series: &Series) -> SeriesKey {
     series.iter().map(|(name, value)| (name.clone(), Key(value.clone()))).collect()
 }
 
+/// A block as stored: its byte strings are `Vec<u8>` when written and borrowed from the read
+/// buffer when read (postcard encodes both alike; decoding into vectors went byte by byte).
 #[derive(Serialize, Deserialize)]
-struct EncodedBlock {
-    timestamps: Vec<u8>,
+struct EncodedBlock<B> {
+    timestamps: B,
     /// One byte per row (0 = integer, 1 = decimal), zstd-compressed; empty when all integers.
-    value_kinds: Vec<u8>,
-    ints: Vec<u8>,
-    decs: Vec<u8>,
-    fields: Vec<EncodedField>,
+    value_kinds: B,
+    ints: B,
+    decs: B,
+    fields: Vec<EncodedField<B>>,
 }
 
 #[derive(Serialize, Deserialize)]
-struct EncodedField {
+struct EncodedField<B> {
     name: String,
     class: FieldClass,
-    dict: Vec<u8>,
-    codes: Vec<u8>,
+    dict: B,
+    codes: B,
 }
 
 fn pco_compress<T: pco::data_types::Number>(nums: &[T]) -> Vec<u8> {
@@ -326,7 +328,7 @@ fn decode_int_runs(bytes: &[u8]) -> Result<(Vec<FieldValue>, Vec<u32>), String> 
 
 /// Encodes `rows` of `batch` (one series) as a block: the tag columns stay out (the footer
 /// holds the series' tags once).
-fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock {
+fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock<Vec<u8>> {
     let timestamps: Vec<i64> = rows.iter().map(|&r| batch.timestamps[r]).collect();
     let mut kinds = Vec::with_capacity(rows.len());
     let (mut ints, mut decs) = (Vec::new(), Vec::new());
@@ -877,19 +879,18 @@ impl Segment {
 
     /// Decodes one block. `columns`: the dimension/tag columns to decode (`None` = all).
     pub fn read_block(&self, meta: &BlockMeta, columns: Option<&[String]>) -> Result<RowBatch, SegmentError> {
-        let p = self.path.display().to_string();
-        let corrupt = |what: String| SegmentError::Corrupt { path: p.clone(), what };
+        let corrupt = |what: String| SegmentError::Corrupt { path: self.path.display().to_string(), what };
         let bytes = self.read_block_bytes(meta)?;
-        let block: EncodedBlock = postcard::from_bytes(&bytes).map_err(|e| corrupt(format!("block: {e}")))?;
-        let timestamps: Vec<i64> = decode_timestamps(&block.timestamps).map_err(corrupt)?;
-        let ints: Vec<i64> = pco_decompress(&block.ints).map_err(corrupt)?;
-        let decs: Vec<f64> = pco_decompress(&block.decs).map_err(corrupt)?;
+        let block: EncodedBlock<&[u8]> = postcard::from_bytes(&bytes).map_err(|e| corrupt(format!("block: {e}")))?;
+        let timestamps: Vec<i64> = decode_timestamps(block.timestamps).map_err(corrupt)?;
+        let ints: Vec<i64> = pco_decompress(block.ints).map_err(corrupt)?;
+        let decs: Vec<f64> = pco_decompress(block.decs).map_err(corrupt)?;
         let values: Vec<Num> = if block.value_kinds.is_empty() {
             ints.into_iter().map(Num::Int).collect()
         } else if block.value_kinds == ALL_DECIMAL {
             decs.into_iter().map(Num::Dec).collect()
         } else {
-            let kinds = zstd_decompress(&block.value_kinds, BLOCK_POINTS).map_err(corrupt)?;
+            let kinds = zstd_decompress(block.value_kinds, BLOCK_POINTS).map_err(corrupt)?;
             let (mut i, mut d) = (ints.into_iter(), decs.into_iter());
             kinds
                 .iter()
@@ -906,11 +907,11 @@ impl Segment {
                 continue;
             }
             let (dict, codes) = if f.dict.is_empty() && f.codes.first() == Some(&INT_RUNS) {
-                decode_int_runs(&f.codes).map_err(corrupt)?
+                decode_int_runs(f.codes).map_err(corrupt)?
             } else {
-                let dict_bytes = zstd_decompress(&f.dict, DICT_BYTES_MAX).map_err(corrupt)?;
+                let dict_bytes = zstd_decompress(f.dict, DICT_BYTES_MAX).map_err(corrupt)?;
                 let dict: Vec<FieldValue> = postcard::from_bytes(&dict_bytes).map_err(|e| corrupt(e.to_string()))?;
-                (dict, decode_codes(&f.codes).map_err(corrupt)?)
+                (dict, decode_codes(f.codes).map_err(corrupt)?)
             };
             if codes.len() != batch.len() || codes.iter().any(|&c| c != NULL_CODE && c as usize >= dict.len()) {
                 return Err(corrupt(format!("column {} is inconsistent", f.name)));
@@ -940,14 +941,14 @@ impl Segment {
 
     /// The encoded bytes of one block, checked against its checksum.
     fn read_block_bytes(&self, meta: &BlockMeta) -> Result<Vec<u8>, SegmentError> {
-        let p = self.path.display().to_string();
+        let path = || self.path.display().to_string();
         let mut bytes = vec![0u8; meta.len as usize];
         self.file()?
             .read_exact_at(&mut bytes, meta.offset)
-            .map_err(|source| SegmentError::Io { path: p.clone(), source })?;
+            .map_err(|source| SegmentError::Io { path: path(), source })?;
         if crc32fast::hash(&bytes) != meta.crc {
             return Err(SegmentError::Corrupt {
-                path: p,
+                path: path(),
                 what: format!("block at {} fails its checksum", meta.offset),
             });
         }
@@ -1126,7 +1127,7 @@ mod tests {
         assert_eq!(written, expected, "write times come back with their points");
         let mut forms = Vec::new();
         for meta in &seg.blocks {
-            let block: EncodedBlock = postcard::from_bytes(&seg.read_block_bytes(meta).unwrap()).unwrap();
+            let block: EncodedBlock<Vec<u8>> = postcard::from_bytes(&seg.read_block_bytes(meta).unwrap()).unwrap();
             let runs = block.fields.iter().find(|f| f.name == crate::model::batch::WRITTEN_COLUMN).unwrap();
             let code = block.fields.iter().find(|f| f.name == "code");
             forms.push((

@@ -670,14 +670,6 @@ impl ShardSnapshot {
         part: usize,
         parts: usize,
     ) -> Result<(), StorageError> {
-        if part == 0 {
-            if let Some(memtable) = &self.memtable {
-                visitor.rows(memtable);
-            }
-            if let Some(frozen) = &self.frozen {
-                visitor.rows(frozen);
-            }
-        }
         for seg in &self.segments {
             let series = visitor.series(seg);
             let selected: Vec<&BlockMeta> =
@@ -687,6 +679,15 @@ impl ShardSnapshot {
                 if visitor.block(seg, meta) == BlockUse::Decode {
                     visitor.rows(&seg.read_block(meta, columns)?);
                 }
+            }
+        }
+        // The newest points last, so that groups mostly grow at their ends.
+        if part == 0 {
+            if let Some(frozen) = &self.frozen {
+                visitor.rows(frozen);
+            }
+            if let Some(memtable) = &self.memtable {
+                visitor.rows(memtable);
             }
         }
         Ok(())
