@@ -58,11 +58,12 @@ load() { # url-prefix... (bodies go round-robin over them, 2 streams) -> prints 
   echo "$LINES $start $end" | awk '{ printf "%.0f", $1 / ($3 - $2) }'
 }
 
-median5() { # command... -> median seconds of 5 runs
-  for _ in 1 2 3 4 5; do
-    local s e; s=$(date +%s.%N); "$@" > "$WORK/q.out"; e=$(date +%s.%N)
-    echo "$e - $s" | bc -l
-  done | sort -g | sed -n 3p
+# A query's time is curl's, from connecting to the last byte of the answer: timing the curl
+# process as well added ~7 ms of start-up to every system's figure, which hid the differences
+# between answers that take a few milliseconds.
+timed_curl() { curl -sf -o "$WORK/q.out" -w '%{time_total}\n' "$@"; }
+median5() { # query-command... (which runs timed_curl) -> median seconds of 5 runs
+  for _ in 1 2 3 4 5; do "$@"; done | sort -g | sed -n 3p
 }
 
 peak_rss_mib() { awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
@@ -76,7 +77,7 @@ report() { # name load bytes rss q1..q5
 printf "%-14s %18s %11s %10s  %8s %8s %8s %8s %8s\n" system load size peak_rss by_region one_host per_1h 1m_by_host last
 # --- Shoal: a single node, then a 3-node RF 2 cluster ---
 shoal_sql() { # addr sql
-  curl -sf -XPOST "http://$1/query" -H 'Content-Type: application/json' \
+  timed_curl -XPOST "http://$1/query" -H 'Content-Type: application/json' \
     -d "{\"db\":\"bench\",\"namespace\":\"bench\",\"queryString\":\"$2\"}"
 }
 shoal_queries() { # addr
@@ -130,8 +131,8 @@ LOAD=$(load "http://127.0.0.1:18428/write?precision=s")
 curl -sf -o /dev/null http://127.0.0.1:18428/internal/force_flush || true
 sleep 5
 RANGE="$(( SECONDS_SPAN + 1 ))s"; AT=$(( END_S + 1 ))
-vm_query() { curl -sf -G http://127.0.0.1:18428/api/v1/query --data-urlencode "query=$1" --data-urlencode "time=$AT"; }
-vm_range() { curl -sf -G http://127.0.0.1:18428/api/v1/query_range --data-urlencode "query=$1" \
+vm_query() { timed_curl -G http://127.0.0.1:18428/api/v1/query --data-urlencode "query=$1" --data-urlencode "time=$AT"; }
+vm_range() { timed_curl -G http://127.0.0.1:18428/api/v1/query_range --data-urlencode "query=$1" \
   --data-urlencode "start=$2" --data-urlencode "end=$AT" --data-urlencode "step=$3"; }
 Q1=$(median5 vm_query "sum by (region) (sum_over_time(cpu_value[$RANGE])) / sum by (region) (count_over_time(cpu_value[$RANGE]))")
 Q2=$(median5 vm_query "max_over_time(cpu_value{host=\"h7\"}[$RANGE])")
@@ -163,7 +164,7 @@ wait_http http://127.0.0.1:18086/ping
 curl -sf -o /dev/null -XPOST http://127.0.0.1:18086/query --data-urlencode "q=CREATE DATABASE bench"
 LOAD=$(load "http://127.0.0.1:18086/write?db=bench&precision=s")
 sleep 5
-influxql() { curl -sf -G http://127.0.0.1:18086/query --data-urlencode db=bench --data-urlencode "q=$1"; }
+influxql() { timed_curl -G http://127.0.0.1:18086/query --data-urlencode db=bench --data-urlencode "q=$1"; }
 W="time >= ${FROM_MS}ms AND time < ${TO_MS}ms"
 Q1=$(median5 influxql "SELECT mean(value) FROM cpu WHERE $W GROUP BY region")
 Q2=$(median5 influxql "SELECT max(value) FROM cpu WHERE host = 'h7' AND $W")
