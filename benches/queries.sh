@@ -183,7 +183,7 @@ awk '$1 == "victoria" { for (i = 2; i <= 9; i++) vm[i] = $i }
        split("load bytes/pt peak_rss by_region one_host per_1h 1m_by_host last", names, " ")
        for (r in rows) {
          split(rows[r], f, " "); line = sprintf("%-12s", r)
-         for (i = 2; i <= 9; i++) line = line sprintf(" %s %.2fx", names[i - 1], f[i] / vm[i])
+         for (i = 2; i <= 9; i++) line = line sprintf(" %s %.3fx", names[i - 1], f[i] / vm[i])
          print line
        }
      }' "$WORK/results"

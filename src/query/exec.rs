@@ -1,7 +1,7 @@
 //! Query execution as partial results plus a merge: each shard turns its batches into a
 //! [`Partial`]; partials from any number of shards (and, in a cluster, of nodes) merge
-//! exactly; [`super::answer::finish`] orders, limits and shapes the records. A partial is plain serde data so a
-//! remote replica can send it back.
+//! exactly; [`super::answer::finish`] orders, limits and shapes the records. A partial is plain
+//! serde data so a remote replica can send it back.
 
 use super::plan::{AggFn, Aggregate, CmpOp, Filter, Projection, SelectPlan};
 use crate::model::batch::{DictColumn, NULL_CODE, RowBatch};
@@ -182,6 +182,10 @@ impl AggState {
     }
 }
 
+/// The states of one tuple of tag values' buckets, by bucket (lower bound; none without an
+/// interval).
+pub type BucketStates = Vec<(Option<i64>, AggState)>;
+
 /// The groups of an aggregate: by the values of the GROUP BY tags (in its order), then by
 /// interval bucket (lower bound). Two levels, since a segment block holds one series: a scan
 /// looks a series' tags up once per block, not once per bucket, and each tuple of tag values is
@@ -220,7 +224,7 @@ impl Groups {
 
     /// Adds the states of buckets of one tuple of tag values (ascending, as a block's rows
     /// give them, or in any order).
-    fn add_buckets(&mut self, tags: &[Key], states: Vec<(Option<i64>, AggState)>) {
+    fn add_buckets(&mut self, tags: &[Key], states: BucketStates) {
         let buckets = Self::buckets(&mut self.by_tags, tags);
         if states.windows(2).all(|w| w[0].0 < w[1].0) {
             self.len += buckets.merge(Buckets(states));
@@ -250,7 +254,7 @@ impl Groups {
     }
 
     /// Every tuple of tag values with its buckets in ascending order.
-    pub fn into_tag_groups(self) -> impl Iterator<Item = (Vec<Key>, Vec<(Option<i64>, AggState)>)> {
+    pub fn into_tag_groups(self) -> impl Iterator<Item = (Vec<Key>, BucketStates)> {
         self.by_tags.into_iter().map(|(tags, buckets)| (tags, buckets.0))
     }
 
@@ -263,7 +267,7 @@ impl Groups {
 /// in time order (a block's rows do), so adding one is a push, and a few hundred thousand
 /// groups cost no tree nodes to build, walk and free.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-struct Buckets(Vec<(Option<i64>, AggState)>);
+struct Buckets(BucketStates);
 
 impl Buckets {
     /// The state of `bucket`, and whether it was added now.
@@ -429,7 +433,7 @@ pub fn scan_batch(
                 .collect();
             if let Some(tags) = constant {
                 // The rows are in time order, so a bucket's bounds are worked out once per run.
-                let mut runs: Vec<(Option<i64>, AggState)> = Vec::new();
+                let mut runs: BucketStates = Vec::new();
                 let mut span = (i64::MAX, i64::MIN);
                 for &r in &rows {
                     let t = batch.timestamps[r];
@@ -542,6 +546,53 @@ mod tests {
         let mut partial = Partial::empty(&plan);
         scan_batch(&plan, plan.filter.as_ref(), rows, i64::MIN, i64::MAX, &mut partial);
         assert_eq!(partial.size(&plan), 1 + 100, "one group holding 100 distinct hosts");
+    }
+
+    proptest::proptest! {
+        /// Groups built from buckets in any order and any split (blocks, parts, shards) hold
+        /// what one map of (tags, bucket) → state holds, in order, and count them right.
+        #[test]
+        fn groups_equal_a_map_whatever_the_order(
+            adds in proptest::collection::vec((0u8..3, proptest::option::of(-5i64..5), -100i64..100, 0usize..4), 0..60),
+        ) {
+            let mut expected: BTreeMap<(Vec<Key>, Option<i64>), AggState> = BTreeMap::new();
+            let mut parts = [Groups::default(), Groups::default(), Groups::default(), Groups::default()];
+            let mut run: Option<(Vec<Key>, BucketStates)> = None;
+            for &(tag, bucket, v, part) in &adds {
+                let tags = vec![Key(FieldValue::Str(format!("t{tag}")))];
+                expected.entry((tags.clone(), bucket)).or_default().summary.add_to_sum(Num::Int(v));
+                let mut state = AggState::default();
+                state.summary.add_to_sum(Num::Int(v));
+                // Part 0 adds runs of one tuple (ascending or not, as a block's rows or a
+                // memtable's), the others one state at a time.
+                if part != 0 {
+                    parts[part].state(&tags, bucket).merge(state);
+                    continue;
+                }
+                match &mut run {
+                    Some((t, states)) if *t == tags => states.push((bucket, state)),
+                    _ => {
+                        if let Some((t, states)) = run.take() {
+                            parts[0].add_buckets(&t, states);
+                        }
+                        run = Some((tags, vec![(bucket, state)]));
+                    }
+                }
+            }
+            if let Some((t, states)) = run {
+                parts[0].add_buckets(&t, states);
+            }
+            let mut total = Groups::default();
+            for part in parts {
+                total.merge(part);
+            }
+            proptest::prop_assert_eq!(total.len(), expected.len());
+            let got: Vec<_> = total
+                .into_tag_groups()
+                .flat_map(|(tags, buckets)| buckets.into_iter().map(move |(b, s)| ((tags.clone(), b), s)))
+                .collect();
+            proptest::prop_assert_eq!(got, expected.into_iter().collect::<Vec<_>>());
+        }
     }
 
     #[test]
