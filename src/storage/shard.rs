@@ -1210,7 +1210,7 @@ impl Writer {
         // A merge that fails (a full disk) leaves the segments as they were: it is only
         // logged, so that the next flush or delete does not fail with its error.
         self.compacting = Some(tokio::spawn(async move {
-            if let Err(e) = rewrite(&shard, seg_seq, flushed_lsn, None).await {
+            if let Err(e) = rewrite(&shard, seg_seq, flushed_lsn, None, None).await {
                 tracing::warn!(shard = %shard.id, error = %e, "merging an idle shard's segments failed; they stay");
             }
             Ok(())
@@ -1260,6 +1260,7 @@ impl Writer {
             merge_seq,
             flushed_lsn,
             segments_max: self.cfg.segments_max,
+            memtable_points_max: self.cfg.memtable_points_max,
             metrics: self.metrics.clone(),
         };
         let running = tokio::spawn(job.run());
@@ -1333,7 +1334,7 @@ impl Writer {
         self.flush(true).await?;
         let flushed_lsn = self.shard.flushed_lsn();
         let seg_seq = self.take_seq();
-        rewrite(&self.shard, seg_seq, flushed_lsn, Some(keep)).await
+        rewrite(&self.shard, seg_seq, flushed_lsn, Some(keep), None).await
     }
 
     /// Applies again the deletes of tombstones recorded while their delete failed.
@@ -1428,7 +1429,36 @@ struct Compaction {
     /// Where the frozen memtable's last record ends in the WAL.
     flushed_lsn: u64,
     segments_max: usize,
+    memtable_points_max: usize,
     metrics: Arc<Metrics>,
+}
+
+/// Which of a shard's segments (given their points) a flush merges into one: a size tier's,
+/// once it holds more than `segments_max` of them (tier k: fewer than `base` × fanout^(k+1)
+/// points, where `base` is a full memtable and the fanout is `segments_max` + 1), so that a
+/// point is written again about log_fanout(shard / memtable) times. Merging every segment
+/// whenever there were more than `segments_max` rewrote a shard's hour of points every few
+/// flushes, over and over as the hour filled. Past 4 × fanout segments (tiers out of order
+/// after deletes and idle merges), all of them.
+fn segments_to_merge(points: &[u64], segments_max: usize, base: u64) -> Vec<usize> {
+    let fanout = segments_max.max(1) + 1;
+    if points.len() > 4 * fanout {
+        return (0..points.len()).collect();
+    }
+    let tier = |p: u64| {
+        let (mut tier, mut bound) = (0u32, base.max(1).saturating_mul(fanout as u64));
+        while p >= bound && bound < u64::MAX {
+            tier += 1;
+            bound = bound.saturating_mul(fanout as u64);
+        }
+        tier
+    };
+    let tiers: Vec<u32> = points.iter().map(|&p| tier(p)).collect();
+    let mut by_tier: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, &t) in tiers.iter().enumerate() {
+        by_tier.entry(t).or_default().push(i);
+    }
+    by_tier.into_values().find(|segments| segments.len() >= fanout).unwrap_or_default()
 }
 
 impl Compaction {
@@ -1465,9 +1495,16 @@ impl Compaction {
             st.flushed_lsn = flushed_lsn;
         }
         self.metrics.segments_written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let too_many = self.shard.state.read().expect("shard lock").segments.len() > self.segments_max;
-        if too_many {
-            rewrite(&self.shard, self.merge_seq, flushed_lsn, None).await?;
+        let chosen = {
+            let st = self.shard.state.read().expect("shard lock");
+            let points: Vec<u64> = st.segments.iter().map(|s| s.points()).collect();
+            segments_to_merge(&points, self.segments_max, self.memtable_points_max as u64)
+                .into_iter()
+                .map(|i| st.segments[i].seq)
+                .collect::<Vec<u64>>()
+        };
+        if !chosen.is_empty() {
+            rewrite(&self.shard, self.merge_seq, flushed_lsn, None, Some(&chosen)).await?;
         }
         Ok(())
     }
@@ -1479,9 +1516,10 @@ type BlockToMerge<'a> = (&'a Segment, &'a BlockMeta, bool);
 /// Points a merge decodes before it encodes them (whole series' windows, so a little more).
 const MERGE_ROWS_MAX: usize = 262_144;
 
-/// Replaces all segments of `shard` by one (`seg_seq`), keeping the rows `keep` accepts (all
-/// when `None`). Returns how many rows were dropped. Callers make sure no other compaction of
-/// the shard runs meanwhile.
+/// Replaces the segments of `shard` numbered in `only` (all when `None`) by one (`seg_seq`, in
+/// the place of the first of them), keeping the rows `keep` accepts (all when `None`). Returns
+/// how many rows were dropped. Callers make sure no other compaction of the shard runs
+/// meanwhile. (Points are a set: which segment holds one, and in what order, never matters.)
 ///
 /// A block that overlaps no block of another segment in time, is at least half full and loses
 /// no row is copied as it is: points mostly arrive in time order, so merging a shard's segments
@@ -1492,11 +1530,21 @@ async fn rewrite(
     seg_seq: u64,
     flushed_lsn: u64,
     keep: Option<KeepRow>,
+    only: Option<&[u64]>,
 ) -> Result<u64, StorageError> {
-    let old: Vec<Arc<Segment>> = shard.state.read().expect("shard lock").segments.clone();
+    let all: Vec<Arc<Segment>> = shard.state.read().expect("shard lock").segments.clone();
+    let chosen = |seg: &Arc<Segment>| only.is_none_or(|seqs| seqs.contains(&seg.seq));
+    let old: Vec<Arc<Segment>> = all.iter().filter(|s| chosen(s)).cloned().collect();
     if old.is_empty() {
         return Ok(0);
     }
+    // The manifest after the merge: the segments left out, and the new one where the first
+    // merged one was.
+    let place = all.iter().position(chosen).expect("one is chosen");
+    let (before, after): (Vec<u64>, Vec<u64>) = {
+        let kept = |range: &[Arc<Segment>]| range.iter().filter(|s| !chosen(s)).map(|s| s.seq).collect::<Vec<u64>>();
+        (kept(&all[..place]), kept(&all[place..]))
+    };
     let dir = shard.dir.clone();
     let old2 = old.clone();
     let (replacement, dropped) = background(move || {
@@ -1548,14 +1596,19 @@ async fn rewrite(
             fsync_dir(&dir)?;
             Some(Segment::open(&path, seg_seq)?)
         };
-        Manifest { segments: seg.iter().map(|s| s.seq).collect(), flushed_lsn, format: MANIFEST_FORMAT }.write(&dir)?;
+        let segments = before.iter().copied().chain(seg.iter().map(|s| s.seq)).chain(after.iter().copied()).collect();
+        Manifest { segments, flushed_lsn, format: MANIFEST_FORMAT }.write(&dir)?;
         Ok((Some(seg), dropped))
     })
     .await?;
     let Some(replacement) = replacement else { return Ok(0) };
     {
         let mut st = shard.state_mut();
-        st.segments = replacement.into_iter().map(Arc::new).collect();
+        let merged: Vec<u64> = old.iter().map(|s| s.seq).collect();
+        let place = st.segments.iter().position(|s| merged.contains(&s.seq)).unwrap_or(st.segments.len());
+        let rest: Vec<Arc<Segment>> = st.segments.drain(..).filter(|s| !merged.contains(&s.seq)).collect();
+        let (head, tail) = rest.split_at(place.min(rest.len()));
+        st.segments = head.iter().cloned().chain(replacement.map(Arc::new)).chain(tail.iter().cloned()).collect();
     }
     for seg in old {
         seg.retire();
@@ -1582,9 +1635,13 @@ mod tests {
 
     /// A shard whose memtable holds every test's points until flushed; two segments at most.
     async fn open_shard(dir: &Path) -> Arc<Shard> {
+        open_shard_with(dir, 1_000_000).await
+    }
+
+    async fn open_shard_with(dir: &Path, memtable_points_max: usize) -> Arc<Shard> {
         let cfg = StorageConfig {
             shard_interval_ms: 1_000_000,
-            memtable_points_max: 1_000_000,
+            memtable_points_max,
             flush_interval: std::time::Duration::from_secs(3600),
             segments_max: 2,
             tombstone_grace_ms: 1000,
@@ -1702,6 +1759,45 @@ mod tests {
         assert_eq!(shard.points(), 5000);
         assert_ne!(shard.version(), before, "a merge is a new state for cached answers");
         assert!(!mergeable(&shard));
+    }
+
+    #[test]
+    fn a_flush_merges_one_size_tier_once_it_holds_more_than_the_limit() {
+        // Limit 2, so tiers of 3: tier 0 below 300 points, tier 1 below 900, ...
+        let merge = |points: &[u64]| segments_to_merge(points, 2, 100);
+        assert!(merge(&[100, 100]).is_empty());
+        assert_eq!(merge(&[100, 100, 100]), vec![0, 1, 2]);
+        assert_eq!(merge(&[300, 100, 250, 100]), vec![1, 2, 3], "the large one stays as it is");
+        assert!(merge(&[300, 300, 100, 100]).is_empty());
+        assert_eq!(merge(&[300, 900, 300, 300, 100]), vec![0, 2, 3], "tier 1 wherever its segments are");
+        assert_eq!(merge(&[1_000_000; 13]).len(), 13, "past four tiers' worth, all of them");
+        assert!(merge(&[]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_tier_merge_leaves_larger_segments_alone_and_the_manifest_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = open_shard_with(dir.path(), 100).await;
+        let seqs = |shard: &Shard| shard.snapshot().segments.iter().map(|s| s.seq).collect::<Vec<u64>>();
+        // 300 points are tier 1 (memtable 100, limit 2: tiers of 3).
+        shard.append(rows(0..300, 1)).await.unwrap();
+        shard.flush().await.unwrap();
+        let large = seqs(&shard);
+        assert_eq!(large.len(), 1);
+        for part in 0..3 {
+            shard.append(rows(300 + part * 50..350 + part * 50, 2)).await.unwrap();
+            shard.flush().await.unwrap();
+        }
+        let now = seqs(&shard);
+        assert_eq!(now.len(), 2, "three small segments merged into one: {now:?}");
+        assert_eq!(now[0], large[0], "the large segment is not rewritten");
+        assert_eq!(shard.points(), 450);
+        let (manifest, _) = Manifest::read(&shard.dir).unwrap().unwrap();
+        assert_eq!(manifest.segments, now);
+        let mut seen: Vec<i64> = Vec::new();
+        shard.scan(i64::MIN, i64::MAX, None, &mut |b| seen.extend(&b.timestamps)).unwrap();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..450).collect::<Vec<i64>>());
     }
 
     #[tokio::test]
