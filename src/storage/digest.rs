@@ -31,24 +31,7 @@ pub fn row_hashes(batch: &RowBatch) -> Vec<u64> {
     let mut fields = vec![0u64; batch.len()];
     // Not the write time: replicas holding one point written twice agree on it.
     for (name, col) in batch.fields() {
-        let dict: Vec<u64> = col
-            .dict
-            .iter()
-            .map(|v| {
-                let mut h = Fnv::new();
-                h.bytes(name.as_bytes());
-                h.bytes(&[0xff, col.class.map_or(0, |c| c as u8)]);
-                match v {
-                    FieldValue::Int(i) => num(&mut h, Num::Int(*i)),
-                    FieldValue::Dec(d) => num(&mut h, Num::Dec(*d)),
-                    FieldValue::Str(s) => {
-                        h.bytes(&[3]);
-                        h.bytes(s.as_bytes());
-                    }
-                }
-                mix(h.0)
-            })
-            .collect();
+        let dict: Vec<u64> = col.dict.iter().map(|v| field_hash(name, col.class, v)).collect();
         for (sum, &code) in fields.iter_mut().zip(&col.codes) {
             if code != NULL_CODE {
                 *sum = sum.wrapping_add(dict[code as usize]);
@@ -70,6 +53,42 @@ pub fn row_hashes(batch: &RowBatch) -> Vec<u64> {
             mix(mix(mix(ts as u64 ^ TIMESTAMP_SALT) ^ value) ^ fields)
         })
         .collect()
+}
+
+/// One dimension's or tag's value; a row's fields hash as the sum of these.
+fn field_hash(name: &str, class: Option<FieldClass>, value: &FieldValue) -> u64 {
+    let mut h = Fnv::new();
+    h.bytes(name.as_bytes());
+    h.bytes(&[0xff, class.map_or(0, |c| c as u8)]);
+    match value {
+        FieldValue::Int(i) => num(&mut h, Num::Int(*i)),
+        FieldValue::Dec(d) => num(&mut h, Num::Dec(*d)),
+        FieldValue::Str(s) => {
+            h.bytes(&[3]);
+            h.bytes(s.as_bytes());
+        }
+    }
+    mix(h.0)
+}
+
+/// The hash of each row's tags, its series: rows of one series hash alike whatever their
+/// batch, and as [`series_hash`] of the series' tags does.
+pub fn series_hashes(batch: &RowBatch) -> Vec<u64> {
+    let mut sums = vec![0u64; batch.len()];
+    for (name, col) in batch.columns.iter().filter(|(_, col)| col.class == Some(FieldClass::Tag)) {
+        let dict: Vec<u64> = col.dict.iter().map(|v| field_hash(name, col.class, v)).collect();
+        for (sum, &code) in sums.iter_mut().zip(&col.codes) {
+            if code != NULL_CODE {
+                *sum = sum.wrapping_add(dict[code as usize]);
+            }
+        }
+    }
+    sums
+}
+
+/// The hash of a series given its tags (see [`series_hashes`]).
+pub fn series_hash(tags: &[(String, FieldValue)]) -> u64 {
+    tags.iter().fold(0u64, |sum, (name, value)| sum.wrapping_add(field_hash(name, Some(FieldClass::Tag), value)))
 }
 
 /// The hash of one row; for many rows of a batch use [`row_hashes`].
@@ -181,5 +200,15 @@ mod tests {
         let c = RowBatch::from_points(&[point(2, 5, "us"), point(1, 1, "eu"), dec.clone()]).unwrap();
         assert!(same_point(&a, 0, &c, 1) && same_point(&a, 1, &b, 0));
         assert!(!same_point(&a, 0, &c, 2) && !same_point(&a, 0, &c, 0));
+    }
+
+    #[test]
+    fn a_rows_series_hash_is_its_tags_hash() {
+        let batch = RowBatch::from_points(&[point(1, 1, "eu"), point(2, 5, "us"), point(3, 7, "eu")]).unwrap();
+        let rows = series_hashes(&batch);
+        assert_eq!(rows[0], rows[2]);
+        assert_ne!(rows[0], rows[1]);
+        assert_eq!(rows[1], series_hash(&[("region".into(), FieldValue::Str("us".into()))]));
+        assert_eq!(series_hash(&[]), 0, "no tags");
     }
 }

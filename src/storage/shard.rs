@@ -13,7 +13,7 @@
 //! in them), `seg-<seq>.seg`. Files not named by the manifest are leftovers of a crash and are
 //! removed.
 
-use super::digest::{BlockDigest, row_hashes, same_point};
+use super::digest::{BlockDigest, row_hashes, same_point, series_hash, series_hashes};
 use super::segment::{
     BlockMeta, Segment, SegmentWriter, SeriesKey, segment_path, series_key, window_of, write_segment,
 };
@@ -252,6 +252,8 @@ struct Writer {
     /// to find a point that is already stored: points are a set (see `dedup`).
     index: MemtableIndex,
     frozen_index: MemtableIndex,
+    /// Built at the first append (after WAL replay).
+    frontier: Option<Frontier>,
     tombstones: Vec<(Tombstone, KeepRow)>,
     /// Tombstones recorded whose delete did not complete (a full disk failed its flush or
     /// rewrite): applied again at each tombstone exchange until it does. Without this, the
@@ -271,8 +273,11 @@ struct InFlight {
     replies: Vec<Reply<u64>>,
     /// Where each batch begins among the group's rows.
     starts: Vec<usize>,
-    /// The group's points by hash (rows counted from the group's first row).
+    /// The group's points by hash (rows counted from the group's first row), once `complete`.
     chunk: Option<IndexChunk>,
+    /// Whether `chunk` indexes every row of the group: a group of rows all later than their
+    /// series' latest points is indexed only when a later group first needs it.
+    complete: bool,
     /// `None` when every point was already held: nothing to write.
     durable: Option<Durable>,
     /// Set when an earlier group failed: this one was checked against that group's points, so
@@ -304,6 +309,148 @@ impl InFlight {
 fn locate(starts: &[usize], at: usize) -> (usize, usize) {
     let k = starts.partition_point(|&s| s <= at) - 1;
     (k, at - starts[k])
+}
+
+/// What [`Writer::dedup`] keeps of a group: the batches, where each begins among the group's
+/// rows, and their index (`complete`: it covers every row kept).
+struct Deduped {
+    batches: Vec<RowBatch>,
+    starts: Vec<usize>,
+    chunk: Option<IndexChunk>,
+    complete: bool,
+}
+
+/// The index of a group's rows (counted from its first row), `None` when it has none.
+fn chunk_of(batches: &[RowBatch]) -> Option<IndexChunk> {
+    let mut chunk = IndexChunk { min_ts: i64::MAX, max_ts: i64::MIN, points: PointIndex::default(), base: 0 };
+    let mut at = 0u32;
+    for batch in batches {
+        for (h, &ts) in row_hashes(batch).into_iter().zip(&batch.timestamps) {
+            chunk.points.entry(h).or_insert(at);
+            chunk.min_ts = chunk.min_ts.min(ts);
+            chunk.max_ts = chunk.max_ts.max(ts);
+            at += 1;
+        }
+    }
+    (!chunk.points.is_empty()).then_some(chunk)
+}
+
+/// Where in time each series a shard holds has points, anywhere (segments, memtables, groups
+/// in flight), as a few ranges per series hash: a row outside its series' ranges is new, with
+/// no index looked at. Appends in time order, even from several writers at once (each
+/// writer's batch a range of its own), mostly fall outside. Ranges only grow (two merge into
+/// one past [`HELD_RANGES`]) and deletes leave them as they are: a range says where points
+/// may be. Series that share a hash share ranges, which only sends more rows to the indexes.
+struct Frontier {
+    series: HashMap<u64, Held, std::hash::BuildHasherDefault<IdentityHasher>>,
+    /// The time range of blocks of the first segment format, which name no series.
+    unsorted: Option<(i64, i64)>,
+    /// The series the current batch touched (see [`Held::batch`]), and its number (from 1).
+    touched: Vec<u64>,
+    batch: u64,
+}
+
+/// Ranges kept per series: as many writers as this append at once without their rows looking
+/// like repeats.
+const HELD_RANGES: usize = 4;
+
+#[derive(Default)]
+struct Held {
+    /// Sorted, disjoint; the first `len` are used.
+    ranges: [(i64, i64); HELD_RANGES],
+    len: u8,
+    /// The times of rows kept from batch number `batch` (0: none yet); once that batch is
+    /// done, they are in `ranges` too.
+    batch: u64,
+    batch_range: (i64, i64),
+}
+
+impl Held {
+    fn holds(&self, ts: i64) -> bool {
+        self.ranges[..self.len as usize].iter().any(|&(lo, hi)| lo <= ts && ts <= hi)
+    }
+
+    fn add(&mut self, (lo, hi): (i64, i64)) {
+        let mut all: Vec<(i64, i64)> = self.ranges[..self.len as usize].to_vec();
+        all.push((lo, hi));
+        all.sort_unstable();
+        let mut merged: Vec<(i64, i64)> = Vec::with_capacity(all.len());
+        for (lo, hi) in all {
+            match merged.last_mut() {
+                Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        while merged.len() > HELD_RANGES {
+            // The two closest ranges become one.
+            let i = (0..merged.len() - 1).min_by_key(|&i| merged[i + 1].0.saturating_sub(merged[i].1)).expect("two");
+            merged[i].1 = merged[i + 1].1;
+            merged.remove(i + 1);
+        }
+        self.len = merged.len() as u8;
+        self.ranges[..merged.len()].copy_from_slice(&merged);
+    }
+}
+
+impl Frontier {
+    fn of(st: &ShardState, in_flight: &VecDeque<InFlight>) -> Self {
+        let mut frontier = Frontier { series: HashMap::default(), unsorted: None, touched: Vec::new(), batch: 1 };
+        for seg in &st.segments {
+            let hashes: Vec<u64> =
+                (0..seg.series_count() as u32).map(|id| seg.series(id).map_or(0, |tags| series_hash(tags))).collect();
+            for meta in &seg.blocks {
+                match hashes.get(meta.series as usize) {
+                    Some(&h) => frontier.series.entry(h).or_default().add((meta.min_ts, meta.max_ts)),
+                    None => {
+                        let (lo, hi) = frontier.unsorted.unwrap_or((meta.min_ts, meta.max_ts));
+                        frontier.unsorted = Some((lo.min(meta.min_ts), hi.max(meta.max_ts)));
+                    }
+                }
+            }
+        }
+        let memtables = [&st.memtable.batch].into_iter().chain(st.frozen.as_deref());
+        for batch in memtables.chain(in_flight.iter().flat_map(|g| &g.batches)) {
+            let series = series_hashes(batch);
+            for (r, &ts) in batch.timestamps.iter().enumerate() {
+                frontier.keep(series[r], ts);
+            }
+            frontier.end_batch();
+        }
+        frontier
+    }
+
+    /// Whether a row of `series` at `ts` is surely new: outside the series' ranges, and later
+    /// than the rows of its series kept from the current batch.
+    fn is_new(&mut self, series: u64, ts: i64) -> bool {
+        if self.unsorted.is_some_and(|(lo, hi)| lo <= ts && ts <= hi) {
+            return false;
+        }
+        let held = self.series.entry(series).or_default();
+        (held.batch != self.batch || ts > held.batch_range.1) && !held.holds(ts)
+    }
+
+    /// Records a row kept from the current batch.
+    fn keep(&mut self, series: u64, ts: i64) {
+        let held = self.series.entry(series).or_default();
+        if held.batch != self.batch {
+            held.batch = self.batch;
+            held.batch_range = (ts, ts);
+            self.touched.push(series);
+        } else {
+            held.batch_range = (held.batch_range.0.min(ts), held.batch_range.1.max(ts));
+        }
+    }
+
+    /// Adds the current batch's rows kept to their series' ranges.
+    fn end_batch(&mut self) {
+        for series in std::mem::take(&mut self.touched) {
+            if let Some(held) = self.series.get_mut(&series) {
+                let range = held.batch_range;
+                held.add(range);
+            }
+        }
+        self.batch += 1;
+    }
 }
 
 /// Maps a point's hash to its row. The keys are hashes already, so they are used as they are.
@@ -452,6 +599,7 @@ impl Shard {
             metrics,
             index: MemtableIndex::stale(),
             frozen_index: MemtableIndex::default(),
+            frontier: None,
             tombstones,
             unapplied: Vec::new(),
             rule,
@@ -939,20 +1087,18 @@ impl Writer {
     /// memtable, a segment or a group in flight) or that an earlier row of the group carries:
     /// a shard stores a set of points, so a write that is repeated (a client retry, a hint
     /// replayed for a write that did arrive, a repair racing the write it repairs) stores
-    /// nothing twice. Points are found by hash and confirmed by comparing the rows, so a hash
-    /// collision never drops a point. Segments are read only for rows inside their time range: appends of new times,
-    /// the common case, never touch the disk here.
-    /// Returns the kept batches, where each begins among the group's rows, and their index.
-    #[allow(clippy::type_complexity)]
-    fn dedup(
-        &mut self,
-        batches: Vec<RowBatch>,
-    ) -> Result<(Vec<RowBatch>, Vec<usize>, Option<IndexChunk>), StorageError> {
+    /// nothing twice.
+    ///
+    /// A row later than every point of its series (the [`Frontier`]) is new, with nothing
+    /// looked up: appends in time order, the common case, build no index at all. The first
+    /// other row of a group builds the indexes still missing (the memtables', the groups in
+    /// flight's, this group's so far); from then on the group indexes each row it keeps.
+    /// Such rows are found by hash and confirmed by comparing the rows, so a hash collision
+    /// never drops a point; segments are read only for rows inside their time range.
+    fn dedup(&mut self, batches: Vec<RowBatch>) -> Result<Deduped, StorageError> {
         let st = self.shard.state.read().expect("shard lock");
+        let frontier = self.frontier.get_or_insert_with(|| Frontier::of(&st, &self.in_flight));
         let memtable = &st.memtable.batch;
-        if self.index.rows != memtable.len() {
-            self.index = MemtableIndex::of(memtable);
-        }
         let no_frozen = RowBatch::default();
         let frozen = match &st.frozen {
             Some(f) => f.as_ref(),
@@ -961,25 +1107,15 @@ impl Writer {
                 &no_frozen
             }
         };
-        let (seg_min, seg_max) = st
-            .segments
-            .iter()
-            .flat_map(|seg| &seg.blocks)
-            .fold((i64::MAX, i64::MIN), |(lo, hi), b| (lo.min(b.min_ts), hi.max(b.max_ts)));
-        // Listed when a row first falls inside the segments' time range: appends of new times,
-        // the common case, never need them.
+        // Worked out when a row first needs them.
+        let mut seg_range: Option<(i64, i64)> = None;
         let mut blocks: Option<Vec<(&Arc<Segment>, &BlockMeta)>> = None;
         let mut decoded: HashMap<usize, (RowBatch, PointIndex)> = HashMap::new();
         let mut kept: Vec<RowBatch> = Vec::with_capacity(batches.len());
-        // The group's own points: hash → row among the group's rows (`starts[i]`: where kept
-        // batch i begins).
-        let rows_in_group = batches.iter().map(RowBatch::len).sum();
-        let mut group = IndexChunk {
-            min_ts: i64::MAX,
-            max_ts: i64::MIN,
-            points: PointIndex::with_capacity_and_hasher(rows_in_group, Default::default()),
-            base: 0,
-        };
+        // The group's own points once indexing: hash → row among the group's rows (`starts[i]`:
+        // where kept batch i begins).
+        let mut indexing = false;
+        let mut group = IndexChunk { min_ts: i64::MAX, max_ts: i64::MIN, points: PointIndex::default(), base: 0 };
         let mut starts: Vec<usize> = Vec::with_capacity(batches.len());
         let mut next = 0;
         for batch in batches {
@@ -988,12 +1124,45 @@ impl Writer {
                 kept.push(batch);
                 continue;
             };
-            let in_memtable = self.index.overlapping(lo, hi);
-            let in_frozen = self.frozen_index.overlapping(lo, hi);
+            let series = series_hashes(&batch);
+            let mut hashes: Vec<u64> = Vec::new();
+            // The memtables' index chunks that meet the batch's time range.
+            let mut probes: Option<(std::ops::Range<usize>, std::ops::Range<usize>)> = None;
             let mut rows: Vec<usize> = Vec::with_capacity(batch.len());
-            for (r, h) in row_hashes(&batch).into_iter().enumerate() {
-                // Where row `at` of this group is: an earlier batch, or a row of this batch kept
-                // so far.
+            for r in 0..batch.len() {
+                let ts = batch.timestamps[r];
+                let fresh = frontier.is_new(series[r], ts);
+                if fresh && !indexing {
+                    frontier.keep(series[r], ts);
+                    group.min_ts = group.min_ts.min(ts);
+                    group.max_ts = group.max_ts.max(ts);
+                    rows.push(r);
+                    continue;
+                }
+                if hashes.is_empty() {
+                    hashes = row_hashes(&batch);
+                }
+                if !indexing {
+                    indexing = true;
+                    if self.index.rows != memtable.len() {
+                        self.index = MemtableIndex::of(memtable);
+                    }
+                    if self.frozen_index.rows != frozen.len() {
+                        self.frozen_index = MemtableIndex::of(frozen);
+                    }
+                    for g in self.in_flight.iter_mut().filter(|g| !g.complete) {
+                        g.chunk = chunk_of(&g.batches);
+                        g.complete = true;
+                    }
+                    let so_far = kept.iter().zip(&starts).flat_map(|(b, &start)| {
+                        row_hashes(b).into_iter().enumerate().map(move |(i, h)| (h, start + i))
+                    });
+                    let this_batch = rows.iter().enumerate().map(|(i, &row)| (hashes[row], next + i));
+                    for (h, at) in so_far.collect::<Vec<_>>().into_iter().chain(this_batch) {
+                        group.points.entry(h).or_insert(at as u32);
+                    }
+                }
+                let h = hashes[r];
                 let held_at = |at: usize, rows: &[usize]| -> bool {
                     if at >= next {
                         rows.get(at - next).is_some_and(|&kept_row| same_point(&batch, kept_row, &batch, r))
@@ -1009,39 +1178,48 @@ impl Writer {
                     std::collections::hash_map::Entry::Occupied(_) => None,
                     std::collections::hash_map::Entry::Vacant(v) => Some(v),
                 };
-                if self.in_flight.iter().any(|g| g.holds(&batch, r, h))
-                    || self.index.holds(&in_memtable, memtable, &batch, r, h)
-                    || self.frozen_index.holds(&in_frozen, frozen, &batch, r, h)
-                {
-                    continue;
-                }
-                let ts = batch.timestamps[r];
-                if ts >= seg_min && ts <= seg_max {
-                    let mut found = false;
-                    let blocks = blocks.get_or_insert_with(|| {
-                        st.segments.iter().flat_map(|seg| seg.blocks.iter().map(move |b| (seg, b))).collect()
+                if !fresh {
+                    let (in_memtable, in_frozen) = probes
+                        .get_or_insert_with(|| (self.index.overlapping(lo, hi), self.frozen_index.overlapping(lo, hi)));
+                    if self.in_flight.iter().any(|g| g.holds(&batch, r, h))
+                        || self.index.holds(in_memtable, memtable, &batch, r, h)
+                        || self.frozen_index.holds(in_frozen, frozen, &batch, r, h)
+                    {
+                        continue;
+                    }
+                    let (seg_min, seg_max) = *seg_range.get_or_insert_with(|| {
+                        st.segments
+                            .iter()
+                            .flat_map(|seg| &seg.blocks)
+                            .fold((i64::MAX, i64::MIN), |(lo, hi), b| (lo.min(b.min_ts), hi.max(b.max_ts)))
                     });
-                    for (i, (seg, meta)) in blocks.iter().enumerate() {
-                        if ts < meta.min_ts || ts > meta.max_ts || !seg.may_hold(meta, &batch, r) {
+                    if ts >= seg_min && ts <= seg_max {
+                        let mut found = false;
+                        let blocks = blocks.get_or_insert_with(|| {
+                            st.segments.iter().flat_map(|seg| seg.blocks.iter().map(move |b| (seg, b))).collect()
+                        });
+                        for (i, (seg, meta)) in blocks.iter().enumerate() {
+                            if ts < meta.min_ts || ts > meta.max_ts || !seg.may_hold(meta, &batch, r) {
+                                continue;
+                            }
+                            let (block, index) = match decoded.entry(i) {
+                                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                                std::collections::hash_map::Entry::Vacant(e) => {
+                                    let block = seg.read_block(meta, None)?;
+                                    let index = index_of(&block);
+                                    e.insert((block, index))
+                                }
+                            };
+                            if let Some(&at) = index.get(&h)
+                                && same_point(block, at as usize, &batch, r)
+                            {
+                                found = true;
+                                break;
+                            }
+                        }
+                        if found {
                             continue;
                         }
-                        let (block, index) = match decoded.entry(i) {
-                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                            std::collections::hash_map::Entry::Vacant(e) => {
-                                let block = seg.read_block(meta, None)?;
-                                let index = index_of(&block);
-                                e.insert((block, index))
-                            }
-                        };
-                        if let Some(&at) = index.get(&h)
-                            && same_point(block, at as usize, &batch, r)
-                        {
-                            found = true;
-                            break;
-                        }
-                    }
-                    if found {
-                        continue;
                     }
                 }
                 // A new point; a hash already indexed for a different point (a collision)
@@ -1049,23 +1227,27 @@ impl Writer {
                 if let Some(slot) = slot {
                     slot.insert((next + rows.len()) as u32);
                 }
+                frontier.keep(series[r], ts);
                 group.min_ts = group.min_ts.min(ts);
                 group.max_ts = group.max_ts.max(ts);
                 rows.push(r);
             }
+            frontier.end_batch();
             let batch = if rows.len() == batch.len() { batch } else { batch.select(&rows) };
             starts.push(next);
             next += batch.len();
             kept.push(batch);
         }
-        Ok((kept, starts, (!group.points.is_empty()).then_some(group)))
+        let complete = indexing || next == 0;
+        let chunk = (indexing && !group.points.is_empty()).then_some(group);
+        Ok(Deduped { batches: kept, starts, chunk, complete })
     }
 
     /// Checks a group of appends and hands its new points to the WAL; they are answered by
     /// [`Writer::settle`] once durable.
     async fn submit(&mut self, group: Vec<(RowBatch, Reply<u64>)>) {
         let (batches, replies): (Vec<RowBatch>, Vec<Reply<u64>>) = group.into_iter().unzip();
-        let (batches, starts, chunk) = match self.dedup(batches) {
+        let Deduped { batches, starts, chunk, complete } = match self.dedup(batches) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(shard = %self.shard.id, error = %e, "cannot check new points against a segment");
@@ -1081,7 +1263,7 @@ impl Writer {
         }
         // A group with nothing new still waits its turn: its points may be those of a group
         // in flight, and are held only once that one is durable.
-        let mut group = InFlight { batches, replies, starts, chunk, durable: None, earlier_failed: None };
+        let mut group = InFlight { batches, replies, starts, chunk, complete, durable: None, earlier_failed: None };
         if !bytes.is_empty() {
             // The records will begin at or after the WAL's end now; the memtable keeps the log
             // from there on until it is in a segment.
@@ -1130,7 +1312,7 @@ impl Writer {
                 st.memtable_since.get_or_insert(now);
                 st.last_write = Some(now);
                 st.memtable_lsn = lsn;
-                if in_place {
+                if in_place && group.complete {
                     self.index.rows += written;
                     self.index.chunks.extend(group.chunk.map(|c| IndexChunk { base, ..c }));
                 } else {
@@ -1251,7 +1433,7 @@ impl Writer {
         };
         // The memtable's index now describes the frozen rows.
         let index = std::mem::take(&mut self.index);
-        self.frozen_index = if index.rows == frozen.len() { index } else { MemtableIndex::of(&frozen) };
+        self.frozen_index = if index.rows == frozen.len() { index } else { MemtableIndex::stale() };
         let (seg_seq, merge_seq) = (self.take_seq(), self.take_seq());
         let job = Compaction {
             shard: self.shard.clone(),
@@ -1759,6 +1941,32 @@ mod tests {
         assert_eq!(shard.points(), 5000);
         assert_ne!(shard.version(), before, "a merge is a new state for cached answers");
         assert!(!mergeable(&shard));
+    }
+
+    #[tokio::test]
+    async fn rows_later_than_their_series_need_no_index_and_repeats_are_still_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = open_shard(dir.path()).await;
+        assert_eq!(shard.append(rows(0..100, 1)).await.unwrap(), 100);
+        assert_eq!(shard.append(rows(100..200, 1)).await.unwrap(), 100);
+        // One batch repeating its own row, and the same time with another value (a new point).
+        let mut batch = RowBatchBuilder::default();
+        for part in [rows(200..203, 1), rows(201..202, 1), rows(201..202, 2)] {
+            batch.extend_from(&part, None);
+        }
+        assert_eq!(shard.append(batch.finish()).await.unwrap(), 4);
+        assert_eq!(shard.append(rows(50..150, 1)).await.unwrap(), 0, "repeats in the memtable, never indexed");
+        shard.flush().await.unwrap();
+        assert_eq!(shard.append(rows(190..210, 1)).await.unwrap(), 7, "repeats in a segment");
+        assert_eq!(shard.append(rows(205..215, 1)).await.unwrap(), 5);
+        // (This harness replays no WAL at reopen.)
+        shard.flush().await.unwrap();
+        shard.close().await;
+        drop(shard);
+        let shard = open_shard(dir.path()).await;
+        assert_eq!(shard.append(rows(0..10, 1)).await.unwrap(), 0, "the frontier is built from the segments");
+        assert_eq!(shard.append(rows(214..220, 1)).await.unwrap(), 5);
+        assert_eq!(shard.points(), 221);
     }
 
     #[test]
