@@ -275,8 +275,9 @@ struct InFlight {
     starts: Vec<usize>,
     /// The group's points by hash (rows counted from the group's first row), once `complete`.
     chunk: Option<IndexChunk>,
-    /// Whether `chunk` indexes every row of the group: a group of rows all later than their
-    /// series' latest points is indexed only when a later group first needs it.
+    /// Whether `chunk` indexes every row of the group: a group whose rows all fell outside
+    /// their series' held ranges (see [`Frontier`]) is indexed only when a later group first
+    /// needs it.
     complete: bool,
     /// `None` when every point was already held: nothing to write.
     durable: Option<Durable>,
@@ -370,25 +371,34 @@ impl Held {
         self.ranges[..self.len as usize].iter().any(|&(lo, hi)| lo <= ts && ts <= hi)
     }
 
+    /// Called once per series per batch, so it works in place, with no allocation.
     fn add(&mut self, (lo, hi): (i64, i64)) {
-        let mut all: Vec<(i64, i64)> = self.ranges[..self.len as usize].to_vec();
-        all.push((lo, hi));
-        all.sort_unstable();
-        let mut merged: Vec<(i64, i64)> = Vec::with_capacity(all.len());
-        for (lo, hi) in all {
-            match merged.last_mut() {
-                Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
-                _ => merged.push((lo, hi)),
+        let mut all = [(0i64, 0i64); HELD_RANGES + 1];
+        let mut len = self.len as usize;
+        all[..len].copy_from_slice(&self.ranges[..len]);
+        all[len] = (lo, hi);
+        len += 1;
+        all[..len].sort_unstable();
+        // Overlapping ranges become one.
+        let mut merged = 0;
+        for i in 1..len {
+            if all[i].0 <= all[merged].1 {
+                all[merged].1 = all[merged].1.max(all[i].1);
+            } else {
+                merged += 1;
+                all[merged] = all[i];
             }
         }
-        while merged.len() > HELD_RANGES {
+        len = merged + 1;
+        if len > HELD_RANGES {
             // The two closest ranges become one.
-            let i = (0..merged.len() - 1).min_by_key(|&i| merged[i + 1].0.saturating_sub(merged[i].1)).expect("two");
-            merged[i].1 = merged[i + 1].1;
-            merged.remove(i + 1);
+            let i = (0..len - 1).min_by_key(|&i| all[i + 1].0.saturating_sub(all[i].1)).expect("two");
+            all[i].1 = all[i + 1].1;
+            all.copy_within(i + 2..len, i + 1);
+            len -= 1;
         }
-        self.len = merged.len() as u8;
-        self.ranges[..merged.len()].copy_from_slice(&merged);
+        self.len = len as u8;
+        self.ranges[..len].copy_from_slice(&all[..len]);
     }
 }
 
@@ -1158,7 +1168,7 @@ impl Writer {
                         row_hashes(b).into_iter().enumerate().map(move |(i, h)| (h, start + i))
                     });
                     let this_batch = rows.iter().enumerate().map(|(i, &row)| (hashes[row], next + i));
-                    for (h, at) in so_far.collect::<Vec<_>>().into_iter().chain(this_batch) {
+                    for (h, at) in so_far.chain(this_batch) {
                         group.points.entry(h).or_insert(at as u32);
                     }
                 }
@@ -1941,6 +1951,22 @@ mod tests {
         assert_eq!(shard.points(), 5000);
         assert_ne!(shard.version(), before, "a merge is a new state for cached answers");
         assert!(!mergeable(&shard));
+    }
+
+    #[test]
+    fn held_ranges_merge_when_they_overlap_and_the_closest_two_past_the_limit() {
+        let mut held = Held::default();
+        for range in [(10, 20), (40, 50), (15, 30), (100, 110), (55, 70)] {
+            held.add(range);
+        }
+        assert_eq!(&held.ranges[..held.len as usize], &[(10, 30), (40, 50), (55, 70), (100, 110)]);
+        held.add((200, 210));
+        assert_eq!(
+            &held.ranges[..held.len as usize],
+            &[(10, 30), (40, 70), (100, 110), (200, 210)],
+            "40-50 and 55-70 were closest"
+        );
+        assert!(held.holds(52) && held.holds(30) && !held.holds(31) && !held.holds(211));
     }
 
     #[tokio::test]
