@@ -1289,7 +1289,16 @@ impl Node {
                 let range = query::time_range(plan.filter.as_ref(), req.from, req.to);
                 self.sync_metric_catalog(&key, "delete").await?;
                 let shards = self.catalog.shards_of(&key, range.0, range.1, self.cfg.shard_interval_ms);
-                let (at_ms, epoch) = (self.env.clock.now_ms(), self.catalog.drop_epoch(&key));
+                let epoch = self.catalog.drop_epoch(&key);
+                // Stamped with the end of the second it came in, and sent once this clock is past
+                // it: whatever the answer (even none, a crash), a write sent after it gets a later
+                // write time. (One wait: a clock stepped back, or a test's fixed clock, does not
+                // hold the delete longer.)
+                let at_ms = crate::model::batch::write_time(self.env.clock.now_ms());
+                let ahead_ms = at_ms - self.env.clock.now_ms();
+                if ahead_ms >= 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(ahead_ms as u64 + 1)).await;
+                }
                 // Every replica of every shard must apply the delete, or a later read could
                 // bring the points back; the count reported is the largest any replica removed.
                 let deletes = shards.into_iter().map(|(shard, replicas)| {

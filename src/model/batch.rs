@@ -36,6 +36,22 @@ impl DictColumn {
 /// it (stored before write times were kept) count as written at `i64::MIN`.
 pub const WRITTEN_COLUMN: &str = "~written";
 
+/// Write times are kept to the second, rounded up: a point costs a fraction of a byte for its
+/// write time where milliseconds cost one to three (each request of a load has its own). A
+/// DELETE is stamped the same way and sent to the replicas only once its coordinator's clock
+/// has passed its stamp, so a write accepted before the DELETE came in compares at or before
+/// it and one sent after any answer to it (or after its coordinator failed) compares after it.
+/// The wait is up to a second; deletes are rare.
+pub const WRITE_TIME_GRAIN_MS: i64 = 1000;
+
+/// The write time of a point accepted at `at_ms` (see [`WRITE_TIME_GRAIN_MS`]).
+pub fn write_time(at_ms: i64) -> i64 {
+    at_ms
+        .div_euclid(WRITE_TIME_GRAIN_MS)
+        .saturating_add(i64::from(at_ms.rem_euclid(WRITE_TIME_GRAIN_MS) != 0))
+        .saturating_mul(WRITE_TIME_GRAIN_MS)
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RowBatch {
     pub timestamps: Vec<i64>,
@@ -57,11 +73,11 @@ impl RowBatch {
         self.columns.iter().filter(|(name, _)| name.as_str() != WRITTEN_COLUMN)
     }
 
-    /// Stamps every row as written at `at_ms` (see [`WRITTEN_COLUMN`]).
+    /// Stamps every row as accepted at `at_ms` (see [`WRITTEN_COLUMN`] and [`write_time`]).
     pub fn stamp_written(&mut self, at_ms: i64) {
         let column = DictColumn {
             class: Some(FieldClass::Dimension),
-            dict: vec![FieldValue::Int(at_ms)],
+            dict: vec![FieldValue::Int(write_time(at_ms))],
             codes: vec![0; self.len()],
         };
         self.columns.insert(WRITTEN_COLUMN.to_string(), column);
@@ -343,6 +359,22 @@ impl RowBatchBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_times_round_up_to_the_second() {
+        assert_eq!(write_time(5_000), 5_000);
+        assert_eq!(write_time(5_001), 6_000);
+        assert_eq!(write_time(5_999), 6_000);
+        assert_eq!(write_time(-1), 0);
+        assert_eq!(write_time(-1_000), -1_000);
+        assert_eq!(write_time(i64::MAX), i64::MAX, "saturates instead of overflowing");
+        let mut b = RowBatchBuilder::default();
+        b.push(&Point { timestamp: 1, value: Num::Int(1), dimensions: Default::default(), tags: Default::default() })
+            .unwrap();
+        let mut batch = b.finish();
+        batch.stamp_written(1_234);
+        assert_eq!(batch.written(), [2_000]);
+    }
 
     #[test]
     fn builder_keeps_columns_aligned_and_roundtrips_points() {

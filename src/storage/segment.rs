@@ -128,12 +128,30 @@ struct EncodedField<B> {
     codes: B,
 }
 
-fn pco_compress<T: pco::data_types::Number>(nums: &[T]) -> Vec<u8> {
+fn pco_compress<T: pco::data_types::Number>(nums: &[T], delta: pco::DeltaSpec) -> Vec<u8> {
     if nums.is_empty() {
         return Vec::new();
     }
-    let config = pco::ChunkConfig::default().with_compression_level(PCO_LEVEL);
+    let config = pco::ChunkConfig::default().with_compression_level(PCO_LEVEL).with_delta_spec(delta);
     pco::standalone::simple_compress(nums, &config).expect("pco compresses any numbers")
+}
+
+/// Consecutive deltas when they span less than half the range of the values themselves (a
+/// counter, a slow gauge: a bit or more saved per value), none otherwise (a noisy gauge).
+/// pco's automatic choice compresses a sample under every candidate encoding, which took a
+/// quarter of the load's CPU on blocks of a few dozen values.
+fn delta_spec_of(nums: impl Iterator<Item = f64>) -> pco::DeltaSpec {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    let (mut step_lo, mut step_hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    let mut previous = None;
+    for x in nums {
+        (lo, hi) = (lo.min(x), hi.max(x));
+        if let Some(p) = previous {
+            (step_lo, step_hi) = (step_lo.min(x - p), step_hi.max(x - p));
+        }
+        previous = Some(x);
+    }
+    if (step_hi - step_lo) * 2.0 < hi - lo { pco::DeltaSpec::TryConsecutive(1) } else { pco::DeltaSpec::NoOp }
 }
 
 /// zstd at level 3 through one compression context per thread: a context is a few hundred KiB
@@ -263,6 +281,63 @@ fn encode_stride(timestamps: &[i64]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Marks decimals stored as integers scaled by a power of ten: pco's chunks begin with `pco!`.
+const SCALED: u8 = b'E';
+
+/// The most decimal places [`encode_decimals`] scales away (10^9 and every mantissa below
+/// 2^53 are exact in an f64).
+const SCALE_DIGITS_MAX: u8 = 9;
+
+/// Literals, so that every build of both sides divides by the same numbers.
+const POWERS_OF_TEN: [f64; SCALE_DIGITS_MAX as usize + 1] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
+
+/// Decimals that all have at most [`SCALE_DIGITS_MAX`] places (a reading like 12.34) as
+/// `SCALED`, the digit count and the pco-compressed integers `value × 10^digits`: exact, since
+/// both the check here and the decoding divide the same integer by the same power of ten, and
+/// smaller than the floats (pco finds their common step only approximately, spending bits on
+/// each value's correction). Any other block keeps its floats.
+fn encode_decimals(decs: &[f64]) -> Vec<u8> {
+    if decs.is_empty() {
+        return Vec::new();
+    }
+    let scaled_by = |digits: u8| {
+        let scale = POWERS_OF_TEN[usize::from(digits)];
+        move |d: f64| {
+            // Checked through the integer itself, as decoding computes it (-0.0 becomes 0).
+            let m = (d * scale).round();
+            let m = (m.abs() < (1u64 << 53) as f64).then_some(m as i64)?;
+            ((m as f64 / scale).to_bits() == d.to_bits()).then_some(m)
+        }
+    };
+    let mut digits = 0;
+    for &d in decs {
+        while scaled_by(digits)(d).is_none() {
+            if digits == SCALE_DIGITS_MAX {
+                return pco_compress(decs, delta_spec_of(decs.iter().copied()));
+            }
+            digits += 1;
+        }
+    }
+    let Some(mantissas) = decs.iter().map(|&d| scaled_by(digits)(d)).collect::<Option<Vec<i64>>>() else {
+        return pco_compress(decs, delta_spec_of(decs.iter().copied()));
+    };
+    let mut out = vec![SCALED, digits];
+    out.extend(pco_compress(&mantissas, delta_spec_of(mantissas.iter().map(|&m| m as f64))));
+    out
+}
+
+fn decode_decimals(bytes: &[u8]) -> Result<Vec<f64>, String> {
+    match bytes {
+        [SCALED, digits, rest @ ..] if *digits <= SCALE_DIGITS_MAX => {
+            let scale = POWERS_OF_TEN[usize::from(*digits)];
+            let mantissas: Vec<i64> = pco_decompress(rest)?;
+            Ok(mantissas.into_iter().map(|m| m as f64 / scale).collect())
+        }
+        [SCALED, digits, ..] => Err(format!("decimals scaled by 10^{digits}")),
+        _ => pco_decompress(bytes),
+    }
+}
+
 fn decode_timestamps(bytes: &[u8]) -> Result<Vec<i64>, String> {
     match bytes.split_first() {
         Some((&STRIDE, rest)) => {
@@ -306,22 +381,58 @@ fn encode_int_runs(dict: &[FieldValue], codes: &[u32]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The dictionary and codes of a column stored by [`encode_int_runs`].
-fn decode_int_runs(bytes: &[u8]) -> Result<(Vec<FieldValue>, Vec<u32>), String> {
-    let runs: Vec<(i64, u32)> = postcard::from_bytes(&bytes[1..]).map_err(|e| e.to_string())?;
-    if runs.iter().map(|r| r.1 as usize).sum::<usize>() > BLOCK_POINTS {
-        return Err("more runs than a block holds".into());
-    }
+/// Marks a dictionary column stored as pco-compressed integers (its `dict` is then empty).
+const INT_PCO: u8 = b'P';
+
+/// A column of integers without nulls as [`INT_PCO`] and pco's chunk, with consecutive deltas:
+/// write times that change from row to row (a series written one point per request) cost a
+/// byte a row this way and three as runs.
+fn encode_int_pco(dict: &[FieldValue], codes: &[u32]) -> Option<Vec<u8>> {
+    let ints = codes
+        .iter()
+        .map(|&c| match dict.get(c as usize) {
+            Some(FieldValue::Int(v)) => Some(*v),
+            _ => None,
+        })
+        .collect::<Option<Vec<i64>>>()?;
+    let mut out = vec![INT_PCO];
+    out.extend(pco_compress(&ints, pco::DeltaSpec::TryConsecutive(1)));
+    Some(out)
+}
+
+/// The dictionary and codes of a column stored by [`encode_int_runs`] or [`encode_int_pco`].
+fn decode_int_column(bytes: &[u8]) -> Result<(Vec<FieldValue>, Vec<u32>), String> {
     let (mut dict, mut codes) = (Vec::new(), Vec::new());
     let mut seen: HashMap<i64, u32> = HashMap::new();
-    let mut value = 0i64;
-    for (change, len) in runs {
-        value = value.wrapping_add(change);
+    let mut push = |value: i64, len: usize| {
         let code = *seen.entry(value).or_insert_with(|| {
             dict.push(FieldValue::Int(value));
             dict.len() as u32 - 1
         });
-        codes.extend(std::iter::repeat_n(code, len as usize));
+        codes.extend(std::iter::repeat_n(code, len));
+    };
+    match bytes.split_first() {
+        Some((&INT_RUNS, rest)) => {
+            let runs: Vec<(i64, u32)> = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+            if runs.iter().map(|r| r.1 as usize).sum::<usize>() > BLOCK_POINTS {
+                return Err("more runs than a block holds".into());
+            }
+            let mut value = 0i64;
+            for (change, len) in runs {
+                value = value.wrapping_add(change);
+                push(value, len as usize);
+            }
+        }
+        Some((&INT_PCO, rest)) => {
+            let ints: Vec<i64> = pco_decompress(rest)?;
+            if ints.len() > BLOCK_POINTS {
+                return Err("more integers than a block holds".into());
+            }
+            for value in ints {
+                push(value, 1);
+            }
+        }
+        _ => return Err("an integer column of no known form".into()),
     }
     Ok((dict, codes))
 }
@@ -377,18 +488,21 @@ fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock<Vec<u8>> {
             dict: zstd_compress(&dict_bytes),
             codes: encode_codes(&codes, dict.len()),
         };
-        if let Some(runs) = encode_int_runs(&dict, &codes)
-            && runs.len() < field.dict.len() + field.codes.len()
-        {
-            (field.dict, field.codes) = (Vec::new(), runs);
+        // pco only where runs are short: it costs time, and a sixth of a byte a row at least.
+        let runs = encode_int_runs(&dict, &codes);
+        let pco = runs.as_ref().filter(|runs| runs.len() > rows.len() / 4).and_then(|_| encode_int_pco(&dict, &codes));
+        for ints in [runs, pco].into_iter().flatten() {
+            if ints.len() < field.dict.len() + field.codes.len() {
+                (field.dict, field.codes) = (Vec::new(), ints);
+            }
         }
         fields.push(field);
     }
     EncodedBlock {
         timestamps: encode_stride(&timestamps).unwrap_or_else(|| pco_compress_timestamps(&timestamps)),
         value_kinds,
-        ints: pco_compress(&ints),
-        decs: pco_compress(&decs),
+        ints: pco_compress(&ints, delta_spec_of(ints.iter().map(|&i| i as f64))),
+        decs: encode_decimals(&decs),
         fields,
     }
 }
@@ -884,7 +998,7 @@ impl Segment {
         let block: EncodedBlock<&[u8]> = postcard::from_bytes(&bytes).map_err(|e| corrupt(format!("block: {e}")))?;
         let timestamps: Vec<i64> = decode_timestamps(block.timestamps).map_err(corrupt)?;
         let ints: Vec<i64> = pco_decompress(block.ints).map_err(corrupt)?;
-        let decs: Vec<f64> = pco_decompress(block.decs).map_err(corrupt)?;
+        let decs: Vec<f64> = decode_decimals(block.decs).map_err(corrupt)?;
         let values: Vec<Num> = if block.value_kinds.is_empty() {
             ints.into_iter().map(Num::Int).collect()
         } else if block.value_kinds == ALL_DECIMAL {
@@ -906,8 +1020,8 @@ impl Segment {
             if columns.is_some_and(|cols| !cols.contains(&f.name)) {
                 continue;
             }
-            let (dict, codes) = if f.dict.is_empty() && f.codes.first() == Some(&INT_RUNS) {
-                decode_int_runs(f.codes).map_err(corrupt)?
+            let (dict, codes) = if f.dict.is_empty() {
+                decode_int_column(f.codes).map_err(corrupt)?
             } else {
                 let dict_bytes = zstd_decompress(f.dict, DICT_BYTES_MAX).map_err(corrupt)?;
                 let dict: Vec<FieldValue> = postcard::from_bytes(&dict_bytes).map_err(|e| corrupt(e.to_string()))?;
@@ -1204,7 +1318,81 @@ mod tests {
         }
         // Segments written before hold pco chunks.
         let codes = vec![0, 3, NULL_CODE, 2];
-        assert_eq!(decode_codes(&pco_compress(&codes)).unwrap(), codes);
+        assert_eq!(decode_codes(&pco_compress(&codes, pco::DeltaSpec::Auto)).unwrap(), codes);
         assert!(decode_codes(&[3, 0, 0]).is_err(), "an unknown width is an error");
+    }
+
+    /// Decimals come back bit for bit whether they scale to integers or stay floats: -0.0,
+    /// NaN, infinities, values with too many places or too large to scale keep their floats.
+    #[test]
+    fn decimals_round_trip_bit_for_bit_scaled_or_not() {
+        let mut seed = 19u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed >> 11
+        };
+        let readings: Vec<f64> = (0..500).map(|_| ((next() % 20_001) as i64 - 10_000) as f64 / 100.0).collect();
+        let any_bits: Vec<f64> = (0..500).map(|_| f64::from_bits(next() << 11 | next() & 0x7ff)).collect();
+        let cases: Vec<(Vec<f64>, Option<u8>)> = vec![
+            (readings, Some(2)),
+            (vec![1.0, 2.0, -3.0], Some(0)),
+            (vec![0.5, 0.123456789], Some(9)),
+            (vec![0.1, 0.30000000000000004], None),
+            (vec![-0.0, 1.5], None),
+            (vec![f64::NAN, 1.0], None),
+            (vec![f64::INFINITY, 1.0], None),
+            (vec![1e300], None),
+            (vec![1e-10], None),
+            (any_bits, None),
+        ];
+        for (decs, digits) in cases {
+            let bytes = encode_decimals(&decs);
+            let scaled = (bytes[0] == SCALED).then(|| bytes[1]);
+            assert_eq!(scaled, digits, "{:?}", &decs[..decs.len().min(3)]);
+            let back = decode_decimals(&bytes).unwrap();
+            let bits = |v: &[f64]| v.iter().map(|d| d.to_bits()).collect::<Vec<u64>>();
+            assert_eq!(bits(&back), bits(&decs));
+        }
+        assert!(encode_decimals(&[]).is_empty());
+        assert!(decode_decimals(&[SCALED, SCALE_DIGITS_MAX + 1]).is_err(), "an unknown scale is an error");
+    }
+
+    /// An integer column without nulls takes the smallest of its forms and comes back as the
+    /// same values: runs where they repeat, pco where each row has its own.
+    #[test]
+    fn integer_columns_round_trip_as_runs_or_pco() {
+        let column = |values: &[i64]| {
+            let mut dict: Vec<FieldValue> = Vec::new();
+            let codes = values
+                .iter()
+                .map(|v| match dict.iter().position(|d| *d == FieldValue::Int(*v)) {
+                    Some(c) => c as u32,
+                    None => {
+                        dict.push(FieldValue::Int(*v));
+                        dict.len() as u32 - 1
+                    }
+                })
+                .collect::<Vec<u32>>();
+            (dict, codes)
+        };
+        let each_its_own: Vec<i64> = (0..400).map(|i| 1_796_530_236_000 + i * 1_000 + (i * 7919) % 300).collect();
+        let runs: Vec<i64> = (0..400).map(|i| 1_796_530_236_000 + (i / 100) * 1_000).collect();
+        for (values, form) in [(each_its_own, INT_PCO), (runs, INT_RUNS)] {
+            let (dict, codes) = column(&values);
+            let as_runs = encode_int_runs(&dict, &codes).unwrap();
+            let as_pco = encode_int_pco(&dict, &codes).unwrap();
+            let smaller = if as_pco.len() < as_runs.len() { as_pco } else { as_runs };
+            assert_eq!(smaller[0], form);
+            let (dict2, codes2) = decode_int_column(&smaller).unwrap();
+            let back: Vec<&FieldValue> = codes2.iter().map(|&c| &dict2[c as usize]).collect();
+            assert_eq!(
+                back,
+                values
+                    .iter()
+                    .map(|v| &dict[dict.iter().position(|d| *d == FieldValue::Int(*v)).unwrap()])
+                    .collect::<Vec<_>>()
+            );
+        }
+        assert!(decode_int_column(b"Xjunk").is_err());
     }
 }
