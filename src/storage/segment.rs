@@ -785,17 +785,51 @@ pub struct Segment {
 /// disk.
 #[derive(Default)]
 struct SeriesIndex {
-    series: Vec<Series>,
+    /// Shared with the segment opened alongside where equal (see [`Segment::open_sharing`]).
+    series: Vec<std::sync::Arc<Series>>,
     /// Blocks of series `i`: `blocks[ranges[i]]` (the footer keeps blocks by series).
     ranges: Vec<Range<usize>>,
     /// Blocks of the first format, which belong to no one series.
     unsorted: Range<usize>,
-    /// Tag name → value → the series holding it, ascending.
-    postings: HashMap<String, BTreeMap<Key, Vec<u32>>>,
+    /// Tag name → the series holding it, by value then id: a value's series are one run
+    /// found by binary search. (A map of values to id lists held a copy of every value and a
+    /// list per value: a third of a many-series segment's memory.)
+    postings: HashMap<String, Vec<u32>>,
+}
+
+/// `series` (sorted by key, as footers keep them), each taken from `shared` (sorted too) where
+/// that holds an identical one.
+fn share_series(series: Vec<Series>, shared: &[std::sync::Arc<Series>]) -> Vec<std::sync::Arc<Series>> {
+    // The order of their keys ([`series_key`]), without building them.
+    let by_key = |a: &Series, b: &Series| {
+        a.iter()
+            .zip(b)
+            .map(|((an, av), (bn, bv))| an.cmp(bn).then_with(|| crate::model::cmp_values(av, bv)))
+            .find(|o| o.is_ne())
+            .unwrap_or_else(|| a.len().cmp(&b.len()))
+    };
+    let mut next = 0;
+    series
+        .into_iter()
+        .map(|s| {
+            while next < shared.len() && by_key(&shared[next], &s).is_lt() {
+                next += 1;
+            }
+            match shared.get(next) {
+                Some(same) if **same == s => same.clone(),
+                _ => std::sync::Arc::new(s),
+            }
+        })
+        .collect()
+}
+
+/// The value of tag `name` in `series`.
+fn tag_value<'a>(series: &'a Series, name: &str) -> Option<&'a FieldValue> {
+    series.iter().find(|(n, _)| n == name).map(|(_, v)| v)
 }
 
 impl SeriesIndex {
-    fn of(series: Vec<Series>, blocks: &[BlockMeta]) -> Result<Self, String> {
+    fn of(series: Vec<std::sync::Arc<Series>>, blocks: &[BlockMeta]) -> Result<Self, String> {
         let mut ranges = vec![0..0; series.len()];
         let unsorted_from = blocks.partition_point(|b| b.series != NO_SERIES);
         if blocks[unsorted_from..].iter().any(|b| b.series != NO_SERIES) {
@@ -814,11 +848,16 @@ impl SeriesIndex {
             *range = i..end;
             i = end;
         }
-        let mut postings: HashMap<String, BTreeMap<Key, Vec<u32>>> = HashMap::new();
+        let mut postings: HashMap<String, Vec<u32>> = HashMap::new();
         for (id, tags) in series.iter().enumerate() {
-            for (name, value) in tags {
-                postings.entry(name.clone()).or_default().entry(Key(value.clone())).or_default().push(id as u32);
+            for (name, _) in tags.iter() {
+                postings.entry(name.clone()).or_default().push(id as u32);
             }
+        }
+        for (name, ids) in &mut postings {
+            let value = |id: u32| tag_value(&series[id as usize], name).expect("listed under its tags");
+            ids.sort_by(|&a, &b| crate::model::cmp_values(value(a), value(b)).then(a.cmp(&b)));
+            ids.shrink_to_fit();
         }
         Ok(Self { series, ranges, unsorted: unsorted_from..blocks.len(), postings })
     }
@@ -846,6 +885,14 @@ impl Drop for Segment {
 
 impl Segment {
     pub fn open(path: &Path, seq: u64) -> Result<Self, SegmentError> {
+        Self::open_sharing(path, seq, None)
+    }
+
+    /// Opens a segment, sharing the series it has in common with `like` (another segment of
+    /// its shard): a shard's segments mostly hold the same series, and each kept its own copy
+    /// (4 MB for 20,000 series, ten segments before a merge). Both series tables are sorted
+    /// by key, so one pass pairs them.
+    pub fn open_sharing(path: &Path, seq: u64, like: Option<&Segment>) -> Result<Self, SegmentError> {
         let p = path.display().to_string();
         let corrupt = |what: &str| SegmentError::Corrupt { path: p.clone(), what: what.into() };
         let io = |source| SegmentError::Io { path: p.clone(), source };
@@ -913,7 +960,8 @@ impl Segment {
         {
             return Err(corrupt("a block lies outside the file"));
         }
-        let index = SeriesIndex::of(footer.series, &footer.blocks).map_err(|what| corrupt(&what))?;
+        let series = share_series(footer.series, like.map_or(&[], |l| l.index.series.as_slice()));
+        let index = SeriesIndex::of(series, &footer.blocks).map_err(|what| corrupt(&what))?;
         let id = NEXT_SEGMENT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         keep_open(id, std::sync::Arc::new(file));
         let block_bytes = footer.blocks.iter().map(|b| b.len).sum();
@@ -931,7 +979,7 @@ impl Segment {
 
     /// The tags of series `id` (`None` for [`NO_SERIES`]).
     pub fn series(&self, id: u32) -> Option<&Series> {
-        self.index.series.get(id as usize)
+        self.index.series.get(id as usize).map(|s| &**s)
     }
 
     pub fn series_count(&self) -> usize {
@@ -946,8 +994,11 @@ impl Segment {
 
     /// The series whose tag `name` is `value`, ascending; `None` when no series has the tag.
     pub fn series_with(&self, name: &str, value: &FieldValue) -> Option<&[u32]> {
-        let values = self.index.postings.get(name)?;
-        Some(values.get(&Key(value.clone())).map_or(&[], Vec::as_slice))
+        let ids = self.index.postings.get(name)?;
+        let of = |id: &u32| tag_value(&self.index.series[*id as usize], name).expect("listed under its tags");
+        let from = ids.partition_point(|id| crate::model::cmp_values(of(id), value).is_lt());
+        let to = from + ids[from..].partition_point(|id| crate::model::cmp_values(of(id), value).is_le());
+        Some(&ids[from..to])
     }
 
     /// The blocks of the given series (ascending ids), each series' in time order; with
@@ -1394,5 +1445,50 @@ mod tests {
             );
         }
         assert!(decode_int_column(b"Xjunk").is_err());
+    }
+
+    /// A segment opened alongside another shares the series they have in common (the same
+    /// allocation), keeps its own for the rest, and finds every series by tag value.
+    #[test]
+    fn segments_share_common_series_and_find_them_by_tag_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |seq: u64, hosts: std::ops::Range<i64>| {
+            let mut b = RowBatchBuilder::default();
+            for h in hosts {
+                let tags = [
+                    ("host".to_string(), FieldValue::Str(format!("h{h:03}"))),
+                    ("dc".to_string(), FieldValue::Int(h % 3)),
+                ];
+                b.push(&Point {
+                    timestamp: h,
+                    value: Num::Int(h),
+                    dimensions: Default::default(),
+                    tags: tags.into_iter().collect(),
+                })
+                .unwrap();
+            }
+            let path = segment_path(dir.path(), seq);
+            write_segment(&path, &b.finish()).unwrap();
+            path
+        };
+        let first = Segment::open(&write(1, 0..100), 1).unwrap();
+        let second = Segment::open_sharing(&write(2, 50..150), 2, Some(&first)).unwrap();
+        let shared = (0..second.series_count() as u32)
+            .filter(|&id| {
+                let s = second.series(id).unwrap();
+                (0..first.series_count() as u32).any(|f| std::ptr::eq(first.series(f).unwrap(), s))
+            })
+            .count();
+        assert_eq!(shared, 50, "hosts 50..100 are in both");
+        for h in 50..150 {
+            let ids = second.series_with("host", &FieldValue::Str(format!("h{h:03}"))).unwrap();
+            assert_eq!(ids.len(), 1);
+            assert_eq!(tag_value(second.series(ids[0]).unwrap(), "host"), Some(&FieldValue::Str(format!("h{h:03}"))));
+        }
+        let dc1 = second.series_with("dc", &FieldValue::Int(1)).unwrap();
+        assert_eq!(dc1.len(), (50..150).filter(|h| h % 3 == 1).count());
+        assert!(dc1.is_sorted(), "ascending ids");
+        assert!(second.series_with("host", &FieldValue::Str("h999".into())).unwrap().is_empty());
+        assert!(second.series_with("rack", &FieldValue::Int(1)).is_none());
     }
 }
