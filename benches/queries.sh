@@ -30,10 +30,12 @@ fi
 cargo build --release --quiet
 SHOAL=$(realpath ./target/release/shoal)
 
-# The data: second t holds one point of each series; it ends an hour before now.
+# The data: second t holds one point of each series; it ends an hour or more before now and
+# starts on the hour, so that whether it straddles an hour (a second block per series where
+# blocks are cut by the hour) does not depend on when the benchmark runs.
 SECONDS_SPAN=$(( (LINES + SERIES - 1) / SERIES ))
-END_S=$(( $(date +%s) - 3600 ))
-BASE_S=$(( END_S - SECONDS_SPAN ))
+BASE_S=$(( ($(date +%s) - 3600 - SECONDS_SPAN) / 3600 * 3600 ))
+END_S=$(( BASE_S + SECONDS_SPAN ))
 mkdir -p "$WORK/data"
 awk -v lines="$LINES" -v series="$SERIES" -v base="$BASE_S" -v body="$BODY" -v dir="$WORK/data" 'BEGIN {
   srand(19); file = 0; n = 0
