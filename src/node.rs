@@ -1294,11 +1294,9 @@ impl Node {
                 // it: whatever the answer (even none, a crash), a write sent after it gets a later
                 // write time. (One wait: a clock stepped back, or a test's fixed clock, does not
                 // hold the delete longer.)
-                let at_ms = crate::model::batch::write_time(self.env.clock.now_ms());
-                let ahead_ms = at_ms - self.env.clock.now_ms();
-                if ahead_ms >= 0 {
-                    tokio::time::sleep(std::time::Duration::from_millis(ahead_ms as u64 + 1)).await;
-                }
+                let now_ms = self.env.clock.now_ms();
+                let at_ms = crate::model::batch::write_time(now_ms);
+                tokio::time::sleep(std::time::Duration::from_millis((at_ms - now_ms) as u64 + 1)).await;
                 // Every replica of every shard must apply the delete, or a later read could
                 // bring the points back; the count reported is the largest any replica removed.
                 let deletes = shards.into_iter().map(|(shard, replicas)| {

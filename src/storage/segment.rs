@@ -300,6 +300,19 @@ fn encode_decimals(decs: &[f64]) -> Vec<u8> {
     if decs.is_empty() {
         return Vec::new();
     }
+    match scaled_decimals(decs) {
+        Some((digits, mantissas)) => {
+            let mut out = vec![SCALED, digits];
+            out.extend(pco_compress(&mantissas, delta_spec_of(mantissas.iter().map(|&m| m as f64))));
+            out
+        }
+        None => pco_compress(decs, delta_spec_of(decs.iter().copied())),
+    }
+}
+
+/// The fewest decimal places that hold every one of `decs` exactly, and the values scaled by
+/// them; `None` past [`SCALE_DIGITS_MAX`].
+fn scaled_decimals(decs: &[f64]) -> Option<(u8, Vec<i64>)> {
     let scaled_by = |digits: u8| {
         let scale = POWERS_OF_TEN[usize::from(digits)];
         move |d: f64| {
@@ -312,18 +325,12 @@ fn encode_decimals(decs: &[f64]) -> Vec<u8> {
     let mut digits = 0;
     for &d in decs {
         while scaled_by(digits)(d).is_none() {
-            if digits == SCALE_DIGITS_MAX {
-                return pco_compress(decs, delta_spec_of(decs.iter().copied()));
-            }
-            digits += 1;
+            digits = (digits < SCALE_DIGITS_MAX).then_some(digits + 1)?;
         }
     }
-    let Some(mantissas) = decs.iter().map(|&d| scaled_by(digits)(d)).collect::<Option<Vec<i64>>>() else {
-        return pco_compress(decs, delta_spec_of(decs.iter().copied()));
-    };
-    let mut out = vec![SCALED, digits];
-    out.extend(pco_compress(&mantissas, delta_spec_of(mantissas.iter().map(|&m| m as f64))));
-    out
+    // A value that fit fewer places is checked again at the final count.
+    let mantissas = decs.iter().map(|&d| scaled_by(digits)(d)).collect::<Option<Vec<i64>>>()?;
+    Some((digits, mantissas))
 }
 
 fn decode_decimals(bytes: &[u8]) -> Result<Vec<f64>, String> {
