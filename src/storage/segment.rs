@@ -154,6 +154,133 @@ fn delta_spec_of(nums: impl Iterator<Item = f64>) -> pco::DeltaSpec {
     if (step_hi - step_lo) * 2.0 < hi - lo { pco::DeltaSpec::TryConsecutive(1) } else { pco::DeltaSpec::NoOp }
 }
 
+/// Marks integers stored bit-packed (see [`pack_ints`]): pco's chunks begin with `pco!`.
+const PACKED: u8 = b'B';
+
+/// Blocks of at most this many integers are bit-packed rather than pco-compressed. pco's chunk
+/// carries a header and bins that a few dozen values do not pay for (2.9 bytes a value against
+/// 1.9 for 25 random 2-decimal readings), and building them took a tenth of the load's CPU: a
+/// flush of a shard with many series writes blocks of a few dozen points each.
+const PACKED_ROWS_MAX: usize = 64;
+
+/// Integers as pco's chunk, or bit-packed when they are few ([`PACKED_ROWS_MAX`]).
+fn compress_ints(ints: &[i64]) -> Vec<u8> {
+    if ints.len() <= PACKED_ROWS_MAX {
+        pack_ints(ints)
+    } else {
+        pco_compress(ints, delta_spec_of(ints.iter().map(|&i| i as f64)))
+    }
+}
+
+fn decompress_ints(bytes: &[u8]) -> Result<Vec<i64>, String> {
+    match bytes.split_first() {
+        Some((&PACKED, rest)) => unpack_ints(rest),
+        _ => pco_decompress(bytes),
+    }
+}
+
+/// `PACKED`, then (postcard varints) whether the values are deltas, their count, the first
+/// value, the smallest (value or delta) and the bit width, then each value's (or delta's)
+/// excess over the smallest in that many bits, little-endian. Deltas where their spread is
+/// narrower than the values' (a counter, a slow gauge).
+fn pack_ints(ints: &[i64]) -> Vec<u8> {
+    let Some(&first) = ints.first() else { return Vec::new() };
+    let spread =
+        |xs: &mut dyn Iterator<Item = i128>| xs.fold((i128::MAX, i128::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
+    let (lo, hi) = spread(&mut ints.iter().map(|&i| i128::from(i)));
+    let deltas = || ints.windows(2).map(|w| i128::from(w[1]) - i128::from(w[0]));
+    let (dlo, dhi) = if ints.len() > 1 { spread(&mut deltas()) } else { (0, 0) };
+    let delta = dhi - dlo < hi - lo;
+    let (base, span) = if delta { (dlo, dhi - dlo) } else { (lo, hi - lo) };
+    // Values span at most 2^64 - 1 and deltas 2^65 - 2: a span past 64 bits keeps the values.
+    let (delta, base, span) = if span > i128::from(u64::MAX) { (false, lo, hi - lo) } else { (delta, base, span) };
+    let bits = 128 - (span as u128).leading_zeros();
+    let mut out = vec![PACKED];
+    out.extend(
+        postcard::to_stdvec(&(delta, ints.len() as u32, first, base as i64, bits as u8)).expect("numbers encode"),
+    );
+    let mut packed = BitWriter { out, acc: 0, filled: 0 };
+    if delta {
+        deltas().for_each(|d| packed.push((d - base) as u64, bits));
+    } else {
+        ints.iter().for_each(|&i| packed.push((i128::from(i) - base) as u64, bits));
+    }
+    packed.finish()
+}
+
+fn unpack_ints(bytes: &[u8]) -> Result<Vec<i64>, String> {
+    let ((delta, count, first, base, bits), packed): ((bool, u32, i64, i64, u8), &[u8]) =
+        postcard::take_from_bytes(bytes).map_err(|e| format!("packed integers: {e}"))?;
+    let count = count as usize;
+    if count == 0 || count > BLOCK_POINTS || bits > 64 {
+        return Err(format!("{count} packed integers of {bits} bits"));
+    }
+    let packed_values = if delta { count - 1 } else { count };
+    if packed.len() != (packed_values * usize::from(bits)).div_ceil(8) {
+        return Err(format!("{} bytes for {packed_values} integers of {bits} bits", packed.len()));
+    }
+    let mut reader = BitReader { bytes: packed.iter(), acc: 0, filled: 0 };
+    let mut out = Vec::with_capacity(count);
+    if delta {
+        let mut value = first;
+        out.push(value);
+        for _ in 1..count {
+            value = value.wrapping_add(base.wrapping_add(reader.take(bits) as i64));
+            out.push(value);
+        }
+    } else {
+        out.extend((0..count).map(|_| base.wrapping_add(reader.take(bits) as i64)));
+    }
+    Ok(out)
+}
+
+/// Values of a fixed bit width, packed least significant bit first.
+struct BitWriter {
+    out: Vec<u8>,
+    acc: u128,
+    filled: u32,
+}
+
+impl BitWriter {
+    fn push(&mut self, value: u64, bits: u32) {
+        self.acc |= u128::from(value) << self.filled;
+        self.filled += bits;
+        while self.filled >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.filled -= 8;
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.filled > 0 {
+            self.out.push(self.acc as u8);
+        }
+        self.out
+    }
+}
+
+struct BitReader<'a> {
+    bytes: std::slice::Iter<'a, u8>,
+    acc: u128,
+    filled: u32,
+}
+
+impl BitReader<'_> {
+    /// The next value of `bits` bits (the length was checked against the count beforehand).
+    fn take(&mut self, bits: u8) -> u64 {
+        let bits = u32::from(bits);
+        while self.filled < bits {
+            self.acc |= u128::from(*self.bytes.next().unwrap_or(&0)) << self.filled;
+            self.filled += 8;
+        }
+        let value = (self.acc & ((1u128 << bits) - 1)) as u64;
+        self.acc >>= bits;
+        self.filled -= bits;
+        value
+    }
+}
+
 /// zstd at level 3 through one compression context per thread: a context is a few hundred KiB
 /// to set up, and a segment compresses two or three small buffers per block.
 fn zstd_compress(bytes: &[u8]) -> Vec<u8> {
@@ -190,6 +317,10 @@ fn zstd_decompress(bytes: &[u8], max: usize) -> Result<Vec<u8>, String> {
         context.decompress(bytes, size as usize).map_err(|e| e.to_string())
     })
 }
+
+/// The fewest bytes a non-empty dictionary and its codes take: two zstd frames of at least ten
+/// bytes (magic, header, block header, content) and the codes' width byte.
+const DICT_AND_CODES_BYTES_MIN: usize = 21;
 
 /// Bound on a block's decompressed dictionary of one column.
 const DICT_BYTES_MAX: usize = BLOCK_POINTS * (crate::model::STRING_VALUE_LEN_MAX + 16);
@@ -303,7 +434,7 @@ fn encode_decimals(decs: &[f64]) -> Vec<u8> {
     match scaled_decimals(decs) {
         Some((digits, mantissas)) => {
             let mut out = vec![SCALED, digits];
-            out.extend(pco_compress(&mantissas, delta_spec_of(mantissas.iter().map(|&m| m as f64))));
+            out.extend(compress_ints(&mantissas));
             out
         }
         None => pco_compress(decs, delta_spec_of(decs.iter().copied())),
@@ -337,7 +468,7 @@ fn decode_decimals(bytes: &[u8]) -> Result<Vec<f64>, String> {
     match bytes {
         [SCALED, digits, rest @ ..] if *digits <= SCALE_DIGITS_MAX => {
             let scale = POWERS_OF_TEN[usize::from(*digits)];
-            let mantissas: Vec<i64> = pco_decompress(rest)?;
+            let mantissas = decompress_ints(rest)?;
             Ok(mantissas.into_iter().map(|m| m as f64 / scale).collect())
         }
         [SCALED, digits, ..] => Err(format!("decimals scaled by 10^{digits}")),
@@ -345,8 +476,18 @@ fn decode_decimals(bytes: &[u8]) -> Result<Vec<f64>, String> {
     }
 }
 
+/// Timestamps at a fixed stride as three numbers, few others bit-packed, more as pco's chunk.
+fn encode_timestamps(timestamps: &[i64]) -> Vec<u8> {
+    match encode_stride(timestamps) {
+        Some(stride) => stride,
+        None if timestamps.len() <= PACKED_ROWS_MAX => pack_ints(timestamps),
+        None => pco_compress_timestamps(timestamps),
+    }
+}
+
 fn decode_timestamps(bytes: &[u8]) -> Result<Vec<i64>, String> {
     match bytes.split_first() {
+        Some((&PACKED, rest)) => unpack_ints(rest),
         Some((&STRIDE, rest)) => {
             let (first, stride, count): (i64, i64, u32) = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
             if count as usize > BLOCK_POINTS {
@@ -388,13 +529,14 @@ fn encode_int_runs(dict: &[FieldValue], codes: &[u32]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Marks a dictionary column stored as pco-compressed integers (its `dict` is then empty).
-const INT_PCO: u8 = b'P';
+/// Marks a dictionary column stored as a list of compressed integers (its `dict` is then
+/// empty).
+const INT_LIST: u8 = b'P';
 
-/// A column of integers without nulls as [`INT_PCO`] and pco's chunk, with consecutive deltas:
-/// write times that change from row to row (a series written one point per request) cost a
-/// byte a row this way and three as runs.
-fn encode_int_pco(dict: &[FieldValue], codes: &[u32]) -> Option<Vec<u8>> {
+/// A column of integers without nulls as [`INT_LIST`] and [`compress_ints`]' bytes: write
+/// times that change from row to row (a series written one point per request) cost a byte a
+/// row this way and three as runs.
+fn encode_int_list(dict: &[FieldValue], codes: &[u32]) -> Option<Vec<u8>> {
     let ints = codes
         .iter()
         .map(|&c| match dict.get(c as usize) {
@@ -402,12 +544,12 @@ fn encode_int_pco(dict: &[FieldValue], codes: &[u32]) -> Option<Vec<u8>> {
             _ => None,
         })
         .collect::<Option<Vec<i64>>>()?;
-    let mut out = vec![INT_PCO];
-    out.extend(pco_compress(&ints, pco::DeltaSpec::TryConsecutive(1)));
+    let mut out = vec![INT_LIST];
+    out.extend(compress_ints(&ints));
     Some(out)
 }
 
-/// The dictionary and codes of a column stored by [`encode_int_runs`] or [`encode_int_pco`].
+/// The dictionary and codes of a column stored by [`encode_int_runs`] or [`encode_int_list`].
 fn decode_int_column(bytes: &[u8]) -> Result<(Vec<FieldValue>, Vec<u32>), String> {
     let (mut dict, mut codes) = (Vec::new(), Vec::new());
     let mut seen: HashMap<i64, u32> = HashMap::new();
@@ -430,8 +572,8 @@ fn decode_int_column(bytes: &[u8]) -> Result<(Vec<FieldValue>, Vec<u32>), String
                 push(value, len as usize);
             }
         }
-        Some((&INT_PCO, rest)) => {
-            let ints: Vec<i64> = pco_decompress(rest)?;
+        Some((&INT_LIST, rest)) => {
+            let ints = decompress_ints(rest)?;
             if ints.len() > BLOCK_POINTS {
                 return Err("more integers than a block holds".into());
             }
@@ -488,27 +630,31 @@ fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock<Vec<u8>> {
         if dict.is_empty() {
             continue;
         }
-        let dict_bytes = postcard::to_stdvec(&dict).expect("values encode");
-        let mut field = EncodedField {
-            name: name.clone(),
-            class: col.class.unwrap_or(FieldClass::Dimension),
-            dict: zstd_compress(&dict_bytes),
-            codes: encode_codes(&codes, dict.len()),
-        };
-        // pco only where runs are short: it costs time, and a sixth of a byte a row at least.
+        // An integer column as runs, or as a list where runs are short (a list costs time, and
+        // a sixth of a byte a row at least); as a dictionary and codes only when that is smaller.
         let runs = encode_int_runs(&dict, &codes);
-        let pco = runs.as_ref().filter(|runs| runs.len() > rows.len() / 4).and_then(|_| encode_int_pco(&dict, &codes));
-        for ints in [runs, pco].into_iter().flatten() {
-            if ints.len() < field.dict.len() + field.codes.len() {
-                (field.dict, field.codes) = (Vec::new(), ints);
+        let list =
+            runs.as_ref().filter(|runs| runs.len() > rows.len() / 4).and_then(|_| encode_int_list(&dict, &codes));
+        let ints = [runs, list].into_iter().flatten().min_by_key(Vec::len);
+        let (dict, codes) = match ints {
+            // No dictionary is smaller: the write times of a flush take no zstd at all.
+            Some(ints) if ints.len() < DICT_AND_CODES_BYTES_MIN => (Vec::new(), ints),
+            ints => {
+                let dict_bytes = zstd_compress(&postcard::to_stdvec(&dict).expect("values encode"));
+                let codes = encode_codes(&codes, dict.len());
+                match ints {
+                    Some(ints) if ints.len() < dict_bytes.len() + codes.len() => (Vec::new(), ints),
+                    _ => (dict_bytes, codes),
+                }
             }
-        }
+        };
+        let field = EncodedField { name: name.clone(), class: col.class.unwrap_or(FieldClass::Dimension), dict, codes };
         fields.push(field);
     }
     EncodedBlock {
-        timestamps: encode_stride(&timestamps).unwrap_or_else(|| pco_compress_timestamps(&timestamps)),
+        timestamps: encode_timestamps(&timestamps),
         value_kinds,
-        ints: pco_compress(&ints, delta_spec_of(ints.iter().map(|&i| i as f64))),
+        ints: compress_ints(&ints),
         decs: encode_decimals(&decs),
         fields,
     }
@@ -1055,7 +1201,7 @@ impl Segment {
         let bytes = self.read_block_bytes(meta)?;
         let block: EncodedBlock<&[u8]> = postcard::from_bytes(&bytes).map_err(|e| corrupt(format!("block: {e}")))?;
         let timestamps: Vec<i64> = decode_timestamps(block.timestamps).map_err(corrupt)?;
-        let ints: Vec<i64> = pco_decompress(block.ints).map_err(corrupt)?;
+        let ints = decompress_ints(block.ints).map_err(corrupt)?;
         let decs: Vec<f64> = decode_decimals(block.decs).map_err(corrupt)?;
         let values: Vec<Num> = if block.value_kinds.is_empty() {
             ints.into_iter().map(Num::Int).collect()
@@ -1415,10 +1561,61 @@ mod tests {
         assert!(decode_decimals(&[SCALED, SCALE_DIGITS_MAX + 1]).is_err(), "an unknown scale is an error");
     }
 
-    /// An integer column without nulls takes the smallest of its forms and comes back as the
-    /// same values: runs where they repeat, pco where each row has its own.
+    proptest::proptest! {
+        /// Any integers come back from their bytes, packed (a few) or pco (more), whatever
+        /// their spread: extremes, deltas past i64, a constant, one value.
+        #[test]
+        fn integers_round_trip_packed_or_pco(
+            ints in proptest::collection::vec(proptest::prop_oneof![
+                proptest::prelude::any::<i64>(),
+                -1000i64..1000,
+                proptest::prelude::Just(i64::MIN),
+                proptest::prelude::Just(i64::MAX),
+            ], 0..(2 * PACKED_ROWS_MAX)),
+        ) {
+            let bytes = compress_ints(&ints);
+            proptest::prop_assert_eq!(bytes.first() == Some(&PACKED), !ints.is_empty() && ints.len() <= PACKED_ROWS_MAX);
+            proptest::prop_assert_eq!(decompress_ints(&bytes).unwrap(), ints.clone());
+            if !ints.is_empty() && ints.len() <= PACKED_ROWS_MAX {
+                // Timestamps take the same packing when they are few and not at a stride.
+                proptest::prop_assert_eq!(decode_timestamps(&encode_timestamps(&ints)).unwrap(), ints);
+            }
+        }
+    }
+
+    /// A few readings or a counter pack into fewer bytes than pco's chunk takes, and a packed
+    /// list that is cut short or claims too many values is refused.
     #[test]
-    fn integer_columns_round_trip_as_runs_or_pco() {
+    fn few_integers_pack_smaller_than_pco_and_damage_is_refused() {
+        let readings: Vec<i64> = (0..25).map(|i| (i * 7919 + 13) % 10_000).collect();
+        let counter: Vec<i64> = (0..25).map(|i| 1_000_000_000 + i * 1_000 + (i * 31) % 7).collect();
+        for ints in [&readings, &counter] {
+            let packed = pack_ints(ints);
+            let pco = pco_compress(ints, delta_spec_of(ints.iter().map(|&i| i as f64)));
+            assert!(packed.len() < pco.len(), "{} packed bytes against {} pco", packed.len(), pco.len());
+        }
+        assert!(pack_ints(&counter).len() < 24, "a counter packs its deltas: {} bytes", pack_ints(&counter).len());
+        let packed = pack_ints(&readings);
+        assert!(decompress_ints(&packed[..packed.len() - 1]).is_err(), "a list cut short");
+        let mut longer = packed.clone();
+        longer.push(0);
+        assert!(decompress_ints(&longer).is_err(), "a list with bytes to spare");
+        assert!(decompress_ints(&[PACKED, 0, 0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 8]).is_err(), "too many values");
+    }
+
+    /// A dictionary and its codes never take fewer bytes than [`DICT_AND_CODES_BYTES_MIN`],
+    /// which lets a smaller integer column skip them.
+    #[test]
+    fn a_dictionary_and_codes_take_at_least_their_minimum() {
+        let dict = zstd_compress(&postcard::to_stdvec(&vec![FieldValue::Int(0)]).unwrap());
+        let codes = encode_codes(&[0], 1);
+        assert!(dict.len() + codes.len() >= DICT_AND_CODES_BYTES_MIN, "{} + {}", dict.len(), codes.len());
+    }
+
+    /// An integer column without nulls takes the smallest of its forms and comes back as the
+    /// same values: runs where they repeat, a list where each row has its own.
+    #[test]
+    fn integer_columns_round_trip_as_runs_or_lists() {
         let column = |values: &[i64]| {
             let mut dict: Vec<FieldValue> = Vec::new();
             let codes = values
@@ -1435,10 +1632,10 @@ mod tests {
         };
         let each_its_own: Vec<i64> = (0..400).map(|i| 1_796_530_236_000 + i * 1_000 + (i * 7919) % 300).collect();
         let runs: Vec<i64> = (0..400).map(|i| 1_796_530_236_000 + (i / 100) * 1_000).collect();
-        for (values, form) in [(each_its_own, INT_PCO), (runs, INT_RUNS)] {
+        for (values, form) in [(each_its_own, INT_LIST), (runs, INT_RUNS)] {
             let (dict, codes) = column(&values);
             let as_runs = encode_int_runs(&dict, &codes).unwrap();
-            let as_pco = encode_int_pco(&dict, &codes).unwrap();
+            let as_pco = encode_int_list(&dict, &codes).unwrap();
             let smaller = if as_pco.len() < as_runs.len() { as_pco } else { as_runs };
             assert_eq!(smaller[0], form);
             let (dict2, codes2) = decode_int_column(&smaller).unwrap();
