@@ -177,8 +177,10 @@ pub fn parse_line_protocol(
     let (mut skipped_fields, mut first_skipped) = (0usize, None);
     let mut fields: Vec<(Cow<str>, Option<Num>)> = Vec::new();
     let mut tags: Tags = Vec::new();
-    // Rows of a field metric: one per line, the usual case, so they are allocated once.
-    let rows_expected = lines_expected(body).min(ROWS_RESERVED_MAX);
+    // Rows of a field metric: one per line, the usual case, so the body's first field metric
+    // is allocated once for all its lines; any later one for a bounded guess.
+    let line_count = memchr::memchr_iter(b'\n', body.as_bytes()).count() + 1;
+    let mut rows_expected = line_count.min(points_max.saturating_add(1));
     for (idx, line) in lines(body).enumerate() {
         let line = line.trim_start();
         if line.is_empty() || line.starts_with('#') {
@@ -242,6 +244,7 @@ pub fn parse_line_protocol(
                         values: Vec::with_capacity(rows_expected),
                         series: Vec::with_capacity(rows_expected),
                     });
+                    rows_expected = rows_expected.min(ROWS_RESERVED_MAX);
                     measurement.fields.len() - 1
                 }
             };
@@ -272,8 +275,8 @@ pub fn parse_line_protocol(
     })
 }
 
-/// Most rows a field metric reserves up front: a body of many measurements must not reserve
-/// its line count for each of them.
+/// Most rows a field metric after the body's first reserves up front: a body of many
+/// measurements must not reserve its line count for each of them.
 const ROWS_RESERVED_MAX: usize = 16 * 1024;
 
 /// `str::lines` (a line ends at `\n` or `\r\n`), with the newlines found by `memchr`'s
@@ -289,12 +292,6 @@ fn lines(body: &str) -> impl Iterator<Item = &str> {
             _ => line,
         }
     })
-}
-
-/// The number of lines in `body` if all were as long as the first: a guess that costs nothing.
-fn lines_expected(body: &str) -> usize {
-    let first = body.find('\n').unwrap_or(body.len());
-    body.len() / (first + 1) + 1
 }
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;

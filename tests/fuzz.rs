@@ -342,7 +342,7 @@ fn fuzz_wal_replay() {
 fn fuzz_segment_reader() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.seg");
-    shoal::storage::segment::write_segment(&good, &sample_batch()).unwrap();
+    shoal::storage::segment::write_segment(&good, 1, &sample_batch(), None).unwrap();
     let bytes = std::fs::read(&good).unwrap();
     let path = dir.path().join("seg-0000000000000001.seg");
     let tried = fuzz("segment", vec![bytes], |input| {

@@ -174,14 +174,18 @@ impl Storage {
 
     /// Splits `batch` by shard and makes it durable; returns when every shard has fsynced.
     pub async fn write(&self, metric: &MetricKey, batch: RowBatch) -> Result<(), StorageError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let (lo, hi) = batch.timestamps.iter().fold((i64::MAX, i64::MIN), |(lo, hi), &ts| (lo.min(ts), hi.max(ts)));
+        if self.shard_start(lo) == self.shard_start(hi) {
+            // The common case, a batch inside one shard, is handed over without a copy.
+            let start = self.shard_start(lo);
+            return self.shard(ShardId { metric: metric.clone(), start }).await?.append(batch).await.map(|_| ());
+        }
         let mut rows_by_shard: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
         for (row, &ts) in batch.timestamps.iter().enumerate() {
             rows_by_shard.entry(self.shard_start(ts)).or_default().push(row);
-        }
-        if rows_by_shard.len() == 1 {
-            // The common case, a batch inside one shard, is handed over without a copy.
-            let start = *rows_by_shard.keys().next().expect("one shard");
-            return self.shard(ShardId { metric: metric.clone(), start }).await?.append(batch).await.map(|_| ());
         }
         let mut appends = Vec::with_capacity(rows_by_shard.len());
         for (start, rows) in rows_by_shard {

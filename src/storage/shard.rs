@@ -236,6 +236,8 @@ pub struct Shard {
     pub end: i64,
     pub dir: PathBuf,
     state: RwLock<ShardState>,
+    /// Held while the list of segments changes (see [`commit_segments`]).
+    manifest: std::sync::Mutex<()>,
     tx: mpsc::Sender<Command>,
 }
 
@@ -244,8 +246,12 @@ struct Writer {
     wal: Arc<NodeWal>,
     /// Sequence number of the next segment file.
     next_seq: u64,
-    /// The compaction running in the background, if any (at most one per shard).
+    /// The flush of a frozen memtable running in the background, if any (one per shard).
     compacting: Option<tokio::task::JoinHandle<Result<(), StorageError>>>,
+    /// The merge of segments running in the background, if any (one per shard, beside a
+    /// flush: a merge of a size tier of a many-series shard takes a second or more, and a
+    /// flush that waited for it stalled the shard's writes once its memtable filled).
+    merging: Option<tokio::task::JoinHandle<()>>,
     cfg: StorageConfig,
     metrics: Arc<Metrics>,
     /// The memtable's points by hash (and the frozen memtable's while it is being compacted),
@@ -599,12 +605,14 @@ impl Shard {
             tombstones.into_iter().map(|t| (t.clone(), keep_written_after(rule(&t.rule), t.at_ms))).collect();
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let end = id.start.saturating_add(cfg.shard_interval_ms);
-        let shard = Arc::new(Shard { id, end, dir: dir.clone(), state: RwLock::new(state), tx });
+        let shard =
+            Arc::new(Shard { id, end, dir: dir.clone(), state: RwLock::new(state), manifest: Default::default(), tx });
         let writer = Writer {
             shard: shard.clone(),
             wal,
             next_seq,
             compacting: None,
+            merging: None,
             cfg,
             metrics,
             index: MemtableIndex::stale(),
@@ -1087,6 +1095,7 @@ impl Writer {
                     if let Some(running) = self.compacting.take() {
                         let _ = running.await;
                     }
+                    self.finish_merge().await;
                     let _ = done.send(());
                     return;
                 }
@@ -1381,33 +1390,64 @@ impl Writer {
         }
     }
 
-    /// Starts merging the segments into one in the background, as a compaction (so the next
-    /// flush, delete or close waits for it), unless a compaction runs or the shard is no
-    /// longer idle.
+    /// Starts merging the segments into one in the background (the next delete or close
+    /// waits for it), unless a flush or a merge runs or the shard is no longer idle.
     async fn merge_idle(&mut self) {
-        if let Some(running) = self.compacting.take() {
-            if !running.is_finished() {
-                self.compacting = Some(running);
-                return;
-            }
-            if let Ok(Err(e)) = running.await {
-                tracing::error!(shard = %self.shard.id, error = %e, "compaction failed; points stay in the WAL");
-            }
+        if self.compacting.as_ref().is_some_and(|c| !c.is_finished())
+            || self.merging.as_ref().is_some_and(|m| !m.is_finished())
+        {
+            return;
+        }
+        if let Some(Ok(Err(e))) = match self.compacting.take() {
+            Some(done) => Some(done.await),
+            None => None,
+        } {
+            tracing::error!(shard = %self.shard.id, error = %e, "compaction failed; points stay in the WAL");
         }
         // The caller found the shard idle: only what changed since is checked again.
         if !self.in_flight.is_empty() || !self.shard.needs_merge(tokio::time::Instant::now(), std::time::Duration::ZERO)
         {
             return;
         }
-        let (shard, seg_seq, flushed_lsn) = (self.shard.clone(), self.take_seq(), self.shard.flushed_lsn());
-        // A merge that fails (a full disk) leaves the segments as they were: it is only
-        // logged, so that the next flush or delete does not fail with its error.
-        self.compacting = Some(tokio::spawn(async move {
-            if let Err(e) = rewrite(&shard, seg_seq, flushed_lsn, None, None).await {
-                tracing::warn!(shard = %shard.id, error = %e, "merging an idle shard's segments failed; they stay");
+        self.start_merge(None);
+    }
+
+    /// Starts merging a size tier's segments (see [`segments_to_merge`]) when one is full and
+    /// no merge runs.
+    fn start_tier_merge(&mut self) {
+        if self.merging.as_ref().is_some_and(|m| !m.is_finished()) {
+            return;
+        }
+        let chosen = {
+            let st = self.shard.state.read().expect("shard lock");
+            let points: Vec<u64> = st.segments.iter().map(|s| s.points()).collect();
+            segments_to_merge(&points, self.cfg.segments_max, self.cfg.memtable_points_max as u64)
+                .into_iter()
+                .map(|i| st.segments[i].seq)
+                .collect::<Vec<u64>>()
+        };
+        if !chosen.is_empty() {
+            self.start_merge(Some(chosen));
+        }
+    }
+
+    /// Merges the segments numbered in `only` (all when `None`) in the background. A merge
+    /// that fails (a full disk) leaves the segments as they were: it is only logged, so that
+    /// the next flush or delete does not fail with its error.
+    fn start_merge(&mut self, only: Option<Vec<u64>>) {
+        let (shard, seg_seq) = (self.shard.clone(), self.take_seq());
+        self.merging = Some(tokio::spawn(async move {
+            if let Err(e) = rewrite(&shard, seg_seq, None, only.as_deref()).await {
+                tracing::warn!(shard = %shard.id, error = %e, "merging segments failed; they stay");
             }
-            Ok(())
         }));
+    }
+
+    /// Waits for the merge running, if any.
+    async fn finish_merge(&mut self) {
+        if let Some(running) = self.merging.take() {
+            let _ = running.await;
+        }
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -1416,9 +1456,10 @@ impl Writer {
     }
 
     /// Moves the memtable into a new segment. With `wait` false (the ingest path) the segment is
-    /// written in the background while appends go on into a fresh memtable and WAL; only one
-    /// compaction runs at a time, and a memtable twice over its limit waits for it
-    /// (backpressure). With `wait` true (flush, delete, shutdown) it returns once all is on disk.
+    /// written in the background while appends go on into a fresh memtable and WAL; one flush
+    /// runs at a time, and a memtable twice over its limit waits for it (backpressure). A size
+    /// tier that a flush filled is merged in the background beside the next flushes. With
+    /// `wait` true (flush, delete, shutdown) it returns once all is on disk and merged.
     async fn flush(&mut self, wait: bool) -> Result<(), StorageError> {
         if let Some(running) = self.compacting.take() {
             let memtable_len = self.shard.state.read().expect("shard lock").memtable.batch.len();
@@ -1428,37 +1469,39 @@ impl Writer {
             }
             running.await.map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
         }
-        let (frozen, flushed_lsn) = {
+        // The flush just done may have filled a size tier.
+        self.start_tier_merge();
+        let frozen = {
             let mut st = self.shard.state_mut();
             if st.memtable.batch.is_empty() {
                 // No record of a failed append keeps the WAL (see `fail_in_flight`).
                 st.memtable_wal_from = None;
-                return Ok(());
+                None
+            } else {
+                st.memtable_rows_expected = st.memtable.batch.len().min(2 * self.cfg.memtable_points_max);
+                let frozen = Arc::new(std::mem::take(&mut st.memtable).finish());
+                st.memtable_since = None;
+                st.frozen = Some(frozen.clone());
+                st.frozen_wal_from = st.memtable_wal_from.take();
+                Some((frozen, st.memtable_lsn))
             }
-            st.memtable_rows_expected = st.memtable.batch.len().min(2 * self.cfg.memtable_points_max);
-            let frozen = Arc::new(std::mem::take(&mut st.memtable).finish());
-            st.memtable_since = None;
-            st.frozen = Some(frozen.clone());
-            st.frozen_wal_from = st.memtable_wal_from.take();
-            (frozen, st.memtable_lsn)
+        };
+        let Some((frozen, flushed_lsn)) = frozen else {
+            if wait {
+                self.finish_merge().await;
+            }
+            return Ok(());
         };
         // The memtable's index now describes the frozen rows.
         let index = std::mem::take(&mut self.index);
         self.frozen_index = if index.rows == frozen.len() { index } else { MemtableIndex::stale() };
-        let (seg_seq, merge_seq) = (self.take_seq(), self.take_seq());
-        let job = Compaction {
-            shard: self.shard.clone(),
-            frozen,
-            seg_seq,
-            merge_seq,
-            flushed_lsn,
-            segments_max: self.cfg.segments_max,
-            memtable_points_max: self.cfg.memtable_points_max,
-            metrics: self.metrics.clone(),
-        };
+        let seg_seq = self.take_seq();
+        let job = Compaction { shard: self.shard.clone(), frozen, seg_seq, flushed_lsn, metrics: self.metrics.clone() };
         let running = tokio::spawn(job.run());
         if wait {
             running.await.map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
+            self.start_tier_merge();
+            self.finish_merge().await;
         } else {
             self.compacting = Some(running);
         }
@@ -1525,9 +1568,8 @@ impl Writer {
     /// Flushes the memtable and rewrites the segments without the rows `keep` refuses.
     async fn remove_rows(&mut self, keep: KeepRow) -> Result<u64, StorageError> {
         self.flush(true).await?;
-        let flushed_lsn = self.shard.flushed_lsn();
         let seg_seq = self.take_seq();
-        rewrite(&self.shard, seg_seq, flushed_lsn, Some(keep), None).await
+        rewrite(&self.shard, seg_seq, Some(keep), None).await
     }
 
     /// Applies again the deletes of tombstones recorded while their delete failed.
@@ -1617,12 +1659,8 @@ struct Compaction {
     shard: Arc<Shard>,
     frozen: Arc<RowBatch>,
     seg_seq: u64,
-    /// Sequence number for the merged segment, if the segment count calls for a merge.
-    merge_seq: u64,
     /// Where the frozen memtable's last record ends in the WAL.
     flushed_lsn: u64,
-    segments_max: usize,
-    memtable_points_max: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -1665,42 +1703,54 @@ impl Compaction {
     }
 
     async fn write(&self) -> Result<(), StorageError> {
-        let (segments, newest): (Vec<u64>, _) = {
-            let st = self.shard.state.read().expect("shard lock");
-            (st.segments.iter().map(|s| s.seq).chain([self.seg_seq]).collect(), st.segments.last().cloned())
-        };
-        let (dir, frozen, seg_seq, flushed_lsn) =
-            (self.shard.dir.clone(), self.frozen.clone(), self.seg_seq, self.flushed_lsn);
-        let seg = background(move || {
-            let path = segment_path(&dir, seg_seq);
-            write_segment(&path, &frozen)?;
-            fsync_dir(&dir)?;
-            let seg = Segment::open_sharing(&path, seg_seq, newest.as_deref())?;
-            Manifest { segments, flushed_lsn, format: MANIFEST_FORMAT }.write(&dir)?;
-            Ok(seg)
+        let newest = self.shard.state.read().expect("shard lock").segments.last().cloned();
+        let (shard, frozen, seg_seq, flushed_lsn) =
+            (self.shard.clone(), self.frozen.clone(), self.seg_seq, self.flushed_lsn);
+        background(move || {
+            let path = segment_path(&shard.dir, seg_seq);
+            let seg = write_segment(&path, seg_seq, &frozen, newest.as_deref())?;
+            fsync_dir(&shard.dir)?;
+            commit_segments(
+                &shard,
+                Some(flushed_lsn),
+                |segments| segments.push(Arc::new(seg)),
+                |st| {
+                    st.frozen = None;
+                    st.frozen_wal_from = None;
+                },
+            )
         })
         .await?;
-        {
-            let mut st = self.shard.state_mut();
-            st.segments.push(Arc::new(seg));
-            st.frozen = None;
-            st.frozen_wal_from = None;
-            st.flushed_lsn = flushed_lsn;
-        }
         self.metrics.segments_written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let chosen = {
-            let st = self.shard.state.read().expect("shard lock");
-            let points: Vec<u64> = st.segments.iter().map(|s| s.points()).collect();
-            segments_to_merge(&points, self.segments_max, self.memtable_points_max as u64)
-                .into_iter()
-                .map(|i| st.segments[i].seq)
-                .collect::<Vec<u64>>()
-        };
-        if !chosen.is_empty() {
-            rewrite(&self.shard, self.merge_seq, flushed_lsn, None, Some(&chosen)).await?;
-        }
         Ok(())
     }
+}
+
+/// Changes a shard's list of segments: `change` edits a copy of the list as it is now, the
+/// manifest naming the result (and `flushed_lsn`, or the shard's) is written, and the state
+/// takes both, with `update`, in one step that scans see whole. A flush and a merge run side by
+/// side, so each commits under the shard's manifest lock and edits the list as the other left
+/// it, not as it was when it began.
+fn commit_segments(
+    shard: &Shard,
+    flushed_lsn: Option<u64>,
+    change: impl FnOnce(&mut Vec<Arc<Segment>>),
+    update: impl FnOnce(&mut ShardState),
+) -> Result<(), StorageError> {
+    let _one_at_a_time = shard.manifest.lock().expect("manifest lock");
+    let (mut segments, current_lsn) = {
+        let st = shard.state.read().expect("shard lock");
+        (st.segments.clone(), st.flushed_lsn)
+    };
+    change(&mut segments);
+    let flushed_lsn = flushed_lsn.unwrap_or(current_lsn);
+    Manifest { segments: segments.iter().map(|s| s.seq).collect(), flushed_lsn, format: MANIFEST_FORMAT }
+        .write(&shard.dir)?;
+    let mut st = shard.state_mut();
+    st.segments = segments;
+    st.flushed_lsn = flushed_lsn;
+    update(&mut st);
+    Ok(())
 }
 
 /// A block a merge decodes, and whether it may still be copied (when no row of it is dropped).
@@ -1724,7 +1774,6 @@ const MERGE_ROWS_MAX: usize = 65_536;
 async fn rewrite(
     shard: &Arc<Shard>,
     seg_seq: u64,
-    flushed_lsn: u64,
     keep: Option<KeepRow>,
     only: Option<&[u64]>,
 ) -> Result<u64, StorageError> {
@@ -1734,16 +1783,9 @@ async fn rewrite(
     if old.is_empty() {
         return Ok(0);
     }
-    // The manifest after the merge: the segments left out, and the new one where the first
-    // merged one was.
-    let place = all.iter().position(chosen).expect("one is chosen");
-    let (before, after): (Vec<u64>, Vec<u64>) = {
-        let kept = |range: &[Arc<Segment>]| range.iter().filter(|s| !chosen(s)).map(|s| s.seq).collect::<Vec<u64>>();
-        (kept(&all[..place]), kept(&all[place..]))
-    };
-    let dir = shard.dir.clone();
+    let (shard2, dir) = (shard.clone(), shard.dir.clone());
     let old2 = old.clone();
-    let (replacement, dropped) = background(move || {
+    let (replaced, dropped) = background(move || {
         let copyable = blocks_to_copy(&old2);
         let path = segment_path(&dir, seg_seq);
         let mut writer = SegmentWriter::create(&path)?;
@@ -1782,32 +1824,36 @@ async fn rewrite(
         writer.add_rows(&rest.finish())?;
         if keep.is_some() && dropped == 0 {
             writer.abandon();
-            return Ok((None, 0));
+            return Ok((false, 0));
         }
-        let seg = if writer.is_empty() {
+        let replacement = if writer.is_empty() {
             writer.abandon();
             None
         } else {
-            writer.finish()?;
+            let seg = writer.finish(seg_seq, all.last().map(|s| &**s))?;
             fsync_dir(&dir)?;
-            Some(Segment::open_sharing(&path, seg_seq, all.last().map(|s| &**s))?)
+            Some(Arc::new(seg))
         };
-        let segments = before.iter().copied().chain(seg.iter().map(|s| s.seq)).chain(after.iter().copied()).collect();
-        Manifest { segments, flushed_lsn, format: MANIFEST_FORMAT }.write(&dir)?;
-        Ok((Some(seg), dropped))
+        // The new segment goes where the first merged one was; a flush may have added
+        // segments since the merge began.
+        let merged: Vec<u64> = old2.iter().map(|s| s.seq).collect();
+        commit_segments(
+            &shard2,
+            None,
+            |segments| {
+                let place = segments.iter().position(|s| merged.contains(&s.seq)).unwrap_or(segments.len());
+                segments.retain(|s| !merged.contains(&s.seq));
+                segments.splice(place.min(segments.len())..place.min(segments.len()), replacement);
+            },
+            |_| {},
+        )?;
+        Ok((true, dropped))
     })
     .await?;
-    let Some(replacement) = replacement else { return Ok(0) };
-    {
-        let mut st = shard.state_mut();
-        let merged: Vec<u64> = old.iter().map(|s| s.seq).collect();
-        let place = st.segments.iter().position(|s| merged.contains(&s.seq)).unwrap_or(st.segments.len());
-        let rest: Vec<Arc<Segment>> = st.segments.drain(..).filter(|s| !merged.contains(&s.seq)).collect();
-        let (head, tail) = rest.split_at(place.min(rest.len()));
-        st.segments = head.iter().cloned().chain(replacement.map(Arc::new)).chain(tail.iter().cloned()).collect();
-    }
-    for seg in old {
-        seg.retire();
+    if replaced {
+        for seg in old {
+            seg.retire();
+        }
     }
     Ok(dropped)
 }
@@ -2036,6 +2082,41 @@ mod tests {
         shard.scan(i64::MIN, i64::MAX, None, &mut |b| seen.extend(&b.timestamps)).unwrap();
         seen.sort_unstable();
         assert_eq!(seen, (0..450).collect::<Vec<i64>>());
+    }
+
+    /// Flushes go on while a merge runs (each commits the list of segments as the other left
+    /// it): every point stays, the manifest names exactly the segments held, and a restart
+    /// finds them all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flushes_go_on_beside_merges_and_the_manifest_names_every_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = open_shard_with(dir.path(), 100).await;
+        let seqs = |shard: &Shard| shard.snapshot().segments.iter().map(|s| s.seq).collect::<Vec<u64>>();
+        // A flush at every other append, a merge of a tier at every few flushes.
+        for part in 0..120 {
+            shard.append(rows(part * 50..part * 50 + 50, part)).await.unwrap();
+        }
+        shard.flush().await.unwrap();
+        let held = seqs(&shard);
+        assert!(held.len() <= 2 * 3, "tiers were merged: {held:?}");
+        let (manifest, _) = Manifest::read(&shard.dir).unwrap().unwrap();
+        assert_eq!(manifest.segments, held);
+        let mut files: Vec<u64> = std::fs::read_dir(&shard.dir)
+            .unwrap()
+            .filter_map(|e| {
+                e.unwrap().file_name().to_string_lossy().strip_prefix("seg-")?.strip_suffix(".seg")?.parse().ok()
+            })
+            .collect();
+        files.sort_unstable();
+        let mut sorted = held.clone();
+        sorted.sort_unstable();
+        assert_eq!(files, sorted, "no segment file is left behind or missing");
+        shard.close().await;
+        let reopened = open_shard_with(dir.path(), 100).await;
+        let mut seen: Vec<i64> = Vec::new();
+        reopened.scan(i64::MIN, i64::MAX, None, &mut |b| seen.extend(&b.timestamps)).unwrap();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..6000).collect::<Vec<i64>>());
     }
 
     #[tokio::test]
