@@ -48,7 +48,7 @@ fn verdict(f: &Filter, seg: &Segment, meta: &BlockMeta) -> Verdict {
         Filter::Not(a) => verdict(a, seg, meta).not(),
         leaf => match field_of(leaf) {
             "timestamp" => over_range(leaf, &FieldValue::Int(meta.min_ts), &FieldValue::Int(meta.max_ts)),
-            "value" => match meta.summary.as_ref().and_then(|s| s.min.zip(s.max)) {
+            "value" => match meta.summary().and_then(|s| s.min.zip(s.max)) {
                 Some((lo, hi)) => over_range(leaf, &lo.into(), &hi.into()),
                 None => Verdict::Some,
             },
@@ -188,16 +188,16 @@ impl BlockVisitor for SelectVisitor<'_> {
             return BlockUse::Skip;
         }
         let Projection::Aggregate(Aggregate::Value(agg)) = &self.plan.projection else { return BlockUse::Decode };
-        let (Some(summary), Some(key)) = (&meta.summary, self.summary_group(seg, meta)) else {
+        let (Some(summary), Some(key)) = (meta.summary(), self.summary_group(seg, meta)) else {
             return BlockUse::Decode;
         };
         let (Some(key), Partial::Groups(groups)) = (key, &mut self.partial) else { return BlockUse::Skip };
         let state = groups.state(&key.tags, key.bucket);
         if matches!(agg, AggFn::Min | AggFn::Max | AggFn::First | AggFn::Last) {
-            state.summary.merge(summary);
+            state.summary.merge(&summary);
         } else {
             // What the points would have added: count and sums only.
-            state.summary.merge_sums(summary);
+            state.summary.merge_sums(&summary);
         }
         self.too_large = self.partial.size(self.plan) > self.max;
         BlockUse::Skip
