@@ -75,6 +75,39 @@ fn body(node: &Node, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiEr
     })
 }
 
+/// The body of a write, read into one buffer sized by its `Content-Length` (within
+/// `shoal.http.max-body`). axum's `Bytes` gathers the chunks and then copies them into one
+/// buffer: a second copy of a 6 MB body of 100,000 lines alive at once, and a twentieth of a
+/// load's CPU in the copy.
+struct WriteBody(Bytes);
+
+impl axum::extract::FromRequest<Arc<Node>> for WriteBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, node: &Arc<Node>) -> Result<Self, ApiError> {
+        use futures_util::StreamExt;
+        let limit = node.cfg.http_body_bytes_max;
+        let too_large = || ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("the request body is larger than {limit} bytes (shoal.http.max-body)"),
+        };
+        let expected = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if expected.is_some_and(|len| len > limit) {
+            return Err(too_large());
+        }
+        let mut out = Vec::with_capacity(expected.unwrap_or(0));
+        let mut chunks = req.into_body().into_data_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| ApiError::bad(format!("cannot read the request body: {e}")))?;
+            if out.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(Self(out.into()))
+    }
+}
+
 pub fn router(node: Arc<Node>) -> Router {
     let body_limit = node.cfg.http_body_bytes_max;
     Router::new()
@@ -257,10 +290,9 @@ async fn post_data(
     State(node): State<Arc<Node>>,
     Extension(caller): Extension<Caller>,
     Query(params): Query<HashMap<String, String>>,
-    raw: Result<Bytes, BytesRejection>,
+    WriteBody(raw): WriteBody,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let consistency = consistency(&params)?;
-    let raw = body(&node, raw)?;
     let batch = ingest::parse_nsdb_json(&raw, node.env.clock.now_ms(), node.cfg.write_batch_points_max)?;
     // The body is not needed while the batch is made durable (see `post_write`).
     drop(raw);
@@ -333,9 +365,8 @@ async fn remote_write(
     State(node): State<Arc<Node>>,
     Extension(caller): Extension<Caller>,
     Query(params): Query<HashMap<String, String>>,
-    raw: Result<Bytes, BytesRejection>,
+    WriteBody(raw): WriteBody,
 ) -> Result<Response, ApiError> {
-    let raw = body(&node, raw)?;
     let db = params.get("db").map(String::as_str).unwrap_or("prometheus");
     caller.require(db, Perm::Write).map_err(|m| forbidden(&node, m))?;
     let namespace = influx_namespace(&node, &params);
@@ -367,9 +398,9 @@ async fn post_write(
     State(node): State<Arc<Node>>,
     headers: axum::http::HeaderMap,
     Query(params): Query<HashMap<String, String>>,
-    raw: Result<Bytes, BytesRejection>,
+    WriteBody(raw): WriteBody,
 ) -> Result<Response, ApiError> {
-    let raw = decoded_body(&node, &headers, body(&node, raw)?)?;
+    let raw = decoded_body(&node, &headers, raw)?;
     let db = params.get("db").ok_or_else(|| ApiError::bad("query parameter \"db\" is required"))?;
     let namespace = influx_namespace(&node, &params);
     let precision = match params.get("precision") {

@@ -366,6 +366,11 @@ fn bad_inputs_get_clear_errors_and_change_nothing() {
         let msg = v["error"].as_str().unwrap_or_else(|| panic!("{name}: no error field in {v}"));
         assert!(msg.contains(needle), "{name}: {msg:?} should mention {needle:?}");
     }
+    // A body sent without its length (chunked) is held to the same limit as it arrives.
+    let chunked = reqwest::blocking::Body::new(std::io::Cursor::new("m value=1i 1\n".repeat(5200).into_bytes()));
+    let (got, v) = node.post(&format!("/write?db={DB}&namespace={NS}"), chunked);
+    assert_eq!(got, 413, "{v}");
+    assert!(v["error"].as_str().is_some_and(|m| m.contains("max-body")), "{v}");
     // Nothing of the rejected batches was stored.
     let r = node.query(DB, NS, "SELECT count(*) FROM m");
     assert_eq!(r[0]["value"], 1);
