@@ -827,6 +827,8 @@ pub struct SegmentWriter {
     /// themselves, each lookup built a key of copied strings: a twentieth of a load's CPU.)
     series_ids: HashMap<u64, u32>,
     collided: Vec<u32>,
+    /// Seeded per writer, so that tags cannot be chosen to collide.
+    hasher: foldhash::fast::RandomState,
 }
 
 impl SegmentWriter {
@@ -842,6 +844,7 @@ impl SegmentWriter {
             series: Vec::new(),
             series_ids: HashMap::new(),
             collided: Vec::new(),
+            hasher: Default::default(),
         };
         writer.write(MAGIC)?;
         Ok(writer)
@@ -859,7 +862,7 @@ impl SegmentWriter {
 
     fn series_id(&mut self, series: std::borrow::Cow<'_, Series>) -> u32 {
         let same = |id: &u32| cmp_series(&self.series[*id as usize], &series).is_eq();
-        let hash = series_hash(&series);
+        let hash = series_hash(&self.hasher, &series);
         let found = match self.series_ids.get(&hash) {
             Some(id) if same(id) => Some(*id),
             Some(_) => self.collided.iter().copied().find(|id| same(id)),
@@ -1086,9 +1089,9 @@ fn cmp_series(a: &Series, b: &Series) -> std::cmp::Ordering {
 
 /// A hash of a series' tags that agrees with [`cmp_series`]: equal series (same names, same
 /// kinds and bits of values) hash alike.
-fn series_hash(series: &Series) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    let mut h = foldhash::fast::FixedState::with_seed(0).build_hasher();
+fn series_hash(state: &impl std::hash::BuildHasher, series: &Series) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = state.build_hasher();
     for (name, value) in series {
         name.hash(&mut h);
         match value {
@@ -1819,7 +1822,7 @@ mod tests {
         assert_eq!(w.series_id(std::borrow::Cow::Owned(b.clone())), 1);
         // A series whose hash another one took first.
         let e = tagged(FieldValue::Str("e".into()));
-        w.series_ids.insert(series_hash(&e), 0);
+        w.series_ids.insert(series_hash(&w.hasher, &e), 0);
         let id = w.series_id(std::borrow::Cow::Borrowed(&e));
         assert_eq!(id, 4);
         assert_eq!(w.series_id(std::borrow::Cow::Borrowed(&e)), 4);

@@ -1450,6 +1450,19 @@ impl Writer {
         }
     }
 
+    /// Waits for the merge running and for those of the size tiers it fills in turn (a few
+    /// rounds at most: a merge that fails leaves its tier full).
+    async fn finish_merges(&mut self) {
+        for _ in 0..MERGE_ROUNDS_MAX {
+            self.finish_merge().await;
+            self.start_tier_merge();
+            if self.merging.is_none() {
+                return;
+            }
+        }
+        self.finish_merge().await;
+    }
+
     fn take_seq(&mut self) -> u64 {
         self.next_seq += 1;
         self.next_seq - 1
@@ -1471,6 +1484,13 @@ impl Writer {
         }
         // The flush just done may have filled a size tier.
         self.start_tier_merge();
+        // Flushes do not wait for merges, but a shard whose merges fall behind (more segments
+        // than twice a tier's worth) stops adding segments until the running one is done.
+        let segments = self.shard.state.read().expect("shard lock").segments.len();
+        if segments > 2 * (self.cfg.segments_max + 1) {
+            self.finish_merge().await;
+            self.start_tier_merge();
+        }
         let frozen = {
             let mut st = self.shard.state_mut();
             if st.memtable.batch.is_empty() {
@@ -1488,7 +1508,7 @@ impl Writer {
         };
         let Some((frozen, flushed_lsn)) = frozen else {
             if wait {
-                self.finish_merge().await;
+                self.finish_merges().await;
             }
             return Ok(());
         };
@@ -1500,8 +1520,7 @@ impl Writer {
         let running = tokio::spawn(job.run());
         if wait {
             running.await.map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
-            self.start_tier_merge();
-            self.finish_merge().await;
+            self.finish_merges().await;
         } else {
             self.compacting = Some(running);
         }
@@ -1737,7 +1756,8 @@ fn commit_segments(
     change: impl FnOnce(&mut Vec<Arc<Segment>>),
     update: impl FnOnce(&mut ShardState),
 ) -> Result<(), StorageError> {
-    let _one_at_a_time = shard.manifest.lock().expect("manifest lock");
+    // The lock guards no data: a commit that panicked left nothing half-changed in memory.
+    let _one_at_a_time = shard.manifest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let (mut segments, current_lsn) = {
         let st = shard.state.read().expect("shard lock");
         (st.segments.clone(), st.flushed_lsn)
@@ -1752,6 +1772,9 @@ fn commit_segments(
     update(&mut st);
     Ok(())
 }
+
+/// Rounds of merges a flush that waits (flush, delete, shutdown) sees through.
+const MERGE_ROUNDS_MAX: usize = 4;
 
 /// A block a merge decodes, and whether it may still be copied (when no row of it is dropped).
 type BlockToMerge<'a> = (&'a Segment, &'a BlockMeta, bool);
