@@ -64,15 +64,20 @@ impl From<IngestError> for ApiError {
 }
 
 fn body(node: &Node, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        let status = rejection.status();
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("the request body is larger than {} bytes (shoal.http.max-body)", node.cfg.http_body_bytes_max)
-        } else {
-            format!("cannot read the request body: {rejection}")
-        };
-        ApiError { status, message }
+    body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => body_too_large(node),
+        status => ApiError { status, message: format!("cannot read the request body: {rejection}") },
     })
+}
+
+fn body_too_large(node: &Node) -> ApiError {
+    ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!(
+            "the request body is larger than {} bytes (shoal.http.max-body)",
+            node.cfg.http_body_bytes_max
+        ),
+    }
 }
 
 /// The body of a write, read into one buffer sized by its `Content-Length` (within
@@ -87,20 +92,16 @@ impl axum::extract::FromRequest<Arc<Node>> for WriteBody {
     async fn from_request(req: Request, node: &Arc<Node>) -> Result<Self, ApiError> {
         use futures_util::StreamExt;
         let limit = node.cfg.http_body_bytes_max;
-        let too_large = || ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            message: format!("the request body is larger than {limit} bytes (shoal.http.max-body)"),
-        };
         let expected = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         if expected.is_some_and(|len| len > limit) {
-            return Err(too_large());
+            return Err(body_too_large(node));
         }
         let mut out = Vec::with_capacity(expected.unwrap_or(0));
         let mut chunks = req.into_body().into_data_stream();
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|e| ApiError::bad(format!("cannot read the request body: {e}")))?;
             if out.len() + chunk.len() > limit {
-                return Err(too_large());
+                return Err(body_too_large(node));
             }
             out.extend_from_slice(&chunk);
         }

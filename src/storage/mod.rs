@@ -174,10 +174,7 @@ impl Storage {
 
     /// Splits `batch` by shard and makes it durable; returns when every shard has fsynced.
     pub async fn write(&self, metric: &MetricKey, batch: RowBatch) -> Result<(), StorageError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let (lo, hi) = batch.timestamps.iter().fold((i64::MAX, i64::MIN), |(lo, hi), &ts| (lo.min(ts), hi.max(ts)));
+        let Some((lo, hi)) = shard::time_range(&batch) else { return Ok(()) };
         if self.shard_start(lo) == self.shard_start(hi) {
             // The common case, a batch inside one shard, is handed over without a copy.
             let start = self.shard_start(lo);

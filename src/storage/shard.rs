@@ -498,7 +498,7 @@ fn index_of(batch: &RowBatch) -> PointIndex {
 }
 
 /// Time range of a batch's rows (`None` when empty).
-fn time_range(batch: &RowBatch) -> Option<(i64, i64)> {
+pub(crate) fn time_range(batch: &RowBatch) -> Option<(i64, i64)> {
     let lo = *batch.timestamps.iter().min()?;
     Some((lo, *batch.timestamps.iter().max()?))
 }
@@ -1398,10 +1398,9 @@ impl Writer {
         {
             return;
         }
-        if let Some(Ok(Err(e))) = match self.compacting.take() {
-            Some(done) => Some(done.await),
-            None => None,
-        } {
+        if let Some(done) = self.compacting.take()
+            && let Ok(Err(e)) = done.await
+        {
             tracing::error!(shard = %self.shard.id, error = %e, "compaction failed; points stay in the WAL");
         }
         // The caller found the shard idle: only what changed since is checked again.
