@@ -149,6 +149,7 @@ fn internal_routes(node: Arc<Node>) -> Router<Arc<Node>> {
         .route("/internal/v1/digests", post(internal_digests))
         .route("/internal/v1/points", post(internal_points))
         .route("/internal/v1/partial", post(internal_partial))
+        .route("/internal/v1/revoke", post(internal_revoke))
         .route("/internal/v1/delete", post(internal_delete))
         .route("/internal/v1/tombstones", post(internal_tombstones))
         .route("/internal/v1/status", get(internal_status))
@@ -854,8 +855,24 @@ async fn internal_partial(
     State(node): State<Arc<Node>>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req = decode("partial request", &body(&node, raw)?)?;
-    encoded(&node.replica_partial(req).await?)
+    let raw = body(&node, raw)?;
+    let (req, ask) = crate::peer::decode_with_tail::<_, crate::peer::LeaseAsk>(&raw)
+        .map_err(|e| ApiError::bad(format!("partial request: {e}")))?;
+    let (answer, granted) = node.replica_partial(req, ask.as_ref().map(|a| a.holder.as_str())).await?;
+    let grant = ask.map(|_| crate::peer::LeaseGrant { granted });
+    let bytes = crate::peer::encode_with_tail(&answer, grant.as_ref());
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// `POST /internal/v1/revoke`: a replica's copy of a shard is about to change; the read lease
+/// this node holds on it ends now.
+async fn internal_revoke(
+    State(node): State<Arc<Node>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let revoke: crate::lease::Revoke = decode("revoke", &body(&node, raw)?)?;
+    node.leases.revoke_held(&revoke);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// The status page (docs/operations.md): server-rendered, no script, refreshes itself.

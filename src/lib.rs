@@ -23,6 +23,7 @@ pub mod hints;
 pub mod influxql;
 pub mod ingest;
 pub mod keyring;
+pub mod lease;
 pub mod membership;
 pub mod metrics;
 pub mod model;

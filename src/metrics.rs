@@ -104,6 +104,10 @@ pub struct Metrics {
     pub queries: AtomicU64,
     /// Selects answered from the answer cache (every replica read confirmed its copy unchanged).
     pub query_cache_hits: AtomicU64,
+    /// Read leases revoked at their holder before a change to a copy (docs/design/replication.md).
+    pub lease_revokes: AtomicU64,
+    /// Changes that waited for a lease to run out, its holder being unreachable.
+    pub lease_waits: AtomicU64,
     pub wal_torn_bytes: AtomicU64,
     pub segments_written: AtomicU64,
     pub hints_stored: AtomicU64,
@@ -187,6 +191,18 @@ impl Metrics {
             "shoal_query_cache_hits_total",
             "Selects answered from the answer cache, every shard copy read being unchanged.",
             &self.query_cache_hits,
+        );
+        counter(
+            &mut out,
+            "shoal_read_lease_revokes_total",
+            "Read leases on this node's copies revoked at their holder before a change.",
+            &self.lease_revokes,
+        );
+        counter(
+            &mut out,
+            "shoal_read_lease_waits_total",
+            "Changes that waited for a read lease to run out, its holder being unreachable.",
+            &self.lease_waits,
         );
         counter(
             &mut out,

@@ -248,10 +248,24 @@ pub struct Node {
     drop_fence: tokio::sync::RwLock<()>,
     /// Answers of recent selects, kept to be served again while their shard copies are unchanged.
     answers: std::sync::Mutex<query::cache::AnswerCache>,
+    /// Read leases granted on this node's copies and held on other replicas' ([`crate::lease`]).
+    pub(crate) leases: crate::lease::Leases,
     pub keyring: Option<Arc<crate::keyring::Keyring>>,
     /// The users of the public API (`shoal.auth.file`); `None`: no credentials are asked.
     pub users: Option<Arc<crate::auth::Users>>,
 }
+/// The storage's [`crate::storage::ChangeGate`]: a change to a shard revokes its read leases.
+struct RevokeLeases(std::sync::Weak<Node>);
+
+#[async_trait::async_trait]
+impl crate::storage::ChangeGate for RevokeLeases {
+    async fn changed(&self, shards: &[crate::model::ShardId]) {
+        if let Some(node) = self.0.upgrade() {
+            node.revoke_leases(shards).await;
+        }
+    }
+}
+
 /// Shards a query asks at once.
 const SCATTER_SHARDS_MAX: usize = 32;
 /// Anti-entropy also pulls from one live peer this often when all digests agree.
@@ -327,9 +341,12 @@ impl Node {
             (KEY_ROLES.to_string(), roles.join(",")),
             (KEY_READINESS.to_string(), if bootstrapped { "ready" } else { "joining" }.to_string()),
         ];
+        // A node that ran before on this data dir may have granted read leases that still run.
+        let restarted = cfg.data_dir.join("generation").exists();
+        let generation = next_generation(&cfg.data_dir, started_ms)?;
         let membership_cfg = MembershipConfig {
             node_id: cfg.node_id.clone(),
-            generation: next_generation(&cfg.data_dir, started_ms)?,
+            generation,
             cluster_id: cfg.cluster_id.clone(),
             listen_addr: io.gossip_listen,
             advertise_addr: io.gossip_advertise,
@@ -392,9 +409,11 @@ impl Node {
             repair: Default::default(),
             drop_fence: Default::default(),
             answers,
+            leases: crate::lease::Leases::new(restarted),
             keyring: io.keyring,
             users,
         });
+        node.storage.set_change_gate(Arc::new(RevokeLeases(Arc::downgrade(&node))));
         node.update_readiness().await;
         node.spawn_background();
         node.spawn_recovery();
@@ -1182,18 +1201,20 @@ impl Node {
         let mut errors = Vec::new();
         let mut none_held = false;
         for replica in order {
+            let known = cached.and_then(|c| c.version_of(&shard, &replica));
             let req = crate::peer::PartialRequest {
                 shard: shard.clone(),
                 plan: plan.clone(),
                 from: range.0,
                 to: range.1,
                 epoch,
-                known: cached.and_then(|c| c.version_of(&shard, &replica)),
+                known,
             };
             // A result too large for one shard is the query's fault, not the replica's:
             // it fails the query (413) instead of passing for an unreachable replica.
+            let (asked_at, revokes_before) = (tokio::time::Instant::now(), self.leases.asking());
             let answer = if replica == self.cfg.node_id {
-                match self.replica_partial(req).await {
+                match self.replica_partial(req, None).await {
                     Err(e @ NodeError::TooLarge(_)) => return Err(ShardAnswer::Fatal(e)),
                     other => other.map_err(|e| e.to_string()),
                 }
@@ -1202,24 +1223,36 @@ impl Node {
                     errors.push(format!("{replica} is not live"));
                     continue;
                 };
-                match self.peers.post(&addr, "/internal/v1/partial", postcard::to_stdvec(&req).expect("encodes")).await
-                {
-                    Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| e.to_string()),
+                let ask = crate::peer::LeaseAsk { holder: self.cfg.node_id.clone() };
+                let body = crate::peer::encode_with_tail(&req, Some(&ask));
+                match self.peers.post(&addr, "/internal/v1/partial", body).await {
+                    Ok(bytes) => crate::peer::decode_with_tail::<_, crate::peer::LeaseGrant>(&bytes)
+                        .map(|(answer, grant)| (answer, grant.is_some_and(|g| g.granted)))
+                        .map_err(|e| e.to_string()),
                     Err(crate::peer::PeerError::Refused { status: 413, message, .. }) => {
                         return Err(ShardAnswer::Fatal(NodeError::TooLarge(message)));
                     }
                     Err(e) => Err(e.to_string()),
                 }
             };
+            let hold = |version| self.leases.hold(&shard, &replica, version, asked_at, revokes_before);
             match answer {
-                Ok(crate::peer::PartialAnswer::Computed { version, partial }) => {
+                Ok((crate::peer::PartialAnswer::Computed { version, partial }, leased)) => {
+                    if leased {
+                        hold(version);
+                    }
                     let source = query::cache::Source { shard, replica, version };
                     return Ok(ShardReply::Computed { partial, source: Some(source) });
                 }
-                Ok(crate::peer::PartialAnswer::Unchanged) => return Ok(ShardReply::Unchanged(shard)),
+                Ok((crate::peer::PartialAnswer::Unchanged, leased)) => {
+                    if leased && let Some(version) = known {
+                        hold(version);
+                    }
+                    return Ok(ShardReply::Unchanged(shard));
+                }
                 // A placed replica without a copy (a new disk, a copy not made yet) would
                 // answer with nothing: the next replica is asked instead.
-                Ok(crate::peer::PartialAnswer::NotHeld) => none_held = true,
+                Ok((crate::peer::PartialAnswer::NotHeld, _)) => none_held = true,
                 Err(e) => errors.push(format!("{replica}: {e}")),
             }
         }
@@ -1229,6 +1262,28 @@ impl Node {
         }
         // A replica that could not be asked may hold the copy the others lack.
         Err(ShardAnswer::Missing { shard: shard.to_string(), reason: errors.join("; ") })
+    }
+
+    /// Whether a kept answer stands without asking any replica: every shard now in range is
+    /// one it read from a replica still placed, and each copy it read is this node's own, at
+    /// the same version, or one whose replica leased that version to this node.
+    fn kept_answer_stands(&self, key: &MetricKey, range: (i64, i64), kept: &query::cache::CachedAnswer) -> bool {
+        let shards = self.catalog.shards_of(key, range.0, range.1, self.cfg.shard_interval_ms);
+        if shards.len() != kept.sources.len() {
+            return false;
+        }
+        let generation = self.membership.config().generation;
+        kept.sources.iter().all(|source| {
+            let placed = shards.get(&source.shard).is_some_and(|replicas| replicas.contains(&source.replica));
+            placed
+                && if source.replica == self.cfg.node_id {
+                    self.storage.shard_if_held(&source.shard).is_some_and(|copy| {
+                        crate::peer::ShardVersion { generation, state: copy.version() } == source.version
+                    })
+                } else {
+                    self.leases.holds(&source.shard, &source.replica, source.version)
+                }
+        })
     }
 
     /// Runs a select or a delete. With `allow_partial`, a select whose shards are not all
@@ -1257,6 +1312,12 @@ impl Node {
                 let cache_key = (self.cfg.query_cache_bytes > 0)
                     .then(|| query::cache::AnswerKey::new(&key, &plan, range, self.catalog.drop_epoch(&key)));
                 let cached = cache_key.as_ref().and_then(|k| self.answers.lock().expect("answers lock").get(k));
+                if let Some(kept) = cached.as_deref()
+                    && self.kept_answer_stands(&key, range, kept)
+                {
+                    self.metrics.query_cache_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(QueryOutcome::Records(kept.body.clone()));
+                }
                 match self.scatter(&key, &plan, range, allow_partial, cached.as_deref()).await? {
                     Scattered::Unchanged => {
                         self.metrics.query_cache_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1399,27 +1460,67 @@ impl Node {
 
     /// This node's partial result for one shard (the replica side of the internal query API),
     /// or word that its copy is still at the version the asker knows.
+    /// With `lease_to`, that node asks for a read lease on the copy ([`crate::lease`]); the
+    /// answer says whether it got one.
     pub async fn replica_partial(
         &self,
         req: crate::peer::PartialRequest,
-    ) -> Result<crate::peer::PartialAnswer, NodeError> {
+        lease_to: Option<&str>,
+    ) -> Result<(crate::peer::PartialAnswer, bool), NodeError> {
         use crate::peer::{PartialAnswer, ShardVersion};
         drop(self.fence_epoch(&req.shard.metric, req.epoch).await?);
-        let Some(shard) = self.storage.shard_if_held(&req.shard) else { return Ok(PartialAnswer::NotHeld) };
+        let Some(shard) = self.storage.shard_if_held(&req.shard) else { return Ok((PartialAnswer::NotHeld, false)) };
+        // Granted before the version is read: a change after this revokes the lease, and a
+        // change before it is in the version read.
+        let leased = lease_to.is_some_and(|holder| self.leases.grant(&req.shard, holder));
         let generation = self.membership.config().generation;
         if req.known == Some(ShardVersion { generation, state: shard.version() }) {
-            return Ok(PartialAnswer::Unchanged);
+            return Ok((PartialAnswer::Unchanged, leased));
         }
         let max = self.cfg.query_records_max;
         crate::env::spawn_blocking(move || {
             let snapshot = shard.snapshot();
             let version = ShardVersion { generation, state: snapshot.version };
             query::partial_of_shards(Some(snapshot), &req.plan, (req.from, req.to), max)
-                .map(|partial| PartialAnswer::Computed { version, partial })
+                .map(|partial| (PartialAnswer::Computed { version, partial }, leased))
         })
         .await
         .map_err(|e| NodeError::Internal(e.to_string()))?
         .map_err(NodeError::from)
+    }
+
+    /// Revokes the read leases on `shards` before a change to them is acknowledged: at each
+    /// holder, or, when one cannot be reached, by waiting until its lease has run out.
+    async fn revoke_leases(&self, shards: &[crate::model::ShardId]) {
+        if tokio::time::Instant::now() < self.leases.changes_from() {
+            tokio::time::sleep_until(self.leases.changes_from()).await;
+        }
+        if self.leases.changing(shards).is_empty() {
+            return;
+        }
+        let _one_at_a_time = self.leases.revocation().await;
+        // Again under the lock: those a revocation that just ended took care of are gone.
+        let due = self.leases.changing(shards);
+        let revokes = due.iter().map(|due| async move {
+            let revoke = crate::lease::Revoke { shard: due.shard.clone(), replica: self.cfg.node_id.clone() };
+            let told = match self.live_http_addr(&due.holder).await {
+                Some(addr) => {
+                    let body = postcard::to_stdvec(&revoke).expect("encodes");
+                    tokio::time::timeout_at(due.until, self.peers.post(&addr, "/internal/v1/revoke", body))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                }
+                None => false,
+            };
+            if told {
+                self.metrics.lease_revokes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            } else {
+                self.metrics.lease_waits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep_until(due.until).await;
+            }
+            self.leases.revoked(due);
+        });
+        futures_util::future::join_all(revokes).await;
     }
 
     /// Drops a metric everywhere: its schema and placements leave the catalog (and spread by

@@ -104,6 +104,40 @@ pub struct PartialRequest {
     pub epoch: u64,
 }
 
+/// Appended to a [`PartialRequest`]: the asker would hold a read lease ([`crate::lease`]).
+/// Versions before leases decode the request and ignore what follows it (postcard reads a
+/// message from the front), so the two mix during a rolling upgrade.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseAsk {
+    /// The asker's node id, to which the replica sends the revoke.
+    pub holder: String,
+}
+
+/// Appended to a [`PartialAnswer`] when the request asked for a lease: whether it was granted.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    pub granted: bool,
+}
+
+/// A message with an optional tail appended (see [`LeaseAsk`]): `None` when there is none,
+/// as from a node of an older version.
+pub fn decode_with_tail<'a, T: Deserialize<'a>, U: Deserialize<'a>>(
+    bytes: &'a [u8],
+) -> Result<(T, Option<U>), postcard::Error> {
+    let (message, rest) = postcard::take_from_bytes::<T>(bytes)?;
+    let tail = if rest.is_empty() { None } else { Some(postcard::from_bytes::<U>(rest)?) };
+    Ok((message, tail))
+}
+
+/// `message` with `tail` appended.
+pub fn encode_with_tail<T: Serialize, U: Serialize>(message: &T, tail: Option<&U>) -> Vec<u8> {
+    let mut bytes = postcard::to_stdvec(message).expect("encodes");
+    if let Some(tail) = tail {
+        bytes.extend(postcard::to_stdvec(tail).expect("encodes"));
+    }
+    bytes
+}
+
 /// One state of one replica's copy of a shard: equal versions hold the same points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardVersion {

@@ -173,6 +173,31 @@ async fn a_replica_without_its_copy_is_passed_over_by_reads() {
     }
 }
 
+/// Stores points `from..from + n` (value i at hour i plus `offset_ms`, host h{i % 3}) through
+/// `via`, acknowledged by every replica: one shard each, placed on either node.
+async fn write_hours(via: &std::sync::Arc<shoal::node::Node>, from: i64, n: i64, offset_ms: i64) {
+    let lines: String =
+        (from..from + n).map(|i| format!("cpu,host=h{} value={i}i {}\n", i % 3, i * 3_600_000 + offset_ms)).collect();
+    let batch = parse_line_protocol(&lines, "db", "ns", Precision::Ms, 0, 1000).unwrap();
+    via.ingest(batch, Some(shoal::config::Consistency::All)).await.unwrap();
+}
+
+/// The answer to `sql` through `via`, as JSON (`{"deleted": n}` for a delete).
+async fn query(via: &shoal::node::Node, sql: &str) -> serde_json::Value {
+    let req = shoal::node::QueryRequest {
+        db: "db".into(),
+        namespace: "ns".into(),
+        metric: None,
+        query_string: sql.into(),
+        from: None,
+        to: None,
+    };
+    match via.query(req, false).await.unwrap() {
+        shoal::node::QueryOutcome::Records(body) => serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+        shoal::node::QueryOutcome::Deleted(n) => serde_json::json!({ "deleted": n }),
+    }
+}
+
 /// A select asked again is answered from the coordinator's cache only while every shard copy
 /// it read is unchanged: each coordinator serves its kept answer (a hit is counted), and a
 /// write or a delete through the other node, to copies on either node, is in the next answer.
@@ -182,30 +207,8 @@ async fn a_kept_answer_is_served_only_while_its_copies_are_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let transport = ChannelTransport::with_mtu(65_507);
     let (a, b) = two_nodes(&transport, dir.path(), 1).await;
-    let write = async |via: &std::sync::Arc<shoal::node::Node>, from: i64, n: i64, offset_ms: i64| {
-        // Points an hour apart: one shard each, placed on either node.
-        let lines: String = (from..from + n)
-            .map(|i| format!("cpu,host=h{} value={i}i {}\n", i % 3, i * 3_600_000 + offset_ms))
-            .collect();
-        let batch = parse_line_protocol(&lines, "db", "ns", Precision::Ms, 0, 1000).unwrap();
-        via.ingest(batch, Some(shoal::config::Consistency::All)).await.unwrap();
-    };
-    let query = async |via: &shoal::node::Node, sql: &str| {
-        let req = shoal::node::QueryRequest {
-            db: "db".into(),
-            namespace: "ns".into(),
-            metric: None,
-            query_string: sql.into(),
-            from: None,
-            to: None,
-        };
-        match via.query(req, false).await.unwrap() {
-            shoal::node::QueryOutcome::Records(body) => serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
-            shoal::node::QueryOutcome::Deleted(n) => serde_json::json!({ "deleted": n }),
-        }
-    };
     let sum = "SELECT sum(value) FROM cpu";
-    write(&a, 0, 8, 0).await;
+    write_hours(&a, 0, 8, 0).await;
     let key = MetricKey::new("db", "ns", "cpu").unwrap();
     let held = |n: &shoal::node::Node, hour: i64| {
         n.storage.shard_if_held(&ShardId { metric: key.clone(), start: hour * 3_600_000 }).is_some()
@@ -220,12 +223,12 @@ async fn a_kept_answer_is_served_only_while_its_copies_are_unchanged() {
         assert_eq!(node.metrics.query_cache_hits.load(Relaxed), hits + 1, "the second answer is the kept one");
     }
     // A point into an existing shard and one into a new shard, through the other node.
-    write(&b, 3, 1, 1).await;
+    write_hours(&b, 3, 1, 1).await;
     assert_eq!(query(&a, sum).await["records"][0]["value"], 31, "a changed copy is read again");
-    write(&b, 8, 1, 0).await;
+    write_hours(&b, 8, 1, 0).await;
     assert_eq!(query(&a, sum).await["records"][0]["value"], 39, "a new shard in range is read");
     // A point already stored (points are a set) changes nothing, and the answer stays right.
-    write(&b, 8, 1, 0).await;
+    write_hours(&b, 8, 1, 0).await;
     assert_eq!(query(&b, sum).await["records"][0]["value"], 39);
     let deleted = query(&b, "DELETE FROM cpu WHERE host = 'h0'").await;
     assert!(deleted["deleted"].as_u64().unwrap() > 0, "{deleted}");
@@ -234,4 +237,49 @@ async fn a_kept_answer_is_served_only_while_its_copies_are_unchanged() {
     let hits = a.metrics.query_cache_hits.load(Relaxed);
     assert_eq!(query(&a, sum).await["records"][0]["value"], 27);
     assert_eq!(a.metrics.query_cache_hits.load(Relaxed), hits + 1);
+}
+
+/// A coordinator that holds no copy serves its kept answer without asking the replicas once
+/// they leased their copies to it (no request reaches them), and every change acknowledged
+/// after that, through either node, is in its next answer: the change revoked the lease first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_answer_asks_no_replica_and_every_acknowledged_change_ends_the_lease() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let transport = ChannelTransport::with_mtu(65_507);
+    let (a, b) = two_nodes(&transport, dir.path(), 1).await;
+    let sum = "SELECT sum(value) FROM cpu";
+    write_hours(&a, 0, 8, 0).await;
+    let key = MetricKey::new("db", "ns", "cpu").unwrap();
+    let on_b: Vec<i64> = (0..8)
+        .filter(|&h| b.storage.shard_if_held(&ShardId { metric: key.clone(), start: h * 3_600_000 }).is_some())
+        .collect();
+    assert!(!on_b.is_empty(), "some copies only on b: a must ask b for them");
+    // Copies written just now are not leased; a moment later they are.
+    let leased = async |expected: i64| {
+        common::inproc::eventually("a to serve its answer without asking b", async || {
+            assert_eq!(query(&a, sum).await["records"][0]["value"], expected);
+            let asked = b.metrics.http_requests.load(Relaxed);
+            assert_eq!(query(&a, sum).await["records"][0]["value"], expected);
+            b.metrics.http_requests.load(Relaxed) == asked
+        })
+        .await
+    };
+    leased(28).await;
+    // A write through b to its own copy, then through a to b's copy: each in the next answer.
+    let hour = *on_b.iter().max().unwrap();
+    assert!(hour > 0, "a point of value {hour} changes the sum");
+    write_hours(&b, hour, 1, 1).await;
+    assert_eq!(query(&a, sum).await["records"][0]["value"], 28 + hour, "b's write revoked a's lease");
+    leased(28 + hour).await;
+    write_hours(&a, hour, 1, 2).await;
+    assert_eq!(query(&a, sum).await["records"][0]["value"], 28 + 2 * hour, "a's write through b revoked it");
+    leased(28 + 2 * hour).await;
+    let host = hour % 3;
+    let deleted = query(&b, &format!("DELETE FROM cpu WHERE host = 'h{host}'")).await;
+    assert!(deleted["deleted"].as_u64().unwrap() > 0, "{deleted}");
+    let kept: i64 = (0..8).filter(|i| i % 3 != host).sum::<i64>();
+    assert_eq!(query(&a, sum).await["records"][0]["value"], kept, "the delete revoked it");
+    assert!(b.metrics.lease_revokes.load(Relaxed) >= 3, "b told a each time");
+    assert_eq!(b.metrics.lease_waits.load(Relaxed), 0, "a was reachable: no change waited a lease out");
 }

@@ -88,6 +88,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
 /// keep every file written since its first point for up to `flush-interval`.
 const WAL_FILES_MAX: u64 = 4;
 
+/// Told of every change to the points of shards held here, before the change is acknowledged
+/// (the node revokes the read leases on them: [`crate::lease`]).
+#[async_trait::async_trait]
+pub trait ChangeGate: Send + Sync + 'static {
+    async fn changed(&self, shards: &[ShardId]);
+}
+
 pub struct Storage {
     root: PathBuf,
     cfg: StorageConfig,
@@ -97,6 +104,7 @@ pub struct Storage {
     rule: TombstoneRule,
     /// Serializes shard creation so two writers never open the same folder twice.
     opening: tokio::sync::Mutex<()>,
+    gate: std::sync::OnceLock<Arc<dyn ChangeGate>>,
 }
 
 impl Storage {
@@ -118,6 +126,7 @@ impl Storage {
             shards: DashMap::new(),
             rule: rule.clone(),
             opening: Default::default(),
+            gate: Default::default(),
         });
         for id in discover_shards(&root)? {
             let dir = shard::shard_dir(&root, &id);
@@ -157,6 +166,20 @@ impl Storage {
         self.cfg.shard_interval_ms
     }
 
+    /// Sets what is told of changes (once, as the node opens; before that nothing changes).
+    pub fn set_change_gate(&self, gate: Arc<dyn ChangeGate>) {
+        let _ = self.gate.set(gate);
+    }
+
+    /// Passes the change of `shards` through the gate; whatever the change's own outcome, as a
+    /// failed one may have changed part of them.
+    async fn changed<T>(&self, shards: &[ShardId], outcome: T) -> T {
+        if let Some(gate) = self.gate.get() {
+            gate.changed(shards).await;
+        }
+        outcome
+    }
+
     async fn shard(&self, id: ShardId) -> Result<Arc<Shard>, StorageError> {
         if let Some(s) = self.shards.get(&id) {
             return Ok(s.clone());
@@ -177,35 +200,41 @@ impl Storage {
         let Some((lo, hi)) = shard::time_range(&batch) else { return Ok(()) };
         if self.shard_start(lo) == self.shard_start(hi) {
             // The common case, a batch inside one shard, is handed over without a copy.
-            let start = self.shard_start(lo);
-            return self.shard(ShardId { metric: metric.clone(), start }).await?.append(batch).await.map(|_| ());
+            let id = ShardId { metric: metric.clone(), start: self.shard_start(lo) };
+            let outcome = self.shard(id.clone()).await?.append(batch).await.map(|_| ());
+            return self.changed(&[id], outcome).await;
         }
         let mut rows_by_shard: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
         for (row, &ts) in batch.timestamps.iter().enumerate() {
             rows_by_shard.entry(self.shard_start(ts)).or_default().push(row);
         }
         let mut appends = Vec::with_capacity(rows_by_shard.len());
+        let mut ids = Vec::with_capacity(rows_by_shard.len());
         for (start, rows) in rows_by_shard {
             let shard = self.shard(ShardId { metric: metric.clone(), start }).await?;
+            ids.push(shard.id.clone());
             let part = batch.select(&rows);
             appends.push(async move { shard.append(part).await });
         }
-        for result in futures_util::future::join_all(appends).await {
-            result?;
-        }
-        Ok(())
+        let outcome = futures_util::future::join_all(appends).await.into_iter().try_for_each(|r| r.map(|_| ()));
+        self.changed(&ids, outcome).await
     }
 
     /// Stores the points of `batch` (all inside `shard`) that the shard does not hold yet,
     /// creating the shard if needed; returns how many were new.
     pub async fn merge(&self, shard: &ShardId, batch: RowBatch, times: MergeTimes) -> Result<u64, StorageError> {
-        self.shard(shard.clone()).await?.merge(batch, times).await
+        let outcome = self.shard(shard.clone()).await?.merge(batch, times).await;
+        match outcome {
+            Ok(0) => outcome,
+            _ => self.changed(std::slice::from_ref(shard), outcome).await,
+        }
     }
 
     /// Deletes the rows of a shard that `keep` rejects, remembering the delete as a tombstone
     /// (the shard is created if this node holds none yet, so the tombstone still applies).
     pub async fn delete(&self, id: &ShardId, keep: KeepRow, tombstone: Tombstone) -> Result<u64, StorageError> {
-        self.shard(id.clone()).await?.delete(Some(keep), Some(tombstone)).await
+        let outcome = self.shard(id.clone()).await?.delete(Some(keep), Some(tombstone)).await;
+        self.changed(std::slice::from_ref(id), outcome).await
     }
 
     /// The live tombstones of a shard held here (none when it is not held).
@@ -218,6 +247,11 @@ impl Storage {
 
     /// Removes one shard from this node (its replicas live elsewhere now).
     pub async fn drop_shard(&self, id: &ShardId) -> Result<(), StorageError> {
+        let outcome = self.remove_shard(id).await;
+        self.changed(std::slice::from_ref(id), outcome).await
+    }
+
+    async fn remove_shard(&self, id: &ShardId) -> Result<(), StorageError> {
         let _guard = self.opening.lock().await;
         if let Some((_, shard)) = self.shards.remove(id) {
             shard.close().await;
@@ -258,6 +292,13 @@ impl Storage {
 
     /// Removes every shard of `metric` from disk.
     pub async fn drop_metric(&self, metric: &MetricKey) -> Result<(), StorageError> {
+        let ids: Vec<ShardId> =
+            self.shards.iter().filter(|e| &e.key().metric == metric).map(|e| e.key().clone()).collect();
+        let outcome = self.remove_metric(metric).await;
+        self.changed(&ids, outcome).await
+    }
+
+    async fn remove_metric(&self, metric: &MetricKey) -> Result<(), StorageError> {
         let _guard = self.opening.lock().await;
         let ids: Vec<ShardId> =
             self.shards.iter().filter(|e| &e.key().metric == metric).map(|e| e.key().clone()).collect();
