@@ -434,6 +434,60 @@ mod tests {
         (n, sum)
     }
 
+    /// Records the shards each change names.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<Vec<i64>>>);
+
+    #[async_trait::async_trait]
+    impl ChangeGate for Recorder {
+        async fn changed(&self, shards: &[ShardId]) {
+            let mut starts: Vec<i64> = shards.iter().map(|s| s.start).collect();
+            starts.sort();
+            self.0.lock().unwrap().push(starts);
+        }
+    }
+
+    /// Every path that changes a shard's points tells the gate which shards it changed, and
+    /// one that changes nothing (a merge of points held already) does not.
+    #[tokio::test]
+    async fn every_change_of_points_passes_the_gate() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = MetricKey::new("d", "n", "m").unwrap();
+        let storage = Storage::open(dir.path(), cfg(1000), Arc::new(Metrics::default()), keep_all()).await.unwrap();
+        let gate = Arc::new(Recorder::default());
+        storage.set_change_gate(gate.clone());
+        let batch = |timestamps: &[i64]| {
+            let points: Vec<Point> = timestamps
+                .iter()
+                .map(|&timestamp| Point {
+                    timestamp,
+                    value: Num::Int(1),
+                    dimensions: Default::default(),
+                    tags: Default::default(),
+                })
+                .collect();
+            RowBatch::from_points(&points).unwrap()
+        };
+        let seen = || std::mem::take(&mut *gate.0.lock().unwrap());
+        storage.write(&key, batch(&[10, 20])).await.unwrap();
+        assert_eq!(seen(), vec![vec![0]], "a write inside one shard");
+        storage.write(&key, batch(&[30, 1500, 2500])).await.unwrap();
+        assert_eq!(seen(), vec![vec![0, 1000, 2000]], "a write over three shards");
+        let shard = |start| ShardId { metric: key.clone(), start };
+        let times = MergeTimes { now_ms: 10_000 };
+        assert_eq!(storage.merge(&shard(0), batch(&[10, 20]), times).await.unwrap(), 0);
+        assert!(seen().is_empty(), "a merge that stores nothing changes nothing");
+        assert_eq!(storage.merge(&shard(0), batch(&[40]), MergeTimes { now_ms: 10_000 }).await.unwrap(), 1);
+        assert_eq!(seen(), vec![vec![0]], "a merge that stores a point");
+        let tombstone = Tombstone { at_ms: 10_000, rule: Vec::new() };
+        storage.delete(&shard(1000), Box::new(|b: &RowBatch| vec![false; b.len()]), tombstone).await.unwrap();
+        assert_eq!(seen(), vec![vec![1000]], "a delete");
+        storage.drop_shard(&shard(2000)).await.unwrap();
+        assert_eq!(seen(), vec![vec![2000]], "a shard dropped");
+        storage.drop_metric(&key).await.unwrap();
+        assert_eq!(seen(), vec![vec![0, 1000]], "a metric dropped: every shard of it held here");
+    }
+
     #[tokio::test]
     async fn writes_survive_reopen_through_wal_segments_merges_and_deletes() {
         let dir = tempfile::tempdir().unwrap();
