@@ -14,8 +14,9 @@
 //!   the [`LEASE`] the replica counts from when it granted: the holder's lease always ends first.
 //! - A revoke that overtakes the answer granting the lease (two connections) must not leave the
 //!   lease standing: a lease is taken only if no revoke came in while it was asked for.
-//! - A replica restarted forgets what it granted: a restarted node holds back changes to its
-//!   shards until [`LEASE`] after it started.
+//! - A replica restarted forgets what it granted: a node holds back changes to its shards
+//!   until [`LEASE`] after it started (its previous run, under the same id, perhaps on another
+//!   disk, may have granted leases that still run).
 
 use crate::model::ShardId;
 use crate::peer::ShardVersion;
@@ -45,9 +46,6 @@ pub struct Leases {
     /// Changes wait until then: leases granted before a restart may still run.
     changes_from: Instant,
     granted: Mutex<GrantTable>,
-    /// One revocation at a time: a second change to a leased copy waits for the first's
-    /// revokes to be done instead of passing while they are under way.
-    revoking: tokio::sync::Mutex<()>,
     held: Mutex<Held>,
 }
 
@@ -97,15 +95,10 @@ pub struct Due {
 }
 
 impl Leases {
-    /// `restarted`: this node ran before on its data dir, so it may have granted leases.
-    pub fn new(restarted: bool) -> Self {
-        let now = Instant::now();
-        Self {
-            changes_from: if restarted { now + LEASE } else { now },
-            granted: Default::default(),
-            revoking: Default::default(),
-            held: Default::default(),
-        }
+    /// Holds changes back for a lease from now: a node may run again under its id after a
+    /// restart, even on a new disk, while leases its previous run granted still run.
+    pub fn start() -> Self {
+        Self { changes_from: Instant::now() + LEASE, granted: Default::default(), held: Default::default() }
     }
 
     // --- replica side ---
@@ -129,14 +122,20 @@ impl Leases {
         self.changes_from
     }
 
-    /// Records that `shards` change now; the leases on them still running.
+    /// Records that `shards` change now; the leases on them still running. Two changes under
+    /// way at once may both revoke a lease (a revoke is idempotent); a lease is forgotten
+    /// only once revoked ([`Leases::revoked`]), so neither passes it while it runs.
     pub fn changing(&self, shards: &[ShardId]) -> Vec<Due> {
         let now = Instant::now();
         let mut granted = self.granted.lock().expect("leases lock");
         granted.sweep(now);
         let mut due = Vec::new();
         for shard in shards {
-            let grants = granted.shards.entry(shard.clone()).or_default();
+            // Looked up before it is inserted: a write comes here for every batch.
+            let grants = match granted.shards.get_mut(shard) {
+                Some(grants) => grants,
+                None => granted.shards.entry(shard.clone()).or_default(),
+            };
             grants.changed_at = Some(now);
             grants.holders.retain(|_, until| *until > now);
             due.extend(grants.holders.iter().map(|(holder, until)| Due {
@@ -146,11 +145,6 @@ impl Leases {
             }));
         }
         due
-    }
-
-    /// Marks mutual exclusion of revocations (see `revoking`).
-    pub async fn revocation(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.revoking.lock().await
     }
 
     /// `due` was revoked (or ran out): it is forgotten unless granted again since.
@@ -213,9 +207,16 @@ mod tests {
     }
     const V: ShardVersion = ShardVersion { generation: 1, state: 1 };
 
+    /// Past the hold-back every node starts with.
+    async fn started() -> Leases {
+        let leases = Leases::start();
+        tokio::time::advance(LEASE).await;
+        leases
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_copy_changed_lately_is_not_leased_and_a_change_finds_the_leases_running() {
-        let leases = Leases::new(false);
+        let leases = started().await;
         assert!(leases.grant(&shard(), "c"));
         let due = leases.changing(&[shard()]);
         assert_eq!(due.len(), 1);
@@ -230,16 +231,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_restarted_replica_grants_nothing_and_holds_changes_back_for_a_lease() {
-        let leases = Leases::new(true);
+    async fn a_node_grants_nothing_and_holds_changes_back_for_a_lease_after_it_starts() {
+        let leases = Leases::start();
         assert!(!leases.grant(&shard(), "c"));
         assert_eq!(leases.changes_from(), Instant::now() + LEASE);
-        assert!(Leases::new(false).changes_from() <= Instant::now());
+        tokio::time::advance(LEASE).await;
+        assert!(leases.grant(&shard(), "c"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_granted_again_while_the_old_one_was_revoked_stays() {
+        let leases = started().await;
+        assert!(leases.grant(&shard(), "c"));
+        let due = leases.changing(&[shard()]);
+        tokio::time::advance(COLD_AFTER).await;
+        assert!(leases.grant(&shard(), "c"), "granted again, until later");
+        leases.revoked(&due[0]);
+        let still = leases.changing(&[shard()]);
+        assert_eq!(still.len(), 1, "the new lease is still due");
+        assert!(still[0].until > due[0].until);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_holder_keeps_a_lease_less_long_than_granted_and_drops_it_when_revoked() {
-        let leases = Leases::new(false);
+        let leases = started().await;
         let asked = leases.asking();
         let asked_at = Instant::now();
         leases.hold(&shard(), "r", V, asked_at, asked);
@@ -257,11 +272,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_revoke_that_overtakes_its_grant_wins() {
-        let leases = Leases::new(false);
+        let leases = started().await;
         let asked = leases.asking();
         // The replica granted, then changed its copy and revoked: the revoke arrives first.
         leases.revoke_held(&Revoke { shard: shard(), replica: "r".into() });
         leases.hold(&shard(), "r", V, Instant::now(), asked);
         assert!(!leases.holds(&shard(), "r", V));
+        // Any revoke does: it may be of this copy under another name (a lease asked for twice).
+        let asked = leases.asking();
+        let other = ShardId { start: 3_600_000, ..shard() };
+        leases.revoke_held(&Revoke { shard: other, replica: "r".into() });
+        leases.hold(&shard(), "r", V, Instant::now(), asked);
+        assert!(!leases.holds(&shard(), "r", V));
+        leases.hold(&shard(), "r", V, Instant::now(), leases.asking());
+        assert!(leases.holds(&shard(), "r", V), "asked after the revokes: held");
     }
 }

@@ -187,6 +187,14 @@ struct Gathered {
     unchanged: Vec<crate::model::ShardId>,
 }
 
+/// What a scatter reuses and what it is for: the kept answer whose copies it asks about,
+/// and whether its answer will be kept (then it asks other replicas for read leases).
+#[derive(Clone, Copy)]
+struct Keeping<'a> {
+    cached: Option<&'a query::cache::CachedAnswer>,
+    lease: bool,
+}
+
 /// What a scatter came to.
 enum Scattered {
     /// Every shard the cached answer read is unchanged, and no other shard is in range.
@@ -341,8 +349,6 @@ impl Node {
             (KEY_ROLES.to_string(), roles.join(",")),
             (KEY_READINESS.to_string(), if bootstrapped { "ready" } else { "joining" }.to_string()),
         ];
-        // A node that ran before on this data dir may have granted read leases that still run.
-        let restarted = cfg.data_dir.join("generation").exists();
         let generation = next_generation(&cfg.data_dir, started_ms)?;
         let membership_cfg = MembershipConfig {
             node_id: cfg.node_id.clone(),
@@ -409,7 +415,7 @@ impl Node {
             repair: Default::default(),
             drop_fence: Default::default(),
             answers,
-            leases: crate::lease::Leases::new(restarted),
+            leases: crate::lease::Leases::start(),
             keyring: io.keyring,
             users,
         });
@@ -1091,7 +1097,7 @@ impl Node {
         plan: &plan::SelectPlan,
         range: (i64, i64),
     ) -> Result<Vec<crate::model::Point>, NodeError> {
-        match self.scatter(key, plan, range, false, None).await? {
+        match self.scatter(key, plan, range, false, None, false).await? {
             Scattered::Merged { partial, .. } => Ok(query::answer::finish(plan, partial).into_points()),
             Scattered::Unchanged => unreachable!("nothing cached was named"),
         }
@@ -1099,7 +1105,8 @@ impl Node {
 
     /// Asks every shard in range for its partial and merges them. With `cached`, the replicas
     /// it read are asked first whether their copies changed: if none did and no other shard
-    /// is in range, the cached answer stands (`Scattered::Unchanged`).
+    /// is in range, the cached answer stands (`Scattered::Unchanged`). With `lease`, the
+    /// answer will be kept, and other replicas are asked for read leases on their copies.
     async fn scatter(
         &self,
         key: &MetricKey,
@@ -1107,6 +1114,7 @@ impl Node {
         range: (i64, i64),
         allow_partial: bool,
         cached: Option<&query::cache::CachedAnswer>,
+        lease: bool,
     ) -> Result<Scattered, NodeError> {
         let interval = self.cfg.shard_interval_ms;
         let shards = self.catalog.shards_of(key, range.0, range.1, interval);
@@ -1118,7 +1126,8 @@ impl Node {
             sources: Some(Vec::new()),
             unchanged: Vec::new(),
         };
-        self.gather(key, shards.clone(), plan, range, cached, &mut gathered).await?;
+        let keep = Keeping { cached, lease };
+        self.gather(key, shards.clone(), plan, range, keep, &mut gathered).await?;
         if !gathered.unchanged.is_empty() {
             if gathered.unchanged.len() == shard_count && cached.is_some_and(|c| c.sources.len() == shard_count) {
                 return Ok(Scattered::Unchanged);
@@ -1129,7 +1138,7 @@ impl Node {
                 .into_iter()
                 .filter_map(|shard| shards.get(&shard).map(|replicas| (shard.clone(), replicas.clone())))
                 .collect();
-            self.gather(key, again, plan, range, None, &mut gathered).await?;
+            self.gather(key, again, plan, range, Keeping { cached: None, lease }, &mut gathered).await?;
         }
         let Gathered { total, missing, reasons, sources, .. } = gathered;
         if !missing.is_empty() && !allow_partial {
@@ -1153,12 +1162,12 @@ impl Node {
         shards: std::collections::BTreeMap<crate::model::ShardId, std::collections::BTreeSet<String>>,
         plan: &plan::SelectPlan,
         range: (i64, i64),
-        cached: Option<&query::cache::CachedAnswer>,
+        keep: Keeping<'_>,
         into: &mut Gathered,
     ) -> Result<(), NodeError> {
         let epoch = self.catalog.drop_epoch(key);
         let asks =
-            shards.into_iter().map(|(shard, replicas)| self.ask_shard(shard, replicas, plan, range, epoch, cached));
+            shards.into_iter().map(|(shard, replicas)| self.ask_shard(shard, replicas, plan, range, epoch, keep));
         use futures_util::StreamExt;
         let mut answers = futures_util::stream::iter(asks).buffer_unordered(SCATTER_SHARDS_MAX);
         while let Some(answer) = answers.next().await {
@@ -1194,7 +1203,7 @@ impl Node {
         plan: &plan::SelectPlan,
         range: (i64, i64),
         epoch: u64,
-        cached: Option<&query::cache::CachedAnswer>,
+        Keeping { cached, lease }: Keeping<'_>,
     ) -> Result<ShardReply, ShardAnswer> {
         let mut order: Vec<String> = replicas.iter().filter(|r| **r == self.cfg.node_id).cloned().collect();
         order.extend(replicas.iter().filter(|r| **r != self.cfg.node_id).cloned());
@@ -1223,8 +1232,8 @@ impl Node {
                     errors.push(format!("{replica} is not live"));
                     continue;
                 };
-                let ask = crate::peer::LeaseAsk { holder: self.cfg.node_id.clone() };
-                let body = crate::peer::encode_with_tail(&req, Some(&ask));
+                let ask = lease.then(|| crate::peer::LeaseAsk { holder: self.cfg.node_id.clone() });
+                let body = crate::peer::encode_with_tail(&req, ask.as_ref());
                 match self.peers.post(&addr, "/internal/v1/partial", body).await {
                     Ok(bytes) => crate::peer::decode_with_tail::<_, crate::peer::LeaseGrant>(&bytes)
                         .map(|(answer, grant)| (answer, grant.is_some_and(|g| g.granted)))
@@ -1274,7 +1283,11 @@ impl Node {
         }
         let generation = self.membership.config().generation;
         kept.sources.iter().all(|source| {
-            let placed = shards.get(&source.shard).is_some_and(|replicas| replicas.contains(&source.replica));
+            // A scatter reads this node's own copy first: one placed here since is read.
+            let placed = shards.get(&source.shard).is_some_and(|replicas| {
+                replicas.contains(&source.replica)
+                    && (source.replica == self.cfg.node_id || !replicas.contains(&self.cfg.node_id))
+            });
             placed
                 && if source.replica == self.cfg.node_id {
                     self.storage.shard_if_held(&source.shard).is_some_and(|copy| {
@@ -1318,7 +1331,8 @@ impl Node {
                     self.metrics.query_cache_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return Ok(QueryOutcome::Records(kept.body.clone()));
                 }
-                match self.scatter(&key, &plan, range, allow_partial, cached.as_deref()).await? {
+                let lease = cache_key.is_some();
+                match self.scatter(&key, &plan, range, allow_partial, cached.as_deref(), lease).await? {
                     Scattered::Unchanged => {
                         self.metrics.query_cache_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         Ok(QueryOutcome::Records(cached.expect("an answer was cached").body.clone()))
@@ -1495,12 +1509,10 @@ impl Node {
         if tokio::time::Instant::now() < self.leases.changes_from() {
             tokio::time::sleep_until(self.leases.changes_from()).await;
         }
-        if self.leases.changing(shards).is_empty() {
+        let due = self.leases.changing(shards);
+        if due.is_empty() {
             return;
         }
-        let _one_at_a_time = self.leases.revocation().await;
-        // Again under the lock: those a revocation that just ended took care of are gone.
-        let due = self.leases.changing(shards);
         let revokes = due.iter().map(|due| async move {
             let revoke = crate::lease::Revoke { shard: due.shard.clone(), replica: self.cfg.node_id.clone() };
             let told = match self.live_http_addr(&due.holder).await {

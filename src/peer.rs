@@ -120,13 +120,13 @@ pub struct LeaseGrant {
 }
 
 /// A message with an optional tail appended (see [`LeaseAsk`]): `None` when there is none,
-/// as from a node of an older version.
+/// as from a node of an older version, or one this version cannot read (a later version's).
+/// These messages can therefore only grow by tails.
 pub fn decode_with_tail<'a, T: Deserialize<'a>, U: Deserialize<'a>>(
     bytes: &'a [u8],
 ) -> Result<(T, Option<U>), postcard::Error> {
     let (message, rest) = postcard::take_from_bytes::<T>(bytes)?;
-    let tail = if rest.is_empty() { None } else { Some(postcard::from_bytes::<U>(rest)?) };
-    Ok((message, tail))
+    Ok((message, postcard::from_bytes::<U>(rest).ok()))
 }
 
 /// `message` with `tail` appended.

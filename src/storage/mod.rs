@@ -239,10 +239,11 @@ impl Storage {
 
     /// The live tombstones of a shard held here (none when it is not held).
     pub async fn tombstones(&self, id: &ShardId, now_ms: i64) -> Result<Vec<Tombstone>, StorageError> {
-        match self.shard_if_held(id) {
-            Some(shard) => shard.tombstones(now_ms).await,
-            None => Ok(Vec::new()),
-        }
+        let Some(shard) = self.shard_if_held(id) else { return Ok(Vec::new()) };
+        // Tombstones received but not applied yet are applied first, which may remove points.
+        let before = shard.version();
+        let outcome = shard.tombstones(now_ms).await;
+        if shard.version() == before { outcome } else { self.changed(std::slice::from_ref(id), outcome).await }
     }
 
     /// Removes one shard from this node (its replicas live elsewhere now).
@@ -292,19 +293,20 @@ impl Storage {
 
     /// Removes every shard of `metric` from disk.
     pub async fn drop_metric(&self, metric: &MetricKey) -> Result<(), StorageError> {
-        let ids: Vec<ShardId> =
-            self.shards.iter().filter(|e| &e.key().metric == metric).map(|e| e.key().clone()).collect();
-        let outcome = self.remove_metric(metric).await;
-        self.changed(&ids, outcome).await
+        let mut removed = Vec::new();
+        let outcome = self.remove_metric(metric, &mut removed).await;
+        self.changed(&removed, outcome).await
     }
 
-    async fn remove_metric(&self, metric: &MetricKey) -> Result<(), StorageError> {
+    /// Removes the metric's shards, naming in `removed` those it took out of the shard map.
+    async fn remove_metric(&self, metric: &MetricKey, removed: &mut Vec<ShardId>) -> Result<(), StorageError> {
         let _guard = self.opening.lock().await;
         let ids: Vec<ShardId> =
             self.shards.iter().filter(|e| &e.key().metric == metric).map(|e| e.key().clone()).collect();
         for id in ids {
-            if let Some((_, shard)) = self.shards.remove(&id) {
+            if let Some((id, shard)) = self.shards.remove(&id) {
                 shard.close().await;
+                removed.push(id);
             }
         }
         let dir = self.root.join(&metric.db).join(&metric.namespace).join(&metric.metric);
@@ -842,13 +844,27 @@ mod tests {
         // Full for segment files only: the tombstone is recorded, the rewrite fails.
         full(true);
         let failed = shard.delete(Some(before(&tombstone.rule)), Some(tombstone.clone())).await;
-        full(false);
         assert!(failed.is_err(), "the rewrite cannot be written: {failed:?}");
+        // A retry (the coordinator got an error) is not acknowledged while the points stay.
+        let again = shard.delete(Some(before(&tombstone.rule)), Some(tombstone.clone())).await;
+        assert!(again.is_err(), "the retry cannot be written either: {again:?}");
+        full(false);
         assert_eq!(shard.points(), 100, "nothing deleted yet");
-        assert_eq!(shard.tombstones(0).await.unwrap(), [tombstone], "the tombstone is recorded");
-        // The exchange above applied it.
-        assert_eq!(shard.points(), 50, "the recorded delete is finished");
-        assert_eq!(count(&storage, &key), (50, 50));
+        let again = shard.delete(Some(before(&tombstone.rule)), Some(tombstone.clone())).await;
+        assert_eq!(again.unwrap(), 50, "the retry, with room, removes the points");
+        assert_eq!(shard.points(), 50);
+        // Cut short again, and finished by the next tombstone exchange, through the gate.
+        let gate = Arc::new(Recorder::default());
+        storage.set_change_gate(gate.clone());
+        let second = Tombstone { at_ms: 2_000, rule: 70i64.to_le_bytes().to_vec() };
+        full(true);
+        assert!(shard.delete(Some(before(&second.rule)), Some(second.clone())).await.is_err());
+        full(false);
+        let id = ShardId { metric: key.clone(), start: 0 };
+        assert_eq!(storage.tombstones(&id, 0).await.unwrap(), [tombstone, second], "the tombstones are recorded");
+        assert_eq!(shard.points(), 30, "the recorded delete is finished");
+        assert_eq!(count(&storage, &key), (30, 30));
+        assert_eq!(*gate.0.lock().unwrap(), vec![vec![0]], "the exchange that removed points passed the gate");
     }
 
     /// A group in flight behind one whose WAL write fails is answered with an error (it was

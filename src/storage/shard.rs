@@ -1087,7 +1087,9 @@ impl Writer {
                     // Repair exchanges tombstones before it compares replicas: a delete left
                     // half-done is finished first.
                     self.settle_all().await;
-                    self.apply_unapplied().await;
+                    if let Err(e) = self.apply_unapplied().await {
+                        tracing::warn!(shard = %self.shard.id, error = %e, "a recorded delete still cannot be applied");
+                    }
                     let _ = done.send(Ok(self.tombstones.iter().map(|(t, _)| t.clone()).collect()));
                 }
                 Command::Close { done } => {
@@ -1560,8 +1562,12 @@ impl Writer {
     /// from another replica) changes nothing: its points are gone already. With a tombstone,
     /// only the points written at or before it go.
     async fn delete(&mut self, keep: Option<KeepRow>, tombstone: Option<Tombstone>) -> Result<u64, StorageError> {
-        if tombstone.as_ref().is_some_and(|t| self.tombstones.iter().any(|(held, _)| held == t)) {
-            return Ok(0);
+        if let Some(t) = &tombstone
+            && self.tombstones.iter().any(|(held, _)| held == t)
+        {
+            // A retry of a delete whose rows could not be removed (a full disk) removes them
+            // now, or fails again: it is not acknowledged while its points are still here.
+            return if self.unapplied.contains(t) { self.apply_unapplied().await } else { Ok(0) };
         }
         let keep = match (keep, &tombstone) {
             (Some(keep), Some(t)) => Some(keep_written_after(keep, t.at_ms)),
@@ -1590,10 +1596,11 @@ impl Writer {
         rewrite(&self.shard, seg_seq, Some(keep), None).await
     }
 
-    /// Applies again the deletes of tombstones recorded while their delete failed.
-    async fn apply_unapplied(&mut self) {
+    /// Applies again the deletes of tombstones recorded while their delete failed; how many
+    /// rows that removed.
+    async fn apply_unapplied(&mut self) -> Result<u64, StorageError> {
         if self.unapplied.is_empty() {
-            return;
+            return Ok(0);
         }
         let rules: Vec<KeepRow> =
             self.unapplied.iter().map(|t| keep_written_after((self.rule)(&t.rule), t.at_ms)).collect();
@@ -1606,10 +1613,9 @@ impl Writer {
             }
             keep
         });
-        match self.remove_rows(keep).await {
-            Ok(_) => self.unapplied.clear(),
-            Err(e) => tracing::warn!(shard = %self.shard.id, error = %e, "a recorded delete still cannot be applied"),
-        }
+        let removed = self.remove_rows(keep).await?;
+        self.unapplied.clear();
+        Ok(removed)
     }
 }
 
