@@ -14,9 +14,8 @@
 //!   the [`LEASE`] the replica counts from when it granted: the holder's lease always ends first.
 //! - A revoke that overtakes the answer granting the lease (two connections) must not leave the
 //!   lease standing: a lease is taken only if no revoke came in while it was asked for.
-//! - A replica restarted forgets what it granted: a node holds back changes to its shards
-//!   until [`LEASE`] after it started (its previous run, under the same id, perhaps on another
-//!   disk, may have granted leases that still run).
+//! - A replica restarted forgets what it granted: a node restarted on its data dir holds back
+//!   changes to its shards until [`LEASE`] after it started.
 
 use crate::model::ShardId;
 use crate::peer::ShardVersion;
@@ -95,10 +94,13 @@ pub struct Due {
 }
 
 impl Leases {
-    /// Holds changes back for a lease from now: a node may run again under its id after a
-    /// restart, even on a new disk, while leases its previous run granted still run.
-    pub fn start() -> Self {
-        Self { changes_from: Instant::now() + LEASE, granted: Default::default(), held: Default::default() }
+    /// With `restarted` (this node ran before on its data dir), changes are held back for a
+    /// lease from now: leases its previous run granted may still run. A node on a fresh data
+    /// dir starts at once (holding them back cost every start a second of writes).
+    pub fn start(restarted: bool) -> Self {
+        let now = Instant::now();
+        let changes_from = if restarted { now + LEASE } else { now };
+        Self { changes_from, granted: Default::default(), held: Default::default() }
     }
 
     // --- replica side ---
@@ -207,11 +209,8 @@ mod tests {
     }
     const V: ShardVersion = ShardVersion { generation: 1, state: 1 };
 
-    /// Past the hold-back every node starts with.
     async fn started() -> Leases {
-        let leases = Leases::start();
-        tokio::time::advance(LEASE).await;
-        leases
+        Leases::start(false)
     }
 
     #[tokio::test(start_paused = true)]
@@ -231,12 +230,13 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_node_grants_nothing_and_holds_changes_back_for_a_lease_after_it_starts() {
-        let leases = Leases::start();
+    async fn a_restarted_node_grants_nothing_and_holds_changes_back_for_a_lease() {
+        let leases = Leases::start(true);
         assert!(!leases.grant(&shard(), "c"));
         assert_eq!(leases.changes_from(), Instant::now() + LEASE);
         tokio::time::advance(LEASE).await;
         assert!(leases.grant(&shard(), "c"));
+        assert!(Leases::start(false).changes_from() <= Instant::now(), "a fresh node waits for nothing");
     }
 
     #[tokio::test(start_paused = true)]

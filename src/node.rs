@@ -349,6 +349,8 @@ impl Node {
             (KEY_ROLES.to_string(), roles.join(",")),
             (KEY_READINESS.to_string(), if bootstrapped { "ready" } else { "joining" }.to_string()),
         ];
+        // A node that ran before on this data dir may have granted read leases that still run.
+        let restarted = cfg.data_dir.join("generation").exists();
         let generation = next_generation(&cfg.data_dir, started_ms)?;
         let membership_cfg = MembershipConfig {
             node_id: cfg.node_id.clone(),
@@ -415,7 +417,7 @@ impl Node {
             repair: Default::default(),
             drop_fence: Default::default(),
             answers,
-            leases: crate::lease::Leases::start(),
+            leases: crate::lease::Leases::start(restarted),
             keyring: io.keyring,
             users,
         });
