@@ -198,6 +198,16 @@ async fn query(via: &shoal::node::Node, sql: &str) -> serde_json::Value {
     }
 }
 
+/// Two nodes (RF 1) holding points 0..8 of `write_hours`, one shard each, placed on either.
+async fn eight_hour_shards_on_two_nodes(
+    transport: &ChannelTransport,
+    dir: &std::path::Path,
+) -> (std::sync::Arc<shoal::node::Node>, std::sync::Arc<shoal::node::Node>, MetricKey) {
+    let (a, b) = two_nodes(transport, dir, 1).await;
+    write_hours(&a, 0, 8, 0).await;
+    (a, b, MetricKey::new("db", "ns", "cpu").unwrap())
+}
+
 /// A select asked again is answered from the coordinator's cache only while every shard copy
 /// it read is unchanged: each coordinator serves its kept answer (a hit is counted), and a
 /// write or a delete through the other node, to copies on either node, is in the next answer.
@@ -206,10 +216,8 @@ async fn a_kept_answer_is_served_only_while_its_copies_are_unchanged() {
     use std::sync::atomic::Ordering::Relaxed;
     let dir = tempfile::tempdir().unwrap();
     let transport = ChannelTransport::with_mtu(65_507);
-    let (a, b) = two_nodes(&transport, dir.path(), 1).await;
+    let (a, b, key) = eight_hour_shards_on_two_nodes(&transport, dir.path()).await;
     let sum = "SELECT sum(value) FROM cpu";
-    write_hours(&a, 0, 8, 0).await;
-    let key = MetricKey::new("db", "ns", "cpu").unwrap();
     let held = |n: &shoal::node::Node, hour: i64| {
         n.storage.shard_if_held(&ShardId { metric: key.clone(), start: hour * 3_600_000 }).is_some()
     };
@@ -247,10 +255,8 @@ async fn a_leased_answer_asks_no_replica_and_every_acknowledged_change_ends_the_
     use std::sync::atomic::Ordering::Relaxed;
     let dir = tempfile::tempdir().unwrap();
     let transport = ChannelTransport::with_mtu(65_507);
-    let (a, b) = two_nodes(&transport, dir.path(), 1).await;
+    let (a, b, key) = eight_hour_shards_on_two_nodes(&transport, dir.path()).await;
     let sum = "SELECT sum(value) FROM cpu";
-    write_hours(&a, 0, 8, 0).await;
-    let key = MetricKey::new("db", "ns", "cpu").unwrap();
     let on_b: Vec<i64> = (0..8)
         .filter(|&h| b.storage.shard_if_held(&ShardId { metric: key.clone(), start: h * 3_600_000 }).is_some())
         .collect();
