@@ -68,6 +68,14 @@ impl GrantTable {
             self.sweep_above = 2 * self.shards.len();
         }
     }
+
+    /// The entry of `shard`, made if missing (looked up first: writes come here per batch).
+    fn of(&mut self, shard: &ShardId) -> &mut Grants {
+        if !self.shards.contains_key(shard) {
+            self.shards.insert(shard.clone(), Grants::default());
+        }
+        self.shards.get_mut(shard).expect("just made")
+    }
 }
 
 #[derive(Default)]
@@ -111,7 +119,7 @@ impl Leases {
         let now = Instant::now();
         let mut granted = self.granted.lock().expect("leases lock");
         granted.sweep(now);
-        let grants = granted.shards.entry(shard.clone()).or_default();
+        let grants = granted.of(shard);
         if now < self.changes_from || grants.changed_at.is_some_and(|at| now < at + COLD_AFTER) {
             return false;
         }
@@ -133,11 +141,7 @@ impl Leases {
         granted.sweep(now);
         let mut due = Vec::new();
         for shard in shards {
-            // Looked up before it is inserted: a write comes here for every batch.
-            let grants = match granted.shards.get_mut(shard) {
-                Some(grants) => grants,
-                None => granted.shards.entry(shard.clone()).or_default(),
-            };
+            let grants = granted.of(shard);
             grants.changed_at = Some(now);
             grants.holders.retain(|_, until| *until > now);
             due.extend(grants.holders.iter().map(|(holder, until)| Due {
@@ -209,13 +213,9 @@ mod tests {
     }
     const V: ShardVersion = ShardVersion { generation: 1, state: 1 };
 
-    async fn started() -> Leases {
-        Leases::start(false)
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_copy_changed_lately_is_not_leased_and_a_change_finds_the_leases_running() {
-        let leases = started().await;
+        let leases = Leases::start(false);
         assert!(leases.grant(&shard(), "c"));
         let due = leases.changing(&[shard()]);
         assert_eq!(due.len(), 1);
@@ -241,7 +241,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lease_granted_again_while_the_old_one_was_revoked_stays() {
-        let leases = started().await;
+        let leases = Leases::start(false);
         assert!(leases.grant(&shard(), "c"));
         let due = leases.changing(&[shard()]);
         tokio::time::advance(COLD_AFTER).await;
@@ -254,7 +254,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_holder_keeps_a_lease_less_long_than_granted_and_drops_it_when_revoked() {
-        let leases = started().await;
+        let leases = Leases::start(false);
         let asked = leases.asking();
         let asked_at = Instant::now();
         leases.hold(&shard(), "r", V, asked_at, asked);
@@ -272,13 +272,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_revoke_that_overtakes_its_grant_wins() {
-        let leases = started().await;
+        let leases = Leases::start(false);
         let asked = leases.asking();
         // The replica granted, then changed its copy and revoked: the revoke arrives first.
         leases.revoke_held(&Revoke { shard: shard(), replica: "r".into() });
         leases.hold(&shard(), "r", V, Instant::now(), asked);
         assert!(!leases.holds(&shard(), "r", V));
-        // Any revoke does: it may be of this copy under another name (a lease asked for twice).
+        // One count for every copy: a revoke of any copy refuses the leases asked for before it
+        // (rare, and never wrong: the next query asks again).
         let asked = leases.asking();
         let other = ShardId { start: 3_600_000, ..shard() };
         leases.revoke_held(&Revoke { shard: other, replica: "r".into() });
