@@ -2,7 +2,8 @@
 # Issue 19's side-by-side benchmark: one data set into Shoal (a single node, then a 3-node RF 2
 # cluster), VictoriaMetrics and InfluxDB 1.x, one system at a time on this machine. Prints, per
 # system: load rate, bytes per point on disk (all files, after compaction), peak RSS, and the
-# median of 5 runs of five queries; then Shoal's ratios to VictoriaMetrics.
+# median of 5 runs of five queries (run interleaved across the systems, see below); then
+# Shoal's ratios to VictoriaMetrics, and the cluster's to the single node.
 #
 # Data set: BENCH_SERIES series (host × region, default 400), one point per series per
 # second, random two-decimal values, BENCH_LINES lines (default 10,000,000) loaded as
@@ -66,85 +67,70 @@ load() { # url-prefix... (bodies go round-robin over them, 2 streams) -> prints 
 # file, the 26 MB of Shoal's per-1m-by-host answer at 20,000 series took 35-47 ms of curl's
 # timer against 7-10 ms, varying with the page cache rather than with the server.
 timed_curl() { curl -sf -o /dev/null -w '%{time_total}\n' "$@"; }
-median5() { # query-command... (which runs timed_curl) -> median seconds of 5 runs
-  for _ in 1 2 3 4 5; do "$@"; done | sort -g | sed -n 3p
-}
 
 peak_rss_mib() { awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
-bytes_per_point() { du -sb "$1" | awk -v n="$LINES" '{ printf "%.2f", $1 / n }'; }
+bytes_per_point() { du -sb "$@" | awk -v n="$LINES" '{ s += $1 } END { printf "%.2f", s / n }'; }
+stop() { kill "$@"; wait "$@" 2>/dev/null || true; }
 
-report() { # name load bytes rss q1..q5
-  printf "%-14s %10s lines/s %6s B/pt %6s MiB  %8.4f %8.4f %8.4f %8.4f %8.4f\n" "$@"
-  echo "$@" >> "$WORK/results"
-}
+# Two phases. The loads run one system at a time, alone on the machine: load rate, bytes per
+# point once compacted, peak RSS. Then every system is started again on its data and the
+# queries run interleaved (round r of query q on each system in turn, five rounds), so that
+# the state of the machine (CPU caches and frequency, the page cache, whatever ran just before)
+# weighs on every system alike. Run one system after another, sub-millisecond answers moved by
+# a third with what had run before: a ratio of two systems' 0.4 ms answers said more about
+# the order than about the systems. Peak RSS is the larger of the two phases' (queries count).
+declare -A LOAD_RATE BYTES RSS_LOAD PIDS
 
-printf "%-14s %18s %11s %10s  %8s %8s %8s %8s %8s\n" system load size peak_rss by_region one_host per_1h 1m_by_host last
 # --- Shoal: a single node, then a 3-node RF 2 cluster ---
-shoal_sql() { # addr sql
-  timed_curl -XPOST "http://$1/query" -H 'Content-Type: application/json' \
-    -d "{\"db\":\"bench\",\"namespace\":\"bench\",\"queryString\":\"$2\"}"
-}
-shoal_queries() { # addr
-  local a=$1
-  Q1=$(median5 shoal_sql "$a" "SELECT avg(value) FROM cpu GROUP BY region")
-  Q2=$(median5 shoal_sql "$a" "SELECT max(value) FROM cpu WHERE host = 'h7'")
-  Q3=$(median5 shoal_sql "$a" "SELECT avg(value) FROM cpu GROUP BY INTERVAL 1h")
-  Q4=$(median5 shoal_sql "$a" "SELECT avg(value) FROM cpu WHERE timestamp >= $LAST_HOUR_MS GROUP BY host, INTERVAL 1m")
-  Q5=$(median5 shoal_sql "$a" "SELECT last(value) FROM cpu GROUP BY host")
-}
 start_shoal() { # dir port gossip-port [seed] -> pid in SHOAL_PID
   mkdir -p "$1"
   local seed=()
   [ -n "${4:-}" ] && seed=(--set "shoal.cluster.seeds=[\"127.0.0.1:$4\"]")
   "$SHOAL" start --set "shoal.data-dir=$1" --set shoal.http.port="$2" --set shoal.gossip.port="$3" \
     --set shoal.node.id="n$2" --set shoal.storage.flush-interval=5s --set shoal.log-level=warn \
-    --set shoal.cluster.replication-factor="${RF:-1}" "${seed[@]}" > "$1.log" 2>&1 &
+    --set shoal.cluster.replication-factor="${RF:-1}" "${seed[@]}" >> "$1.log" 2>&1 &
   SHOAL_PID=$!
   wait_http "http://127.0.0.1:$2/readyz"
 }
+start_cluster() { # -> pids in P1 P2 P3, once every node sees three alive
+  RF=2 start_shoal "$WORK/c1" 19101 19201; P1=$SHOAL_PID
+  RF=2 start_shoal "$WORK/c2" 19102 19202 19201; P2=$SHOAL_PID
+  RF=2 start_shoal "$WORK/c3" 19103 19203 19201; P3=$SHOAL_PID
+  local p
+  for p in 19101 19102 19103; do
+    for _ in $(seq 1 100); do
+      [ "$(curl -sf http://127.0.0.1:$p/cluster/members | grep -o '"alive"' | wc -l)" -ge 3 ] && break; sleep 0.2
+    done
+  done
+}
 start_shoal "$WORK/shoal" 19100 19200
-LOAD=$(load "http://127.0.0.1:19100/write?db=bench&namespace=bench&precision=s")
+LOAD_RATE[shoal]=$(load "http://127.0.0.1:19100/write?db=bench&namespace=bench&precision=s")
 sleep 12  # past the flush interval: every point in segments, the WAL gone
-shoal_queries 127.0.0.1:19100
-report shoal "$LOAD" "$(bytes_per_point "$WORK/shoal")" "$(peak_rss_mib $SHOAL_PID)" "$Q1" "$Q2" "$Q3" "$Q4" "$Q5"
-kill $SHOAL_PID; wait $SHOAL_PID 2>/dev/null || true; rm -rf "$WORK/shoal"
+BYTES[shoal]=$(bytes_per_point "$WORK/shoal"); RSS_LOAD[shoal]=$(peak_rss_mib $SHOAL_PID)
+stop $SHOAL_PID
 
-RF=2
-start_shoal "$WORK/c1" 19101 19201; P1=$SHOAL_PID
-start_shoal "$WORK/c2" 19102 19202 19201; P2=$SHOAL_PID
-start_shoal "$WORK/c3" 19103 19203 19201; P3=$SHOAL_PID
-for _ in $(seq 1 100); do
-  [ "$(curl -sf http://127.0.0.1:19101/cluster/members | grep -o '"alive"' | wc -l)" -ge 3 ] && break; sleep 0.2
-done
-LOAD=$(load "http://127.0.0.1:19101/write?db=bench&namespace=bench&precision=s" \
+start_cluster
+LOAD_RATE[shoal-3xRF2]=$(load "http://127.0.0.1:19101/write?db=bench&namespace=bench&precision=s" \
   "http://127.0.0.1:19102/write?db=bench&namespace=bench&precision=s" \
   "http://127.0.0.1:19103/write?db=bench&namespace=bench&precision=s")
 sleep 12
-shoal_queries 127.0.0.1:19101
-RSS=$(( $(peak_rss_mib $P1) + $(peak_rss_mib $P2) + $(peak_rss_mib $P3) ))
-BYTES=$(du -sb "$WORK/c1" "$WORK/c2" "$WORK/c3" | awk -v n="$LINES" '{ s += $1 } END { printf "%.2f", s / n }')
-report shoal-3xRF2 "$LOAD" "$BYTES" "$RSS" "$Q1" "$Q2" "$Q3" "$Q4" "$Q5"
-kill $P1 $P2 $P3; wait $P1 $P2 $P3 2>/dev/null || true; rm -rf "$WORK"/c?
+BYTES[shoal-3xRF2]=$(bytes_per_point "$WORK/c1" "$WORK/c2" "$WORK/c3")
+RSS_LOAD[shoal-3xRF2]=$(( $(peak_rss_mib $P1) + $(peak_rss_mib $P2) + $(peak_rss_mib $P3) ))
+stop $P1 $P2 $P3
 
 # --- VictoriaMetrics: Influx line protocol in, PromQL out ---
-victoria-metrics -storageDataPath="$WORK/vm" -httpListenAddr=127.0.0.1:18428 -retentionPeriod=100y \
-  -loggerLevel=ERROR > "$WORK/vm.log" 2>&1 &
-VM_PID=$!
-wait_http http://127.0.0.1:18428/health
-LOAD=$(load "http://127.0.0.1:18428/write?precision=s")
+start_vm() {
+  victoria-metrics -storageDataPath="$WORK/vm" -httpListenAddr=127.0.0.1:18428 -retentionPeriod=100y \
+    -loggerLevel=ERROR >> "$WORK/vm.log" 2>&1 &
+  VM_PID=$!
+  wait_http http://127.0.0.1:18428/health
+}
+start_vm
+LOAD_RATE[victoria]=$(load "http://127.0.0.1:18428/write?precision=s")
 curl -sf -o /dev/null http://127.0.0.1:18428/internal/force_flush || true
 sleep 5
-RANGE="$(( SECONDS_SPAN + 1 ))s"; AT=$(( END_S + 1 ))
-vm_query() { timed_curl -G http://127.0.0.1:18428/api/v1/query --data-urlencode "query=$1" --data-urlencode "time=$AT"; }
-vm_range() { timed_curl -G http://127.0.0.1:18428/api/v1/query_range --data-urlencode "query=$1" \
-  --data-urlencode "start=$2" --data-urlencode "end=$AT" --data-urlencode "step=$3"; }
-Q1=$(median5 vm_query "sum by (region) (sum_over_time(cpu_value[$RANGE])) / sum by (region) (count_over_time(cpu_value[$RANGE]))")
-Q2=$(median5 vm_query "max_over_time(cpu_value{host=\"h7\"}[$RANGE])")
-Q3=$(median5 vm_range "sum(sum_over_time(cpu_value[1h])) / sum(count_over_time(cpu_value[1h]))" "$BASE_S" 1h)
-Q4=$(median5 vm_range "avg by (host) (avg_over_time(cpu_value[1m]))" "$(( AT - 3600 ))" 1m)
-Q5=$(median5 vm_query "last_over_time(cpu_value[$RANGE])")
-report victoria "$LOAD" "$(bytes_per_point "$WORK/vm")" "$(peak_rss_mib $VM_PID)" "$Q1" "$Q2" "$Q3" "$Q4" "$Q5"
-kill $VM_PID; wait $VM_PID 2>/dev/null || true
+BYTES[victoria]=$(bytes_per_point "$WORK/vm"); RSS_LOAD[victoria]=$(peak_rss_mib $VM_PID)
+stop $VM_PID
 
 # --- InfluxDB 1.x: InfluxQL ---
 cat > "$WORK/influxdb.conf" <<EOF
@@ -162,21 +148,87 @@ bind-address = "127.0.0.1:18088"
   bind-address = "127.0.0.1:18086"
   log-enabled = false
 EOF
-influxd -config "$WORK/influxdb.conf" > "$WORK/influxd.log" 2>&1 &
-INFLUX_PID=$!
-wait_http http://127.0.0.1:18086/ping
+start_influx() {
+  influxd -config "$WORK/influxdb.conf" >> "$WORK/influxd.log" 2>&1 &
+  INFLUX_PID=$!
+  wait_http http://127.0.0.1:18086/ping
+}
+start_influx
 curl -sf -o /dev/null -XPOST http://127.0.0.1:18086/query --data-urlencode "q=CREATE DATABASE bench"
-LOAD=$(load "http://127.0.0.1:18086/write?db=bench&precision=s")
+LOAD_RATE[influxdb]=$(load "http://127.0.0.1:18086/write?db=bench&precision=s")
 sleep 5
+BYTES[influxdb]=$(bytes_per_point "$WORK/influx"); RSS_LOAD[influxdb]=$(peak_rss_mib $INFLUX_PID)
+stop $INFLUX_PID
+
+# --- Queries: every system up again on its data, the five queries interleaved ---
+start_shoal "$WORK/shoal" 19100 19200; PIDS[shoal]=$SHOAL_PID
+start_cluster; PIDS[shoal-3xRF2]="$P1 $P2 $P3"
+start_vm; PIDS[victoria]=$VM_PID
+start_influx; PIDS[influxdb]=$INFLUX_PID
+sleep 5  # the restarted cluster's first digest exchanges
+
+shoal_sql() { # addr sql
+  timed_curl -XPOST "http://$1/query" -H 'Content-Type: application/json' \
+    -d "{\"db\":\"bench\",\"namespace\":\"bench\",\"queryString\":\"$2\"}"
+}
+shoal_nth() { # addr n
+  case $2 in
+    1) shoal_sql "$1" "SELECT avg(value) FROM cpu GROUP BY region" ;;
+    2) shoal_sql "$1" "SELECT max(value) FROM cpu WHERE host = 'h7'" ;;
+    3) shoal_sql "$1" "SELECT avg(value) FROM cpu GROUP BY INTERVAL 1h" ;;
+    4) shoal_sql "$1" "SELECT avg(value) FROM cpu WHERE timestamp >= $LAST_HOUR_MS GROUP BY host, INTERVAL 1m" ;;
+    5) shoal_sql "$1" "SELECT last(value) FROM cpu GROUP BY host" ;;
+  esac
+}
+RANGE="$(( SECONDS_SPAN + 1 ))s"; AT=$(( END_S + 1 ))
+vm_query() { timed_curl -G http://127.0.0.1:18428/api/v1/query --data-urlencode "query=$1" --data-urlencode "time=$AT"; }
+vm_range() { timed_curl -G http://127.0.0.1:18428/api/v1/query_range --data-urlencode "query=$1" \
+  --data-urlencode "start=$2" --data-urlencode "end=$AT" --data-urlencode "step=$3"; }
+vm_nth() { # n
+  case $1 in
+    1) vm_query "sum by (region) (sum_over_time(cpu_value[$RANGE])) / sum by (region) (count_over_time(cpu_value[$RANGE]))" ;;
+    2) vm_query "max_over_time(cpu_value{host=\"h7\"}[$RANGE])" ;;
+    3) vm_range "sum(sum_over_time(cpu_value[1h])) / sum(count_over_time(cpu_value[1h]))" "$BASE_S" 1h ;;
+    4) vm_range "avg by (host) (avg_over_time(cpu_value[1m]))" "$(( AT - 3600 ))" 1m ;;
+    5) vm_query "last_over_time(cpu_value[$RANGE])" ;;
+  esac
+}
 influxql() { timed_curl -G http://127.0.0.1:18086/query --data-urlencode db=bench --data-urlencode "q=$1"; }
 W="time >= ${FROM_MS}ms AND time < ${TO_MS}ms"
-Q1=$(median5 influxql "SELECT mean(value) FROM cpu WHERE $W GROUP BY region")
-Q2=$(median5 influxql "SELECT max(value) FROM cpu WHERE host = 'h7' AND $W")
-Q3=$(median5 influxql "SELECT mean(value) FROM cpu WHERE $W GROUP BY time(1h)")
-Q4=$(median5 influxql "SELECT mean(value) FROM cpu WHERE time >= ${LAST_HOUR_MS}ms AND time < ${TO_MS}ms GROUP BY time(1m), host")
-Q5=$(median5 influxql "SELECT last(value) FROM cpu WHERE $W GROUP BY host")
-report influxdb "$LOAD" "$(bytes_per_point "$WORK/influx")" "$(peak_rss_mib $INFLUX_PID)" "$Q1" "$Q2" "$Q3" "$Q4" "$Q5"
-kill $INFLUX_PID; wait $INFLUX_PID 2>/dev/null || true
+influx_nth() { # n
+  case $1 in
+    1) influxql "SELECT mean(value) FROM cpu WHERE $W GROUP BY region" ;;
+    2) influxql "SELECT max(value) FROM cpu WHERE host = 'h7' AND $W" ;;
+    3) influxql "SELECT mean(value) FROM cpu WHERE $W GROUP BY time(1h)" ;;
+    4) influxql "SELECT mean(value) FROM cpu WHERE time >= ${LAST_HOUR_MS}ms AND time < ${TO_MS}ms GROUP BY time(1m), host" ;;
+    5) influxql "SELECT last(value) FROM cpu WHERE $W GROUP BY host" ;;
+  esac
+}
+for _ in 1 2 3 4 5; do
+  for q in 1 2 3 4 5; do
+    echo "shoal $q $(shoal_nth 127.0.0.1:19100 $q)"
+    echo "shoal-3xRF2 $q $(shoal_nth 127.0.0.1:19101 $q)"
+    echo "victoria $q $(vm_nth $q)"
+    echo "influxdb $q $(influx_nth $q)"
+  done
+done > "$WORK/timings"
+median5() { # system query -> median seconds of its 5 runs
+  awk -v s="$1" -v q="$2" '$1 == s && $2 == q { print $3 }' "$WORK/timings" | sort -g | sed -n 3p
+}
+peak_rss_both() { # system -> the larger peak RSS (MiB, all its processes) of the two phases
+  local q=0 pid
+  for pid in ${PIDS[$1]}; do q=$(( q + $(peak_rss_mib "$pid") )); done
+  echo $(( q > ${RSS_LOAD[$1]} ? q : ${RSS_LOAD[$1]} ))
+}
+
+printf "%-14s %18s %11s %10s  %8s %8s %8s %8s %8s\n" system load size peak_rss by_region one_host per_1h 1m_by_host last
+for s in shoal shoal-3xRF2 victoria influxdb; do
+  row=("$s" "${LOAD_RATE[$s]}" "${BYTES[$s]}" "$(peak_rss_both "$s")" \
+    "$(median5 "$s" 1)" "$(median5 "$s" 2)" "$(median5 "$s" 3)" "$(median5 "$s" 4)" "$(median5 "$s" 5)")
+  printf "%-14s %10s lines/s %6s B/pt %6s MiB  %8.4f %8.4f %8.4f %8.4f %8.4f\n" "${row[@]}"
+  echo "${row[@]}" >> "$WORK/results"
+done
+for s in shoal shoal-3xRF2 victoria influxdb; do stop ${PIDS[$s]}; done
 
 # --- Ratios to VictoriaMetrics (load: higher is better; the rest: lower is better) ---
 echo
@@ -190,4 +242,12 @@ awk '$1 == "victoria" { for (i = 2; i <= 9; i++) vm[i] = $i }
          for (i = 2; i <= 9; i++) line = line sprintf(" %s %.3fx", names[i - 1], f[i] / vm[i])
          print line
        }
+     }' "$WORK/results"
+awk '$1 == "shoal" { for (i = 5; i <= 9; i++) one[i] = $i }
+     $1 == "shoal-3xRF2" { for (i = 5; i <= 9; i++) three[i] = $i }
+     END {
+       split("by_region one_host per_1h 1m_by_host last", names, " ")
+       line = "cluster / single node:"
+       for (i = 5; i <= 9; i++) line = line sprintf(" %s %.3fx", names[i - 4], three[i] / one[i])
+       print line
      }' "$WORK/results"
