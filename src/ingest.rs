@@ -4,7 +4,9 @@
 //! Lines are parsed into borrowed slices and appended straight to columns; no point object is
 //! built per line.
 
-use crate::model::batch::{DictColumn, FieldEntry, FieldRef, NULL_CODE, RowBatch, RowBatchBuilder, check_field};
+use crate::model::batch::{
+    DictColumn, FieldEntry, FieldRef, NULL_CODE, RowBatch, RowBatchBuilder, Values, check_field,
+};
 use crate::model::{FieldClass, FieldValue, MetricKey, Num};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -241,7 +243,7 @@ pub fn parse_line_protocol(
                         field: field.into_owned(),
                         key,
                         timestamps: Vec::with_capacity(rows_expected),
-                        values: Vec::with_capacity(rows_expected),
+                        values: Values::with_capacity(rows_expected),
                         series: Vec::with_capacity(rows_expected),
                     });
                     rows_expected = rows_expected.min(ROWS_RESERVED_MAX);
@@ -312,7 +314,7 @@ struct FieldRows {
     field: String,
     key: MetricKey,
     timestamps: Vec<i64>,
-    values: Vec<Num>,
+    values: Values,
     /// Per row, its series (an index into `Measurement::series`).
     series: Vec<u32>,
 }
@@ -728,7 +730,11 @@ mod tests {
         let body = "m,h=a value=true,on=F,note=\"a b, c\",n=2i 1000\nm,h=a value=f,label=\"x\" 2000";
         let b = parse_line_protocol(body, "d", "n", Precision::Ms, 0, 100).unwrap();
         let values = |metric: &str| -> Vec<Num> {
-            b.metrics.iter().find(|(k, _)| k.metric == metric).map(|(_, r)| r.values.clone()).unwrap_or_default()
+            b.metrics
+                .iter()
+                .find(|(k, _)| k.metric == metric)
+                .map(|(_, r)| r.values.iter().collect())
+                .unwrap_or_default()
         };
         assert_eq!(values("m"), [Num::Int(1), Num::Int(0)]);
         assert_eq!(values("m_on"), [Num::Int(0)]);

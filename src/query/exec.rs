@@ -125,7 +125,7 @@ impl Bound<'_> {
         match self {
             Bound::Const(b) => *b,
             Bound::Timestamp(f) => matches_leaf(f, Some(&FieldValue::Int(batch.timestamps[row]))),
-            Bound::Value(f) => matches_leaf(f, Some(&batch.values[row].into())),
+            Bound::Value(f) => matches_leaf(f, Some(&batch.values.get(row).into())),
             Bound::Dict { codes, per_code, null } => match codes[row] {
                 NULL_CODE => *null,
                 c => per_code[c as usize],
@@ -402,11 +402,11 @@ pub fn scan_batch(
             };
             let extremes = matches!(agg, Aggregate::Value(AggFn::Min | AggFn::Max | AggFn::First | AggFn::Last));
             let add = |state: &mut AggState, r: usize| match distinct_col {
-                None if extremes => state.summary.add(batch.timestamps[r], batch.values[r]),
-                None => state.summary.add_to_sum(batch.values[r]),
+                None if extremes => state.summary.add(batch.timestamps[r], batch.values.get(r)),
+                None => state.summary.add_to_sum(batch.values.get(r)),
                 Some(field) => {
                     let v = match field {
-                        "value" => Some(batch.values[r].into()),
+                        "value" => Some(batch.values.get(r).into()),
                         "timestamp" => Some(FieldValue::Int(batch.timestamps[r])),
                         name => batch.columns.get(name).and_then(|c| c.get(r).cloned()),
                     };

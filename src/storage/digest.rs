@@ -45,7 +45,7 @@ pub fn row_hashes(batch: &RowBatch) -> Vec<u64> {
         .iter()
         .zip(&batch.values)
         .zip(&fields)
-        .map(|((&ts, &value), &fields)| {
+        .map(|((&ts, value), &fields)| {
             let value = match value {
                 Num::Int(i) => i as u64,
                 Num::Dec(d) => d.to_bits() ^ DECIMAL_SALT,
@@ -99,7 +99,7 @@ pub fn point_hash(batch: &RowBatch, row: usize) -> u64 {
 /// Whether two rows (of any two batches) are the same point: same timestamp, value (an
 /// integer is not a decimal) and the same dimension and tag values.
 pub fn same_point(a: &RowBatch, ra: usize, b: &RowBatch, rb: usize) -> bool {
-    if a.timestamps[ra] != b.timestamps[rb] || !same_num(a.values[ra], b.values[rb]) {
+    if a.timestamps[ra] != b.timestamps[rb] || !same_num(a.values.get(ra), b.values.get(rb)) {
         return false;
     }
     fn fields(batch: &RowBatch, row: usize) -> impl Iterator<Item = (&String, Option<FieldClass>, &FieldValue)> {

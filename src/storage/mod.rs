@@ -727,7 +727,7 @@ mod tests {
         assert_eq!(s.shard_if_held(&id).unwrap().points(), 10);
         // A delete of the same rule made later removes only what was written before it.
         let mut fresh = batch(10, None);
-        fresh.values.iter_mut().for_each(|v| *v = Num::Int(1_000));
+        fresh.values = fresh.values.iter().map(|_| Num::Int(1_000)).collect();
         fresh.stamp_written(300_000);
         s.write(&key, fresh).await.unwrap();
         let later = Tombstone { at_ms: 250_000, rule: vec![1] };

@@ -14,7 +14,7 @@
 //! checked by its own crc32 on read. A mismatch is an error, never silently read. Segments of
 //! the first format (`SHOALSG1`: blocks of mixed series by time, no summaries) still read.
 
-use crate::model::batch::{DictColumn, NULL_CODE, RowBatch, RowBatchBuilder};
+use crate::model::batch::{DictColumn, NULL_CODE, RowBatch, RowBatchBuilder, Values};
 use crate::model::summary::Summary;
 use crate::model::{FieldClass, FieldValue, Key, Num};
 use serde::{Deserialize, Serialize};
@@ -690,7 +690,7 @@ fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock<Vec<u8>> {
     let mut kinds = Vec::with_capacity(rows.len());
     let (mut ints, mut decs) = (Vec::new(), Vec::new());
     for &r in rows {
-        match batch.values[r] {
+        match batch.values.get(r) {
             Num::Int(i) => {
                 kinds.push(0u8);
                 ints.push(i);
@@ -923,7 +923,7 @@ impl SegmentWriter {
         let bytes = postcard::to_stdvec(&encode_block(batch, rows)).expect("block encodes");
         let mut summary = Summary::default();
         for &r in rows {
-            summary.add(batch.timestamps[r], batch.values[r]);
+            summary.add(batch.timestamps[r], batch.values.get(r));
         }
         let (count, min_ts) = (rows.len() as u32, batch.timestamps[rows[0]]);
         let max_ts = batch.timestamps[*rows.last().expect("blocks are non-empty")];
@@ -1379,7 +1379,7 @@ impl Segment {
         let timestamps: Vec<i64> = decode_timestamps(block.timestamps).map_err(corrupt)?;
         let ints = decompress_ints(block.ints).map_err(corrupt)?;
         let decs: Vec<f64> = decode_decimals(block.decs).map_err(corrupt)?;
-        let values: Vec<Num> = if block.value_kinds.is_empty() {
+        let values: Values = if block.value_kinds.is_empty() {
             ints.into_iter().map(Num::Int).collect()
         } else if block.value_kinds == ALL_DECIMAL {
             decs.into_iter().map(Num::Dec).collect()
@@ -1389,7 +1389,7 @@ impl Segment {
             kinds
                 .iter()
                 .map(|k| if *k == 0 { i.next().map(Num::Int) } else { d.next().map(Num::Dec) })
-                .collect::<Option<Vec<_>>>()
+                .collect::<Option<Values>>()
                 .ok_or_else(|| corrupt("value columns disagree".into()))?
         };
         if values.len() != timestamps.len() || timestamps.len() != meta.count as usize {
@@ -1555,7 +1555,7 @@ mod tests {
             let mut summary = Summary::default();
             for r in 0..block.len() {
                 assert_eq!(&series_of_row(&block, r), series, "the series' tags come back on every row");
-                summary.add(block.timestamps[r], block.values[r]);
+                summary.add(block.timestamps[r], block.values.get(r));
             }
             assert_eq!(meta.summary(), Some(summary));
         }

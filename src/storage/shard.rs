@@ -1997,11 +1997,14 @@ mod tests {
         // Values that do not compress to nothing, so bytes follow points.
         let varied = |range: std::ops::Range<i64>| {
             let mut batch = rows(range, 0);
-            for (v, t) in batch.values.iter_mut().zip(&batch.timestamps) {
-                *v = Num::Int(
-                    (t.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407) >> 33) % 100_000,
-                );
-            }
+            batch.values = (batch.timestamps.iter())
+                .map(|t| {
+                    Num::Int(
+                        (t.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407) >> 33)
+                            % 100_000,
+                    )
+                })
+                .collect();
             batch
         };
         shard.append(varied(0..4000)).await.unwrap();
