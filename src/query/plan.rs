@@ -13,6 +13,7 @@ use sqlparser::ast::{self, Expr, SelectItem, SetExpr, Spanned, Statement as SqlS
 use sqlparser::dialect::GenericDialect;
 use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
+use std::collections::HashMap;
 
 /// Longest accepted query text.
 pub const QUERY_BYTES_MAX: usize = 64 * 1024;
@@ -283,28 +284,32 @@ fn rewrite_tokens(tokens: Vec<TokenWithSpan>, now_ms: i64) -> Result<Rewritten, 
 /// Statements parsed before, by their text. A server parses a repeated query (a dashboard's
 /// refresh) from cold caches: sqlparser took 100-150 µs of a 160 µs cached answer there, 8 µs
 /// in a loop. The plan of a text depends on nothing else unless it reads `NOW`, and those are
-/// not kept. Bounded in count and text length; the oldest goes first.
+/// not kept. Bounded in count and text length; the oldest goes first. The hasher has fixed
+/// keys: random ones would be drawn from the process's entropy at the first query, which the
+/// simulator replays (a seed's run would depend on the seeds run before it in the process);
+/// a client choosing colliding texts slows down 256 entries at most.
 struct ParsedStatements {
-    by_text: std::collections::HashMap<String, Statement>,
+    by_text: HashMap<String, Statement, std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>>,
     order: std::collections::VecDeque<String>,
 }
 
 const PARSED_KEPT_MAX: usize = 256;
 const PARSED_TEXT_BYTES_MAX: usize = 1024;
 
-static PARSED: std::sync::Mutex<Option<ParsedStatements>> = std::sync::Mutex::new(None);
+static PARSED: std::sync::Mutex<ParsedStatements> = std::sync::Mutex::new(ParsedStatements {
+    by_text: HashMap::with_hasher(std::hash::BuildHasherDefault::new()),
+    order: std::collections::VecDeque::new(),
+});
 
 /// Parses one statement of the NSDb dialect; `now_ms` is what `NOW` stands for.
 pub fn parse(sql: &str, now_ms: i64) -> Result<Statement, PlanError> {
-    let kept = PARSED.lock().expect("parsed statements lock").as_ref().and_then(|p| p.by_text.get(sql).cloned());
+    let kept = PARSED.lock().expect("parsed statements lock").by_text.get(sql).cloned();
     if let Some(statement) = kept {
         return Ok(statement);
     }
     let (statement, reads_now) = parse_text(sql, now_ms)?;
     if !reads_now && sql.len() <= PARSED_TEXT_BYTES_MAX {
         let mut parsed = PARSED.lock().expect("parsed statements lock");
-        let parsed =
-            parsed.get_or_insert_with(|| ParsedStatements { by_text: Default::default(), order: Default::default() });
         if parsed.by_text.insert(sql.to_string(), statement.clone()).is_none() {
             parsed.order.push_back(sql.to_string());
             if parsed.order.len() > PARSED_KEPT_MAX {
@@ -714,6 +719,6 @@ mod tests {
             assert_eq!(s.limit, Some(i + 1));
         }
         let parsed = PARSED.lock().unwrap();
-        assert!(parsed.as_ref().unwrap().by_text.len() <= PARSED_KEPT_MAX);
+        assert!(parsed.by_text.len() <= PARSED_KEPT_MAX);
     }
 }
