@@ -5,7 +5,7 @@
 //! built per line.
 
 use crate::model::batch::{
-    DictColumn, FieldEntry, FieldRef, NULL_CODE, RowBatch, RowBatchBuilder, Values, check_field,
+    Codes, DictColumn, FieldEntry, FieldRef, NULL_CODE, RowBatch, RowBatchBuilder, Values, check_field,
 };
 use crate::model::{FieldClass, FieldValue, MetricKey, Num};
 use std::borrow::Cow;
@@ -345,7 +345,7 @@ impl Measurement<'_> {
                 let mut col = DictColumn {
                     class: Some(FieldClass::Tag),
                     dict: Vec::new(),
-                    codes: Vec::with_capacity(rows.series.len()),
+                    codes: Codes::with_capacity(rows.series.len()),
                 };
                 for &s in &rows.series {
                     let code = of_series[s as usize];

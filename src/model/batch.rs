@@ -16,15 +16,172 @@ pub struct DictColumn {
     pub class: Option<FieldClass>,
     /// Distinct values; `codes` index into it.
     pub dict: Vec<FieldValue>,
-    pub codes: Vec<u32>,
+    pub codes: Codes,
 }
 
 impl DictColumn {
     pub fn get(&self, row: usize) -> Option<&FieldValue> {
-        match self.codes.get(row) {
-            Some(&c) if c != NULL_CODE => self.dict.get(c as usize),
+        match (row < self.codes.len()).then(|| self.codes.get(row)) {
+            Some(c) if c != NULL_CODE => self.dict.get(c as usize),
             _ => None,
         }
+    }
+}
+
+/// A column's codes in the fewest bytes its dictionary needs: one a row while every code is
+/// below 255, two below 65,535, four beyond; the largest number of the width stands for
+/// [`NULL_CODE`]. A memtable of 20,000 series held three 4-byte codes a point (host, region,
+/// write time) where 2 + 1 + 1 bytes do. Widened in place when a larger code comes;
+/// serialized as a sequence of `u32`, as before.
+#[derive(Debug, Clone)]
+pub enum Codes {
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+}
+
+impl Default for Codes {
+    fn default() -> Self {
+        Codes::U8(Vec::new())
+    }
+}
+
+fn widen_u8(c: u8) -> u32 {
+    if c == u8::MAX { NULL_CODE } else { u32::from(c) }
+}
+
+fn widen_u16(c: u16) -> u32 {
+    if c == u16::MAX { NULL_CODE } else { u32::from(c) }
+}
+
+impl Codes {
+    pub fn with_capacity(rows: usize) -> Self {
+        Codes::U8(Vec::with_capacity(rows))
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Codes::U8(c) => c.len(),
+            Codes::U16(c) => c.len(),
+            Codes::U32(c) => c.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[inline]
+    pub fn get(&self, row: usize) -> u32 {
+        match self {
+            Codes::U8(c) => widen_u8(c[row]),
+            Codes::U16(c) => widen_u16(c[row]),
+            Codes::U32(c) => c[row],
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len()).map(|row| self.get(row))
+    }
+
+    /// Widens the codes so that `code` fits.
+    fn fit(&mut self, code: u32) {
+        if code == NULL_CODE {
+            return;
+        }
+        let wider = match self {
+            Codes::U8(c) if code >= u32::from(u8::MAX) => {
+                if code < u32::from(u16::MAX) {
+                    Codes::U16(c.iter().map(|&c| if c == u8::MAX { u16::MAX } else { u16::from(c) }).collect())
+                } else {
+                    Codes::U32(c.iter().map(|&c| widen_u8(c)).collect())
+                }
+            }
+            Codes::U16(c) if code >= u32::from(u16::MAX) => Codes::U32(c.iter().map(|&c| widen_u16(c)).collect()),
+            _ => return,
+        };
+        *self = wider;
+    }
+
+    pub fn push(&mut self, code: u32) {
+        self.fit(code);
+        match self {
+            Codes::U8(c) => c.push(if code == NULL_CODE { u8::MAX } else { code as u8 }),
+            Codes::U16(c) => c.push(if code == NULL_CODE { u16::MAX } else { code as u16 }),
+            Codes::U32(c) => c.push(code),
+        }
+    }
+
+    /// Makes the codes `rows` long, adding `code` (or cutting).
+    pub fn resize(&mut self, rows: usize, code: u32) {
+        if rows > self.len() {
+            self.fit(code);
+        }
+        match self {
+            Codes::U8(c) => c.resize(rows, if code == NULL_CODE { u8::MAX } else { code as u8 }),
+            Codes::U16(c) => c.resize(rows, if code == NULL_CODE { u16::MAX } else { code as u16 }),
+            Codes::U32(c) => c.resize(rows, code),
+        }
+    }
+
+    pub fn reserve(&mut self, rows: usize) {
+        match self {
+            Codes::U8(c) => c.reserve(rows),
+            Codes::U16(c) => c.reserve(rows),
+            Codes::U32(c) => c.reserve(rows),
+        }
+    }
+}
+
+impl PartialEq for Codes {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl FromIterator<u32> for Codes {
+    fn from_iter<I: IntoIterator<Item = u32>>(iter: I) -> Self {
+        let mut codes = Codes::default();
+        codes.extend(iter);
+        codes
+    }
+}
+
+impl Extend<u32> for Codes {
+    fn extend<I: IntoIterator<Item = u32>>(&mut self, iter: I) {
+        let iter = iter.into_iter();
+        self.reserve(iter.size_hint().0);
+        for code in iter {
+            self.push(code);
+        }
+    }
+}
+
+impl Serialize for Codes {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Codes {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Seq;
+        impl<'de> serde::de::Visitor<'de> for Seq {
+            type Value = Codes;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a sequence of codes")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Codes, A::Error> {
+                let mut codes = Codes::default();
+                // A length from the sender is a hint, never an allocation it can choose.
+                codes.reserve(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(code) = seq.next_element::<u32>()? {
+                    codes.push(code);
+                }
+                Ok(codes)
+            }
+        }
+        deserializer.deserialize_seq(Seq)
     }
 }
 
@@ -214,7 +371,7 @@ impl RowBatch {
         let column = DictColumn {
             class: Some(FieldClass::Dimension),
             dict: vec![FieldValue::Int(write_time(at_ms))],
-            codes: vec![0; self.len()],
+            codes: std::iter::repeat_n(0, self.len()).collect(),
         };
         self.columns.insert(WRITTEN_COLUMN.to_string(), column);
     }
@@ -261,8 +418,8 @@ impl RowBatch {
             columns: BTreeMap::new(),
         };
         for (name, col) in &self.columns {
-            let codes: Vec<u32> = rows.iter().map(|&r| col.codes[r]).collect();
-            if codes.iter().any(|&c| c != NULL_CODE) {
+            let codes: Codes = rows.iter().map(|&r| col.codes.get(r)).collect();
+            if codes.iter().any(|c| c != NULL_CODE) {
                 out.columns.insert(name.clone(), DictColumn { class: col.class, dict: col.dict.clone(), codes });
             }
         }
@@ -279,7 +436,7 @@ impl RowBatch {
             if col.codes.len() != self.len() || col.class.is_none() {
                 return Err(format!("column {name} is malformed"));
             }
-            if col.codes.iter().any(|&c| c != NULL_CODE && c as usize >= col.dict.len()) {
+            if col.codes.iter().any(|c| c != NULL_CODE && c as usize >= col.dict.len()) {
                 return Err(format!("column {name} has a code outside its dictionary"));
             }
         }
@@ -440,7 +597,7 @@ impl RowBatchBuilder {
             let index =
                 ColumnIndex { class, strs: FastMap::default(), ints: FastMap::default(), decs: FastMap::default() };
             self.index.insert(name.to_string(), index);
-            let mut codes = Vec::with_capacity(self.rows_reserved.max(rows));
+            let mut codes = Codes::with_capacity(self.rows_reserved.max(rows));
             codes.resize(rows, NULL_CODE);
             let col = DictColumn { class: Some(class), dict: Vec::new(), codes };
             self.batch.columns.insert(name.to_string(), col);
@@ -479,9 +636,9 @@ impl RowBatchBuilder {
             let remap: Vec<u32> = src.dict.iter().map(|v| index.code(&mut col.dict, v.into())).collect();
             let recode = |c: u32| if c == NULL_CODE { NULL_CODE } else { remap[c as usize] };
             if keep.is_none() {
-                col.codes.extend(src.codes.iter().map(|&c| recode(c)));
+                col.codes.extend(src.codes.iter().map(recode));
             } else {
-                col.codes.extend((0..batch.len()).filter(|&r| selected(r)).map(|r| recode(src.codes[r])));
+                col.codes.extend((0..batch.len()).filter(|&r| selected(r)).map(|r| recode(src.codes.get(r))));
             }
         }
         self.pad_nulls(self.batch.len());
@@ -527,8 +684,8 @@ mod tests {
             b.push(p).unwrap();
         }
         let batch = b.finish();
-        assert_eq!(batch.columns["region"].codes, vec![0, NULL_CODE, 0]);
-        assert_eq!(batch.columns["cpu"].codes, vec![NULL_CODE, 0, NULL_CODE]);
+        assert_eq!(batch.columns["region"].codes.iter().collect::<Vec<_>>(), [0, NULL_CODE, 0]);
+        assert_eq!(batch.columns["cpu"].codes.iter().collect::<Vec<_>>(), [NULL_CODE, 0, NULL_CODE]);
         assert_eq!(batch.point(0), p1);
         assert_eq!(batch.point(1), p2);
         assert_eq!(batch.point(2), p3);
@@ -596,6 +753,36 @@ mod tests {
             proptest::prop_assert_eq!(&wire, &postcard::to_stdvec(&all).unwrap());
             let back: Values = postcard::from_bytes(&wire).unwrap();
             proptest::prop_assert_eq!(bits(&back.iter().collect::<Vec<_>>()), bits(&all));
+        }
+    }
+
+    proptest::proptest! {
+        /// Codes pushed, resized and widened (past 255, past 65,535) read back as the `u32`s
+        /// given, nulls included, and go on the wire as a `Vec<u32>` does.
+        #[test]
+        fn codes_widen_as_needed_and_travel_as_u32s(
+            steps in proptest::collection::vec((0u8..4, 0u32..70_000, 0usize..40), 0..60),
+        ) {
+            let mut codes = Codes::default();
+            let mut model: Vec<u32> = Vec::new();
+            for (op, code, rows) in steps {
+                let code = match op { 0 => NULL_CODE, 1 => code % 300, _ => code };
+                if op == 3 {
+                    codes.resize(model.len() + rows, code);
+                    model.resize(model.len() + rows, code);
+                } else {
+                    codes.push(code);
+                    model.push(code);
+                }
+            }
+            proptest::prop_assert_eq!(codes.iter().collect::<Vec<_>>(), model.clone());
+            let wire = postcard::to_stdvec(&codes).unwrap();
+            proptest::prop_assert_eq!(&wire, &postcard::to_stdvec(&model).unwrap());
+            let back: Codes = postcard::from_bytes(&wire).unwrap();
+            proptest::prop_assert_eq!(back.iter().collect::<Vec<_>>(), model.clone());
+            let widest = model.iter().filter(|&&c| c != NULL_CODE).max().copied().unwrap_or(0);
+            let width = match &codes { Codes::U8(_) => 1, Codes::U16(_) => 2, Codes::U32(_) => 4 };
+            proptest::prop_assert_eq!(width, if widest < 255 { 1 } else if widest < 65_535 { 2 } else { 4 });
         }
     }
 }

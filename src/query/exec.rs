@@ -4,7 +4,7 @@
 //! serde data so a remote replica can send it back.
 
 use super::plan::{AggFn, Aggregate, CmpOp, Filter, Projection, SelectPlan};
-use crate::model::batch::{DictColumn, NULL_CODE, RowBatch};
+use crate::model::batch::{Codes, DictColumn, NULL_CODE, RowBatch};
 use crate::model::summary::Summary;
 use crate::model::{FieldValue, Key, Num, Point};
 
@@ -84,7 +84,7 @@ enum Bound<'a> {
     Const(bool),
     Timestamp(&'a Filter),
     Value(&'a Filter),
-    Dict { codes: &'a [u32], per_code: Vec<bool>, null: bool },
+    Dict { codes: &'a Codes, per_code: Vec<bool>, null: bool },
     And(Box<Bound<'a>>, Box<Bound<'a>>),
     Or(Box<Bound<'a>>, Box<Bound<'a>>),
     Not(Box<Bound<'a>>),
@@ -126,7 +126,7 @@ impl Bound<'_> {
             Bound::Const(b) => *b,
             Bound::Timestamp(f) => matches_leaf(f, Some(&FieldValue::Int(batch.timestamps[row]))),
             Bound::Value(f) => matches_leaf(f, Some(&batch.values.get(row).into())),
-            Bound::Dict { codes, per_code, null } => match codes[row] {
+            Bound::Dict { codes, per_code, null } => match codes.get(row) {
                 NULL_CODE => *null,
                 c => per_code[c as usize],
             },
@@ -429,7 +429,9 @@ pub fn scan_batch(
             // group by bucket alone, counted in runs, since a block's rows are in time order.
             let constant: Option<Vec<Key>> = cols
                 .iter()
-                .map(|c| (c.dict.len() == 1 && !c.codes.contains(&NULL_CODE)).then(|| Key(c.dict[0].clone())))
+                .map(|c| {
+                    (c.dict.len() == 1 && !c.codes.iter().any(|code| code == NULL_CODE)).then(|| Key(c.dict[0].clone()))
+                })
                 .collect();
             if let Some(tags) = constant {
                 // The rows are in time order, so a bucket's bounds are worked out once per run.
@@ -457,7 +459,7 @@ pub fn scan_batch(
                 // only the values its rows use).
                 let mut per_code: Vec<Option<AggState>> = vec![None; col.dict.len()];
                 for &r in &rows {
-                    let code = col.codes[r];
+                    let code = col.codes.get(r);
                     if code != NULL_CODE {
                         add(per_code[code as usize].get_or_insert_with(AggState::default), r);
                     }
@@ -471,7 +473,7 @@ pub fn scan_batch(
             }
             let mut per_group: HashMap<(Option<i64>, Vec<u32>), AggState> = HashMap::new();
             for &r in &rows {
-                let codes: Vec<u32> = cols.iter().map(|c| c.codes[r]).collect();
+                let codes: Vec<u32> = cols.iter().map(|c| c.codes.get(r)).collect();
                 if codes.contains(&NULL_CODE) {
                     continue;
                 }

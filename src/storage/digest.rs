@@ -32,7 +32,7 @@ pub fn row_hashes(batch: &RowBatch) -> Vec<u64> {
     // Not the write time: replicas holding one point written twice agree on it.
     for (name, col) in batch.fields() {
         let dict: Vec<u64> = col.dict.iter().map(|v| field_hash(name, col.class, v)).collect();
-        for (sum, &code) in fields.iter_mut().zip(&col.codes) {
+        for (sum, code) in fields.iter_mut().zip(col.codes.iter()) {
             if code != NULL_CODE {
                 *sum = sum.wrapping_add(dict[code as usize]);
             }
@@ -77,7 +77,7 @@ pub fn series_hashes(batch: &RowBatch) -> Vec<u64> {
     let mut sums = vec![0u64; batch.len()];
     for (name, col) in batch.columns.iter().filter(|(_, col)| col.class == Some(FieldClass::Tag)) {
         let dict: Vec<u64> = col.dict.iter().map(|v| field_hash(name, col.class, v)).collect();
-        for (sum, &code) in sums.iter_mut().zip(&col.codes) {
+        for (sum, code) in sums.iter_mut().zip(col.codes.iter()) {
             if code != NULL_CODE {
                 *sum = sum.wrapping_add(dict[code as usize]);
             }

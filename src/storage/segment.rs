@@ -14,7 +14,7 @@
 //! checked by its own crc32 on read. A mismatch is an error, never silently read. Segments of
 //! the first format (`SHOALSG1`: blocks of mixed series by time, no summaries) still read.
 
-use crate::model::batch::{DictColumn, NULL_CODE, RowBatch, RowBatchBuilder, Values};
+use crate::model::batch::{Codes, DictColumn, NULL_CODE, RowBatch, RowBatchBuilder, Values};
 use crate::model::summary::Summary;
 use crate::model::{FieldClass, FieldValue, Key, Num};
 use serde::{Deserialize, Serialize};
@@ -713,7 +713,7 @@ fn encode_block(batch: &RowBatch, rows: &[usize]) -> EncodedBlock<Vec<u8>> {
         let mut dict = Vec::new();
         let mut codes = Vec::with_capacity(rows.len());
         for &r in rows {
-            let c = col.codes[r];
+            let c = col.codes.get(r);
             if c == NULL_CODE {
                 codes.push(c);
                 continue;
@@ -773,7 +773,7 @@ fn series_of_rows(batch: &RowBatch) -> (Vec<u32>, usize) {
     for col in batch.columns.values().filter(|col| col.class == Some(FieldClass::Tag)) {
         // A missing value is one more code.
         let width = col.dict.len() + 1;
-        let code = |r: usize| match col.codes[r] {
+        let code = |r: usize| match col.codes.get(r) {
             NULL_CODE => col.dict.len(),
             c => c as usize,
         };
@@ -1410,12 +1410,15 @@ impl Segment {
             if codes.len() != batch.len() || codes.iter().any(|&c| c != NULL_CODE && c as usize >= dict.len()) {
                 return Err(corrupt(format!("column {} is inconsistent", f.name)));
             }
-            batch.columns.insert(f.name, DictColumn { class: Some(f.class), dict, codes });
+            batch.columns.insert(f.name, DictColumn { class: Some(f.class), dict, codes: Codes::U32(codes) });
         }
         for (name, value) in self.series(meta.series).into_iter().flatten() {
             if columns.is_none_or(|cols| cols.contains(name)) {
-                let column =
-                    DictColumn { class: Some(FieldClass::Tag), dict: vec![value.clone()], codes: vec![0; batch.len()] };
+                let column = DictColumn {
+                    class: Some(FieldClass::Tag),
+                    dict: vec![value.clone()],
+                    codes: Codes::U8(vec![0; batch.len()]),
+                };
                 batch.columns.insert(name.clone(), column);
             }
         }
