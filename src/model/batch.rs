@@ -32,7 +32,8 @@ impl DictColumn {
 /// below 255, two below 65,535, four beyond; the largest number of the width stands for
 /// [`NULL_CODE`]. A memtable of 20,000 series held three 4-byte codes a point (host, region,
 /// write time) where 2 + 1 + 1 bytes do. Widened in place when a larger code comes;
-/// serialized as a sequence of `u32`, as before.
+/// serialized as a sequence of `u32`, as before. (A block decoded from a segment keeps its
+/// codes as `u32`s: it lives for one scan or merge step.)
 #[derive(Debug, Clone)]
 pub enum Codes {
     U8(Vec<u8>),
@@ -90,14 +91,24 @@ impl Codes {
             return;
         }
         let wider = match self {
+            // With the capacity reserved for the narrower codes: a memtable's column grows
+            // without copying whatever its width.
             Codes::U8(c) if code >= u32::from(u8::MAX) => {
                 if code < u32::from(u16::MAX) {
-                    Codes::U16(c.iter().map(|&c| if c == u8::MAX { u16::MAX } else { u16::from(c) }).collect())
+                    let mut wide = Vec::with_capacity(c.capacity());
+                    wide.extend(c.iter().map(|&c| if c == u8::MAX { u16::MAX } else { u16::from(c) }));
+                    Codes::U16(wide)
                 } else {
-                    Codes::U32(c.iter().map(|&c| widen_u8(c)).collect())
+                    let mut wide = Vec::with_capacity(c.capacity());
+                    wide.extend(c.iter().map(|&c| widen_u8(c)));
+                    Codes::U32(wide)
                 }
             }
-            Codes::U16(c) if code >= u32::from(u16::MAX) => Codes::U32(c.iter().map(|&c| widen_u16(c)).collect()),
+            Codes::U16(c) if code >= u32::from(u16::MAX) => {
+                let mut wide = Vec::with_capacity(c.capacity());
+                wide.extend(c.iter().map(|&c| widen_u16(c)));
+                Codes::U32(wide)
+            }
             _ => return,
         };
         *self = wider;
@@ -165,23 +176,50 @@ impl Serialize for Codes {
 
 impl<'de> Deserialize<'de> for Codes {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Seq;
-        impl<'de> serde::de::Visitor<'de> for Seq {
-            type Value = Codes;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a sequence of codes")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Codes, A::Error> {
-                let mut codes = Codes::default();
-                // A length from the sender is a hint, never an allocation it can choose.
-                codes.reserve(seq.size_hint().unwrap_or(0).min(1 << 16));
-                while let Some(code) = seq.next_element::<u32>()? {
-                    codes.push(code);
-                }
-                Ok(codes)
-            }
+        deserializer.deserialize_seq(PushEach::<Codes, u32>(std::marker::PhantomData))
+    }
+}
+
+/// A column read from a sequence one element at a time, into its compact form.
+trait Column<E>: Default {
+    fn reserve(&mut self, rows: usize);
+    fn push(&mut self, element: E);
+}
+
+impl Column<u32> for Codes {
+    fn reserve(&mut self, rows: usize) {
+        Codes::reserve(self, rows);
+    }
+    fn push(&mut self, code: u32) {
+        Codes::push(self, code);
+    }
+}
+
+impl Column<Num> for Values {
+    fn reserve(&mut self, rows: usize) {
+        Values::reserve(self, rows);
+    }
+    fn push(&mut self, value: Num) {
+        Values::push(self, value);
+    }
+}
+
+/// Deserializes a sequence of `E` into the column `C`.
+struct PushEach<C, E>(std::marker::PhantomData<fn() -> (C, E)>);
+
+impl<'de, C: Column<E>, E: Deserialize<'de>> serde::de::Visitor<'de> for PushEach<C, E> {
+    type Value = C;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a sequence")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<C, A::Error> {
+        let mut column = C::default();
+        // A length from the sender is a hint, never an allocation it can choose.
+        column.reserve(seq.size_hint().unwrap_or(0).min(1 << 16));
+        while let Some(element) = seq.next_element::<E>()? {
+            column.push(element);
         }
-        deserializer.deserialize_seq(Seq)
+        Ok(column)
     }
 }
 
@@ -309,14 +347,6 @@ impl Extend<Num> for Values {
     }
 }
 
-impl<'a> IntoIterator for &'a Values {
-    type Item = Num;
-    type IntoIter = Box<dyn ExactSizeIterator<Item = Num> + 'a>;
-    fn into_iter(self) -> Self::IntoIter {
-        Box::new(self.iter())
-    }
-}
-
 impl Serialize for Values {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(self.iter())
@@ -325,23 +355,7 @@ impl Serialize for Values {
 
 impl<'de> Deserialize<'de> for Values {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Seq;
-        impl<'de> serde::de::Visitor<'de> for Seq {
-            type Value = Values;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a sequence of values")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Values, A::Error> {
-                let mut values = Values::default();
-                // A length from the sender is a hint, never an allocation it can choose.
-                values.reserve(seq.size_hint().unwrap_or(0).min(1 << 16));
-                while let Some(value) = seq.next_element::<Num>()? {
-                    values.push(value);
-                }
-                Ok(values)
-            }
-        }
-        deserializer.deserialize_seq(Seq)
+        deserializer.deserialize_seq(PushEach::<Values, Num>(std::marker::PhantomData))
     }
 }
 

@@ -301,15 +301,21 @@ static PARSED: std::sync::Mutex<ParsedStatements> = std::sync::Mutex::new(Parsed
     order: std::collections::VecDeque::new(),
 });
 
+/// The kept statements. Nothing under the lock can leave them half changed, so a panic
+/// elsewhere while it was held does not stop every later query.
+fn parsed_statements() -> std::sync::MutexGuard<'static, ParsedStatements> {
+    PARSED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Parses one statement of the NSDb dialect; `now_ms` is what `NOW` stands for.
 pub fn parse(sql: &str, now_ms: i64) -> Result<Statement, PlanError> {
-    let kept = PARSED.lock().expect("parsed statements lock").by_text.get(sql).cloned();
+    let kept = parsed_statements().by_text.get(sql).cloned();
     if let Some(statement) = kept {
         return Ok(statement);
     }
     let (statement, reads_now) = parse_text(sql, now_ms)?;
     if !reads_now && sql.len() <= PARSED_TEXT_BYTES_MAX {
-        let mut parsed = PARSED.lock().expect("parsed statements lock");
+        let mut parsed = parsed_statements();
         if parsed.by_text.insert(sql.to_string(), statement.clone()).is_none() {
             parsed.order.push_back(sql.to_string());
             if parsed.order.len() > PARSED_KEPT_MAX {
@@ -718,7 +724,7 @@ mod tests {
             let Statement::Select(s) = parse(&sql, 0).unwrap() else { panic!("{sql}") };
             assert_eq!(s.limit, Some(i + 1));
         }
-        let parsed = PARSED.lock().unwrap();
-        assert!(parsed.by_text.len() <= PARSED_KEPT_MAX);
+        let kept = parsed_statements().by_text.len();
+        assert!(kept <= PARSED_KEPT_MAX);
     }
 }

@@ -43,7 +43,7 @@ pub fn row_hashes(batch: &RowBatch) -> Vec<u64> {
     batch
         .timestamps
         .iter()
-        .zip(&batch.values)
+        .zip(batch.values.iter())
         .zip(&fields)
         .map(|((&ts, value), &fields)| {
             let value = match value {

@@ -2186,7 +2186,7 @@ mod tests {
         let mut seen: Vec<(i64, i64)> = Vec::new();
         shard
             .scan(i64::MIN, i64::MAX, None, &mut |b| {
-                seen.extend(b.timestamps.iter().zip(&b.values).map(|(&t, v)| (t / 1000, v.as_f64() as i64)))
+                seen.extend(b.timestamps.iter().zip(b.values.iter()).map(|(&t, v)| (t / 1000, v.as_f64() as i64)))
             })
             .unwrap();
         seen.sort_unstable();
