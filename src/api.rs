@@ -32,7 +32,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+        let mut response = (self.status, Json(serde_json::json!({ "error": self.message }))).into_response();
+        // A body refused as too large may be unread, and the connection then cannot carry
+        // another request: saying so keeps a client from sending its next one there (hyper
+        // closes it either way, and a client that reused it got a broken answer).
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            response.headers_mut().insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 
