@@ -1099,15 +1099,15 @@ impl Node {
         plan: &plan::SelectPlan,
         range: (i64, i64),
     ) -> Result<Vec<crate::model::Point>, NodeError> {
-        match self.scatter(key, plan, range, false, None, false).await? {
+        match self.scatter(key, plan, range, false, Keeping { cached: None, lease: false }).await? {
             Scattered::Merged { partial, .. } => Ok(query::answer::finish(plan, partial).into_points()),
             Scattered::Unchanged => unreachable!("nothing cached was named"),
         }
     }
 
-    /// Asks every shard in range for its partial and merges them. With `cached`, the replicas
+    /// Asks every shard in range for its partial and merges them. With `keep.cached`, the replicas
     /// it read are asked first whether their copies changed: if none did and no other shard
-    /// is in range, the cached answer stands (`Scattered::Unchanged`). With `lease`, the
+    /// is in range, the cached answer stands (`Scattered::Unchanged`). With `keep.lease`, the
     /// answer will be kept, and other replicas are asked for read leases on their copies.
     async fn scatter(
         &self,
@@ -1115,8 +1115,7 @@ impl Node {
         plan: &plan::SelectPlan,
         range: (i64, i64),
         allow_partial: bool,
-        cached: Option<&query::cache::CachedAnswer>,
-        lease: bool,
+        keep: Keeping<'_>,
     ) -> Result<Scattered, NodeError> {
         let interval = self.cfg.shard_interval_ms;
         let shards = self.catalog.shards_of(key, range.0, range.1, interval);
@@ -1128,10 +1127,9 @@ impl Node {
             sources: Some(Vec::new()),
             unchanged: Vec::new(),
         };
-        let keep = Keeping { cached, lease };
         self.gather(key, shards.clone(), plan, range, keep, &mut gathered).await?;
         if !gathered.unchanged.is_empty() {
-            if gathered.unchanged.len() == shard_count && cached.is_some_and(|c| c.sources.len() == shard_count) {
+            if gathered.unchanged.len() == shard_count && keep.cached.is_some_and(|c| c.sources.len() == shard_count) {
                 return Ok(Scattered::Unchanged);
             }
             // Some copies changed (or a shard came into range): the partials of the unchanged
@@ -1140,7 +1138,7 @@ impl Node {
                 .into_iter()
                 .filter_map(|shard| shards.get(&shard).map(|replicas| (shard.clone(), replicas.clone())))
                 .collect();
-            self.gather(key, again, plan, range, Keeping { cached: None, lease }, &mut gathered).await?;
+            self.gather(key, again, plan, range, Keeping { cached: None, ..keep }, &mut gathered).await?;
         }
         let Gathered { total, missing, reasons, sources, .. } = gathered;
         if !missing.is_empty() && !allow_partial {
@@ -1333,8 +1331,8 @@ impl Node {
                     self.metrics.query_cache_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return Ok(QueryOutcome::Records(kept.body.clone()));
                 }
-                let lease = cache_key.is_some();
-                match self.scatter(&key, &plan, range, allow_partial, cached.as_deref(), lease).await? {
+                let keep = Keeping { cached: cached.as_deref(), lease: cache_key.is_some() };
+                match self.scatter(&key, &plan, range, allow_partial, keep).await? {
                     Scattered::Unchanged => {
                         self.metrics.query_cache_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         Ok(QueryOutcome::Records(cached.expect("an answer was cached").body.clone()))

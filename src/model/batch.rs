@@ -28,6 +28,65 @@ impl DictColumn {
     }
 }
 
+/// The traits of a compact column (`Codes`, `Values`) of elements `$elem`: equal when their
+/// elements are; built, extended and deserialized one element at a time through its own
+/// `reserve` and `push`; serialized as the sequence of its elements, as the `Vec` it replaced.
+macro_rules! compact_column {
+    ($column:ident, $elem:ty) => {
+        impl PartialEq for $column {
+            fn eq(&self, other: &Self) -> bool {
+                self.len() == other.len() && self.iter().eq(other.iter())
+            }
+        }
+
+        impl FromIterator<$elem> for $column {
+            fn from_iter<I: IntoIterator<Item = $elem>>(iter: I) -> Self {
+                let mut column = $column::default();
+                column.extend(iter);
+                column
+            }
+        }
+
+        impl Extend<$elem> for $column {
+            fn extend<I: IntoIterator<Item = $elem>>(&mut self, iter: I) {
+                let iter = iter.into_iter();
+                self.reserve(iter.size_hint().0);
+                for element in iter {
+                    self.push(element);
+                }
+            }
+        }
+
+        impl Serialize for $column {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_seq(self.iter())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $column {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct Elements;
+                impl<'de> serde::de::Visitor<'de> for Elements {
+                    type Value = $column;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a sequence")
+                    }
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<$column, A::Error> {
+                        let mut column = $column::default();
+                        // A length from the sender is a hint, never an allocation it can choose.
+                        column.reserve(seq.size_hint().unwrap_or(0).min(1 << 16));
+                        while let Some(element) = seq.next_element::<$elem>()? {
+                            column.push(element);
+                        }
+                        Ok(column)
+                    }
+                }
+                deserializer.deserialize_seq(Elements)
+            }
+        }
+    };
+}
+
 /// A column's codes in the fewest bytes its dictionary needs: one a row while every code is
 /// below 255, two below 65,535, four beyond; the largest number of the width stands for
 /// [`NULL_CODE`]. A memtable of 20,000 series held three 4-byte codes a point (host, region,
@@ -45,6 +104,14 @@ impl Default for Codes {
     fn default() -> Self {
         Codes::U8(Vec::new())
     }
+}
+
+fn narrow_u8(code: u32) -> u8 {
+    if code == NULL_CODE { u8::MAX } else { code as u8 }
+}
+
+fn narrow_u16(code: u32) -> u16 {
+    if code == NULL_CODE { u16::MAX } else { code as u16 }
 }
 
 fn widen_u8(c: u8) -> u32 {
@@ -96,7 +163,7 @@ impl Codes {
             Codes::U8(c) if code >= u32::from(u8::MAX) => {
                 if code < u32::from(u16::MAX) {
                     let mut wide = Vec::with_capacity(c.capacity());
-                    wide.extend(c.iter().map(|&c| if c == u8::MAX { u16::MAX } else { u16::from(c) }));
+                    wide.extend(c.iter().map(|&c| narrow_u16(widen_u8(c))));
                     Codes::U16(wide)
                 } else {
                     let mut wide = Vec::with_capacity(c.capacity());
@@ -117,8 +184,8 @@ impl Codes {
     pub fn push(&mut self, code: u32) {
         self.fit(code);
         match self {
-            Codes::U8(c) => c.push(if code == NULL_CODE { u8::MAX } else { code as u8 }),
-            Codes::U16(c) => c.push(if code == NULL_CODE { u16::MAX } else { code as u16 }),
+            Codes::U8(c) => c.push(narrow_u8(code)),
+            Codes::U16(c) => c.push(narrow_u16(code)),
             Codes::U32(c) => c.push(code),
         }
     }
@@ -129,8 +196,8 @@ impl Codes {
             self.fit(code);
         }
         match self {
-            Codes::U8(c) => c.resize(rows, if code == NULL_CODE { u8::MAX } else { code as u8 }),
-            Codes::U16(c) => c.resize(rows, if code == NULL_CODE { u16::MAX } else { code as u16 }),
+            Codes::U8(c) => c.resize(rows, narrow_u8(code)),
+            Codes::U16(c) => c.resize(rows, narrow_u16(code)),
             Codes::U32(c) => c.resize(rows, code),
         }
     }
@@ -144,84 +211,7 @@ impl Codes {
     }
 }
 
-impl PartialEq for Codes {
-    fn eq(&self, other: &Self) -> bool {
-        self.len() == other.len() && self.iter().eq(other.iter())
-    }
-}
-
-impl FromIterator<u32> for Codes {
-    fn from_iter<I: IntoIterator<Item = u32>>(iter: I) -> Self {
-        let mut codes = Codes::default();
-        codes.extend(iter);
-        codes
-    }
-}
-
-impl Extend<u32> for Codes {
-    fn extend<I: IntoIterator<Item = u32>>(&mut self, iter: I) {
-        let iter = iter.into_iter();
-        self.reserve(iter.size_hint().0);
-        for code in iter {
-            self.push(code);
-        }
-    }
-}
-
-impl Serialize for Codes {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.iter())
-    }
-}
-
-impl<'de> Deserialize<'de> for Codes {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_seq(PushEach::<Codes, u32>(std::marker::PhantomData))
-    }
-}
-
-/// A column read from a sequence one element at a time, into its compact form.
-trait Column<E>: Default {
-    fn reserve(&mut self, rows: usize);
-    fn push(&mut self, element: E);
-}
-
-impl Column<u32> for Codes {
-    fn reserve(&mut self, rows: usize) {
-        Codes::reserve(self, rows);
-    }
-    fn push(&mut self, code: u32) {
-        Codes::push(self, code);
-    }
-}
-
-impl Column<Num> for Values {
-    fn reserve(&mut self, rows: usize) {
-        Values::reserve(self, rows);
-    }
-    fn push(&mut self, value: Num) {
-        Values::push(self, value);
-    }
-}
-
-/// Deserializes a sequence of `E` into the column `C`.
-struct PushEach<C, E>(std::marker::PhantomData<fn() -> (C, E)>);
-
-impl<'de, C: Column<E>, E: Deserialize<'de>> serde::de::Visitor<'de> for PushEach<C, E> {
-    type Value = C;
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a sequence")
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<C, A::Error> {
-        let mut column = C::default();
-        // A length from the sender is a hint, never an allocation it can choose.
-        column.reserve(seq.size_hint().unwrap_or(0).min(1 << 16));
-        while let Some(element) = seq.next_element::<E>()? {
-            column.push(element);
-        }
-        Ok(column)
-    }
-}
+compact_column!(Codes, u32);
 
 /// The hidden column holding each row's write time: when a write coordinator accepted the
 /// point, epoch ms on its clock. A DELETE removes the matching points written at or before it
@@ -323,41 +313,7 @@ impl Values {
     }
 }
 
-impl PartialEq for Values {
-    fn eq(&self, other: &Self) -> bool {
-        self.iter().eq(other.iter())
-    }
-}
-
-impl FromIterator<Num> for Values {
-    fn from_iter<I: IntoIterator<Item = Num>>(iter: I) -> Self {
-        let mut values = Values::default();
-        values.extend(iter);
-        values
-    }
-}
-
-impl Extend<Num> for Values {
-    fn extend<I: IntoIterator<Item = Num>>(&mut self, iter: I) {
-        let iter = iter.into_iter();
-        self.reserve(iter.size_hint().0);
-        for value in iter {
-            self.push(value);
-        }
-    }
-}
-
-impl Serialize for Values {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.iter())
-    }
-}
-
-impl<'de> Deserialize<'de> for Values {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_seq(PushEach::<Values, Num>(std::marker::PhantomData))
-    }
-}
+compact_column!(Values, Num);
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RowBatch {
