@@ -71,6 +71,19 @@ timed_curl() { curl -sf -o /dev/null -w '%{time_total}\n' "$@"; }
 peak_rss_mib() { awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
 bytes_per_point() { du -sb "$@" | awk -v n="$LINES" '{ s += $1 } END { printf "%.2f", s / n }'; }
 stop() { kill "$@"; wait "$@" 2>/dev/null || true; }
+# Waits until the directories' size has held still for 6 s (3 samples 2 s apart; at most 3
+# minutes), so that every system is measured after its compactions rather than in the middle
+# of one: VictoriaMetrics measured 5 s after a flush read 2.32 bytes a point at 20,000 series,
+# 2.62 five seconds later (merged parts written, the old ones not yet removed), 2.21 merged.
+# VictoriaMetrics is asked to merge its parts now (force_merge), as it does on its own in time.
+settle() {
+  local prev=-1 cur same=0
+  for _ in $(seq 1 90); do
+    cur=$(du -sb "$@" | awk '{ s += $1 } END { print s }')
+    if [ "$cur" = "$prev" ]; then same=$((same + 1)); [ $same -ge 3 ] && return 0; else same=0; fi
+    prev=$cur; sleep 2
+  done
+}
 
 # Two phases. The loads run one system at a time, alone on the machine: load rate, bytes per
 # point once compacted, peak RSS. Then every system is started again on its data and the
@@ -105,7 +118,8 @@ start_cluster() { # -> pids in P1 P2 P3, once every node sees three alive
 }
 start_shoal "$WORK/shoal" 19100 19200
 LOAD_RATE[shoal]=$(load "http://127.0.0.1:19100/write?db=bench&namespace=bench&precision=s")
-sleep 12  # past the flush interval: every point in segments, the WAL gone
+sleep 6  # past the flush interval: every point in segments, the WAL gone
+settle "$WORK/shoal"
 BYTES[shoal]=$(bytes_per_point "$WORK/shoal"); RSS_LOAD[shoal]=$(peak_rss_mib $SHOAL_PID)
 stop $SHOAL_PID
 
@@ -113,7 +127,8 @@ start_cluster
 LOAD_RATE[shoal-3xRF2]=$(load "http://127.0.0.1:19101/write?db=bench&namespace=bench&precision=s" \
   "http://127.0.0.1:19102/write?db=bench&namespace=bench&precision=s" \
   "http://127.0.0.1:19103/write?db=bench&namespace=bench&precision=s")
-sleep 12
+sleep 6
+settle "$WORK/c1" "$WORK/c2" "$WORK/c3"
 BYTES[shoal-3xRF2]=$(bytes_per_point "$WORK/c1" "$WORK/c2" "$WORK/c3")
 RSS_LOAD[shoal-3xRF2]=$(( $(peak_rss_mib $P1) + $(peak_rss_mib $P2) + $(peak_rss_mib $P3) ))
 stop $P1 $P2 $P3
@@ -128,7 +143,8 @@ start_vm() {
 start_vm
 LOAD_RATE[victoria]=$(load "http://127.0.0.1:18428/write?precision=s")
 curl -sf -o /dev/null http://127.0.0.1:18428/internal/force_flush || true
-sleep 5
+curl -sf -o /dev/null http://127.0.0.1:18428/internal/force_merge || true
+settle "$WORK/vm"
 BYTES[victoria]=$(bytes_per_point "$WORK/vm"); RSS_LOAD[victoria]=$(peak_rss_mib $VM_PID)
 stop $VM_PID
 
@@ -156,7 +172,7 @@ start_influx() {
 start_influx
 curl -sf -o /dev/null -XPOST http://127.0.0.1:18086/query --data-urlencode "q=CREATE DATABASE bench"
 LOAD_RATE[influxdb]=$(load "http://127.0.0.1:18086/write?db=bench&precision=s")
-sleep 5
+settle "$WORK/influx"
 BYTES[influxdb]=$(bytes_per_point "$WORK/influx"); RSS_LOAD[influxdb]=$(peak_rss_mib $INFLUX_PID)
 stop $INFLUX_PID
 
