@@ -581,7 +581,17 @@ impl Node {
         }
         // A node cut off from the others sees no one live and would confirm nothing: the shard
         // map must come from a majority of the members it knows (all but those that left).
-        let known = members.iter().filter(|m| m.state != crate::membership::Liveness::Left).count().max(1);
+        // Those include every node the catalog names as a replica: a node just restarted hears
+        // no one yet, and counting only itself it confirmed a DELETE alone, with a catalog
+        // missing a shard placed while it was down; the shard kept its points (simulator seed
+        // 444087341).
+        let left: std::collections::BTreeSet<&str> =
+            members.iter().filter(|m| m.state == crate::membership::Liveness::Left).map(|m| m.id.as_str()).collect();
+        let mut known: std::collections::BTreeSet<String> =
+            members.iter().filter(|m| !left.contains(m.id.as_str())).map(|m| m.id.clone()).collect();
+        known.insert(self.cfg.node_id.clone());
+        known.extend(self.catalog.placement().into_values().flatten().filter(|id| !left.contains(id.as_str())));
+        let known = known.len();
         let confirmed = peers.len() + 1;
         if confirmed * 2 <= known {
             return Err(NodeError::Unavailable(format!(
