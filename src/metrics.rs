@@ -101,6 +101,8 @@ pub struct Metrics {
     pub http_client_errors: AtomicU64,
     pub http_server_errors: AtomicU64,
     pub points_written: AtomicU64,
+    /// Points in the memtables of all shards (kept by [`crate::storage::MemtableBudget`]).
+    pub memtable_points: AtomicU64,
     pub queries: AtomicU64,
     /// Selects answered from the answer cache (every replica read confirmed its copy unchanged).
     pub query_cache_hits: AtomicU64,
@@ -259,6 +261,12 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP shoal_shards Shards held by this node.\n# TYPE shoal_shards gauge\nshoal_shards {shards}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP shoal_memtable_points Points held in memory by shards, not yet in segments.\n\
+             # TYPE shoal_memtable_points gauge\nshoal_memtable_points {}",
+            self.memtable_points.load(Relaxed)
         );
         let name = "shoal_http_request_duration_seconds";
         let _ = writeln!(out, "# HELP {name} HTTP request latency by route.\n# TYPE {name} histogram");

@@ -320,6 +320,7 @@ impl Node {
         let storage_cfg = StorageConfig {
             shard_interval_ms: cfg.shard_interval_ms,
             memtable_points_max: cfg.memtable_points_max,
+            memtable_budget_points: cfg.memtable_budget_points,
             flush_interval: cfg.flush_interval,
             segments_max: cfg.segments_max,
             // Long enough to outlive any copy read before a delete: hints live this long.

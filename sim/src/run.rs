@@ -158,6 +158,8 @@ async fn simulate(seed: u64, verbose: bool) -> Report {
         "shoal.cluster.capacity-interval=1s".into(),
         "shoal.sharding.interval=1h".into(),
         "shoal.storage.memtable-max-points=300".into(),
+        // Below what the shards of a node hold together: memtables compacted for the budget too.
+        "shoal.storage.memtable-budget-points=500".into(),
         "shoal.storage.flush-interval=5s".into(),
         "shoal.log-level=warn".into(),
     ]

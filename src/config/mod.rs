@@ -65,6 +65,7 @@ const KEYS: &[(&str, &str)] = &[
     ("shoal.write.default-namespace", "a name of letters, digits and '_', starting with a letter"),
     ("shoal.write.strict-fields", "true or false"),
     ("shoal.storage.memtable-max-points", "an integer >= 1"),
+    ("shoal.storage.memtable-budget-points", "an integer >= 1"),
     ("shoal.storage.flush-interval", "a duration such as 30s"),
     ("shoal.storage.segments-max", "an integer >= 1"),
     ("shoal.query.max-records", "an integer >= 1"),
@@ -178,6 +179,8 @@ pub struct Config {
     /// Refuse line protocol batches with string fields instead of skipping those fields.
     pub strict_fields: bool,
     pub memtable_points_max: usize,
+    /// Points held in the memtables of all shards together (`memtable-budget-points`).
+    pub memtable_budget_points: usize,
     pub flush_interval: Duration,
     pub segments_max: usize,
     pub compaction_priority: crate::env::BackgroundPriority,
@@ -540,6 +543,7 @@ impl Reader<'_> {
             },
             strict_fields: self.choice("shoal.write.strict-fields", &[("true", true), ("false", false)])?,
             memtable_points_max: self.count("shoal.storage.memtable-max-points")?,
+            memtable_budget_points: self.count("shoal.storage.memtable-budget-points")?,
             flush_interval: self.duration("shoal.storage.flush-interval")?,
             segments_max: self.count("shoal.storage.segments-max")?,
             compaction_priority: {

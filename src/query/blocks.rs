@@ -278,6 +278,7 @@ mod tests {
         let cfg = StorageConfig {
             shard_interval_ms: 24 * HOUR,
             memtable_points_max: 1_000_000,
+            memtable_budget_points: 4_000_000,
             flush_interval: std::time::Duration::from_secs(3600),
             segments_max: 3,
             tombstone_grace_ms: 1000,

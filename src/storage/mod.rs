@@ -42,6 +42,8 @@ impl StorageError {
 pub struct StorageConfig {
     pub shard_interval_ms: i64,
     pub memtable_points_max: usize,
+    /// Points in all shards' memtables together (see [`MemtableBudget`]).
+    pub memtable_budget_points: usize,
     pub flush_interval: std::time::Duration,
     pub segments_max: usize,
     /// How long a delete's tombstone filters merged points.
@@ -88,6 +90,50 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
 /// keep every file written since its first point for up to `flush-interval`.
 const WAL_FILES_MAX: u64 = 4;
 
+/// The node's bound on points held in memtables, over all its shards. `memtable-max-points`
+/// bounds one shard; a node written to in many shards at once (many metrics, or a backfill over
+/// many intervals) would otherwise hold up to that much in each until `flush-interval`.
+///
+/// A writer whose memtable grows past its share sees the total after each group commit: over
+/// the budget, it compacts its own memtable if that holds at least [`Self::flush_min`] points;
+/// a smaller one wakes [`Storage::relieve_memtables`], which compacts the largest. Frozen
+/// memtables (being written to segments) are not counted: memory peaks near twice the budget.
+pub struct MemtableBudget {
+    max: u64,
+    /// Holds the total, so that it is also the `shoal_memtable_points` gauge.
+    metrics: Arc<Metrics>,
+    pressure: tokio::sync::Notify,
+}
+
+impl MemtableBudget {
+    pub fn new(max: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self { max: max as u64, metrics, pressure: Default::default() })
+    }
+
+    /// Changes the total by a memtable's growth (or shrinking); whether it is now over budget.
+    pub fn adjust(&self, from: u64, to: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let held = &self.metrics.memtable_points;
+        let total = if to >= from {
+            held.fetch_add(to - from, Relaxed) + (to - from)
+        } else {
+            held.fetch_sub(from - to, Relaxed) - (from - to)
+        };
+        total > self.max
+    }
+
+    /// The smallest memtable compacted for the budget's sake: smaller ones would make many tiny
+    /// segments, each to be merged again.
+    pub fn flush_min(&self) -> u64 {
+        (self.max / 16).max(1)
+    }
+
+    /// Asks for the largest memtables to be compacted.
+    pub fn press(&self) {
+        self.pressure.notify_one();
+    }
+}
+
 /// Told of every change to the points of shards held here, before the change is acknowledged
 /// (the node revokes the read leases on them: [`crate::lease`]).
 #[async_trait::async_trait]
@@ -102,6 +148,7 @@ pub struct Storage {
     wal: Arc<NodeWal>,
     shards: DashMap<ShardId, Arc<Shard>>,
     rule: TombstoneRule,
+    budget: Arc<MemtableBudget>,
     /// Serializes shard creation so two writers never open the same folder twice.
     opening: tokio::sync::Mutex<()>,
     gate: std::sync::OnceLock<Arc<dyn ChangeGate>>,
@@ -118,6 +165,7 @@ impl Storage {
         let root = data_dir.join("shards");
         std::fs::create_dir_all(&root)?;
         let wal = NodeWal::new(&data_dir.join("wal"), cfg.wal_file_bytes, metrics.clone());
+        let budget = MemtableBudget::new(cfg.memtable_budget_points, metrics.clone());
         let storage = Arc::new(Self {
             root: root.clone(),
             cfg,
@@ -125,6 +173,7 @@ impl Storage {
             wal: wal.clone(),
             shards: DashMap::new(),
             rule: rule.clone(),
+            budget: budget.clone(),
             opening: Default::default(),
             gate: Default::default(),
         });
@@ -136,7 +185,9 @@ impl Storage {
                 std::fs::remove_dir_all(&dir)?;
                 continue;
             }
-            let shard = Shard::open(&root, id.clone(), cfg, wal.clone(), storage.metrics.clone(), rule.clone()).await?;
+            let shard =
+                Shard::open(&root, id.clone(), cfg, wal.clone(), storage.metrics.clone(), rule.clone(), budget.clone())
+                    .await?;
             storage.shards.insert(id, shard);
         }
         let lsn_floor = storage.shards.iter().map(|s| s.flushed_lsn()).max().unwrap_or(0);
@@ -154,7 +205,40 @@ impl Storage {
         })
         .await
         .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
+        for shard in storage.shards.iter() {
+            shard.recount();
+        }
+        // Ends when the storage is dropped (its `Drop` wakes it one last time).
+        let weak = Arc::downgrade(&storage);
+        tokio::spawn(async move {
+            loop {
+                budget.pressure.notified().await;
+                let Some(storage) = weak.upgrade() else { return };
+                storage.relieve_memtables();
+            }
+        });
         Ok(storage)
+    }
+
+    /// Over the memtable budget: asks the shards with the largest memtables to compact them,
+    /// until what they hold would bring the total down to half the budget (so that a node
+    /// just over it does not compact at every write).
+    fn relieve_memtables(&self) {
+        let held = self.metrics.memtable_points.load(std::sync::atomic::Ordering::Relaxed);
+        if held <= self.budget.max {
+            return;
+        }
+        let mut by_size: Vec<(u64, Arc<Shard>)> =
+            self.shards.iter().map(|s| (s.memtable_points(), s.clone())).filter(|(n, _)| *n > 0).collect();
+        by_size.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+        let mut excess = held - self.budget.max / 2;
+        for (points, shard) in by_size {
+            if excess == 0 {
+                break;
+            }
+            shard.compact();
+            excess = excess.saturating_sub(points);
+        }
     }
 
     /// Start of the shard holding `timestamp`: buckets are half-open `[start, start + interval)`.
@@ -188,9 +272,16 @@ impl Storage {
         if let Some(s) = self.shards.get(&id) {
             return Ok(s.clone());
         }
-        let shard =
-            Shard::open(&self.root, id.clone(), self.cfg, self.wal.clone(), self.metrics.clone(), self.rule.clone())
-                .await?;
+        let shard = Shard::open(
+            &self.root,
+            id.clone(),
+            self.cfg,
+            self.wal.clone(),
+            self.metrics.clone(),
+            self.rule.clone(),
+            self.budget.clone(),
+        )
+        .await?;
         self.shards.insert(id, shard.clone());
         Ok(shard)
     }
@@ -368,6 +459,13 @@ impl Storage {
     }
 }
 
+impl Drop for Storage {
+    fn drop(&mut self) {
+        // The relief task finds the storage gone and ends.
+        self.budget.press();
+    }
+}
+
 /// Finds shard folders: `<root>/<db>/<namespace>/<metric>/<start>`.
 fn discover_shards(root: &Path) -> Result<Vec<ShardId>, StorageError> {
     fn subdirs(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
@@ -411,6 +509,7 @@ mod tests {
         StorageConfig {
             shard_interval_ms: 1000,
             memtable_points_max,
+            memtable_budget_points: 4_000_000,
             flush_interval: std::time::Duration::from_secs(3600),
             segments_max: 3,
             tombstone_grace_ms: 1000,
@@ -488,6 +587,62 @@ mod tests {
         assert_eq!(seen(), vec![vec![2000]], "a shard dropped");
         storage.drop_metric(&key).await.unwrap();
         assert_eq!(seen(), vec![vec![0, 1000]], "a metric dropped: every shard of it held here");
+    }
+
+    /// The memtables of all shards together stay near the node's budget: many small ones are
+    /// compacted, largest first, by the relief task; one large one compacts itself. Every
+    /// point stays readable, and the gauge counts what the memtables hold.
+    #[tokio::test]
+    async fn memtables_of_all_shards_stay_within_the_node_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let c = StorageConfig { memtable_budget_points: 1600, ..cfg(1_000_000) };
+        let storage = Storage::open(dir.path(), c, metrics.clone(), keep_all()).await.unwrap();
+        let held = || metrics.memtable_points.load(std::sync::atomic::Ordering::Relaxed);
+        let in_memtables = || storage.all_shards().iter().map(|s| s.memtable_points()).sum::<u64>();
+        let batch = |n: i64, first: i64| {
+            let points: Vec<Point> = (first..first + n)
+                .map(|timestamp| Point {
+                    timestamp,
+                    value: Num::Int(1),
+                    dimensions: Default::default(),
+                    tags: Default::default(),
+                })
+                .collect();
+            RowBatch::from_points(&points).unwrap()
+        };
+        // 40 metrics of 50 points: each memtable is below the budget's smallest compaction (100).
+        let keys: Vec<MetricKey> = (0..40).map(|i| MetricKey::new("d", "n", &format!("m{i}")).unwrap()).collect();
+        for key in &keys {
+            storage.write(key, batch(50, 0)).await.unwrap();
+        }
+        await_condition("the relief task back within the budget", || held() <= 1600 && held() == in_memtables()).await;
+        assert!(metrics.segments_written.load(std::sync::atomic::Ordering::Relaxed) > 0, "small memtables compacted");
+        for key in &keys {
+            assert_eq!(count(&storage, key), (50, 50), "every point of {key:?} still read");
+        }
+        // Closed, a shard holds no share; reopened, the points replayed from the WAL count.
+        for s in storage.all_shards() {
+            s.close().await;
+        }
+        assert_eq!(held(), 0, "closed shards hold no part of the budget");
+        drop(storage);
+        let storage = Storage::open(dir.path(), c, metrics.clone(), keep_all()).await.unwrap();
+        let in_memtables = || storage.all_shards().iter().map(|s| s.memtable_points()).sum::<u64>();
+        assert!(in_memtables() > 0, "the memtables not compacted are replayed");
+        await_condition("the replayed points counted", || held() == in_memtables()).await;
+        // One shard past the budget compacts its own memtable.
+        let big = MetricKey::new("d", "n", "big").unwrap();
+        storage.write(&big, batch(1000, 0)).await.unwrap();
+        storage.write(&big, batch(1000, 500)).await.unwrap();
+        await_condition("the large memtable compacted", || held() <= 1600 && held() == in_memtables()).await;
+        assert_eq!(count(&storage, &big).0, 1500, "the overlapping batch stored its new points once");
+        // A shard gone holds no part of the budget.
+        for key in keys.iter().chain([&big]) {
+            storage.drop_metric(key).await.unwrap();
+        }
+        await_condition("nothing held once every shard is gone", || held() == 0).await;
+        assert!(metrics.render(0).contains("\nshoal_memtable_points 0\n"), "the gauge is exported");
     }
 
     #[tokio::test]

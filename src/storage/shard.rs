@@ -18,7 +18,7 @@ use super::segment::{
     BlockMeta, Segment, SegmentWriter, SeriesKey, segment_path, series_key, window_of, write_segment,
 };
 use super::wal::{Durable, NodeWal, encode_record, list_wal_seqs, replay_shard_wal, wal_path};
-use super::{StorageConfig, StorageError, fsync_dir};
+use super::{MemtableBudget, StorageConfig, StorageError, fsync_dir};
 use crate::metrics::Metrics;
 pub use crate::model::ShardId;
 use crate::model::batch::{RowBatch, RowBatchBuilder};
@@ -170,6 +170,10 @@ enum Command {
     },
     /// Merge the segments of an idle shard into one (see [`Shard::needs_merge`]).
     Merge,
+    /// Compact the memtable now: the node is over its memtable budget.
+    Compact,
+    /// Tell the memtable budget what the memtable holds (once its WAL records are replayed).
+    Recount,
     /// `keep: None` records the tombstone only (for later merges) and deletes nothing.
     Delete {
         keep: Option<KeepRow>,
@@ -270,6 +274,29 @@ struct Writer {
     /// Groups submitted to the WAL, oldest first: not yet in the memtable, but new appends are
     /// checked against them too.
     in_flight: VecDeque<InFlight>,
+    budget: BudgetShare,
+}
+
+/// A writer's part of the node's memtable budget: its memtable's points as last told.
+struct BudgetShare {
+    budget: Arc<MemtableBudget>,
+    held: u64,
+}
+
+impl BudgetShare {
+    /// Tells the budget how many points the memtable holds now; whether the node is over it.
+    fn tell(&mut self, points: usize) -> bool {
+        let over = self.budget.adjust(self.held, points as u64);
+        self.held = points as u64;
+        over
+    }
+}
+
+impl Drop for BudgetShare {
+    /// A shard closed (dropped, handed off, or the node stopping) holds no share any more.
+    fn drop(&mut self) {
+        self.budget.adjust(self.held, 0);
+    }
 }
 
 /// A group commit whose records are on their way to disk.
@@ -589,6 +616,7 @@ impl Shard {
         wal: Arc<NodeWal>,
         metrics: Arc<Metrics>,
         rule: TombstoneRule,
+        budget: Arc<MemtableBudget>,
     ) -> Result<Arc<Self>, StorageError> {
         let dir = shard_dir(root, &id);
         let dir2 = dir.clone();
@@ -622,6 +650,7 @@ impl Shard {
             unapplied: Vec::new(),
             rule,
             in_flight: VecDeque::new(),
+            budget: BudgetShare { budget, held: 0 },
         };
         tokio::spawn(writer.run(rx));
         if legacy_wal {
@@ -673,6 +702,23 @@ impl Shard {
         let (done, rx) = oneshot::channel();
         self.tx.send(Command::Append { batch, merge: None, done }).await.map_err(|_| StorageError::Closed)?;
         rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Asks the writer to compact the memtable soon, without waiting (see [`MemtableBudget`]).
+    /// A writer whose queue is full is busy with appends and sees the budget itself.
+    pub fn compact(&self) {
+        let _ = self.tx.try_send(Command::Compact);
+    }
+
+    /// Has the writer count the memtable's points into the node's budget: those replayed from
+    /// the WAL at start-up are in no group commit.
+    pub fn recount(&self) {
+        let _ = self.tx.try_send(Command::Recount);
+    }
+
+    /// Points in the memtable (not counting one being compacted).
+    pub fn memtable_points(&self) -> u64 {
+        self.state.read().expect("shard lock").memtable.batch.len() as u64
     }
 
     pub async fn flush(&self) -> Result<(), StorageError> {
@@ -1078,6 +1124,13 @@ impl Writer {
                     let _ = done.send(self.flush(true).await);
                 }
                 Command::Merge => self.merge_idle().await,
+                Command::Compact => self.compact_full().await,
+                Command::Recount => {
+                    let len = self.shard.memtable_points() as usize;
+                    if self.count_memtable(len) {
+                        self.compact_full().await;
+                    }
+                }
                 Command::Delete { keep, tombstone, done } => {
                     self.settle_all().await;
                     let _ = done.send(self.delete(keep, tombstone).await);
@@ -1309,7 +1362,9 @@ impl Writer {
     }
 
     /// Makes the oldest group in flight visible and answers its callers, given what the WAL
-    /// said of it (`Ok(None)`: it had nothing to write). Returns whether the memtable is full.
+    /// said of it (`Ok(None)`: it had nothing to write). Returns whether the memtable is to be
+    /// compacted: it is full, or the node is over its memtable budget and this memtable is
+    /// large enough to help.
     fn settle(&mut self, durable: std::io::Result<Option<u64>>) -> bool {
         let lsn = match durable {
             Ok(lsn) => lsn,
@@ -1358,7 +1413,22 @@ impl Writer {
             };
             let _ = done.send(answer);
         }
-        memtable_len >= self.cfg.memtable_points_max
+        self.count_memtable(memtable_len)
+    }
+
+    /// Tells the budget the memtable's new length; whether the memtable is to be compacted.
+    fn count_memtable(&mut self, memtable_len: usize) -> bool {
+        let over_budget = self.budget.tell(memtable_len);
+        if memtable_len >= self.cfg.memtable_points_max {
+            return true;
+        }
+        if over_budget {
+            if memtable_len as u64 >= self.budget.budget.flush_min() {
+                return true;
+            }
+            self.budget.budget.press();
+        }
+        false
     }
 
     /// The oldest group in flight could not be written: it fails. The later ones were checked
@@ -1511,6 +1581,7 @@ impl Writer {
                 Some((frozen, st.memtable_lsn))
             }
         };
+        self.budget.tell(0);
         let Some((frozen, flushed_lsn)) = frozen else {
             if wait {
                 self.finish_merges().await;
@@ -1916,6 +1987,7 @@ mod tests {
         let cfg = StorageConfig {
             shard_interval_ms: 1_000_000,
             memtable_points_max,
+            memtable_budget_points: 4_000_000,
             flush_interval: std::time::Duration::from_secs(3600),
             segments_max: 2,
             tombstone_grace_ms: 1000,
@@ -1927,7 +1999,8 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let wal = NodeWal::new(&dir.join("wal"), cfg.wal_file_bytes, metrics.clone());
         wal.recover(0, false, |_, _| Ok::<(), std::io::Error>(())).unwrap();
-        Shard::open(dir, id, cfg, wal, metrics, keep_all).await.unwrap()
+        let budget = MemtableBudget::new(cfg.memtable_budget_points, metrics.clone());
+        Shard::open(dir, id, cfg, wal, metrics, keep_all, budget).await.unwrap()
     }
 
     /// Points are a set however the memtable's index is cut: a write in time order, a write
