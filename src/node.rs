@@ -243,6 +243,8 @@ pub struct Node {
     pub started_ms: i64,
     pub http_addr: std::net::SocketAddr,
     readiness: std::sync::RwLock<Readiness>,
+    /// Set once gossip has shown another member since this node started.
+    heard_peer: std::sync::atomic::AtomicBool,
     leaving: std::sync::atomic::AtomicBool,
     /// Flips to true when the node has been asked to stop (`shoal leave`).
     stop_tx: tokio::sync::watch::Sender<bool>,
@@ -411,6 +413,7 @@ impl Node {
             started_ms,
             http_addr: io.http_addr,
             readiness: std::sync::RwLock::new(readiness),
+            heard_peer: Default::default(),
             leaving: Default::default(),
             stop_tx: tokio::sync::watch::channel(false).0,
             peers: io.peers,
@@ -436,6 +439,9 @@ impl Node {
         let members = self.membership.members().await;
         let seen = members.len();
         let live = members.iter().filter(|m| m.is_live()).count();
+        if members.iter().any(|m| !m.is_self) {
+            self.heard_peer.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut bootstrapped = self.readiness.read().expect("readiness lock").bootstrapped;
         if !bootstrapped && seen >= self.cfg.bootstrap_expect {
             bootstrapped = true;
@@ -580,19 +586,18 @@ impl Node {
                 failed.join("; ")
             )));
         }
+        // Gossip names the members only once it has heard one of them: a node restarted a
+        // moment before sees itself alone, was its own majority below, and confirmed a DELETE
+        // with a catalog missing a shard placed while it was down; the shard kept its points
+        // (simulator seed 444087341).
+        if !self.has_heard_the_cluster(&members) {
+            return Err(NodeError::Unavailable(format!(
+                "this node has heard no other member since it started, and its catalog names other nodes: the shard map of {metric} cannot be confirmed yet (retry the {what} once it hears the cluster)"
+            )));
+        }
         // A node cut off from the others sees no one live and would confirm nothing: the shard
         // map must come from a majority of the members it knows (all but those that left).
-        // Those include every node the catalog names as a replica: a node just restarted hears
-        // no one yet, and counting only itself it confirmed a DELETE alone, with a catalog
-        // missing a shard placed while it was down; the shard kept its points (simulator seed
-        // 444087341).
-        let left: std::collections::BTreeSet<&str> =
-            members.iter().filter(|m| m.state == crate::membership::Liveness::Left).map(|m| m.id.as_str()).collect();
-        let mut known: std::collections::BTreeSet<String> =
-            members.iter().filter(|m| !left.contains(m.id.as_str())).map(|m| m.id.clone()).collect();
-        known.insert(self.cfg.node_id.clone());
-        known.extend(self.catalog.placement().into_values().flatten().filter(|id| !left.contains(id.as_str())));
-        let known = known.len();
+        let known = members.iter().filter(|m| m.state != crate::membership::Liveness::Left).count().max(1);
         let confirmed = peers.len() + 1;
         if confirmed * 2 <= known {
             return Err(NodeError::Unavailable(format!(
@@ -600,6 +605,20 @@ impl Node {
             )));
         }
         Ok(())
+    }
+
+    /// Whether the members gossip shows are the cluster's, as far as this node can know: it has
+    /// heard another member since it started; or nothing says there is one (its catalog names
+    /// no other node); or it has waited `dead-node-grace` (the members it could have known would
+    /// have been forgotten by then, had it run all along: a cluster shrunk to this one node).
+    fn has_heard_the_cluster(&self, members: &[Member]) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.heard_peer.load(Relaxed) || members.iter().any(|m| !m.is_self) {
+            return true;
+        }
+        let waited_ms = self.env.clock.now_ms().saturating_sub(self.started_ms);
+        waited_ms >= self.cfg.dead_node_grace.as_millis() as i64
+            || self.catalog.placement().into_values().flatten().all(|id| id == self.cfg.node_id)
     }
 
     /// Merges a peer's catalog state. A metric whose drop epoch it raises loses its local

@@ -171,3 +171,47 @@ fn a_query_missing_a_shard_is_refused_or_marked_partial() {
     assert_eq!(v["partial"].as_array().unwrap().len(), on_p2.len(), "{v}");
     assert_eq!(first.post("/query?partial=maybe", body).0, 400);
 }
+
+/// A node restarted alone hears no other member yet: it refuses a DELETE (it cannot confirm
+/// its shard map; one placed while it was down would keep its points), naming why, and takes
+/// it once it hears the cluster again. (Simulator seed 444087341 answered 200 and the points
+/// came back.)
+#[test]
+fn a_node_restarted_alone_refuses_a_delete_until_it_hears_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let rf = "shoal.cluster.replication-factor=2";
+    let mut a = TestNode::start(&dir.path().join("a"), &["shoal.node.id=a", rf]);
+    let seed_a = format!("shoal.cluster.seeds=[\"{}\"]", a.gossip_addr());
+    let mut b = TestNode::start(&dir.path().join("b"), &["shoal.node.id=b", rf, &seed_a]);
+    wait_until(Duration::from_secs(30), "2 alive members", || {
+        let m = a.members();
+        (m.len() == 2 && m.iter().all(|(_, s, _)| s == "alive")).then_some(())
+    });
+    let lines: String = (0..50).map(|i| format!("load,host=h{} value={i}i {}\n", i % 2, i * 1000)).collect();
+    let (status, v) = a.post("/write?db=db&namespace=ns&precision=ms", lines);
+    assert_eq!(status, 204, "{v}");
+
+    b.stop();
+    a.stop();
+    a.start_again();
+    let delete =
+        serde_json::json!({"db": "db", "namespace": "ns", "queryString": "DELETE FROM load WHERE host = 'h0'"})
+            .to_string();
+    let (status, v) = a.post("/query", delete.clone());
+    assert_eq!(status, 503, "{v}");
+    assert!(v.to_string().contains("heard no other member since it started"), "{v}");
+
+    // b comes back, seeded with a's new gossip address: the DELETE goes through.
+    b.sets.retain(|s| !s.starts_with("shoal.cluster.seeds="));
+    b.sets.push(format!("shoal.cluster.seeds=[\"{}\"]", a.gossip_addr()));
+    b.start_again();
+    let v = wait_until(Duration::from_secs(60), "the DELETE accepted once a hears b", || {
+        let (status, v) = a.post("/query", delete.clone());
+        (status == 200).then_some(v)
+    });
+    assert_eq!(v["deleted"].as_u64(), Some(25), "{v}");
+    for n in [&a, &b] {
+        let r = n.query("db", "ns", "SELECT count(*) FROM load");
+        assert_eq!(r[0]["value"], 25, "through {}", n.addr);
+    }
+}

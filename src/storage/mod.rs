@@ -419,8 +419,11 @@ impl Storage {
     /// Compacts the memtables of shards that have held points longer than the flush interval,
     /// and of those that keep the WAL's oldest file when it has grown past its bound; starts
     /// merging the segments of idle shards (see [`Shard::needs_merge`]); then deletes the WAL
-    /// files whose records are all in segments.
+    /// files whose records are all in segments. Over the memtable budget, it asks the largest
+    /// memtables to compact again: a request can find a shard still compacting, or its queue
+    /// full, and writes that stopped wake the relief task no more.
     pub async fn flush_idle(&self) {
+        self.relieve_memtables();
         let now = tokio::time::Instant::now();
         let (wal_bytes, oldest_file_end) = self.wal.size();
         let keeps_oldest_file = |shard: &Shard| {

@@ -1148,7 +1148,7 @@ impl Writer {
                 Command::Close { done } => {
                     self.settle_all().await;
                     if let Some(running) = self.compacting.take() {
-                        let _ = running.await;
+                        let _ = self.await_compaction(running).await;
                     }
                     self.finish_merge().await;
                     let _ = done.send(());
@@ -1475,7 +1475,7 @@ impl Writer {
             return;
         }
         if let Some(done) = self.compacting.take()
-            && let Ok(Err(e)) = done.await
+            && let Err(e) = self.await_compaction(done).await
         {
             tracing::error!(shard = %self.shard.id, error = %e, "compaction failed; points stay in the WAL");
         }
@@ -1518,6 +1518,19 @@ impl Writer {
         }));
     }
 
+    /// Waits for a memtable's compaction. One that failed put its points back into the
+    /// memtable (they are still in the WAL): the budget is told.
+    async fn await_compaction(
+        &mut self,
+        running: tokio::task::JoinHandle<Result<(), StorageError>>,
+    ) -> Result<(), StorageError> {
+        let outcome = running.await.map_err(|e| StorageError::Io(std::io::Error::other(e))).and_then(|r| r);
+        if outcome.is_err() {
+            self.budget.tell(self.shard.memtable_points() as usize);
+        }
+        outcome
+    }
+
     /// Waits for the merge running, if any.
     async fn finish_merge(&mut self) {
         if let Some(running) = self.merging.take() {
@@ -1555,7 +1568,7 @@ impl Writer {
                 self.compacting = Some(running);
                 return Ok(());
             }
-            running.await.map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
+            self.await_compaction(running).await?;
         }
         // The flush just done may have filled a size tier.
         self.start_tier_merge();
@@ -1595,7 +1608,7 @@ impl Writer {
         let job = Compaction { shard: self.shard.clone(), frozen, seg_seq, flushed_lsn, metrics: self.metrics.clone() };
         let running = tokio::spawn(job.run());
         if wait {
-            running.await.map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
+            self.await_compaction(running).await?;
             self.finish_merges().await;
         } else {
             self.compacting = Some(running);
