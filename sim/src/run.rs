@@ -10,7 +10,15 @@ use shoal::env::Clock;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-pub const RF: usize = 2;
+/// The replication factor of the simulated clusters: 2, or `SHOAL_SIM_RF` (a run with 3
+/// explores quorums of 2 of 3 and two crashes at once).
+pub fn rf() -> usize {
+    static RF: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *RF.get_or_init(|| match std::env::var("SHOAL_SIM_RF") {
+        Ok(v) => v.parse().ok().filter(|rf| (1..=5).contains(rf)).expect("SHOAL_SIM_RF is 1 to 5"),
+        Err(_) => 2,
+    })
+}
 /// Simulated time of the workload with faults.
 const CHAOS: Duration = Duration::from_secs(40);
 /// Longest the cluster gets to settle after the faults are healed.
@@ -150,7 +158,7 @@ async fn simulate(seed: u64, verbose: bool) -> Report {
     let mut load = Rng::derive(seed, "workload");
     let net = Net::new(seed);
     let settings: Vec<String> = [
-        format!("shoal.cluster.replication-factor={RF}"),
+        format!("shoal.cluster.replication-factor={}", rf()),
         "shoal.gossip.interval=100ms".into(),
         "shoal.repair.interval=3s".into(),
         "shoal.hints.replay-interval=500ms".into(),
@@ -166,7 +174,7 @@ async fn simulate(seed: u64, verbose: bool) -> Report {
     .into();
     let mut cluster = Cluster::new(net.clone(), settings).expect("a temp dir");
     let size = 3 + script.below(3) as usize;
-    trace.event(format!("seed {seed}: {size} nodes, RF {RF}"));
+    trace.event(format!("seed {seed}: {size} nodes, RF {}", rf()));
     for _ in 0..size {
         let capacity = script.between(20, 90) as f64 / 100.0;
         cluster.add_node(capacity).await.expect("a node starts");
@@ -228,7 +236,7 @@ async fn simulate(seed: u64, verbose: bool) -> Report {
             // A leave, when enough storage nodes stay for RF with one spare.
             let live: Vec<usize> = cluster.live();
             let crashed = cluster.nodes.iter().any(|n| n.node.is_none() && !n.left);
-            if live.len() > RF + 1 && !crashed && active.is_empty() {
+            if live.len() > rf() + 1 && !crashed && active.is_empty() {
                 let idx = *script.pick(&live).expect("live nodes");
                 trace.event(format!("leave n{idx}"));
                 if let Err(e) = cluster.leave(idx).await {
@@ -456,11 +464,11 @@ async fn start_fault(
         2 => Fault::Loss,
         3 => Fault::Latency,
         4 => Fault::Duplicate,
-        5 if crashed < RF - 1 && live.len() > RF => Fault::Crash(*script.pick(&free)?),
+        5 if crashed < rf() - 1 && live.len() > rf() => Fault::Crash(*script.pick(&free)?),
         6 => Fault::Skew(*script.pick(&free)?),
         7 => Fault::Pause(*script.pick(&free)?),
         8 => Fault::DiskFull(*script.pick(&free)?),
-        9 if crashed < RF - 1 && live.len() > RF => Fault::Restart(*script.pick(&free)?),
+        9 if crashed < rf() - 1 && live.len() > rf() => Fault::Restart(*script.pick(&free)?),
         _ => return None,
     };
     if active.iter().any(|(f, _)| std::mem::discriminant(f) == std::mem::discriminant(&fault)) {
@@ -563,8 +571,12 @@ async fn converged(cluster: &Cluster) -> Option<String> {
     let interval = first.shard_interval_ms();
     for (shard, replicas) in first.catalog.placement() {
         let on_live: Vec<&String> = replicas.iter().filter(|r| live_ids.contains(r.as_str())).collect();
-        if on_live.len() < RF || on_live.len() != replicas.len() {
-            return Some(format!("shard {shard} has replicas {replicas:?}, {} of them live, RF {RF}", on_live.len()));
+        if on_live.len() < rf() || on_live.len() != replicas.len() {
+            return Some(format!(
+                "shard {shard} has replicas {replicas:?}, {} of them live, RF {}",
+                on_live.len(),
+                rf()
+            ));
         }
         let mut digests = BTreeSet::new();
         for r in &on_live {
