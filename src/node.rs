@@ -243,8 +243,9 @@ pub struct Node {
     pub started_ms: i64,
     pub http_addr: std::net::SocketAddr,
     readiness: std::sync::RwLock<Readiness>,
-    /// Set once gossip has shown another member since this node started.
-    heard_peer: std::sync::atomic::AtomicBool,
+    /// Set once this node has compared its whole catalog with a live peer's since it started
+    /// (see [`Node::catalog_is_confirmed`]).
+    catalog_confirmed: std::sync::atomic::AtomicBool,
     leaving: std::sync::atomic::AtomicBool,
     /// Flips to true when the node has been asked to stop (`shoal leave`).
     stop_tx: tokio::sync::watch::Sender<bool>,
@@ -413,7 +414,7 @@ impl Node {
             started_ms,
             http_addr: io.http_addr,
             readiness: std::sync::RwLock::new(readiness),
-            heard_peer: Default::default(),
+            catalog_confirmed: Default::default(),
             leaving: Default::default(),
             stop_tx: tokio::sync::watch::channel(false).0,
             peers: io.peers,
@@ -439,9 +440,6 @@ impl Node {
         let members = self.membership.members().await;
         let seen = members.len();
         let live = members.iter().filter(|m| m.is_live()).count();
-        if members.iter().any(|m| !m.is_self) {
-            self.heard_peer.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
         let mut bootstrapped = self.readiness.read().expect("readiness lock").bootstrapped;
         if !bootstrapped && seen >= self.cfg.bootstrap_expect {
             bootstrapped = true;
@@ -464,6 +462,8 @@ impl Node {
                 self.cfg.bootstrap_expect,
                 self.cfg.bootstrap_expect - seen
             ))
+        } else if !self.catalog_is_confirmed() {
+            Some("this node has not compared its catalog with another member's since it started, and its catalog names other nodes: its schemas and shard map may be stale (a metric dropped, a shard placed while it was down); reads are still served".to_string())
         } else if live < self.cfg.required_contact_point_nr {
             Some(format!(
                 "this node sees {live} live members but needs {} (shoal.cluster.required-contact-point-nr); reads are still served",
@@ -495,6 +495,9 @@ impl Node {
             members.iter().filter(|m| !m.is_self && m.is_live() && m.http_addr.is_some()).collect();
         if peers.is_empty() {
             return;
+        }
+        if peers.iter().any(|m| m.catalog_digest.as_deref() == Some(digest_text.as_str())) {
+            self.catalog_confirmed.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let differing: Vec<&&Member> =
             peers.iter().filter(|m| m.catalog_digest.as_deref().is_some_and(|d| d != digest_text)).collect();
@@ -550,6 +553,7 @@ impl Node {
         if !diff.wanted.is_empty() {
             self.peers.post(addr, "/internal/v1/catalog", self.catalog.parts_bytes(&diff.wanted)).await?;
         }
+        self.catalog_confirmed.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -587,12 +591,12 @@ impl Node {
             )));
         }
         // Gossip names the members only once it has heard one of them: a node restarted a
-        // moment before sees itself alone, was its own majority below, and confirmed a DELETE
+        // moment before saw itself alone, was its own majority below, and confirmed a DELETE
         // with a catalog missing a shard placed while it was down; the shard kept its points
         // (simulator seed 444087341).
-        if !self.has_heard_the_cluster(&members) {
+        if !self.catalog_is_confirmed() {
             return Err(NodeError::Unavailable(format!(
-                "this node has heard no other member since it started, and its catalog names other nodes: the shard map of {metric} cannot be confirmed yet (retry the {what} once it hears the cluster)"
+                "this node has not compared its catalog with another member's since it started, and its catalog names other nodes: the shard map of {metric} cannot be confirmed yet (retry the {what} once it hears the cluster)"
             )));
         }
         // A node cut off from the others sees no one live and would confirm nothing: the shard
@@ -607,18 +611,27 @@ impl Node {
         Ok(())
     }
 
-    /// Whether the members gossip shows are the cluster's, as far as this node can know: it has
-    /// heard another member since it started; or nothing says there is one (its catalog names
-    /// no other node); or it has waited `dead-node-grace` (the members it could have known would
-    /// have been forgotten by then, had it run all along: a cluster shrunk to this one node).
-    fn has_heard_the_cluster(&self, members: &[Member]) -> bool {
+    /// Whether this node's catalog is known to be the cluster's, as far as it can know, since
+    /// it started: it compared the whole catalog with a live peer's (an anti-entropy exchange,
+    /// or the same digest gossiped); or nothing says there is another member (its catalog names
+    /// no other node: a cluster of one, or a new node); or it has waited `dead-node-grace` (the
+    /// members it could have known would have been forgotten by then, had it run all along: a
+    /// cluster shrunk to this node). Until then a restarted node refuses writes, DELETE and
+    /// DROP: with a stale catalog it admitted writes to a metric dropped while it was down (the
+    /// catalog's drop then took them), placed a second copy of a shard placed meanwhile, and
+    /// confirmed a DELETE alone.
+    fn catalog_is_confirmed(&self) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
-        if self.heard_peer.load(Relaxed) || members.iter().any(|m| !m.is_self) {
+        if self.catalog_confirmed.load(Relaxed) {
             return true;
         }
         let waited_ms = self.env.clock.now_ms().saturating_sub(self.started_ms);
-        waited_ms >= self.cfg.dead_node_grace.as_millis() as i64
-            || self.catalog.placement().into_values().flatten().all(|id| id == self.cfg.node_id)
+        let confirmed = waited_ms >= self.cfg.dead_node_grace.as_millis() as i64
+            || self.catalog.placement().into_values().flatten().all(|id| id == self.cfg.node_id);
+        if confirmed {
+            self.catalog_confirmed.store(true, Relaxed);
+        }
+        confirmed
     }
 
     /// Merges a peer's catalog state. A metric whose drop epoch it raises loses its local

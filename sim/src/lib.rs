@@ -58,9 +58,10 @@ pub mod run;
 ///   wait now comes before the fan-out.
 /// - 444087341: a DELETE through a node restarted a moment before, which heard no other member
 ///   yet: counting only itself, it was its own majority, confirmed its shard map with nobody,
-///   missed a shard placed while it was down and answered 200; the points came back. A
-///   DELETE or DROP now waits until the node has heard another member since it started
-///   (unless its catalog names no other node, or `dead-node-grace` has passed).
+///   missed a shard placed while it was down and answered 200; the points came back. A node
+///   restarted in a cluster now refuses writes, DELETE and DROP until it has compared its
+///   catalog with a live peer's (unless its catalog names no other node, or
+///   `dead-node-grace` has passed).
 pub const REGRESSION_SEEDS: &[u64] = &[
     795774592, 795774684, 795774691, 795774751, 795774760, 1016, 1037, 795802023, 2089, 2041, 5031, 2016, 1006, 6007,
     6050, 796474849, 12044, 796496292, 90012, 796590669, 444087341,
