@@ -445,7 +445,18 @@ impl Catalog {
     /// log ends in bytes that are not whole records, but the node was part of a formed cluster
     /// before, refuse local changes until a peer's state has been merged, so that this actor's
     /// CRDT dots are not reused.
-    pub fn open(data_dir: &Path, actor: &str, lost_means_unsynced: bool) -> Result<Self, CatalogError> {
+    ///
+    /// The CRDT actor is `node_id`, or, for a catalog begun anew (a new data dir, a lost or cut
+    /// catalog), `node_id.incarnation` (kept in `catalog.actor`): a node that left and joined
+    /// again on an empty data dir under the same id counted its dots from 1 again, and its
+    /// peers, having seen that actor's dots up to far more, took each new entry for one
+    /// removed and dropped it (a placement gone: its points unreadable).
+    pub fn open(
+        data_dir: &Path,
+        node_id: &str,
+        incarnation: i64,
+        lost_means_unsynced: bool,
+    ) -> Result<Self, CatalogError> {
         let path = data_dir.join("catalog.log");
         let err = |path: &Path, message: String| CatalogError::Storage { path: path.display().to_string(), message };
         let legacy = data_dir.join("catalog.bin");
@@ -472,10 +483,24 @@ impl Catalog {
             if crc32fast::hash(body).to_le_bytes() != crc {
                 return Err(err(&legacy, "fails its checksum".into()));
             }
-            state = CatalogState::from_whole_state(body, &actor.to_string()).map_err(|e| err(&legacy, e))?;
+            state = CatalogState::from_whole_state(body, &node_id.to_string()).map_err(|e| err(&legacy, e))?;
         } else {
             lost = true;
         }
+        let actor_path = data_dir.join("catalog.actor");
+        let actor = if lost {
+            let actor = format!("{node_id}.{incarnation}");
+            crate::storage::write_atomic(&actor_path, actor.as_bytes()).map_err(|e| err(&actor_path, e.to_string()))?;
+            actor
+        } else {
+            // Catalogs from before `catalog.actor` were the node id's.
+            match std::fs::read_to_string(&actor_path) {
+                Ok(actor) if !actor.trim().is_empty() => actor.trim().to_string(),
+                Ok(_) => node_id.to_string(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => node_id.to_string(),
+                Err(e) => return Err(err(&actor_path, e.to_string())),
+            }
+        };
         let log = AppendLog::open(&path).map_err(|e| err(&path, e.to_string()))?;
         let mut log = CatalogLog { path: path.clone(), log, snapshot_bytes: 0 };
         if legacy.exists() {
@@ -490,7 +515,7 @@ impl Catalog {
             views.update(key, part);
         }
         Ok(Self {
-            actor: actor.to_string(),
+            actor,
             digest: combined_digest(&views.digests).into(),
             views: RwLock::new(views),
             state: Mutex::new(state),
@@ -799,7 +824,7 @@ mod tests {
     #[tokio::test]
     async fn a_shard_without_replicas_has_no_placement() {
         let dir = tempfile::tempdir().unwrap();
-        let cat = Catalog::open(dir.path(), "a", false).unwrap();
+        let cat = Catalog::open(dir.path(), "a", 0, false).unwrap();
         let shard = ShardId { metric: MetricKey::new("d", "n", "m").unwrap(), start: 0 };
         assert!(!cat.has_placement(&shard));
         cat.add_replicas(&shard, &["a".to_string()]).await.unwrap();
@@ -811,11 +836,36 @@ mod tests {
         assert_eq!(cat.replicas(&shard).into_iter().collect::<Vec<_>>(), ["b"]);
     }
 
+    /// A node that left and joins again on an empty data dir under the same id: its new
+    /// catalog's changes reach a peer that holds every change of its first life. (With one
+    /// actor for both, the peer took the new placement, dot 1 of an actor it had seen up to 3,
+    /// for one removed.) A catalog reopened keeps its actor.
+    #[tokio::test]
+    async fn a_node_joining_again_on_an_empty_data_dir_mints_no_dot_seen_before() {
+        let (first, again, peer_dir) =
+            (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let shard = |start| ShardId { metric: MetricKey::new("d", "n", "m").unwrap(), start };
+        let a = Catalog::open(first.path(), "a", 1_000, false).unwrap();
+        for start in 0..3 {
+            a.add_replicas(&shard(start), &["a".to_string()]).await.unwrap();
+        }
+        let peer = Catalog::open(peer_dir.path(), "p", 1_000, false).unwrap();
+        peer.merge(CatalogState::from_bytes(&a.state_bytes()).unwrap()).await.unwrap();
+        drop(a);
+        let reopened = Catalog::open(first.path(), "a", 2_000, false).unwrap();
+        assert_eq!(reopened.actor, "a.1000", "a catalog reopened keeps its actor");
+        let a = Catalog::open(again.path(), "a", 3_000, false).unwrap();
+        a.add_replicas(&shard(10), &["a".to_string()]).await.unwrap();
+        peer.merge(CatalogState::from_bytes(&a.state_bytes()).unwrap()).await.unwrap();
+        assert!(peer.has_placement(&shard(10)), "the new life's placement is kept");
+        assert_eq!(peer.placement().len(), 4);
+    }
+
     #[tokio::test]
     async fn admit_is_all_or_nothing_and_persists() {
         let dir = tempfile::tempdir().unwrap();
         let key = MetricKey::new("d", "n", "m").unwrap();
-        let cat = Catalog::open(dir.path(), "a", false).unwrap();
+        let cat = Catalog::open(dir.path(), "a", 0, false).unwrap();
         let mut a =
             Point { timestamp: 1, value: Num::Int(1), dimensions: Default::default(), tags: Default::default() };
         a.tags.insert("region".into(), FieldValue::Str("eu".into()));
@@ -832,7 +882,7 @@ mod tests {
         let shard = ShardId { metric: key.clone(), start: 0 };
         cat.add_replicas(&shard, &["a".into(), "b".into()]).await.unwrap();
         drop(cat);
-        let cat = Catalog::open(dir.path(), "a", false).unwrap();
+        let cat = Catalog::open(dir.path(), "a", 0, false).unwrap();
         assert_eq!(cat.field(&key, "region"), Some((FieldClass::Tag, FieldType::Str)));
         assert_eq!(cat.placement()[&shard].len(), 2);
         assert_eq!(cat.drop_metric(&key, 5000).await.unwrap(), Some(5000));
@@ -841,7 +891,7 @@ mod tests {
         cat.admit(&[(key.clone(), rows(&[a]))], &Default::default()).await.unwrap();
         assert_eq!(cat.drop_metric(&key, 10).await.unwrap(), Some(5001));
         drop(cat);
-        let cat = Catalog::open(dir.path(), "a", false).unwrap();
+        let cat = Catalog::open(dir.path(), "a", 0, false).unwrap();
         assert_eq!(cat.drop_epoch(&key), 5001, "drop epochs persist");
         assert_eq!(cat.drop_metric(&key, 6000).await.unwrap(), None, "a dropped metric cannot be dropped again");
     }
@@ -851,7 +901,7 @@ mod tests {
     #[tokio::test]
     async fn changes_append_only_their_parts_and_the_log_is_rewritten_when_grown() {
         let dir = tempfile::tempdir().unwrap();
-        let cat = Catalog::open(dir.path(), "a", false).unwrap();
+        let cat = Catalog::open(dir.path(), "a", 0, false).unwrap();
         let log = dir.path().join("catalog.log");
         let p = Point { timestamp: 1, value: Num::Int(1), dimensions: Default::default(), tags: Default::default() };
         let rows = RowBatch::from_points(&[p]).unwrap();
@@ -878,14 +928,14 @@ mod tests {
         assert!(std::fs::metadata(&log).unwrap().len() < LOG_REWRITE_BYTES_MIN * 2, "the log was rewritten");
         let (digest, placement) = (cat.digest(), cat.placement());
         drop(cat);
-        let cat = Catalog::open(dir.path(), "a", false).unwrap();
+        let cat = Catalog::open(dir.path(), "a", 0, false).unwrap();
         assert_eq!((cat.digest(), cat.placement()), (digest, placement));
         // A torn last record is cut off; a node that was in a cluster then waits for a sync.
         let mut bytes = std::fs::read(&log).unwrap();
         bytes.extend_from_slice(&[9, 0, 0, 0, 1, 2]);
         std::fs::write(&log, &bytes).unwrap();
         drop(cat);
-        let cat = Catalog::open(dir.path(), "a", true).unwrap();
+        let cat = Catalog::open(dir.path(), "a", 0, true).unwrap();
         assert_eq!(cat.digest(), digest);
         assert!(!cat.is_synced());
     }
@@ -911,14 +961,14 @@ mod tests {
         let mut bytes = postcard::to_stdvec(&(schemas, placement, drops)).unwrap();
         bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
         std::fs::write(dir.path().join("catalog.bin"), bytes).unwrap();
-        let cat = Catalog::open(dir.path(), "a", true).unwrap();
+        let cat = Catalog::open(dir.path(), "a", 0, true).unwrap();
         assert!(cat.is_synced());
         assert_eq!(cat.field(&kept, "host"), Some((FieldClass::Tag, FieldType::Str)));
         assert_eq!(cat.replicas(&shard).len(), 2);
         assert_eq!((cat.drop_epoch(&dropped), cat.drop_epoch(&kept)), (77, 0));
         assert!(!dir.path().join("catalog.bin").exists() && dir.path().join("catalog.log").exists());
         drop(cat);
-        let cat = Catalog::open(dir.path(), "a", true).unwrap();
+        let cat = Catalog::open(dir.path(), "a", 0, true).unwrap();
         assert_eq!(cat.drop_epoch(&dropped), 77);
     }
 
@@ -926,7 +976,8 @@ mod tests {
     #[tokio::test]
     async fn a_diff_names_only_the_parts_that_differ() {
         let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (a, b) = (Catalog::open(da.path(), "a", false).unwrap(), Catalog::open(db.path(), "b", false).unwrap());
+        let (a, b) =
+            (Catalog::open(da.path(), "a", 0, false).unwrap(), Catalog::open(db.path(), "b", 0, false).unwrap());
         let m = |i: u32| MetricKey::new("d", "n", &format!("m{i}")).unwrap();
         for i in 0..10 {
             let shard = ShardId { metric: m(i), start: 0 };
@@ -948,7 +999,7 @@ mod tests {
     #[tokio::test]
     async fn lost_catalog_refuses_changes_until_synced() {
         let dir = tempfile::tempdir().unwrap();
-        let cat = Catalog::open(dir.path(), "a", true).unwrap();
+        let cat = Catalog::open(dir.path(), "a", 0, true).unwrap();
         let key = MetricKey::new("d", "n", "m").unwrap();
         let p = Point { timestamp: 1, value: Num::Int(1), dimensions: Default::default(), tags: Default::default() };
         let batch = [(key, RowBatch::from_points(&[p]).unwrap())];

@@ -319,7 +319,7 @@ impl Node {
         let metrics = Arc::new(Metrics::default());
         // A node that was part of a formed cluster but lost its catalog file must sync first.
         let was_in_cluster = cfg.data_dir.join("bootstrapped").exists();
-        let catalog = Arc::new(Catalog::open(&cfg.data_dir, &cfg.node_id, was_in_cluster)?);
+        let catalog = Arc::new(Catalog::open(&cfg.data_dir, &cfg.node_id, env.clock.now_ms(), was_in_cluster)?);
         let storage_cfg = StorageConfig {
             shard_interval_ms: cfg.shard_interval_ms,
             memtable_points_max: cfg.memtable_points_max,

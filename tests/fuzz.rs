@@ -264,7 +264,7 @@ fn fuzz_internal_wire_frames() {
 #[test]
 fn fuzz_catalog_state_and_file() {
     let dir = tempfile::tempdir().unwrap();
-    let catalog = shoal::catalog::Catalog::open(dir.path(), "a", false).unwrap();
+    let catalog = shoal::catalog::Catalog::open(dir.path(), "a", 0, false).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let key = MetricKey::new("db", "ns", "cpu").unwrap();
     rt.block_on(catalog.admit(&[(key.clone(), sample_batch())], &Default::default())).unwrap();
@@ -287,7 +287,7 @@ fn fuzz_catalog_state_and_file() {
         let mut record = Vec::new();
         shoal::storage::wal::frame(input, &mut record);
         std::fs::write(work.path().join("catalog.log"), &record).unwrap();
-        let file = match shoal::catalog::Catalog::open(work.path(), "a", false) {
+        let file = match shoal::catalog::Catalog::open(work.path(), "a", 0, false) {
             Ok(c) => {
                 let _ = (c.placement(), c.metrics());
                 "file-ok".to_string()
