@@ -600,8 +600,21 @@ impl Node {
             )));
         }
         // A node cut off from the others sees no one live and would confirm nothing: the shard
-        // map must come from a majority of the members it knows (all but those that left).
-        let known = members.iter().filter(|m| m.state != crate::membership::Liveness::Left).count().max(1);
+        // map must come from a majority of the members it knows (all but those that left). In
+        // its first `dead-node-grace`, those include the nodes its catalog names that gossip
+        // does not show yet: two nodes restarted together hear each other first, and each
+        // would be the other's majority with the same stale catalog. (Later, a node absent
+        // from gossip was evicted as dead for that long.)
+        let mut known: std::collections::BTreeSet<&str> =
+            members.iter().filter(|m| m.state != crate::membership::Liveness::Left).map(|m| m.id.as_str()).collect();
+        known.insert(self.cfg.node_id.as_str());
+        let placed = self.catalog.placement();
+        let since_start_ms = self.env.clock.now_ms().saturating_sub(self.started_ms);
+        if since_start_ms < self.cfg.dead_node_grace.as_millis() as i64 {
+            let shown: std::collections::BTreeSet<&str> = members.iter().map(|m| m.id.as_str()).collect();
+            known.extend(placed.values().flatten().map(String::as_str).filter(|id| !shown.contains(id)));
+        }
+        let known = known.len();
         let confirmed = peers.len() + 1;
         if confirmed * 2 <= known {
             return Err(NodeError::Unavailable(format!(
