@@ -603,21 +603,10 @@ mod tests {
         let storage = Storage::open(dir.path(), c, metrics.clone(), keep_all()).await.unwrap();
         let held = || metrics.memtable_points.load(std::sync::atomic::Ordering::Relaxed);
         let in_memtables = || storage.all_shards().iter().map(|s| s.memtable_points()).sum::<u64>();
-        let batch = |n: i64, first: i64| {
-            let points: Vec<Point> = (first..first + n)
-                .map(|timestamp| Point {
-                    timestamp,
-                    value: Num::Int(1),
-                    dimensions: Default::default(),
-                    tags: Default::default(),
-                })
-                .collect();
-            RowBatch::from_points(&points).unwrap()
-        };
         // 40 metrics of 50 points: each memtable is below the budget's smallest compaction (100).
         let keys: Vec<MetricKey> = (0..40).map(|i| MetricKey::new("d", "n", &format!("m{i}")).unwrap()).collect();
         for key in &keys {
-            storage.write(key, batch(50, 0)).await.unwrap();
+            storage.write(key, points(0..50, 1)).await.unwrap();
         }
         await_condition("the relief task back within the budget", || held() <= 1600 && held() == in_memtables()).await;
         assert!(metrics.segments_written.load(std::sync::atomic::Ordering::Relaxed) > 0, "small memtables compacted");
@@ -636,8 +625,8 @@ mod tests {
         await_condition("the replayed points counted", || held() == in_memtables()).await;
         // One shard past the budget compacts its own memtable.
         let big = MetricKey::new("d", "n", "big").unwrap();
-        storage.write(&big, batch(1000, 0)).await.unwrap();
-        storage.write(&big, batch(1000, 500)).await.unwrap();
+        storage.write(&big, points(0..1000, 1)).await.unwrap();
+        storage.write(&big, points(500..1500, 1)).await.unwrap();
         await_condition("the large memtable compacted", || held() <= 1600 && held() == in_memtables()).await;
         assert_eq!(count(&storage, &big).0, 1500, "the overlapping batch stored its new points once");
         // A shard gone holds no part of the budget.
