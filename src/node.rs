@@ -463,7 +463,7 @@ impl Node {
                 self.cfg.bootstrap_expect - seen
             ))
         } else if !self.catalog_is_confirmed() {
-            Some("this node has not compared its catalog with another member's since it started, and its catalog names other nodes: its schemas and shard map may be stale (a metric dropped, a shard placed while it was down); reads are still served".to_string())
+            Some("this node has not compared its catalog with another member's since it started, and its catalog names other nodes: its schemas and shard map may be stale (a metric dropped, a shard placed while it was down); queries with ?partial=true are served".to_string())
         } else if live < self.cfg.required_contact_point_nr {
             Some(format!(
                 "this node sees {live} live members but needs {} (shoal.cluster.required-contact-point-nr); reads are still served",
@@ -1196,7 +1196,17 @@ impl Node {
                 .collect();
             self.gather(key, again, plan, range, Keeping { cached: None, ..keep }, &mut gathered).await?;
         }
-        let Gathered { total, missing, reasons, sources, .. } = gathered;
+        let Gathered { total, mut missing, reasons, sources, .. } = gathered;
+        // A node restarted a moment before may not know shards placed while it was down: an
+        // answer from its catalog alone could be short with nothing to say so.
+        if !self.catalog_is_confirmed() {
+            if !allow_partial {
+                return Err(NodeError::Unavailable(format!(
+                    "this node has not compared its catalog with another member's since it started: shards of {key} placed while it was down may be missing from the answer (retry, or add ?partial=true to accept one)"
+                )));
+            }
+            missing.push("any shard placed while this node was down (its catalog is not confirmed yet)".to_string());
+        }
         if !missing.is_empty() && !allow_partial {
             return Err(NodeError::Unavailable(format!(
                 "no replica could answer for {} shard(s) of {key}, so the answer would be incomplete \
