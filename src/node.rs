@@ -608,12 +608,9 @@ impl Node {
         let mut known: std::collections::BTreeSet<&str> =
             members.iter().filter(|m| m.state != crate::membership::Liveness::Left).map(|m| m.id.as_str()).collect();
         known.insert(self.cfg.node_id.as_str());
-        let placed = self.catalog.placement();
-        let since_start_ms = self.env.clock.now_ms().saturating_sub(self.started_ms);
-        if since_start_ms < self.cfg.dead_node_grace.as_millis() as i64 {
-            let shown: std::collections::BTreeSet<&str> = members.iter().map(|m| m.id.as_str()).collect();
-            known.extend(placed.values().flatten().map(String::as_str).filter(|id| !shown.contains(id)));
-        }
+        let placed = if self.within_dead_node_grace_of_start() { self.catalog.placement() } else { Default::default() };
+        let shown: std::collections::BTreeSet<&str> = members.iter().map(|m| m.id.as_str()).collect();
+        known.extend(placed.values().flatten().map(String::as_str).filter(|id| !shown.contains(id)));
         let known = known.len();
         let confirmed = peers.len() + 1;
         if confirmed * 2 <= known {
@@ -638,13 +635,18 @@ impl Node {
         if self.catalog_confirmed.load(Relaxed) {
             return true;
         }
-        let waited_ms = self.env.clock.now_ms().saturating_sub(self.started_ms);
-        let confirmed = waited_ms >= self.cfg.dead_node_grace.as_millis() as i64
+        let confirmed = !self.within_dead_node_grace_of_start()
             || self.catalog.placement().into_values().flatten().all(|id| id == self.cfg.node_id);
         if confirmed {
             self.catalog_confirmed.store(true, Relaxed);
         }
         confirmed
+    }
+
+    /// Whether this node started less than `dead-node-grace` ago: a member it cannot see yet
+    /// may still be one (after that long, gossip would have evicted it as dead anyway).
+    fn within_dead_node_grace_of_start(&self) -> bool {
+        self.env.clock.now_ms().saturating_sub(self.started_ms) < self.cfg.dead_node_grace.as_millis() as i64
     }
 
     /// Merges a peer's catalog state. A metric whose drop epoch it raises loses its local
@@ -1173,6 +1175,14 @@ impl Node {
         allow_partial: bool,
         keep: Keeping<'_>,
     ) -> Result<Scattered, NodeError> {
+        // A node restarted a moment before may not know shards placed while it was down: an
+        // answer from its catalog alone could be short with nothing to say so.
+        let catalog_unconfirmed = !self.catalog_is_confirmed();
+        if catalog_unconfirmed && !allow_partial {
+            return Err(NodeError::Unavailable(format!(
+                "this node has not compared its catalog with another member's since it started: shards of {key} placed while it was down may be missing from the answer (retry, or add ?partial=true to accept one)"
+            )));
+        }
         let interval = self.cfg.shard_interval_ms;
         let shards = self.catalog.shards_of(key, range.0, range.1, interval);
         let shard_count = shards.len();
@@ -1197,14 +1207,7 @@ impl Node {
             self.gather(key, again, plan, range, Keeping { cached: None, ..keep }, &mut gathered).await?;
         }
         let Gathered { total, mut missing, reasons, sources, .. } = gathered;
-        // A node restarted a moment before may not know shards placed while it was down: an
-        // answer from its catalog alone could be short with nothing to say so.
-        if !self.catalog_is_confirmed() {
-            if !allow_partial {
-                return Err(NodeError::Unavailable(format!(
-                    "this node has not compared its catalog with another member's since it started: shards of {key} placed while it was down may be missing from the answer (retry, or add ?partial=true to accept one)"
-                )));
-            }
+        if catalog_unconfirmed {
             missing.push("any shard placed while this node was down (its catalog is not confirmed yet)".to_string());
         }
         if !missing.is_empty() && !allow_partial {

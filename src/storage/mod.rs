@@ -205,7 +205,7 @@ impl Storage {
         })
         .await
         .map_err(|e| StorageError::Io(std::io::Error::other(e)))??;
-        for shard in storage.shards.iter() {
+        for shard in storage.shards.iter().filter(|s| s.memtable_points() > 0) {
             shard.recount();
         }
         // Ends when the storage is dropped (its `Drop` wakes it one last time).
